@@ -1,0 +1,12 @@
+//! stylealign: style-aligned Stable Diffusion image generation (StyleAligned, Hertz et al.,
+//! CVPR 2024) on burn, served over gRPC.
+//!
+//! - [`model`]: UNet, CLIP text encoders, VAE, tokenizer, configs and weight loading.
+//! - [`style_aligned`]: the patch (options, reference plan, AdaIN, shared attention, shared GroupNorm).
+//! - [`sampling`]: schedulers and the CFG loop.
+//! - [`device`]: choosing the compute device.
+
+pub mod device;
+pub mod model;
+pub mod sampling;
+pub mod style_aligned;

@@ -1,0 +1,30 @@
+//! Stable Diffusion components in burn: UNet, CLIP text encoders, VAE, tokenizer, configs and
+//! weight loading. Nothing here knows about StyleAligned; the UNet exposes its self-attention
+//! and GroupNorm layers through [`unet::UNetHooks`].
+
+pub mod clip;
+pub mod config;
+pub mod nn;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+use std::path::PathBuf;
+
+/// Errors of model loading and configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{file}: config field `{field}`: {message}")]
+    Config { file: PathBuf, field: String, message: String },
+    #[error("{file}: missing tensor `{key}` (expected shape {expected:?})")]
+    MissingTensor { key: String, file: PathBuf, expected: Vec<usize> },
+    #[error("{file}: tensor `{key}` has shape {found:?}, the config expects {expected:?}")]
+    ShapeMismatch { key: String, file: PathBuf, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{file}: {} tensor(s) not used by the model (config and weights disagree): {}", keys.len(), keys.join(", "))]
+    ExtraTensors { file: PathBuf, keys: Vec<String> },
+    #[error("invalid input `{field}`: {message}")]
+    Input { field: String, message: String },
+}

@@ -1,0 +1,234 @@
+//! Weight loading from diffusers / transformers safetensors files by their key names.
+//!
+//! A file is read tensor by tensor with positioned reads (no memory map, no whole-file buffer):
+//! while a model loads, memory holds the tensors already built plus one tensor being converted,
+//! never two copies of the weights. `F32`, `F16` and `BF16` files are read and converted to the
+//! model's compute dtype (f32).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Deserialize;
+
+use super::ModelError;
+
+#[derive(Debug, Clone, Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDType {
+    F32,
+    F16,
+    BF16,
+    /// Any other element type (integers, bool, f64): listed, but not readable as weights.
+    Other,
+}
+
+impl StoredDType {
+    fn size(self) -> usize {
+        match self {
+            StoredDType::F32 => 4,
+            StoredDType::F16 | StoredDType::BF16 => 2,
+            StoredDType::Other => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TensorInfo {
+    dtype: StoredDType,
+    shape: Vec<usize>,
+    offset: u64,
+    len: u64,
+}
+
+/// One open safetensors file; tensors are fetched by key and each fetch is recorded, so that
+/// [`Weights::finish`] can report tensors the model did not use.
+pub struct Weights {
+    file: File,
+    path: PathBuf,
+    tensors: BTreeMap<String, TensorInfo>,
+    used: Mutex<BTreeSet<String>>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weights({}, {} tensors)", self.path.display(), self.tensors.len())
+    }
+}
+
+/// The weight file of a component folder: `<stem>.safetensors`, or the `<stem>.fp16.safetensors`
+/// variant when only that one exists.
+pub fn weight_file(dir: &Path, stem: &str) -> Result<PathBuf, ModelError> {
+    let plain = dir.join(format!("{stem}.safetensors"));
+    if plain.is_file() {
+        return Ok(plain);
+    }
+    let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+    if fp16.is_file() {
+        return Ok(fp16);
+    }
+    Err(ModelError::Io {
+        path: plain.clone(),
+        message: format!("no weight file: neither {} nor {} exists", plain.display(), fp16.display()),
+    })
+}
+
+impl Weights {
+    /// Opens a safetensors file and reads its header.
+    pub fn open(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        let io = |message: String| ModelError::Io { path: path.to_path_buf(), message };
+        let file = File::open(path).map_err(|e| io(e.to_string()))?;
+        let file_len = file.metadata().map_err(|e| io(e.to_string()))?.len();
+        let mut len_buf = [0u8; 8];
+        file.read_exact_at(&mut len_buf, 0)
+            .map_err(|e| io(format!("not a safetensors file (header length unreadable: {e})")))?;
+        let header_len = u64::from_le_bytes(len_buf);
+        if header_len > 100_000_000 || 8 + header_len > file_len {
+            return Err(io(format!("not a safetensors file (header length {header_len} does not fit the file)")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8).map_err(|e| io(e.to_string()))?;
+        let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| io(format!("invalid safetensors header: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors = BTreeMap::new();
+        for (key, value) in raw {
+            if key == "__metadata__" {
+                continue;
+            }
+            let info: RawInfo = serde_json::from_value(value)
+                .map_err(|e| io(format!("invalid header entry for `{key}`: {e}")))?;
+            let dtype = match info.dtype.as_str() {
+                "F32" => StoredDType::F32,
+                "F16" => StoredDType::F16,
+                "BF16" => StoredDType::BF16,
+                _ => StoredDType::Other,
+            };
+            let [begin, end] = info.data_offsets;
+            let numel: usize = info.shape.iter().product();
+            if end < begin
+                || (dtype != StoredDType::Other && (end - begin) as usize != numel * dtype.size())
+                || data_start + end > file_len
+            {
+                return Err(io(format!("tensor `{key}` has inconsistent offsets {begin}..{end} for shape {:?}", info.shape)));
+            }
+            tensors.insert(
+                key,
+                TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin },
+            );
+        }
+        Ok(Self { file, path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), device: device.clone() })
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the file holds `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// The stored shape of `key`, if present.
+    pub fn shape_of(&self, key: &str) -> Option<&[usize]> {
+        self.tensors.get(key).map(|t| t.shape.as_slice())
+    }
+
+    /// The element type of the first tensor (files are written with one dtype).
+    pub fn stored_dtype(&self) -> Option<StoredDType> {
+        self.tensors.values().next().map(|t| t.dtype)
+    }
+
+    /// Reads `key` as f32 values after checking its shape.
+    pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
+            key: key.to_string(),
+            file: self.path.clone(),
+            expected: expected.to_vec(),
+        })?;
+        if info.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                key: key.to_string(),
+                file: self.path.clone(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        if info.dtype == StoredDType::Other {
+            return Err(ModelError::Io {
+                path: self.path.clone(),
+                message: format!("tensor `{key}` is not F32, F16 or BF16 and cannot be read as weights"),
+            });
+        }
+        let mut bytes = vec![0u8; info.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, info.offset)
+            .map_err(|e| ModelError::Io { path: self.path.clone(), message: format!("reading `{key}`: {e}") })?;
+        self.used.lock().expect("weights lock").insert(key.to_string());
+        Ok(match info.dtype {
+            StoredDType::F32 => {
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            }
+            StoredDType::F16 => {
+                bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            StoredDType::BF16 => {
+                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            StoredDType::Other => unreachable!("checked above"),
+        })
+    }
+
+    /// Reads `key` as a tensor of the given shape.
+    pub fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Result<Tensor<D>, ModelError> {
+        let values = self.read_f32(key, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
+    }
+
+    /// Reads a PyTorch `nn.Linear` weight stored `[out, in]` and returns it as `[in, out]`
+    /// (burn's layout), transposed on the host so the device tensor is contiguous.
+    pub fn linear_weight(&self, key: &str, d_out: usize, d_in: usize) -> Result<Tensor<2>, ModelError> {
+        let values = self.read_f32(key, &[d_out, d_in])?;
+        let mut t = vec![0f32; values.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                t[i * d_out + o] = values[o * d_in + i];
+            }
+        }
+        Ok(Tensor::from_data(TensorData::new(t, [d_in, d_out]), &self.device))
+    }
+
+    /// Errors if the file holds tensors the model did not read (an extra tensor means the config
+    /// and the weights disagree).
+    pub fn finish(&self) -> Result<(), ModelError> {
+        let used = self.used.lock().expect("weights lock");
+        let extra: Vec<String> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| !used.contains(*k))
+            .map(|(k, t)| format!("{k} {:?}", t.shape))
+            .collect();
+        if extra.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::ExtraTensors { file: self.path.clone(), keys: extra })
+        }
+    }
+}

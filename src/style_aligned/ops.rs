@@ -1,0 +1,169 @@
+//! The patch's tensor operations: AdaIN, shared GroupNorm, reference features and the shared
+//! self-attention of both flavours.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::model::nn::{Attention, GroupNorm, attention};
+
+use super::plan::ReferencePlan;
+
+/// AdaIN epsilon (added to the unbiased variance).
+pub const ADAIN_EPS: f64 = 1e-5;
+
+/// The plan as device tensors.
+#[derive(Clone, Debug)]
+pub struct DevicePlan {
+    pub plan: ReferencePlan,
+    pub reference_of: Tensor<1, Int>,
+    pub value_reference_of: Tensor<1, Int>,
+    pub stats_reference_of: Tensor<1, Int>,
+    /// (B, 1, 1)
+    pub gain: Tensor<3>,
+    /// Whether every gain is exactly 1 (no multiply needed).
+    pub unit_gain: bool,
+}
+
+fn index(list: &[usize], device: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = list.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(v, [list.len()]), device)
+}
+
+impl DevicePlan {
+    pub fn new(plan: ReferencePlan, device: &Device) -> Self {
+        let b = plan.rows();
+        Self {
+            reference_of: index(&plan.reference_of, device),
+            value_reference_of: index(&plan.value_reference_of, device),
+            stats_reference_of: index(&plan.stats_reference_of, device),
+            gain: Tensor::from_data(TensorData::new(plan.gain.clone(), [b, 1, 1]), device),
+            unit_gain: plan.gain.iter().all(|&g| g == 1.0),
+            plan,
+        }
+    }
+}
+
+/// AdaIN over the token axis of `t` (B, N, C): every row is normalised with its own mean and
+/// unbiased standard deviation and given those of row `stats_reference_of[i]`.
+pub fn adain(t: Tensor<3>, stats_reference_of: &Tensor<1, Int>) -> Tensor<3> {
+    let n = t.dims()[1];
+    let mean = t.clone().mean_dim(1);
+    let centered = t - mean.clone();
+    let var = centered.clone().square().sum_dim(1) / ((n.max(2) - 1) as f64);
+    let sd = (var + ADAIN_EPS).sqrt();
+    let ref_mean = mean.select(0, stats_reference_of.clone());
+    let ref_sd = sd.clone().select(0, stats_reference_of.clone());
+    centered / sd * ref_sd + ref_mean
+}
+
+/// The reference features of every row: `gain[i] · t[reference_of[i]]`, (B, N, C).
+pub fn reference_features(t: Tensor<3>, reference_of: &Tensor<1, Int>, gain: Option<&Tensor<3>>) -> Tensor<3> {
+    let r = t.select(0, reference_of.clone());
+    match gain {
+        Some(g) => r * g.clone(),
+        None => r,
+    }
+}
+
+/// `concat_tokens(t, gain · t[reference_of])`: (B, N, C) → (B, 2N, C).
+pub fn with_reference(t: Tensor<3>, reference_of: &Tensor<1, Int>, gain: Option<&Tensor<3>>) -> Tensor<3> {
+    let r = reference_features(t.clone(), reference_of, gain);
+    Tensor::cat(vec![t, r], 1)
+}
+
+/// GroupNorm where row i is normalised with the group statistics of its own elements and those
+/// of row `stats_reference_of[i]` together (equal sizes: the mean of the means, and the pooled
+/// biased variance). A row that is its own reference gets plain GroupNorm.
+pub fn shared_group_norm(norm: &GroupNorm, x: Tensor<4>, stats_reference_of: &Tensor<1, Int>) -> Tensor<4> {
+    let (mean, var) = norm.group_stats(x.clone());
+    let ref_mean = mean.clone().select(0, stats_reference_of.clone());
+    let ref_var = var.clone().select(0, stats_reference_of.clone());
+    let joint_mean = (mean.clone() + ref_mean.clone()) * 0.5;
+    let joint_var = ((var + (mean - joint_mean.clone()).square()) + (ref_var + (ref_mean - joint_mean.clone()).square())) * 0.5;
+    norm.apply_stats(x, joint_mean, joint_var)
+}
+
+/// The switches of one self-attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSwitches {
+    pub adain_q: bool,
+    pub adain_k: bool,
+    pub adain_v: bool,
+    pub share: bool,
+    pub score_shift: f32,
+}
+
+/// ComfyUI node: AdaIN on the attention input x, before the projections; the reference's
+/// (AdaIN-ed) inputs are appended to keys (with the row's gain) and values.
+pub fn node_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
+    let adain_x = if s.adain_q || s.adain_k || s.adain_v { Some(adain(x.clone(), &plan.stats_reference_of)) } else { None };
+    let pick = |on: bool| if on { adain_x.clone().expect("computed") } else { x.clone() };
+    let q = attn.to_q.forward(pick(s.adain_q));
+    let gain = (!plan.unit_gain).then_some(&plan.gain);
+    let k_in = pick(s.adain_k);
+    let k = if attn.to_k.bias.is_none() {
+        // Without a bias, projecting then scaling equals scaling then projecting.
+        with_reference(attn.to_k.forward(k_in), &plan.reference_of, gain)
+    } else {
+        attn.to_k.forward(with_reference(k_in, &plan.reference_of, gain))
+    };
+    let v = attn.to_v.forward(pick(s.adain_v));
+    let v = with_reference(v, &plan.value_reference_of, None);
+    attn.to_out.forward(attention(q, k, v, attn.heads, None))
+}
+
+/// Official code: AdaIN on the projected q / k / v; with sharing, the reference's keys (with the
+/// row's gain) and values are appended and `score_shift` is added to the logits of the appended keys.
+pub fn official_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
+    let mut q = attn.to_q.forward(x.clone());
+    let mut k = attn.to_k.forward(x.clone());
+    let mut v = attn.to_v.forward(x);
+    if s.adain_q {
+        q = adain(q, &plan.stats_reference_of);
+    }
+    if s.adain_k {
+        k = adain(k, &plan.stats_reference_of);
+    }
+    if s.adain_v {
+        v = adain(v, &plan.stats_reference_of);
+    }
+    let out = if s.share {
+        let n = k.dims()[1];
+        let gain = (!plan.unit_gain).then_some(&plan.gain);
+        let k = with_reference(k, &plan.reference_of, gain);
+        let v = with_reference(v, &plan.value_reference_of, None);
+        let bias = (s.score_shift != 0.0).then(|| {
+            let mut b = vec![0f32; 2 * n];
+            b[n..].fill(s.score_shift);
+            Tensor::<4>::from_data(TensorData::new(b, [1, 1, 1, 2 * n]), &q.device())
+        });
+        attention(q, k, v, attn.heads, bias)
+    } else {
+        attention(q, k, v, attn.heads, None)
+    };
+    attn.to_out.forward(out)
+}
+
+/// Official `full_attention_share`: the rows of each key group attend jointly to all tokens of
+/// that group (plain attention over the group's concatenated tokens).
+pub fn full_share_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan) -> Tensor<3> {
+    let [b, n, c] = x.dims();
+    let device = x.device();
+    let groups = plan.plan.key_groups();
+    let mut outputs = Vec::with_capacity(groups.len());
+    let mut order = Vec::with_capacity(b);
+    for rows in &groups {
+        let idx = index(rows, &device);
+        let g = x.clone().select(0, idx).reshape([1, rows.len() * n, c]);
+        outputs.push(attn.forward(g, None).reshape([rows.len(), n, c]));
+        order.extend(rows.iter().copied());
+    }
+    let joined = Tensor::cat(outputs, 0);
+    if order.iter().enumerate().all(|(i, &r)| i == r) {
+        return joined;
+    }
+    let mut inverse = vec![0usize; b];
+    for (pos, &row) in order.iter().enumerate() {
+        inverse[row] = pos;
+    }
+    joined.select(0, index(&inverse, &device))
+}

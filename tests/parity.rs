@@ -1,0 +1,421 @@
+//! Numerical parity with the Python reference (diffusers 0.42): every golden file of the golden
+//! directory (`$STYLEALIGN_GOLDENS`, else `tests/fixtures/goldens`), driven by each file's own
+//! `info` metadata. Prints one line per file and the summary
+//! `parity: P passed, F failed, S skipped, D intentionally-different`; fails when F > 0.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::*;
+use serde_json::Value;
+use stylealign::model::clip::ClipTextModel;
+use stylealign::model::config::RawConfig;
+use stylealign::model::nn::{Attention, GroupNorm};
+use stylealign::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
+use stylealign::model::vae::Vae;
+use stylealign::model::weights::Weights;
+use stylealign::sampling::{Conditioning, Ddim, SchedulerConfig, ddim_loop};
+use stylealign::style_aligned::ops::{adain, reference_features, shared_group_norm};
+use stylealign::style_aligned::{NodeOptions, OfficialArgs, ReferencePlan, ShareAttn, ShareNorm, StyleAligned, StyleAlignedHooks};
+
+/// UNet single calls, CLIP, VAE.
+const TOL_MODEL: f64 = 1e-4;
+const TOL_UNIT: f64 = 1e-5;
+const TOL_FINAL: f64 = 2e-3;
+
+#[derive(Default)]
+struct FileTally {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    different: usize,
+    max_err: f64,
+    notes: Vec<String>,
+}
+
+impl FileTally {
+    fn check(&mut self, what: &str, err: f64, tol: f64) {
+        if err <= tol {
+            self.passed += 1;
+            self.max_err = self.max_err.max(err);
+        } else {
+            self.failed += 1;
+            self.max_err = self.max_err.max(err);
+            self.notes.push(format!("FAIL {what}: max abs {err:.3e} > {tol:.1e}"));
+        }
+    }
+
+    fn fail(&mut self, what: &str, why: String) {
+        self.failed += 1;
+        self.notes.push(format!("FAIL {what}: {why}"));
+    }
+
+    fn skip(&mut self, what: &str, why: &str) {
+        self.skipped += 1;
+        self.notes.push(format!("skipped {what}: {why}"));
+    }
+
+    fn different(&mut self, what: &str, err: f64, why: &str) {
+        self.different += 1;
+        self.notes.push(format!("intentionally different {what} ({why}; max abs vs golden {err:.3e})"));
+    }
+}
+
+#[derive(Default)]
+struct Models {
+    unets: HashMap<String, UNet>,
+    clips: HashMap<String, ClipTextModel>,
+    vaes: HashMap<String, Vae>,
+}
+
+impl Models {
+    fn unet(&mut self, dir: &Path, name: &str, device: &Device) -> UNet {
+        self.unets
+            .entry(name.to_string())
+            .or_insert_with(|| UNet::load(&dir.join(name), device).unwrap_or_else(|e| panic!("load {name}: {e}")))
+            .clone()
+    }
+    fn clip(&mut self, dir: &Path, name: &str, device: &Device) -> ClipTextModel {
+        self.clips
+            .entry(name.to_string())
+            .or_insert_with(|| ClipTextModel::load(&dir.join(name), device).unwrap_or_else(|e| panic!("load {name}: {e}")))
+            .clone()
+    }
+    fn vae(&mut self, dir: &Path, name: &str, device: &Device) -> Vae {
+        self.vaes
+            .entry(name.to_string())
+            .or_insert_with(|| Vae::load(&dir.join(name), device).unwrap_or_else(|e| panic!("load {name}: {e}")))
+            .clone()
+    }
+}
+
+fn plan_of(case: &Value) -> ReferencePlan {
+    let reference_of = usize_list(&case["reference_of"]);
+    let gain = f32_list(&case["gain"]);
+    let value_reference_of = case.get("value_reference_of").map(usize_list).unwrap_or_else(|| reference_of.clone());
+    let stats_reference_of = case.get("stats_reference_of").map(usize_list).unwrap_or_else(|| reference_of.clone());
+    ReferencePlan { reference_of, gain, value_reference_of, stats_reference_of }
+}
+
+/// The patch options a case describes.
+fn options_of(case: &Value) -> Result<StyleAligned, String> {
+    match case["flavour"].as_str() {
+        Some("comfy") => {
+            let share_norm = case.get("share_norm").and_then(Value::as_str).unwrap_or("both");
+            let share_attn = case["share_attn"].as_str().ok_or("no share_attn")?;
+            Ok(StyleAligned::Node(NodeOptions {
+                share_norm: ShareNorm::parse(share_norm).ok_or(format!("unknown share_norm {share_norm}"))?,
+                share_attn: ShareAttn::parse(share_attn).ok_or(format!("unknown share_attn {share_attn}"))?,
+                scale: case["scale"].as_f64().ok_or("no scale")? as f32,
+            }))
+        }
+        Some("google") => {
+            let mut a = OfficialArgs::default();
+            let args = case["args"].as_object().ok_or("no args")?;
+            for (k, v) in args {
+                let b = || v.as_bool().ok_or(format!("{k}: not a bool"));
+                let f = || v.as_f64().map(|x| x as f32).ok_or(format!("{k}: not a number"));
+                match k.as_str() {
+                    "share_group_norm" => a.share_group_norm = b()?,
+                    "share_layer_norm" => a.share_layer_norm = b()?,
+                    "share_attention" => a.share_attention = b()?,
+                    "adain_queries" => a.adain_queries = b()?,
+                    "adain_keys" => a.adain_keys = b()?,
+                    "adain_values" => a.adain_values = b()?,
+                    "full_attention_share" => a.full_attention_share = b()?,
+                    "shared_score_scale" => a.shared_score_scale = f()?,
+                    "shared_score_shift" => a.shared_score_shift = f()?,
+                    "only_self_level" => a.only_self_level = f()?,
+                    other => return Err(format!("unknown official argument {other}")),
+                }
+            }
+            Ok(StyleAligned::Official(a))
+        }
+        other => Err(format!("unknown flavour {other:?}")),
+    }
+}
+
+/// Whether a case reproduces one of the node's bugs (not a target): the node's layout with
+/// scale ≠ 1 (tiled references), or two references without CFG.
+fn node_bug(case: &Value, has_cfg: bool) -> Option<&'static str> {
+    if case["flavour"].as_str() != Some("comfy") || case.get("layout").and_then(Value::as_str) != Some("comfy") {
+        return None;
+    }
+    if case["scale"].as_f64() != Some(1.0) {
+        return Some("node bug: references tiled for scale != 1");
+    }
+    if !has_cfg {
+        return Some("node bug: two references in a batch without CFG");
+    }
+    None
+}
+
+/// The plan our own builder makes for a case's batch structure, where the layout names one.
+fn own_plan(case: &Value, rows: usize, has_cfg: bool) -> Option<ReferencePlan> {
+    let gain = match case["flavour"].as_str()? {
+        "comfy" => case["scale"].as_f64()? as f32,
+        _ => case["args"].get("shared_score_scale").and_then(Value::as_f64).unwrap_or(1.0) as f32,
+    };
+    let layout = case.get("layout").and_then(Value::as_str).unwrap_or("halves");
+    match layout {
+        "single" => ReferencePlan::from_groups(&[rows], 1, gain).ok(),
+        "halves" | "comfy" if has_cfg && rows % 2 == 0 => ReferencePlan::from_groups(&[rows / 2], 2, gain).ok(),
+        _ => None,
+    }
+}
+
+fn int_index(list: &[usize], device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(list.iter().map(|&x| x as i64).collect::<Vec<_>>(), [list.len()]), device)
+}
+
+fn unet_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, device: &Device) {
+    let model = g.info["model"].as_str().expect("info.model");
+    let unet = models.unet(dir, model, device);
+    let sample: Tensor<4> = g.get("input.sample").tensor(device);
+    let b = sample.dims()[0];
+    let ts = g.get("input.timestep").f32();
+    let ts = if ts.len() == 1 { vec![ts[0]; b] } else { ts };
+    let timesteps = Tensor::<1>::from_data(TensorData::new(ts, [b]), device);
+    let ehs: Tensor<3> = g.get("input.encoder_hidden_states").tensor(device);
+    let text_time = g.has("input.text_embeds").then(|| TextTime {
+        text_embeds: g.get("input.text_embeds").tensor(device),
+        time_ids: g.get("input.time_ids").tensor(device),
+    });
+    let run = |hooks: &dyn UNetHooks| unet.forward(sample.clone(), timesteps.clone(), &ehs, text_time.as_ref(), hooks).expect("unet forward");
+    t.check("out.unpatched", max_abs_diff(run(&NoHooks), g.get("out.unpatched")), TOL_MODEL);
+
+    let has_cfg = g.info.get("batch_kind").and_then(Value::as_str).is_none_or(|k| k.starts_with("cfg"));
+    for case in g.info["cases"].as_array().into_iter().flatten() {
+        let name = case["tensor"].as_str().expect("case tensor");
+        let opts = match options_of(case) {
+            Ok(o) => o,
+            Err(e) => {
+                t.skip(name, &e);
+                continue;
+            }
+        };
+        let plan = plan_of(case);
+        let bug = node_bug(case, has_cfg);
+        if bug.is_none() {
+            if let Some(own) = own_plan(case, b, has_cfg) {
+                if own.reference_of != plan.reference_of || own.gain != plan.gain {
+                    t.fail(name, format!("own plan {:?}/{:?} != golden {:?}/{:?}", own.reference_of, own.gain, plan.reference_of, plan.gain));
+                    continue;
+                }
+            }
+        }
+        let hooks = match StyleAlignedHooks::new(&opts, plan, unet.self_attention_layers(), device) {
+            Ok(h) => h,
+            Err(e) => {
+                t.fail(name, e.to_string());
+                continue;
+            }
+        };
+        if let Some(v) = case.get("attn1_unshared") {
+            let want: Vec<bool> = v.as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect();
+            if hooks.unshared_layers() != want.as_slice() {
+                t.fail(name, format!("only_self_level layers {:?} != golden {want:?}", hooks.unshared_layers()));
+                continue;
+            }
+        }
+        let err = max_abs_diff(run(&hooks), g.get(name));
+        match bug {
+            Some(why) => t.different(name, err, why),
+            None => t.check(name, err, TOL_MODEL),
+        }
+    }
+}
+
+fn note_number(note: &str, pattern: &str) -> Option<usize> {
+    regex::Regex::new(pattern).ok()?.captures(note)?.get(1)?.as_str().parse().ok()
+}
+
+fn unit_ops_file(g: &Golden, t: &mut FileTally, device: &Device) {
+    let info = &g.info;
+    let note = info["note"].as_str().unwrap_or("");
+    if g.has("adain.x") {
+        let x: Tensor<3> = g.get("adain.x").tensor(device);
+        for (name, plan) in info["adain_plans"].as_object().into_iter().flatten() {
+            let out = adain(x.clone(), &int_index(&usize_list(plan), device));
+            t.check(name, max_abs_diff(out, g.get(name)), TOL_UNIT);
+        }
+    }
+    if g.has("ref.x") {
+        let x: Tensor<3> = g.get("ref.x").tensor(device);
+        for (name, plan) in info["ref_plans"].as_object().into_iter().flatten() {
+            let gain = f32_list(&plan["gain"]);
+            let n = gain.len();
+            let gain = Tensor::<3>::from_data(TensorData::new(gain, [n, 1, 1]), device);
+            let out = reference_features(x.clone(), &int_index(&usize_list(&plan["reference_of"]), device), Some(&gain));
+            t.check(name, max_abs_diff(out, g.get(name)), TOL_UNIT);
+        }
+    }
+    if g.has("groupnorm.x") {
+        let groups = note_number(note, r"GroupNorm\((\d+) groups").expect("group count in info.note");
+        let norm = GroupNorm { weight: g.get("groupnorm.weight").tensor(device), bias: g.get("groupnorm.bias").tensor(device), groups, eps: 1e-5 };
+        let x: Tensor<4> = g.get("groupnorm.x").tensor(device);
+        t.check("groupnorm.plain", max_abs_diff(norm.forward(x.clone()), g.get("groupnorm.plain")), TOL_UNIT);
+        for (name, plan) in info["groupnorm_plans"].as_object().into_iter().flatten() {
+            let out = shared_group_norm(&norm, x.clone(), &int_index(&usize_list(plan), device));
+            t.check(name, max_abs_diff(out, g.get(name)), TOL_UNIT);
+        }
+    }
+    if g.has("attn.x") {
+        let heads = note_number(note, r"(\d+) heads").expect("head count in info.note");
+        let x: Tensor<3> = g.get("attn.x").tensor(device);
+        let c = x.dims()[2];
+        let w = Weights::open(&g.path, device).expect("open unit_ops as weights");
+        let attn = Attention::load(&w, "attn", c, c, heads, c / heads, false).expect("attn weights");
+        t.check("attn.out.plain", max_abs_diff(attn.forward(x.clone(), None), g.get("attn.out.plain")), TOL_UNIT);
+        for case in info["attn_cases"].as_array().into_iter().flatten() {
+            let name = case["tensor"].as_str().expect("tensor");
+            let opts = match options_of(case) {
+                Ok(o) => o,
+                Err(e) => {
+                    t.skip(name, &e);
+                    continue;
+                }
+            };
+            let hooks = StyleAlignedHooks::new(&opts, plan_of(case), 1, device).expect("hooks");
+            let err = max_abs_diff(hooks.self_attention(0, &attn, x.clone()), g.get(name));
+            match node_bug(case, true) {
+                Some(why) => t.different(name, err, why),
+                None => t.check(name, err, TOL_UNIT),
+            }
+        }
+    }
+}
+
+fn clip_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, device: &Device) {
+    for enc in g.info["encoders"].as_array().expect("info.encoders") {
+        let model = models.clip(dir, enc["model"].as_str().unwrap(), device);
+        let prefix = enc["prefix"].as_str().unwrap();
+        let ids = g.get(enc["input_ids"].as_str().unwrap()).rows_u32();
+        let out = model.forward(&ids).expect("clip forward");
+        for name in enc["outputs"].as_array().unwrap() {
+            let name = name.as_str().unwrap();
+            let key = format!("{prefix}.{name}");
+            let err = match name {
+                "last_hidden_state" => max_abs_diff(out.last_hidden_state.clone(), g.get(&key)),
+                "penultimate_hidden_state" => max_abs_diff(out.penultimate_hidden_state.clone(), g.get(&key)),
+                "pooler_output" => max_abs_diff(out.pooler_output.clone(), g.get(&key)),
+                "text_embeds" => match &out.text_embeds {
+                    Some(te) => max_abs_diff(te.clone(), g.get(&key)),
+                    None => f64::INFINITY,
+                },
+                other => {
+                    t.skip(&key, &format!("unknown output {other}"));
+                    continue;
+                }
+            };
+            t.check(&key, err, TOL_MODEL);
+        }
+    }
+}
+
+fn vae_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, device: &Device) {
+    let vae = models.vae(dir, g.info["model"].as_str().expect("info.model"), device);
+    let dec = vae.decode(g.get("decode.z").tensor(device)).expect("decode");
+    t.check("decode.image", max_abs_diff(dec, g.get("decode.image")), TOL_MODEL);
+    let post = vae.encode(g.get("encode.image").tensor(device)).expect("encode");
+    t.check("encode.mean", max_abs_diff(post.mean, g.get("encode.mean")), TOL_MODEL);
+    t.check("encode.logvar", max_abs_diff(post.logvar, g.get("encode.logvar")), TOL_MODEL);
+}
+
+fn ddim_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, device: &Device) {
+    let info = &g.info;
+    let names: Vec<&str> = info["models"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let find = |suffix: &str| names.iter().find(|n| n.ends_with(suffix)).copied().unwrap_or_else(|| panic!("no {suffix} model"));
+    let clip = models.clip(dir, find("text_encoder"), device);
+    let unet = models.unet(dir, find("unet"), device);
+    let vae = models.vae(dir, find("vae"), device);
+
+    let ids = g.get("input_ids").rows_u32();
+    let ehs = clip.forward(&ids).expect("clip").last_hidden_state;
+    t.check("encoder_hidden_states", max_abs_diff(ehs.clone(), g.get("encoder_hidden_states")), TOL_MODEL);
+
+    let raw = RawConfig::parse(Path::new("ddim_sd15 info.scheduler_config"), &info["scheduler_config"].to_string()).unwrap();
+    let cfg = SchedulerConfig::from_raw(&raw).expect("scheduler config");
+    let steps = info["num_inference_steps"].as_u64().unwrap() as usize;
+    let ddim = Ddim::new(cfg, steps);
+    let want_ts: Vec<usize> = g.get("timesteps").i64().iter().map(|&x| x as usize).collect();
+    if ddim.timesteps != want_ts {
+        t.fail("timesteps", format!("{:?} != {want_ts:?}", ddim.timesteps));
+        return;
+    }
+    t.passed += 1;
+    let (a_t, a_prev): (Vec<f32>, Vec<f32>) = ddim.timesteps.iter().map(|&s| ddim.alphas(s)).unzip();
+    let rel = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y).abs() / y.abs()) as f64).fold(0.0, f64::max);
+    t.check("alpha_prod_t (relative)", rel(&a_t, &g.get("alpha_prod_t").f32()), 1e-6);
+    t.check("alpha_prod_t_prev (relative)", rel(&a_prev, &g.get("alpha_prod_t_prev").f32()), 1e-6);
+
+    let guidance = info["cfg_scale"].as_f64().unwrap() as f32;
+    let cond = Conditioning { encoder_hidden_states: ehs, text_time: None };
+    let init: Tensor<4> = g.get("latents_init").tensor(device);
+
+    let unpatched = ddim_loop(&unet, &ddim, init.clone(), &cond, guidance, &NoHooks, |_, _| true).expect("loop");
+    t.check("latents_final_unpatched", max_abs_diff(unpatched, g.get("latents_final_unpatched")), TOL_FINAL);
+
+    let sa = &info["stylealigned"];
+    let opts = options_of(sa).expect("stylealigned options");
+    let hooks = StyleAlignedHooks::new(&opts, plan_of(sa), unet.self_attention_layers(), device).expect("hooks");
+    let steps_golden = g.get("latents_steps");
+    let mut step_errs = Vec::new();
+    let patched = ddim_loop(&unet, &ddim, init, &cond, guidance, &hooks, |i, x| {
+        step_errs.push((i, max_abs_diff(x.clone(), &steps_golden.index(i + 1))));
+        true
+    })
+    .expect("loop");
+    for (i, err) in step_errs {
+        t.check(&format!("latents_steps[{}]", i + 1), err, 1e-4 * (i + 2) as f64);
+    }
+    t.check("latents_final", max_abs_diff(patched.clone(), g.get("latents_final")), TOL_FINAL);
+    let image = vae.decode(patched / vae.config.scaling_factor).expect("decode");
+    t.check("image_decoded", max_abs_diff(image, g.get("image_decoded")), TOL_FINAL);
+}
+
+#[test]
+fn parity() {
+    let dir = golden_dir();
+    let device = device();
+    let mut models = Models::default();
+    let (mut p, mut f, mut s, mut d) = (0, 0, 0, 0);
+    for path in golden_files(&dir) {
+        let g = Golden::read(&path);
+        let kind = g.info["kind"].as_str().unwrap_or("(none)").to_string();
+        let mut t = FileTally::default();
+        let start = std::time::Instant::now();
+        match kind.as_str() {
+            "unit_ops" => unit_ops_file(&g, &mut t, &device),
+            "unet_stylealigned" => unet_file(&dir, &g, &mut models, &mut t, &device),
+            "clip_text" => clip_file(&dir, &g, &mut models, &mut t, &device),
+            "vae" => vae_file(&dir, &g, &mut models, &mut t, &device),
+            "ddim_end_to_end" => ddim_file(&dir, &g, &mut models, &mut t, &device),
+            other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
+        }
+        println!(
+            "{:<40} {:>3} run ({} passed, {} failed, {} skipped, {} intentionally-different)  max abs {:.3e}  [{:.1}s]",
+            g.name,
+            t.passed + t.failed + t.different,
+            t.passed,
+            t.failed,
+            t.skipped,
+            t.different,
+            t.max_err,
+            start.elapsed().as_secs_f64()
+        );
+        for n in &t.notes {
+            println!("    {n}");
+        }
+        p += t.passed;
+        f += t.failed;
+        s += t.skipped;
+        d += t.different;
+    }
+    println!("parity: {p} passed, {f} failed, {s} skipped, {d} intentionally-different");
+    assert_eq!(f, 0, "{f} parity checks failed (see above)");
+    assert!(p > 0, "no parity check ran in {}", dir.display());
+}
