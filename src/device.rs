@@ -181,7 +181,10 @@ struct Driver {
 
 fn driver() -> Result<&'static Driver, DeviceError> {
     static DRIVER: OnceLock<Result<Driver, DeviceError>> = OnceLock::new();
-    DRIVER.get_or_init(load_driver).as_ref().map_err(Clone::clone)
+    DRIVER
+        .get_or_init(load_driver)
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 fn load_driver() -> Result<Driver, DeviceError> {
@@ -195,7 +198,7 @@ fn load_driver() -> Result<Driver, DeviceError> {
                 lib = Some(loaded);
                 break;
             }
-            Err(err) => last_error = err.to_string(),
+            Err(err) => last_error = loader_error(&err),
         }
     }
     let Some(lib) = lib else {
@@ -228,6 +231,14 @@ fn load_driver() -> Result<Driver, DeviceError> {
     }
 }
 
+/// A `libloading` error with its cause (its `Display` alone is just "dlopen failed").
+fn loader_error(err: &libloading::Error) -> String {
+    match std::error::Error::source(err) {
+        Some(source) => format!("{err}: {source}"),
+        None => err.to_string(),
+    }
+}
+
 /// Looks up a driver function.
 ///
 /// # Safety
@@ -239,8 +250,9 @@ unsafe fn symbol<T: Copy>(lib: &Library, name: &CStr) -> Result<T, DeviceError> 
         .map_err(|err| DeviceError::NoDriver {
             tried: DRIVER_LIBRARIES.join(", "),
             reason: format!(
-                "the library has no {}: {err}",
-                name.to_string_lossy()
+                "the library has no {}: {}",
+                name.to_string_lossy(),
+                loader_error(&err)
             ),
         })
 }
@@ -301,7 +313,11 @@ fn cuda_device_name(driver: &Driver, index: usize) -> Option<String> {
             return None;
         }
         buffer[buffer.len() - 1] = 0;
-        Some(CStr::from_ptr(buffer.as_ptr()).to_string_lossy().into_owned())
+        Some(
+            CStr::from_ptr(buffer.as_ptr())
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 }
 
@@ -509,8 +525,17 @@ mod tests {
     #[test]
     fn rejects_other_forms_naming_the_accepted_ones() {
         for bad in [
-            "", "gpu", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "cuda:1:2", "cuda1", "cpu:0",
-            "cuda: 1", "cuda:99999999999999999999999",
+            "",
+            "gpu",
+            "cuda:",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda:x",
+            "cuda:1:2",
+            "cuda1",
+            "cpu:0",
+            "cuda: 1",
+            "cuda:99999999999999999999999",
         ] {
             let err = bad.parse::<DeviceSpec>().unwrap_err();
             assert_eq!(
@@ -558,7 +583,9 @@ mod tests {
             Err(err) => {
                 assert!(matches!(
                     err,
-                    DeviceError::NoDriver { .. } | DeviceError::NoDevice | DeviceError::Driver { .. }
+                    DeviceError::NoDriver { .. }
+                        | DeviceError::NoDevice
+                        | DeviceError::Driver { .. }
                 ));
                 assert!(!err.to_string().is_empty());
             }

@@ -36,7 +36,10 @@ pub struct ClipConfig {
 
 impl ClipConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let c = RawConfig::read(path)?;
+        Self::from_raw(&RawConfig::read(path)?)
+    }
+
+    pub fn from_raw(c: &RawConfig) -> Result<Self, ModelError> {
         let with_projection = match c.strings("architectures") {
             Ok(a) => match a.first().map(String::as_str) {
                 Some("CLIPTextModel") => false,

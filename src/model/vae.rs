@@ -32,7 +32,10 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let c = RawConfig::read(path)?;
+        Self::from_raw(&RawConfig::read(path)?)
+    }
+
+    pub fn from_raw(c: &RawConfig) -> Result<Self, ModelError> {
         c.require("act_fn", &[json!("silu")])?;
         c.require("latents_mean", &[])?;
         c.require("latents_std", &[])?;

@@ -51,10 +51,16 @@ struct TensorInfo {
     len: u64,
 }
 
+enum Source {
+    File(File),
+    /// Deterministic pseudo-random weights of any requested shape (the embedded demo model).
+    Synthetic { seed: u64 },
+}
+
 /// One open safetensors file; tensors are fetched by key and each fetch is recorded, so that
 /// [`Weights::finish`] can report tensors the model did not use.
 pub struct Weights {
-    file: File,
+    source: Source,
     path: PathBuf,
     tensors: BTreeMap<String, TensorInfo>,
     used: Mutex<BTreeSet<String>>,
@@ -128,7 +134,20 @@ impl Weights {
                 TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin },
             );
         }
-        Ok(Self { file, path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), device: device.clone() })
+        Ok(Self { source: Source::File(file), path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), device: device.clone() })
+    }
+
+    /// Weights that answer every request with deterministic pseudo-random values (PyTorch-like
+    /// scales: ±1/√fan_in for matrices and kernels, 1 ± 0.1 for norm scales, small biases),
+    /// derived from `seed` and the key. Used for the embedded demo model.
+    pub fn synthetic(name: &str, seed: u64, device: &Device) -> Self {
+        Self {
+            source: Source::Synthetic { seed },
+            path: PathBuf::from(format!("<synthetic {name}>")),
+            tensors: BTreeMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            device: device.clone(),
+        }
     }
 
     /// The file path.
@@ -158,6 +177,10 @@ impl Weights {
 
     /// Reads `key` as f32 values after checking its shape.
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let file = match &self.source {
+            Source::File(file) => file,
+            Source::Synthetic { seed } => return Ok(synthetic_values(*seed, key, expected)),
+        };
         let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
             key: key.to_string(),
             file: self.path.clone(),
@@ -178,7 +201,7 @@ impl Weights {
             });
         }
         let mut bytes = vec![0u8; info.len as usize];
-        self.file
+        file
             .read_exact_at(&mut bytes, info.offset)
             .map_err(|e| ModelError::Io { path: self.path.clone(), message: format!("reading `{key}`: {e}") })?;
         self.used.lock().expect("weights lock").insert(key.to_string());
@@ -218,6 +241,9 @@ impl Weights {
     /// Errors if the file holds tensors the model did not read (an extra tensor means the config
     /// and the weights disagree).
     pub fn finish(&self) -> Result<(), ModelError> {
+        if matches!(self.source, Source::Synthetic { .. }) {
+            return Ok(());
+        }
         let used = self.used.lock().expect("weights lock");
         let extra: Vec<String> = self
             .tensors
@@ -231,4 +257,29 @@ impl Weights {
             Err(ModelError::ExtraTensors { file: self.path.clone(), keys: extra })
         }
     }
+}
+
+fn synthetic_values(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
+    // FNV-1a of the key, mixed with the seed, drives a SplitMix64 stream.
+    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) ^ seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let n: usize = shape.iter().product();
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let (offset, scale) = if key.contains("embedding") {
+        (0.0, 0.035)
+    } else if shape.len() >= 2 {
+        (0.0, 1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt())
+    } else if leaf == "weight" {
+        (1.0, 0.1)
+    } else {
+        (0.0, 0.05)
+    };
+    (0..n).map(|_| offset + scale * next()).collect()
 }

@@ -163,7 +163,10 @@ pub mod shared {
         /// initialising the device, which cannot work in this binary. Failing here, at device
         /// initialisation, beats failing on the first kernel.
         pub fn restrict_features(_props: &mut DeviceProperties, target: GpuTarget) {
-            panic!("{} (device initialisation selected the LLVM backend for {target:?})", crate::UNAVAILABLE);
+            panic!(
+                "{} (device initialisation selected the LLVM backend for {target:?})",
+                crate::UNAVAILABLE
+            );
         }
     }
 }

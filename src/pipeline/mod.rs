@@ -1,0 +1,487 @@
+//! Text-to-image generation of style-aligned sets: tokenizers, text encoders, the (patched) UNet,
+//! a sampler and the VAE, for SD1.x / SD2.x / SDXL diffusers folders and the embedded tiny model.
+//!
+//! Several sets with the same size, steps, sampler, guidance and patch run as one UNet batch: each
+//! set is its own style group (its first prompt is the reference) in each CFG half. Every row's
+//! noise comes from its set's seed and its index in the set, so a set's images do not depend on
+//! what it is batched with.
+
+pub mod image;
+pub mod tiny;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::model::ModelError;
+use crate::model::clip::ClipTextModel;
+use crate::model::tokenizer::{ClipTokenizer, PadMode};
+use crate::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
+use crate::model::vae::Vae;
+use crate::sampling::noise::gaussian;
+use crate::sampling::sampler::{Sampler, SamplerKind};
+use crate::sampling::{Conditioning, SchedulerConfig, guided_output};
+use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks};
+
+pub use image::Image;
+
+/// Model family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD1",
+            Family::Sd2 => "SD2",
+            Family::Sdxl => "SDXL",
+        }
+    }
+}
+
+/// Errors of generation.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Patch(#[from] PatchError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid request field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error("stopped: {0}")]
+    Stopped(String),
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> PipelineError {
+    PipelineError::Invalid { field: field.into(), message: message.into() }
+}
+
+struct Inner {
+    name: String,
+    family: Family,
+    tokenizer: ClipTokenizer,
+    tokenizer_2: Option<ClipTokenizer>,
+    text_encoder: ClipTextModel,
+    text_encoder_2: Option<ClipTextModel>,
+    unet: UNet,
+    vae: Vae,
+    scheduler: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+    device: Device,
+    source: PathBuf,
+}
+
+/// A loaded model. Cloning is cheap (shared weights).
+#[derive(Clone)]
+pub struct Pipeline(Arc<Inner>);
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pipeline({}, {:?})", self.0.name, self.0.family)
+    }
+}
+
+/// One style-aligned set: the first prompt is the set's reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SetSpec {
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub seed: u64,
+}
+
+/// What the sets of one batch share.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchSpec {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub sampler: SamplerKind,
+    /// `None`: plain generation.
+    pub patch: Option<StyleAligned>,
+}
+
+/// Noise stream of row `row` of a set: the initial latents (`step == None`) or the ancestral draw
+/// of step `step`.
+pub fn noise_stream(row: usize, step: Option<usize>) -> u64 {
+    match step {
+        None => row as u64,
+        Some(s) => ((s as u64 + 1) << 32) | row as u64,
+    }
+}
+
+impl Pipeline {
+    /// Loads a diffusers folder: `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
+    /// and, for SDXL, `text_encoder_2/` (+ `tokenizer_2/`, else `tokenizer/` padded with `!`).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+        let tok_err = |e: crate::model::tokenizer::TokenizerError| PipelineError::Tokenizer(e.to_string());
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(tok_err)?;
+        let text_encoder = ClipTextModel::load(&dir.join("text_encoder"), device)?;
+        let (text_encoder_2, tokenizer_2) = if dir.join("text_encoder_2").is_dir() {
+            let te2 = ClipTextModel::load(&dir.join("text_encoder_2"), device)?;
+            let tok2 = if dir.join("tokenizer_2").is_dir() {
+                ClipTokenizer::from_dir(&dir.join("tokenizer_2")).map_err(tok_err)?
+            } else {
+                tokenizer.clone().with_pad_mode(PadMode::Exclamation)
+            };
+            (Some(te2), Some(tok2))
+        } else {
+            (None, None)
+        };
+        let unet = UNet::load(&dir.join("unet"), device)?;
+        let vae = Vae::load(&dir.join("vae"), device)?;
+        let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
+        let scheduler = if scheduler_path.is_file() { SchedulerConfig::from_file(&scheduler_path)? } else { SchedulerConfig::default() };
+        let force_zeros_for_empty_prompt = std::fs::read_to_string(dir.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("force_zeros_for_empty_prompt").and_then(|b| b.as_bool()))
+            .unwrap_or(text_encoder_2.is_some());
+        Self::assemble(name, dir.to_path_buf(), tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler, force_zeros_for_empty_prompt, device)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        name: String,
+        source: PathBuf,
+        tokenizer: ClipTokenizer,
+        tokenizer_2: Option<ClipTokenizer>,
+        text_encoder: ClipTextModel,
+        text_encoder_2: Option<ClipTextModel>,
+        unet: UNet,
+        vae: Vae,
+        scheduler: SchedulerConfig,
+        force_zeros_for_empty_prompt: bool,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let family = if text_encoder_2.is_some() {
+            Family::Sdxl
+        } else if unet.config.use_linear_projection || unet.config.cross_attention_dim[0] == 1024 {
+            Family::Sd2
+        } else {
+            Family::Sd1
+        };
+        let width = text_encoder.config.hidden_size + text_encoder_2.as_ref().map_or(0, |t| t.config.hidden_size);
+        if width != unet.config.cross_attention_dim[0] {
+            return Err(invalid("model", format!("text encoders give {width} features, the UNet's cross_attention_dim is {}", unet.config.cross_attention_dim[0])));
+        }
+        Ok(Self(Arc::new(Inner {
+            name,
+            family,
+            tokenizer,
+            tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            unet,
+            vae,
+            scheduler,
+            force_zeros_for_empty_prompt,
+            device: device.clone(),
+            source,
+        })))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn with_name(self, name: &str) -> Self {
+        let inner = Arc::try_unwrap(self.0).unwrap_or_else(|a| Inner {
+            name: a.name.clone(),
+            family: a.family,
+            tokenizer: a.tokenizer.clone(),
+            tokenizer_2: a.tokenizer_2.clone(),
+            text_encoder: a.text_encoder.clone(),
+            text_encoder_2: a.text_encoder_2.clone(),
+            unet: a.unet.clone(),
+            vae: a.vae.clone(),
+            scheduler: a.scheduler.clone(),
+            force_zeros_for_empty_prompt: a.force_zeros_for_empty_prompt,
+            device: a.device.clone(),
+            source: a.source.clone(),
+        });
+        Self(Arc::new(Inner { name: name.to_string(), ..inner }))
+    }
+
+    pub fn family(&self) -> Family {
+        self.0.family
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.0.source
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.0.device
+    }
+
+    pub fn unet(&self) -> &UNet {
+        &self.0.unet
+    }
+
+    pub fn vae(&self) -> &Vae {
+        &self.0.vae
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.0.scheduler
+    }
+
+    /// Pixels per latent cell.
+    pub fn pixel_factor(&self) -> usize {
+        self.0.vae.config.downscale()
+    }
+
+    /// Image sizes must be multiples of this.
+    pub fn size_multiple(&self) -> usize {
+        self.pixel_factor() * self.0.unet.config.latent_multiple()
+    }
+
+    /// The model's native image size (square).
+    pub fn native_size(&self) -> usize {
+        self.0.unet.config.sample_size * self.pixel_factor()
+    }
+
+    /// Token ids of prompts for the first (and second) text encoder, truncated to the encoder's
+    /// context (77 for real models).
+    pub fn tokenize(&self, prompts: &[&str]) -> (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>) {
+        let ids = |tok: &ClipTokenizer, max: usize| -> Vec<Vec<u32>> {
+            prompts.iter().map(|p| fit_ids(tok.encode_padded(p), max, tok.eos_id(), tok.pad_id())).collect()
+        };
+        let first = ids(&self.0.tokenizer, self.0.text_encoder.config.max_position_embeddings);
+        let second = match (&self.0.tokenizer_2, &self.0.text_encoder_2) {
+            (Some(t), Some(e)) => Some(ids(t, e.config.max_position_embeddings)),
+            _ => None,
+        };
+        (first, second)
+    }
+
+    /// Text conditioning from token ids: `encoder_hidden_states` (B, L, D) and, for SDXL, the
+    /// pooled embeddings (B, P). SD1/SD2 use the last hidden state; SDXL the penultimate hidden
+    /// states of both encoders, concatenated.
+    pub fn encode_ids(&self, ids: &[Vec<u32>], ids_2: Option<&[Vec<u32>]>) -> Result<(Tensor<3>, Option<Tensor<2>>), PipelineError> {
+        let out = self.0.text_encoder.forward(ids)?;
+        match (&self.0.text_encoder_2, ids_2) {
+            (Some(te2), Some(ids_2)) => {
+                let out2 = te2.forward(ids_2)?;
+                let ehs = Tensor::cat(vec![out.penultimate_hidden_state, out2.penultimate_hidden_state], 2);
+                let pooled = out2.text_embeds.ok_or_else(|| invalid("model", "text_encoder_2 has no text_projection"))?;
+                Ok((ehs, Some(pooled)))
+            }
+            (Some(_), None) => Err(invalid("input_ids_2", "SDXL needs ids for text_encoder_2")),
+            (None, _) => Ok((out.last_hidden_state, None)),
+        }
+    }
+
+    /// Conditioning of prompts; `zero_if_empty` gives zeros for empty prompts (SDXL's
+    /// `force_zeros_for_empty_prompt` for the negative prompt).
+    fn encode_prompts(&self, prompts: &[&str], zero_if_empty: bool) -> Result<(Tensor<3>, Option<Tensor<2>>), PipelineError> {
+        let (ids, ids_2) = self.tokenize(prompts);
+        let (mut ehs, mut pooled) = self.encode_ids(&ids, ids_2.as_deref())?;
+        if zero_if_empty {
+            let [b, l, d] = ehs.dims();
+            let mask: Vec<f32> = prompts.iter().map(|p| if p.is_empty() { 0.0 } else { 1.0 }).collect();
+            if mask.contains(&0.0) {
+                let m = Tensor::<1>::from_data(TensorData::new(mask, [b]), &self.0.device);
+                ehs = ehs * m.clone().reshape([b, 1, 1]).expand([b, l, d]);
+                pooled = pooled.map(|p| {
+                    let pd = p.dims()[1];
+                    p * m.reshape([b, 1]).expand([b, pd])
+                });
+            }
+        }
+        Ok((ehs, pooled))
+    }
+
+    /// Checks a batch against the model.
+    pub fn validate(&self, batch: &BatchSpec, sets: &[SetSpec]) -> Result<(), PipelineError> {
+        let m = self.size_multiple();
+        for (field, v) in [("width", batch.width), ("height", batch.height)] {
+            if v == 0 || v % m != 0 {
+                return Err(invalid(field, format!("{v} must be a positive multiple of {m}")));
+            }
+        }
+        if batch.steps == 0 {
+            return Err(invalid("steps", "must be at least 1"));
+        }
+        if !batch.guidance.is_finite() {
+            return Err(invalid("guidance_scale", "must be finite"));
+        }
+        if sets.is_empty() {
+            return Err(invalid("prompts", "no set to generate"));
+        }
+        if let Some(s) = sets.iter().find(|s| s.prompts.is_empty()) {
+            return Err(invalid("prompts", format!("a set (seed {}) has no prompt", s.seed)));
+        }
+        if let Some(p) = &batch.patch {
+            p.resolve().map_err(PatchError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Generates every set of the batch. `on_step(i, n)` is called after every step and returns
+    /// which sets are still wanted; dropped sets stop at once and come back as `None`.
+    pub fn generate(
+        &self,
+        batch: &BatchSpec,
+        sets: &[SetSpec],
+        on_step: &mut dyn FnMut(usize, usize) -> Vec<bool>,
+    ) -> Result<Vec<Option<Vec<Image>>>, PipelineError> {
+        let latents = self.generate_latents(batch, sets, on_step)?;
+        latents
+            .into_iter()
+            .map(|l| l.map(|z| self.decode_images(z)).transpose())
+            .collect()
+    }
+
+    /// The final latents of every set (None for dropped sets).
+    pub fn generate_latents(
+        &self,
+        batch: &BatchSpec,
+        sets: &[SetSpec],
+        on_step: &mut dyn FnMut(usize, usize) -> Vec<bool>,
+    ) -> Result<Vec<Option<Tensor<4>>>, PipelineError> {
+        self.validate(batch, sets)?;
+        let dev = &self.0.device;
+        let f = self.pixel_factor();
+        let (h, w) = (batch.height / f, batch.width / f);
+        let c = self.0.unet.config.in_channels;
+        let mut sampler = Sampler::new(batch.sampler, &self.0.scheduler, batch.steps)?;
+        let sdxl = self.0.family == Family::Sdxl;
+
+        // Per-set state; dropped sets are removed from the batch.
+        struct Live {
+            set: usize,
+            rows: usize,
+            x: Tensor<4>,
+            uncond: (Tensor<3>, Option<Tensor<2>>),
+            cond: (Tensor<3>, Option<Tensor<2>>),
+        }
+        let mut live = Vec::with_capacity(sets.len());
+        for (si, s) in sets.iter().enumerate() {
+            let rows = s.prompts.len();
+            let prompts: Vec<&str> = s.prompts.iter().map(String::as_str).collect();
+            let cond = self.encode_prompts(&prompts, false)?;
+            let neg: Vec<&str> = vec![s.negative_prompt.as_str(); rows];
+            let uncond = self.encode_prompts(&neg, sdxl && self.0.force_zeros_for_empty_prompt)?;
+            let noise: Vec<Tensor<4>> = (0..rows)
+                .map(|r| Tensor::from_data(TensorData::new(gaussian(s.seed, noise_stream(r, None), c * h * w), [1, c, h, w]), dev))
+                .collect();
+            let x = Tensor::cat(noise, 0) * sampler.init_noise_sigma();
+            live.push(Live { set: si, rows, x, uncond, cond });
+        }
+
+        let n = batch.steps;
+        let mut results: Vec<Option<Tensor<4>>> = vec![None; sets.len()];
+        for i in 0..n {
+            if live.is_empty() {
+                break;
+            }
+            let sizes: Vec<usize> = live.iter().map(|l| l.rows).collect();
+            let x = Tensor::cat(live.iter().map(|l| l.x.clone()).collect(), 0);
+            let ehs = Tensor::cat(
+                live.iter().map(|l| l.uncond.0.clone()).chain(live.iter().map(|l| l.cond.0.clone())).collect(),
+                0,
+            );
+            let text_time = if sdxl {
+                let pooled = Tensor::cat(
+                    live.iter().map(|l| l.uncond.1.clone().expect("pooled")).chain(live.iter().map(|l| l.cond.1.clone().expect("pooled"))).collect(),
+                    0,
+                );
+                let rows = pooled.dims()[0];
+                let (bh, bw) = (batch.height as f32, batch.width as f32);
+                let ids: Vec<f32> = (0..rows).flat_map(|_| [bh, bw, 0.0, 0.0, bh, bw]).collect();
+                Some(TextTime { text_embeds: pooled, time_ids: Tensor::from_data(TensorData::new(ids, [rows, 6]), dev) })
+            } else {
+                None
+            };
+            let cond = Conditioning { encoder_hidden_states: ehs, text_time };
+            let hooks: Box<dyn UNetHooks> = match &batch.patch {
+                Some(p) => {
+                    let gain = p.resolve().map_err(PatchError::from)?.gain;
+                    let plan = ReferencePlan::from_groups(&sizes, 2, gain).map_err(PatchError::from)?;
+                    Box::new(StyleAlignedHooks::new(p, plan, self.0.unet.self_attention_layers(), dev)?)
+                }
+                None => Box::new(NoHooks),
+            };
+            let x_in = sampler.scale_model_input(x.clone(), i);
+            let eps = guided_output(&self.0.unet, x_in, sampler.timesteps()[i], &cond, batch.guidance, hooks.as_ref())?;
+            let noise = sampler.needs_noise().then(|| {
+                let parts: Vec<Tensor<4>> = live
+                    .iter()
+                    .flat_map(|l| {
+                        let seed = sets[l.set].seed;
+                        (0..l.rows).map(move |r| (seed, r))
+                    })
+                    .map(|(seed, r)| Tensor::from_data(TensorData::new(gaussian(seed, noise_stream(r, Some(i)), c * h * w), [1, c, h, w]), dev))
+                    .collect();
+                Tensor::cat(parts, 0)
+            });
+            let (x_next, _) = sampler.step(eps, i, x, noise);
+            let mut offset = 0;
+            for l in live.iter_mut() {
+                l.x = x_next.clone().narrow(0, offset, l.rows);
+                offset += l.rows;
+            }
+            let wanted = on_step(i + 1, n);
+            if i + 1 == n {
+                for l in live.drain(..) {
+                    if wanted.get(l.set).copied().unwrap_or(true) {
+                        results[l.set] = Some(l.x);
+                    }
+                }
+            } else {
+                live.retain(|l| wanted.get(l.set).copied().unwrap_or(true));
+            }
+        }
+        Ok(results)
+    }
+
+    /// Decodes latents to 8-bit RGB images.
+    pub fn decode_images(&self, latents: Tensor<4>) -> Result<Vec<Image>, PipelineError> {
+        let vae = &self.0.vae;
+        let z = match vae.config.shift_factor {
+            Some(s) => latents / vae.config.scaling_factor + s,
+            None => latents / vae.config.scaling_factor,
+        };
+        let img = vae.decode(z)?;
+        Ok(Image::from_tensor(img))
+    }
+}
+
+/// Fits a padded row to an encoder with a shorter context: BOS, the content that fits, EOS, padding.
+fn fit_ids(ids: Vec<u32>, max: usize, eos: u32, pad: u32) -> Vec<u32> {
+    if ids.len() <= max || max < 2 {
+        return ids;
+    }
+    let end = ids.iter().skip(1).position(|&t| t == eos).map_or(ids.len(), |p| p + 1);
+    let content = &ids[1..end];
+    let keep = content.len().min(max - 2);
+    let mut out = Vec::with_capacity(max);
+    out.push(ids[0]);
+    out.extend_from_slice(&content[..keep]);
+    out.push(eos);
+    out.resize(max, pad);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_ids;
+
+    #[test]
+    fn fit_ids_keeps_bos_content_eos() {
+        let row = vec![1, 5, 6, 7, 2, 0, 0, 0];
+        assert_eq!(fit_ids(row.clone(), 8, 2, 0), row);
+        assert_eq!(fit_ids(row.clone(), 6, 2, 0), vec![1, 5, 6, 7, 2, 0]);
+        assert_eq!(fit_ids(row, 4, 2, 0), vec![1, 5, 6, 2]);
+    }
+}

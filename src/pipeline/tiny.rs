@@ -1,0 +1,107 @@
+//! The embedded default model: a small SD1-shaped pipeline with deterministic pseudo-random
+//! weights (no download) and the real CLIP tokenizer. It draws abstract images; it exists so the
+//! service runs end to end on a fresh machine. Real weights come from a diffusers folder.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde_json::json;
+
+use crate::model::clip::{ClipConfig, ClipTextModel};
+use crate::model::config::RawConfig;
+use crate::model::tokenizer::{ClipTokenizer, PadMode};
+use crate::model::unet::{UNet, UNetConfig};
+use crate::model::vae::{Vae, VaeConfig};
+use crate::model::weights::Weights;
+use crate::sampling::SchedulerConfig;
+
+use super::{Pipeline, PipelineError};
+
+/// Name under which the embedded model is served.
+pub const TINY_MODEL: &str = "tiny";
+const SEED: u64 = 0x5717_1e41;
+
+const VOCAB: &[u8] = include_bytes!("../../assets/clip-tokenizer/vocab.json");
+const MERGES: &[u8] = include_bytes!("../../assets/clip-tokenizer/merges.txt");
+
+fn raw(name: &str, value: serde_json::Value) -> RawConfig {
+    RawConfig::parse(Path::new(name), &value.to_string()).expect("embedded config is valid JSON")
+}
+
+/// The embedded tokenizer (the real 49408-token CLIP BPE), written once to a cache folder.
+pub fn embedded_tokenizer() -> Result<ClipTokenizer, PipelineError> {
+    let dir = std::env::temp_dir().join(format!("stylealign-clip-tokenizer-{}", VOCAB.len() + MERGES.len()));
+    let (vocab, merges): (PathBuf, PathBuf) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    let io = |e: std::io::Error| PipelineError::Tokenizer(format!("{}: {e}", dir.display()));
+    if std::fs::metadata(&vocab).map(|m| m.len() as usize) != Ok(VOCAB.len()) || std::fs::metadata(&merges).map(|m| m.len() as usize) != Ok(MERGES.len()) {
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        // Write to unique temporaries and rename, so concurrent processes never see half a file.
+        let tmp = |p: &Path| p.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(tmp(&vocab), VOCAB).map_err(io)?;
+        std::fs::write(tmp(&merges), MERGES).map_err(io)?;
+        std::fs::rename(tmp(&vocab), &vocab).map_err(io)?;
+        std::fs::rename(tmp(&merges), &merges).map_err(io)?;
+    }
+    ClipTokenizer::from_files(&vocab, &merges, PadMode::Eos).map_err(|e| PipelineError::Tokenizer(e.to_string()))
+}
+
+/// Builds the embedded model on `device`.
+pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
+    let unet_cfg = UNetConfig::from_raw(&raw(
+        "tiny/unet/config.json",
+        json!({
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 1,
+            "attention_head_dim": 4,
+            "cross_attention_dim": 64,
+            "norm_num_groups": 8,
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4
+        }),
+    ))?;
+    let clip_cfg = ClipConfig::from_raw(&raw(
+        "tiny/text_encoder/config.json",
+        json!({
+            "architectures": ["CLIPTextModel"],
+            "vocab_size": 49408,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "eos_token_id": 49407
+        }),
+    ))?;
+    let vae_cfg = VaeConfig::from_raw(&raw(
+        "tiny/vae/config.json",
+        json!({
+            "block_out_channels": [16, 32, 32],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 4,
+            "scaling_factor": 0.18215
+        }),
+    ))?;
+    let unet = UNet::from_weights(unet_cfg, &Weights::synthetic("tiny/unet", SEED, device))?;
+    let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic("tiny/text_encoder", SEED + 1, device))?;
+    let vae = Vae::from_weights(vae_cfg, &Weights::synthetic("tiny/vae", SEED + 2, device))?;
+    Pipeline::assemble(
+        TINY_MODEL.to_string(),
+        PathBuf::from("<embedded>"),
+        embedded_tokenizer()?,
+        None,
+        text_encoder,
+        None,
+        unet,
+        vae,
+        SchedulerConfig::default(),
+        false,
+        device,
+    )
+}
