@@ -89,7 +89,7 @@ pub fn sampler_file(_dir: &Path, g: &Golden, unet: &UNet, clip: &ClipTextModel, 
                 continue;
             }
         };
-        let (Some(n), Some(what)) = (parts.get(2).and_then(|n| n.parse().ok()), parts.get(3)) else {
+        let Some(n) = parts.get(2).and_then(|n| n.parse().ok()).filter(|_| parts.len() == 4) else {
             t.skip(key, "not schedule.<spacing>.<steps>.<what>");
             continue;
         };

@@ -18,12 +18,14 @@ pub use plan::{PlanError, ReferencePlan};
 use ops::{AttnSwitches, DevicePlan};
 
 /// An error building a patch for a batch.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PatchError {
     #[error(transparent)]
     Option(#[from] OptionError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
 }
 
 /// The patch applied to one batch: resolved switches plus the batch's plan on the device.
@@ -80,5 +82,39 @@ impl UNetHooks for StyleAlignedHooks {
             AdainSite::Projected if r.full_attention_share => ops::full_share_attention(attn, x, &self.plan),
             AdainSite::Projected => ops::official_attention(attn, x, &self.plan, switches),
         }
+    }
+}
+
+/// A patched model: a clone of a loaded model (sharing its weight tensors) plus the patch as plain
+/// data. Creating, changing or dropping one never touches the base model or any other clone.
+#[derive(Clone, Debug)]
+pub struct Patched<M> {
+    pub model: M,
+    pub patch: StyleAligned,
+}
+
+impl Patched<crate::model::unet::UNet> {
+    /// Patches a clone of `base` (validates the options).
+    pub fn new(base: &crate::model::unet::UNet, patch: StyleAligned) -> Result<Self, PatchError> {
+        patch.resolve()?;
+        Ok(Self { model: base.clone(), patch })
+    }
+
+    /// The hooks of this patch for one batch laid out by `plan`.
+    pub fn hooks(&self, plan: ReferencePlan, device: &Device) -> Result<StyleAlignedHooks, PatchError> {
+        StyleAlignedHooks::new(&self.patch, plan, self.model.self_attention_layers(), device)
+    }
+
+    /// One patched UNet call on a batch laid out by `plan`.
+    pub fn forward(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: &Tensor<3>,
+        text_time: Option<&crate::model::unet::TextTime>,
+        plan: ReferencePlan,
+    ) -> Result<Tensor<4>, PatchError> {
+        let hooks = self.hooks(plan, &sample.device())?;
+        Ok(self.model.forward(sample, timesteps, encoder_hidden_states, text_time, &hooks)?)
     }
 }
