@@ -7,6 +7,7 @@
 //! what it is batched with.
 
 pub mod image;
+pub mod reference;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use crate::model::vae::Vae;
 use crate::sampling::noise::gaussian;
 use crate::sampling::sampler::{Sampler, SamplerKind};
 use crate::sampling::{Conditioning, SchedulerConfig, guided_output};
+
+pub use reference::ReferenceImage;
 use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks};
 
 pub use image::Image;
@@ -64,7 +67,6 @@ fn invalid(field: &str, message: impl Into<String>) -> PipelineError {
 }
 
 struct Inner {
-    name: String,
     family: Family,
     tokenizer: ClipTokenizer,
     tokenizer_2: Option<ClipTokenizer>,
@@ -76,24 +78,30 @@ struct Inner {
     force_zeros_for_empty_prompt: bool,
     device: Device,
     source: PathBuf,
+    inversions: reference::InversionCache,
 }
 
 /// A loaded model. Cloning is cheap (shared weights).
 #[derive(Clone)]
-pub struct Pipeline(Arc<Inner>);
+pub struct Pipeline {
+    name: String,
+    inner: Arc<Inner>,
+}
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pipeline({}, {:?})", self.0.name, self.0.family)
+        write!(f, "Pipeline({}, {:?})", self.name, self.inner.family)
     }
 }
 
-/// One style-aligned set: the first prompt is the set's reference.
+/// One style-aligned set: the first prompt is the set's reference, unless a reference image is
+/// given (then every prompt is a target and the image, inverted, is the reference).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SetSpec {
     pub prompts: Vec<String>,
     pub negative_prompt: String,
     pub seed: u64,
+    pub reference: Option<reference::ReferenceImage>,
 }
 
 /// What the sets of one batch share.
@@ -106,6 +114,89 @@ pub struct BatchSpec {
     pub sampler: SamplerKind,
     /// `None`: plain generation.
     pub patch: Option<StyleAligned>,
+    /// SDXL only; `None`: [`SizeConditioning::plain`].
+    pub size_conditioning: Option<SizeConditioning>,
+}
+
+
+/// Text conditioning of some rows: hidden states (B, L, D) and SDXL's pooled embeddings (B, P).
+#[derive(Clone, Debug)]
+pub struct TextCond {
+    pub hidden: Tensor<3>,
+    pub pooled: Option<Tensor<2>>,
+}
+
+impl TextCond {
+    /// The first row repeated `rows` times.
+    pub fn repeat(&self, rows: usize) -> TextCond {
+        TextCond {
+            hidden: self.hidden.clone().narrow(0, 0, 1).repeat_dim(0, rows),
+            pooled: self.pooled.as_ref().map(|p| p.clone().narrow(0, 0, 1).repeat_dim(0, rows)),
+        }
+    }
+}
+
+/// SDXL's size conditioning (`add_time_ids`): original size, crop top-left, target size, in pixels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SizeConditioning {
+    pub original_size: (usize, usize),
+    pub crop_top_left: (usize, usize),
+    pub target_size: (usize, usize),
+}
+
+impl SizeConditioning {
+    /// diffusers' defaults: original = target = the image size (height, width), no crop.
+    pub fn plain(width: usize, height: usize) -> Self {
+        Self { original_size: (height, width), crop_top_left: (0, 0), target_size: (height, width) }
+    }
+
+    /// `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`.
+    pub fn time_ids(&self) -> [f32; 6] {
+        [
+            self.original_size.0 as f32,
+            self.original_size.1 as f32,
+            self.crop_top_left.0 as f32,
+            self.crop_top_left.1 as f32,
+            self.target_size.0 as f32,
+            self.target_size.1 as f32,
+        ]
+    }
+}
+
+/// One set in flight: its rows' latents and conditioning.
+#[derive(Clone, Debug)]
+pub struct SetState {
+    /// Index of the set in the request list.
+    pub set: usize,
+    /// Seed of the ancestral noise.
+    pub seed: u64,
+    pub x: Tensor<4>,
+    pub uncond: TextCond,
+    pub cond: TextCond,
+    /// Real-image reference: row 0 follows this trajectory.
+    pub replay: Option<ReferenceReplay>,
+}
+
+impl SetState {
+    pub fn rows(&self) -> usize {
+        self.x.dims()[0]
+    }
+}
+
+/// The inverted trajectory of a reference image, in google's order: `zts[0]` fully inverted,
+/// `zts[k]` at the noise level of generation step k, `zts[steps]` = the image's latent. Row 0
+/// starts at `zts[offset]` and after step i becomes `zts[max(offset + 1, i + 1)]`.
+#[derive(Clone, Debug)]
+pub struct ReferenceReplay {
+    pub zts: Vec<Tensor<4>>,
+    pub offset: usize,
+}
+
+/// What `on_step` sees after a step: the step count, and the latents of the live sets.
+pub struct StepView<'a> {
+    pub step: usize,
+    pub total: usize,
+    pub sets: Vec<(usize, &'a Tensor<4>)>,
 }
 
 /// Noise stream of row `row` of a set: the initial latents (`step == None`) or the ancestral draw
@@ -123,7 +214,13 @@ impl Pipeline {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
         let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
         let tok_err = |e: crate::model::tokenizer::TokenizerError| PipelineError::Tokenizer(e.to_string());
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(tok_err)?;
+        // Every SD1/SD2/SDXL tokenizer is the same CLIP BPE; a folder without one uses the
+        // embedded copy.
+        let tokenizer = if dir.join("tokenizer").is_dir() {
+            ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(tok_err)?
+        } else {
+            tiny::embedded_tokenizer()?
+        };
         let text_encoder = ClipTextModel::load(&dir.join("text_encoder"), device)?;
         let (text_encoder_2, tokenizer_2) = if dir.join("text_encoder_2").is_dir() {
             let te2 = ClipTextModel::load(&dir.join("text_encoder_2"), device)?;
@@ -173,8 +270,9 @@ impl Pipeline {
         if width != unet.config.cross_attention_dim[0] {
             return Err(invalid("model", format!("text encoders give {width} features, the UNet's cross_attention_dim is {}", unet.config.cross_attention_dim[0])));
         }
-        Ok(Self(Arc::new(Inner {
+        Ok(Self {
             name,
+            inner: Arc::new(Inner {
             family,
             tokenizer,
             tokenizer_2,
@@ -186,68 +284,57 @@ impl Pipeline {
             force_zeros_for_empty_prompt,
             device: device.clone(),
             source,
-        })))
+            inversions: reference::InversionCache::new(64),
+        }),
+        })
     }
 
     pub fn name(&self) -> &str {
-        &self.0.name
+        &self.name
     }
 
+    /// The same model served under another name.
     pub fn with_name(self, name: &str) -> Self {
-        let inner = Arc::try_unwrap(self.0).unwrap_or_else(|a| Inner {
-            name: a.name.clone(),
-            family: a.family,
-            tokenizer: a.tokenizer.clone(),
-            tokenizer_2: a.tokenizer_2.clone(),
-            text_encoder: a.text_encoder.clone(),
-            text_encoder_2: a.text_encoder_2.clone(),
-            unet: a.unet.clone(),
-            vae: a.vae.clone(),
-            scheduler: a.scheduler.clone(),
-            force_zeros_for_empty_prompt: a.force_zeros_for_empty_prompt,
-            device: a.device.clone(),
-            source: a.source.clone(),
-        });
-        Self(Arc::new(Inner { name: name.to_string(), ..inner }))
+        Self { name: name.to_string(), inner: self.inner }
     }
 
     pub fn family(&self) -> Family {
-        self.0.family
+        self.inner.family
     }
 
     pub fn source(&self) -> &Path {
-        &self.0.source
+        &self.inner.source
     }
 
     pub fn device(&self) -> &Device {
-        &self.0.device
+        &self.inner.device
     }
 
     pub fn unet(&self) -> &UNet {
-        &self.0.unet
+        &self.inner.unet
     }
 
     pub fn vae(&self) -> &Vae {
-        &self.0.vae
+        &self.inner.vae
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.0.scheduler
+        &self.inner.scheduler
     }
 
     /// Pixels per latent cell.
     pub fn pixel_factor(&self) -> usize {
-        self.0.vae.config.downscale()
+        self.inner.vae.config.downscale()
     }
 
     /// Image sizes must be multiples of this.
     pub fn size_multiple(&self) -> usize {
-        self.pixel_factor() * self.0.unet.config.latent_multiple()
+        self.pixel_factor() * self.inner.unet.config.latent_multiple()
     }
 
     /// The model's native image size (square).
     pub fn native_size(&self) -> usize {
-        self.0.unet.config.sample_size * self.pixel_factor()
+        self.inner.unet.config.sample_size * self.pixel_factor()
     }
 
     /// Token ids of prompts for the first (and second) text encoder, truncated to the encoder's
@@ -256,8 +343,8 @@ impl Pipeline {
         let ids = |tok: &ClipTokenizer, max: usize| -> Vec<Vec<u32>> {
             prompts.iter().map(|p| fit_ids(tok.encode_padded(p), max, tok.eos_id(), tok.pad_id())).collect()
         };
-        let first = ids(&self.0.tokenizer, self.0.text_encoder.config.max_position_embeddings);
-        let second = match (&self.0.tokenizer_2, &self.0.text_encoder_2) {
+        let first = ids(&self.inner.tokenizer, self.inner.text_encoder.config.max_position_embeddings);
+        let second = match (&self.inner.tokenizer_2, &self.inner.text_encoder_2) {
             (Some(t), Some(e)) => Some(ids(t, e.config.max_position_embeddings)),
             _ => None,
         };
@@ -268,8 +355,8 @@ impl Pipeline {
     /// pooled embeddings (B, P). SD1/SD2 use the last hidden state; SDXL the penultimate hidden
     /// states of both encoders, concatenated.
     pub fn encode_ids(&self, ids: &[Vec<u32>], ids_2: Option<&[Vec<u32>]>) -> Result<(Tensor<3>, Option<Tensor<2>>), PipelineError> {
-        let out = self.0.text_encoder.forward(ids)?;
-        match (&self.0.text_encoder_2, ids_2) {
+        let out = self.inner.text_encoder.forward(ids)?;
+        match (&self.inner.text_encoder_2, ids_2) {
             (Some(te2), Some(ids_2)) => {
                 let out2 = te2.forward(ids_2)?;
                 let ehs = Tensor::cat(vec![out.penultimate_hidden_state, out2.penultimate_hidden_state], 2);
@@ -283,22 +370,30 @@ impl Pipeline {
 
     /// Conditioning of prompts; `zero_if_empty` gives zeros for empty prompts (SDXL's
     /// `force_zeros_for_empty_prompt` for the negative prompt).
-    fn encode_prompts(&self, prompts: &[&str], zero_if_empty: bool) -> Result<(Tensor<3>, Option<Tensor<2>>), PipelineError> {
+    pub fn encode_prompts(&self, prompts: &[&str], zero_if_empty: bool) -> Result<TextCond, PipelineError> {
         let (ids, ids_2) = self.tokenize(prompts);
-        let (mut ehs, mut pooled) = self.encode_ids(&ids, ids_2.as_deref())?;
+        let (mut hidden, mut pooled) = self.encode_ids(&ids, ids_2.as_deref())?;
         if zero_if_empty {
-            let [b, l, d] = ehs.dims();
+            let [b, l, d] = hidden.dims();
             let mask: Vec<f32> = prompts.iter().map(|p| if p.is_empty() { 0.0 } else { 1.0 }).collect();
             if mask.contains(&0.0) {
-                let m = Tensor::<1>::from_data(TensorData::new(mask, [b]), &self.0.device);
-                ehs = ehs * m.clone().reshape([b, 1, 1]).expand([b, l, d]);
+                let m = Tensor::<1>::from_data(TensorData::new(mask, [b]), &self.inner.device);
+                hidden = hidden * m.clone().reshape([b, 1, 1]).expand([b, l, d]);
                 pooled = pooled.map(|p| {
                     let pd = p.dims()[1];
                     p * m.reshape([b, 1]).expand([b, pd])
                 });
             }
         }
-        Ok((ehs, pooled))
+        Ok(TextCond { hidden, pooled })
+    }
+
+    /// Conditioning of a set's negative prompt, repeated per row: SDXL with
+    /// `force_zeros_for_empty_prompt` gives zeros for an empty negative prompt.
+    pub fn encode_negative(&self, negative_prompt: &str, rows: usize) -> Result<TextCond, PipelineError> {
+        let zero = self.inner.family == Family::Sdxl && self.inner.force_zeros_for_empty_prompt;
+        let one = self.encode_prompts(&[negative_prompt], zero)?;
+        Ok(one.repeat(rows))
     }
 
     /// Checks a batch against the model.
@@ -318,8 +413,21 @@ impl Pipeline {
         if sets.is_empty() {
             return Err(invalid("prompts", "no set to generate"));
         }
-        if let Some(s) = sets.iter().find(|s| s.prompts.is_empty()) {
-            return Err(invalid("prompts", format!("a set (seed {}) has no prompt", s.seed)));
+        for s in sets {
+            if s.prompts.is_empty() {
+                return Err(invalid("prompts", format!("a set (seed {}) has no prompt", s.seed)));
+            }
+            if let Some(r) = &s.reference {
+                if batch.sampler != SamplerKind::Ddim {
+                    return Err(invalid("sampler", "a reference image needs the ddim sampler (its inversion is DDIM)"));
+                }
+                if r.offset >= batch.steps {
+                    return Err(invalid("reference_offset", format!("{} must be below steps ({})", r.offset, batch.steps)));
+                }
+                if !r.guidance.is_finite() {
+                    return Err(invalid("reference_guidance_scale", "must be finite"));
+                }
+            }
         }
         if let Some(p) = &batch.patch {
             p.resolve().map_err(PatchError::from)?;
@@ -335,111 +443,122 @@ impl Pipeline {
         sets: &[SetSpec],
         on_step: &mut dyn FnMut(usize, usize) -> Vec<bool>,
     ) -> Result<Vec<Option<Vec<Image>>>, PipelineError> {
-        let latents = self.generate_latents(batch, sets, on_step)?;
-        latents
-            .into_iter()
-            .map(|l| l.map(|z| self.decode_images(z)).transpose())
-            .collect()
+        self.validate(batch, sets)?;
+        let mut sampler = Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps)?;
+        let states = sets.iter().enumerate().map(|(i, s)| self.prepare_set(i, s, batch, &sampler)).collect::<Result<Vec<_>, _>>()?;
+        let finals = self.denoise(batch, &mut sampler, states, &mut |v: &StepView| on_step(v.step, v.total))?;
+        let mut out: Vec<Option<Vec<Image>>> = vec![None; sets.len()];
+        for (set, latents) in finals {
+            let skip = usize::from(sets[set].reference.is_some());
+            let rows = latents.dims()[0];
+            out[set] = Some(self.decode_images(latents.narrow(0, skip, rows - skip))?);
+        }
+        Ok(out)
     }
 
-    /// The final latents of every set (None for dropped sets).
-    pub fn generate_latents(
-        &self,
-        batch: &BatchSpec,
-        sets: &[SetSpec],
-        on_step: &mut dyn FnMut(usize, usize) -> Vec<bool>,
-    ) -> Result<Vec<Option<Tensor<4>>>, PipelineError> {
-        self.validate(batch, sets)?;
-        let dev = &self.0.device;
+    /// Text conditioning, initial latents and (for a reference image) the inverted trajectory of
+    /// one set. Rows: the reference (the first prompt, or the reference image's caption) first.
+    pub fn prepare_set(&self, index: usize, set: &SetSpec, batch: &BatchSpec, sampler: &Sampler) -> Result<SetState, PipelineError> {
         let f = self.pixel_factor();
         let (h, w) = (batch.height / f, batch.width / f);
-        let c = self.0.unet.config.in_channels;
-        let mut sampler = Sampler::new(batch.sampler, &self.0.scheduler, batch.steps)?;
-        let sdxl = self.0.family == Family::Sdxl;
-
-        // Per-set state; dropped sets are removed from the batch.
-        struct Live {
-            set: usize,
-            rows: usize,
-            x: Tensor<4>,
-            uncond: (Tensor<3>, Option<Tensor<2>>),
-            cond: (Tensor<3>, Option<Tensor<2>>),
+        let c = self.inner.unet.config.in_channels;
+        let mut prompts: Vec<&str> = set.prompts.iter().map(String::as_str).collect();
+        if let Some(r) = &set.reference {
+            prompts.insert(0, r.caption.as_str());
         }
-        let mut live = Vec::with_capacity(sets.len());
-        for (si, s) in sets.iter().enumerate() {
-            let rows = s.prompts.len();
-            let prompts: Vec<&str> = s.prompts.iter().map(String::as_str).collect();
-            let cond = self.encode_prompts(&prompts, false)?;
-            let neg: Vec<&str> = vec![s.negative_prompt.as_str(); rows];
-            let uncond = self.encode_prompts(&neg, sdxl && self.0.force_zeros_for_empty_prompt)?;
-            let noise: Vec<Tensor<4>> = (0..rows)
-                .map(|r| Tensor::from_data(TensorData::new(gaussian(s.seed, noise_stream(r, None), c * h * w), [1, c, h, w]), dev))
-                .collect();
-            let x = Tensor::cat(noise, 0) * sampler.init_noise_sigma();
-            live.push(Live { set: si, rows, x, uncond, cond });
-        }
+        let rows = prompts.len();
+        let cond = self.encode_prompts(&prompts, false)?;
+        let uncond = self.encode_negative(&set.negative_prompt, rows)?;
+        let noise: Vec<Tensor<4>> = (0..rows)
+            .map(|r| Tensor::from_data(TensorData::new(gaussian(set.seed, noise_stream(r, None), c * h * w), [1, c, h, w]), &self.inner.device))
+            .collect();
+        let mut x = Tensor::cat(noise, 0) * sampler.init_noise_sigma();
+        let replay = match &set.reference {
+            Some(r) => {
+                let zts = self.inverted_trajectory(r, batch)?;
+                x = Tensor::cat(vec![zts[r.offset].clone(), x.narrow(0, 1, rows - 1)], 0);
+                Some(ReferenceReplay { zts, offset: r.offset })
+            }
+            None => None,
+        };
+        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay })
+    }
 
-        let n = batch.steps;
-        let mut results: Vec<Option<Tensor<4>>> = vec![None; sets.len()];
+    /// Runs the sampler over the live sets (one UNet batch per step: all sets' unconditional rows,
+    /// then all conditional rows; one style group per set per half). Returns the final latents
+    /// of the sets still wanted at the end.
+    pub fn denoise(
+        &self,
+        batch: &BatchSpec,
+        sampler: &mut Sampler,
+        mut live: Vec<SetState>,
+        on_step: &mut dyn FnMut(&StepView) -> Vec<bool>,
+    ) -> Result<Vec<(usize, Tensor<4>)>, PipelineError> {
+        let dev = &self.inner.device;
+        let sdxl = self.inner.family == Family::Sdxl;
+        let n = sampler.timesteps().len();
+        let mut results = Vec::new();
         for i in 0..n {
             if live.is_empty() {
                 break;
             }
-            let sizes: Vec<usize> = live.iter().map(|l| l.rows).collect();
+            let sizes: Vec<usize> = live.iter().map(|l| l.rows()).collect();
             let x = Tensor::cat(live.iter().map(|l| l.x.clone()).collect(), 0);
-            let ehs = Tensor::cat(
-                live.iter().map(|l| l.uncond.0.clone()).chain(live.iter().map(|l| l.cond.0.clone())).collect(),
-                0,
-            );
+            let hidden = Tensor::cat(live.iter().map(|l| l.uncond.hidden.clone()).chain(live.iter().map(|l| l.cond.hidden.clone())).collect(), 0);
             let text_time = if sdxl {
-                let pooled = Tensor::cat(
-                    live.iter().map(|l| l.uncond.1.clone().expect("pooled")).chain(live.iter().map(|l| l.cond.1.clone().expect("pooled"))).collect(),
-                    0,
-                );
+                let pooled = live
+                    .iter()
+                    .map(|l| l.uncond.pooled.clone())
+                    .chain(live.iter().map(|l| l.cond.pooled.clone()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| invalid("model", "SDXL conditioning without pooled embeddings"))?;
+                let pooled = Tensor::cat(pooled, 0);
                 let rows = pooled.dims()[0];
-                let (bh, bw) = (batch.height as f32, batch.width as f32);
-                let ids: Vec<f32> = (0..rows).flat_map(|_| [bh, bw, 0.0, 0.0, bh, bw]).collect();
+                let ids = batch.size_conditioning.unwrap_or_else(|| SizeConditioning::plain(batch.width, batch.height)).time_ids();
+                let ids: Vec<f32> = (0..rows).flat_map(|_| ids).collect();
                 Some(TextTime { text_embeds: pooled, time_ids: Tensor::from_data(TensorData::new(ids, [rows, 6]), dev) })
             } else {
                 None
             };
-            let cond = Conditioning { encoder_hidden_states: ehs, text_time };
+            let cond = Conditioning { encoder_hidden_states: hidden, text_time };
             let hooks: Box<dyn UNetHooks> = match &batch.patch {
                 Some(p) => {
                     let gain = p.resolve().map_err(PatchError::from)?.gain;
                     let plan = ReferencePlan::from_groups(&sizes, 2, gain).map_err(PatchError::from)?;
-                    Box::new(StyleAlignedHooks::new(p, plan, self.0.unet.self_attention_layers(), dev)?)
+                    Box::new(StyleAlignedHooks::new(p, plan, self.inner.unet.self_attention_layers(), dev)?)
                 }
                 None => Box::new(NoHooks),
             };
             let x_in = sampler.scale_model_input(x.clone(), i);
-            let eps = guided_output(&self.0.unet, x_in, sampler.timesteps()[i], &cond, batch.guidance, hooks.as_ref())?;
+            let eps = guided_output(&self.inner.unet, x_in, sampler.timesteps()[i], &cond, batch.guidance, hooks.as_ref())?;
             let noise = sampler.needs_noise().then(|| {
+                let c = x.dims()[1..].iter().product::<usize>();
+                let [_, ch, h, w] = x.dims();
                 let parts: Vec<Tensor<4>> = live
                     .iter()
-                    .flat_map(|l| {
-                        let seed = sets[l.set].seed;
-                        (0..l.rows).map(move |r| (seed, r))
-                    })
-                    .map(|(seed, r)| Tensor::from_data(TensorData::new(gaussian(seed, noise_stream(r, Some(i)), c * h * w), [1, c, h, w]), dev))
+                    .flat_map(|l| (0..l.rows()).map(move |r| (l.seed, r)))
+                    .map(|(seed, r)| Tensor::from_data(TensorData::new(gaussian(seed, noise_stream(r, Some(i)), c), [1, ch, h, w]), dev))
                     .collect();
                 Tensor::cat(parts, 0)
             });
             let (x_next, _) = sampler.step(eps, i, x, noise);
             let mut offset = 0;
             for l in live.iter_mut() {
-                l.x = x_next.clone().narrow(0, offset, l.rows);
-                offset += l.rows;
-            }
-            let wanted = on_step(i + 1, n);
-            if i + 1 == n {
-                for l in live.drain(..) {
-                    if wanted.get(l.set).copied().unwrap_or(true) {
-                        results[l.set] = Some(l.x);
-                    }
+                let rows = l.rows();
+                l.x = x_next.clone().narrow(0, offset, rows);
+                offset += rows;
+                if let Some(r) = &l.replay {
+                    let k = (r.offset + 1).max(i + 1).min(r.zts.len() - 1);
+                    l.x = Tensor::cat(vec![r.zts[k].clone(), l.x.clone().narrow(0, 1, rows - 1)], 0);
                 }
+            }
+            let view = StepView { step: i + 1, total: n, sets: live.iter().map(|l| (l.set, &l.x)).collect() };
+            let wanted = on_step(&view);
+            let keep = |set: usize| wanted.get(set).copied().unwrap_or(true);
+            if i + 1 == n {
+                results.extend(live.drain(..).filter(|l| keep(l.set)).map(|l| (l.set, l.x)));
             } else {
-                live.retain(|l| wanted.get(l.set).copied().unwrap_or(true));
+                live.retain(|l| keep(l.set));
             }
         }
         Ok(results)
@@ -447,7 +566,7 @@ impl Pipeline {
 
     /// Decodes latents to 8-bit RGB images.
     pub fn decode_images(&self, latents: Tensor<4>) -> Result<Vec<Image>, PipelineError> {
-        let vae = &self.0.vae;
+        let vae = &self.inner.vae;
         let z = match vae.config.shift_factor {
             Some(s) => latents / vae.config.scaling_factor + s,
             None => latents / vae.config.scaling_factor,
