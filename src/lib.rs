@@ -8,5 +8,6 @@
 
 pub mod device;
 pub mod model;
+pub mod pipeline;
 pub mod sampling;
 pub mod style_aligned;

@@ -1,6 +1,8 @@
 //! Schedulers and the classifier-free-guidance loop.
 
 pub mod ddim;
+pub mod noise;
+pub mod sampler;
 pub mod schedule;
 
 use burn::tensor::{Device, Tensor, TensorData};
