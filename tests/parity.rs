@@ -17,6 +17,8 @@ use stylealign::model::nn::{Attention, GroupNorm};
 use stylealign::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
 use stylealign::model::vae::Vae;
 use stylealign::model::weights::Weights;
+use stylealign::pipeline::{BatchSpec, Image, Pipeline, ReferenceReplay, SetState, SizeConditioning, StepView, TextCond};
+use stylealign::sampling::sampler::{Sampler, SamplerKind};
 use stylealign::sampling::{Conditioning, Ddim, SchedulerConfig, ddim_loop};
 use stylealign::style_aligned::ops::{adain, reference_features, shared_group_norm};
 use stylealign::style_aligned::{NodeOptions, OfficialArgs, ReferencePlan, ShareAttn, ShareNorm, StyleAligned, StyleAlignedHooks};
@@ -377,6 +379,171 @@ fn ddim_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, dev
     t.check("image_decoded", max_abs_diff(image, g.get("image_decoded")), TOL_FINAL);
 }
 
+
+/// Runs `pipe.denoise` on one prepared set and returns the final latents and every step's latents.
+fn denoise_recording(pipe: &Pipeline, batch: &BatchSpec, sampler: &mut Sampler, state: SetState) -> (Tensor<4>, Vec<Tensor<4>>) {
+    let mut steps = Vec::new();
+    let mut on_step = |v: &StepView| {
+        steps.push(v.sets[0].1.clone());
+        vec![true]
+    };
+    let mut out = pipe.denoise(batch, sampler, vec![state], &mut on_step).expect("denoise");
+    (out.pop().expect("one set").1, steps)
+}
+
+fn scheduler_of(info: &Value, what: &str) -> SchedulerConfig {
+    let raw = RawConfig::parse(Path::new(what), &info.to_string()).unwrap();
+    SchedulerConfig::from_raw(&raw).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
+    let info = &g.info;
+    let model = info.get("model").and_then(Value::as_str).unwrap_or("tiny_sdxl_pipe");
+    let pipe = Pipeline::load(&dir.join(model), device).expect("load SDXL pipeline");
+    let ids = g.get("input_ids").rows_u32();
+    let ids2 = g.get("input_ids_2").rows_u32();
+    let (hidden, pooled) = pipe.encode_ids(&ids, Some(&ids2)).expect("encode");
+    let pooled = pooled.expect("pooled");
+    t.check("prompt_embeds", max_abs_diff(hidden.clone(), g.get("prompt_embeds")), TOL_MODEL);
+    t.check("pooled_prompt_embeds", max_abs_diff(pooled.clone(), g.get("pooled_prompt_embeds")), TOL_MODEL);
+    let (eh, ep) = pipe.encode_ids(&g.get("empty_prompt.input_ids").rows_u32(), Some(&g.get("empty_prompt.input_ids_2").rows_u32())).unwrap();
+    t.check("empty_prompt.prompt_embeds", max_abs_diff(eh, g.get("empty_prompt.prompt_embeds")), TOL_MODEL);
+    t.check("empty_prompt.pooled_prompt_embeds", max_abs_diff(ep.unwrap(), g.get("empty_prompt.pooled_prompt_embeds")), TOL_MODEL);
+    let b = ids.len();
+    let neg = pipe.encode_negative("", b).expect("negative");
+    t.check("negative_prompt_embeds (zeros, exact)", max_abs_diff(neg.hidden.clone(), g.get("negative_prompt_embeds")), 0.0);
+    t.check("negative_pooled_prompt_embeds (zeros, exact)", max_abs_diff(neg.pooled.clone().unwrap(), g.get("negative_pooled_prompt_embeds")), 0.0);
+    let cond = TextCond { hidden: hidden.clone(), pooled: Some(pooled.clone()) };
+
+    let (w, h) = (info["width"].as_u64().unwrap_or(64) as usize, info["height"].as_u64().unwrap_or(64) as usize);
+    let want_ids = g.get("add_time_ids").f32();
+    let ours = SizeConditioning::plain(w, h).time_ids();
+    let err = want_ids.chunks(6).flat_map(|row| row.iter().zip(ours.iter()).map(|(a, b)| (a - b).abs() as f64)).fold(0.0, f64::max);
+    t.check("add_time_ids (exact)", err, 0.0);
+
+    // One UNet call with all-distinct time ids.
+    let sample: Tensor<4> = g.get("time_ids_check.sample").tensor(device);
+    let rows = sample.dims()[0];
+    let ts = Tensor::<1>::from_data(TensorData::new(vec![g.get("time_ids_check.timestep").f32()[0]; rows], [rows]), device);
+    let ehs = Tensor::cat(vec![neg.hidden.clone(), hidden.clone()], 0);
+    let tt = TextTime { text_embeds: Tensor::cat(vec![neg.pooled.clone().unwrap(), pooled.clone()], 0), time_ids: g.get("time_ids_check.time_ids").tensor(device) };
+    let out = pipe.unet().forward(sample, ts, &ehs, Some(&tt), &NoHooks).expect("unet");
+    t.check("time_ids_check.out", max_abs_diff(out, g.get("time_ids_check.out")), TOL_MODEL);
+
+    let guidance = info["guidance_scale"].as_f64().or_else(|| info["cfg_scale"].as_f64()).unwrap_or(5.0) as f32;
+    for case in info["cases"].as_array().into_iter().flatten() {
+        let p = case["tensor_prefix"].as_str().expect("tensor_prefix");
+        let kind = match case["scheduler_class"].as_str() {
+            Some("DDIMScheduler") => SamplerKind::Ddim,
+            Some("EulerDiscreteScheduler") => SamplerKind::Euler,
+            other => {
+                t.skip(p, &format!("scheduler {other:?}"));
+                continue;
+            }
+        };
+        let cfg = scheduler_of(&case["scheduler_config"], "sdxl case scheduler_config");
+        let steps = case["timesteps"].as_array().unwrap().len();
+        let mut sampler = Sampler::new(kind, &cfg, steps).expect("sampler");
+        let want_ts = g.get(&format!("{p}timesteps_f32")).f32();
+        if sampler.timesteps() != want_ts.as_slice() {
+            t.fail(&format!("{p}timesteps"), format!("{:?} != {want_ts:?}", sampler.timesteps()));
+            continue;
+        }
+        let init = g.get("noise").tensor::<4>(device) * sampler.init_noise_sigma();
+        // |latents| reach ~25 here: 1e-5 is a few float32 ulps of init_noise_sigma · noise.
+        t.check(&format!("{p}latents_init"), max_abs_diff(init.clone(), g.get(&format!("{p}latents_init"))), 1e-5);
+        let opts = match options_of(case) {
+            Ok(o) => o,
+            Err(e) => {
+                t.skip(p, &e);
+                continue;
+            }
+        };
+        let own = ReferencePlan::from_groups(&[b], 2, 1.0).unwrap();
+        if own.reference_of != usize_list(&case["reference_of"]) {
+            t.fail(&format!("{p}plan"), format!("own plan {:?} != golden {:?}", own.reference_of, case["reference_of"]));
+            continue;
+        }
+        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
+        let state = || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None };
+        let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
+        let golden_steps = g.get(&format!("{p}latents_steps"));
+        for (k, x) in steps_x.into_iter().enumerate() {
+            t.check(&format!("{p}latents_steps[{}]", k + 1), max_abs_diff(x, &golden_steps.index(k + 1)), 1e-4 * (k + 2) as f64);
+        }
+        t.check(&format!("{p}latents_final"), max_abs_diff(fin.clone(), g.get(&format!("{p}latents_final"))), TOL_FINAL);
+        let image = pipe.vae().decode(fin / pipe.vae().config.scaling_factor).expect("decode");
+        t.check(&format!("{p}image_decoded"), max_abs_diff(image, g.get(&format!("{p}image_decoded"))), TOL_FINAL);
+        let mut sampler = Sampler::new(kind, &cfg, steps).unwrap();
+        let plain = BatchSpec { patch: None, ..batch };
+        let (fin_plain, _) = denoise_recording(&pipe, &plain, &mut sampler, state());
+        t.check(&format!("{p}latents_final_unpatched"), max_abs_diff(fin_plain, g.get(&format!("{p}latents_final_unpatched"))), TOL_FINAL);
+    }
+}
+
+fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
+    let info = &g.info;
+    let names: Vec<&str> = info["models"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let root = Path::new(names[0]).parent().expect("model folder");
+    let pipe = Pipeline::load(&dir.join(root), device).expect("load pipeline");
+    let sched = scheduler_of(&info["scheduler_config"], "inversion scheduler_config");
+    if &sched != pipe.scheduler_config() {
+        t.fail("scheduler_config", "the golden's scheduler differs from the model folder's".into());
+        return;
+    }
+    let ids = g.get("input_ids").rows_u32();
+    let (hidden, _) = pipe.encode_ids(&ids, None).expect("encode");
+    let row = |i: usize| TextCond { hidden: hidden.clone().narrow(0, i, 1), pooled: None };
+
+    let u8s = g.get("image_u8");
+    let [_, _, h, w]: [usize; 4] = u8s.shape().try_into().unwrap();
+    let px = u8s.i64();
+    let mut rgb = vec![0u8; h * w * 3];
+    for c in 0..3 {
+        for p in 0..h * w {
+            rgb[p * 3 + c] = px[c * h * w + p] as u8;
+        }
+    }
+    let z0 = pipe.encode_image(&Image { width: w, height: h, rgb }).expect("encode image");
+    t.check("z0", max_abs_diff(z0.clone(), g.get("z0")), TOL_MODEL);
+    let steps = info["num_inference_steps"].as_u64().unwrap() as usize;
+    let inv_guidance = info["inversion_cfg_scale"].as_f64().unwrap() as f32;
+    let zts = pipe.invert(z0, &row(1), &row(0), steps, inv_guidance, (w, h)).expect("invert");
+    let golden_zts = g.get("inversion.zts");
+    let err = zts.iter().enumerate().map(|(k, z)| max_abs_diff(z.clone(), &golden_zts.index(k))).fold(0.0, f64::max);
+    t.check("inversion.zts", err, TOL_MODEL);
+
+    let sa = &info["stylealigned"];
+    let opts = options_of(sa).expect("stylealigned options");
+    let guidance = info["cfg_scale"].as_f64().unwrap() as f32;
+    let targets = ids.len() - 1;
+    let cond = TextCond { hidden: hidden.clone().narrow(0, 1, targets), pooled: None };
+    let uncond = row(0).repeat(targets);
+    let noise: Tensor<4> = g.get("generation.noise").tensor(device);
+    for case in info["cases"].as_array().into_iter().flatten() {
+        let p = case["prefix"].as_str().unwrap();
+        let offset = case["offset"].as_u64().unwrap() as usize;
+        let want_replay: Vec<usize> = g.get(&format!("{p}.replay_index")).i64().iter().map(|&x| x as usize).collect();
+        let ours: Vec<usize> = (0..steps).map(|i| (offset + 1).max(i + 1)).collect();
+        if ours != want_replay {
+            t.fail(&format!("{p}.replay_index"), format!("{ours:?} != {want_replay:?}"));
+            continue;
+        }
+        let x = Tensor::cat(vec![zts[offset].clone(), noise.clone().narrow(0, 1, targets - 1)], 0);
+        let state = SetState { set: 0, seed: 0, x, uncond: uncond.clone(), cond: cond.clone(), replay: Some(ReferenceReplay { zts: zts.clone(), offset }) };
+        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
+        let mut sampler = Sampler::new(SamplerKind::Ddim, pipe.scheduler_config(), steps).unwrap();
+        let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state);
+        let golden_steps = g.get(&format!("{p}.latents_steps"));
+        for (k, x) in steps_x.into_iter().enumerate() {
+            t.check(&format!("{p}.latents_steps[{}]", k + 1), max_abs_diff(x, &golden_steps.index(k + 1)), 1e-4 * (k + 2) as f64);
+        }
+        t.check(&format!("{p}.latents_final"), max_abs_diff(fin.clone(), g.get(&format!("{p}.latents_final"))), TOL_FINAL);
+        let image = pipe.vae().decode(fin / pipe.vae().config.scaling_factor).expect("decode");
+        t.check(&format!("{p}.image_decoded"), max_abs_diff(image, g.get(&format!("{p}.image_decoded"))), TOL_FINAL);
+    }
+}
+
 #[test]
 fn parity() {
     let dir = golden_dir();
@@ -394,6 +561,8 @@ fn parity() {
             "clip_text" => clip_file(&dir, &g, &mut models, &mut t, &device),
             "vae" => vae_file(&dir, &g, &mut models, &mut t, &device),
             "ddim_end_to_end" => ddim_file(&dir, &g, &mut models, &mut t, &device),
+            "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
+            "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

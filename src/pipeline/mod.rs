@@ -392,7 +392,16 @@ impl Pipeline {
     /// `force_zeros_for_empty_prompt` gives zeros for an empty negative prompt.
     pub fn encode_negative(&self, negative_prompt: &str, rows: usize) -> Result<TextCond, PipelineError> {
         let zero = self.inner.family == Family::Sdxl && self.inner.force_zeros_for_empty_prompt;
-        let one = self.encode_prompts(&[negative_prompt], zero)?;
+        if zero && negative_prompt.is_empty() {
+            // Nothing is encoded: zeros of the conditioning's shape.
+            let te = &self.inner.text_encoder;
+            let len = ClipTokenizer::MAX_LEN.min(te.config.max_position_embeddings);
+            let dim = self.inner.unet.config.cross_attention_dim[0];
+            let pooled = self.inner.text_encoder_2.as_ref().and_then(|t| t.config.projection_dim);
+            let dev = &self.inner.device;
+            return Ok(TextCond { hidden: Tensor::zeros([rows, len, dim], dev), pooled: pooled.map(|p| Tensor::zeros([rows, p], dev)) });
+        }
+        let one = self.encode_prompts(&[negative_prompt], false)?;
         Ok(one.repeat(rows))
     }
 

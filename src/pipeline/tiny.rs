@@ -33,7 +33,8 @@ pub fn embedded_tokenizer() -> Result<ClipTokenizer, PipelineError> {
     let dir = std::env::temp_dir().join(format!("stylealign-clip-tokenizer-{}", VOCAB.len() + MERGES.len()));
     let (vocab, merges): (PathBuf, PathBuf) = (dir.join("vocab.json"), dir.join("merges.txt"));
     let io = |e: std::io::Error| PipelineError::Tokenizer(format!("{}: {e}", dir.display()));
-    if std::fs::metadata(&vocab).map(|m| m.len() as usize) != Ok(VOCAB.len()) || std::fs::metadata(&merges).map(|m| m.len() as usize) != Ok(MERGES.len()) {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as usize).ok();
+    if size(&vocab) != Some(VOCAB.len()) || size(&merges) != Some(MERGES.len()) {
         std::fs::create_dir_all(&dir).map_err(io)?;
         // Write to unique temporaries and rename, so concurrent processes never see half a file.
         let tmp = |p: &Path| p.with_extension(format!("tmp{}", std::process::id()));
