@@ -4,6 +4,8 @@
 //! `parity: P passed, F failed, S skipped, D intentionally-different`; fails when F > 0.
 
 mod common;
+#[path = "parity/sampler.rs"]
+mod parity_sampler;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -63,6 +65,18 @@ impl FileTally {
     fn different(&mut self, what: &str, err: f64, why: &str) {
         self.different += 1;
         self.notes.push(format!("intentionally different {what} ({why}; max abs vs golden {err:.3e})"));
+    }
+}
+
+impl parity_sampler::Tally for FileTally {
+    fn check(&mut self, what: &str, err: f64, tol: f64) {
+        FileTally::check(self, what, err, tol)
+    }
+    fn fail(&mut self, what: &str, why: String) {
+        FileTally::fail(self, what, why)
+    }
+    fn skip(&mut self, what: &str, why: &str) {
+        FileTally::skip(self, what, why)
     }
 }
 
@@ -561,6 +575,12 @@ fn parity() {
             "clip_text" => clip_file(&dir, &g, &mut models, &mut t, &device),
             "vae" => vae_file(&dir, &g, &mut models, &mut t, &device),
             "ddim_end_to_end" => ddim_file(&dir, &g, &mut models, &mut t, &device),
+            "sampler" => {
+                let names: Vec<&str> = g.info["models"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                let find = |s: &str| *names.iter().find(|n| n.ends_with(s)).unwrap_or_else(|| panic!("no {s} model"));
+                let (unet, clip, vae) = (models.unet(&dir, find("unet"), &device), models.clip(&dir, find("text_encoder"), &device), models.vae(&dir, find("vae"), &device));
+                parity_sampler::sampler_file(&dir, &g, &unet, &clip, &vae, &mut t, &device)
+            }
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
             "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),

@@ -550,14 +550,9 @@ fn normalize(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The real CLIP tokenizer shipped with the crate.
     fn fixture_dir() -> PathBuf {
-        match std::env::var_os("STYLEALIGN_GOLDENS") {
-            Some(d) => PathBuf::from(d).join("tokenizer"),
-            None => Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests")
-                .join("fixtures")
-                .join("tokenizer"),
-        }
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join("clip-tokenizer")
     }
 
     fn clip() -> ClipTokenizer {
@@ -780,8 +775,13 @@ mod tests {
     #[test]
     fn fixture_pad_mode_and_model_root() {
         // a folder holding `tokenizer/` (a model root) is accepted too
-        let root = fixture_dir().parent().unwrap().to_path_buf();
+        let root = scratch("model-root");
+        std::fs::create_dir_all(root.join("tokenizer")).unwrap();
+        for f in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture_dir().join(f), root.join("tokenizer").join(f)).unwrap();
+        }
         let tok = ClipTokenizer::from_dir(&root).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
         assert_eq!((tok.pad_mode(), tok.vocab_size()), (PadMode::Eos, 49408));
     }
 }

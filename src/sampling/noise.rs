@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn tensor_rows_use_their_own_streams() {
         let t = gaussian_tensor(5, step_stream(2), [3, 2, 2, 2], &Device::flex());
-        let v: Vec<f32> = t.into_data().to_vec().unwrap();
+        let v = t.into_data().try_to_vec::<f32>().unwrap();
         for r in 0..3 {
             assert_eq!(v[r * 8..(r + 1) * 8], gaussian(5, step_stream(2) + r as u64, 8)[..]);
         }

@@ -87,16 +87,16 @@ impl Sampler {
         if steps == 0 || steps > train {
             return Err(bad_steps(format!("{steps} steps: must be between 1 and num_train_timesteps = {train}")));
         }
-        let table = sigma_table(config);
-        let mut sampler = Sampler {
-            kind,
-            prediction: config.prediction,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            init_noise_sigma: 1.0,
-            ddim: None,
-            previous: None,
+        let defaulted;
+        let config = if !config.spacing_given && kind != SamplerKind::Ddim && config.spacing != Spacing::Linspace {
+            defaulted = SchedulerConfig { spacing: Spacing::Linspace, ..config.clone() };
+            &defaulted
+        } else {
+            config
         };
+        let table = sigma_table(config);
+        let mut sampler =
+            Sampler { kind, prediction: config.prediction, timesteps: Vec::new(), sigmas: Vec::new(), init_noise_sigma: 1.0, ddim: None, previous: None };
         match kind {
             SamplerKind::Ddim => {
                 let ddim = Ddim::new(config.clone(), steps);

@@ -34,6 +34,9 @@ pub struct SchedulerConfig {
     pub steps_offset: usize,
     pub set_alpha_to_one: bool,
     pub spacing: Spacing,
+    /// Whether the config file named `timestep_spacing`. When it did not, diffusers gives each
+    /// scheduler class its own default: leading for DDIM, linspace for Euler, Euler a and DPM-Solver.
+    pub spacing_given: bool,
     pub prediction: Prediction,
     pub clip_sample: Option<f32>,
 }
@@ -49,6 +52,7 @@ impl Default for SchedulerConfig {
             steps_offset: 1,
             set_alpha_to_one: false,
             spacing: Spacing::Leading,
+            spacing_given: true,
             prediction: Prediction::Epsilon,
             clip_sample: None,
         }
@@ -71,6 +75,7 @@ impl SchedulerConfig {
         if !matches!(beta_schedule.as_str(), "scaled_linear" | "linear") {
             return Err(c.err("beta_schedule", format!("{beta_schedule} is not supported (scaled_linear, linear)")));
         }
+        let spacing_given = c.is_set("timestep_spacing");
         let spacing = match c.str_or("timestep_spacing", "leading")?.as_str() {
             "leading" => Spacing::Leading,
             "linspace" => Spacing::Linspace,
@@ -96,31 +101,33 @@ impl SchedulerConfig {
             steps_offset: c.usize_or("steps_offset", 0)?,
             set_alpha_to_one: c.bool_or("set_alpha_to_one", true)?,
             spacing,
+            spacing_given,
             prediction,
             clip_sample,
         })
     }
 
-    /// ᾱ_t for t in 0..T, float32 as torch computes it.
+    /// ᾱ_t for t in 0..T, float32 as torch computes it (its CPU cumprod keeps the running product
+    /// in f64).
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let t = self.num_train_timesteps;
         let betas: Vec<f32> = match self.beta_schedule.as_str() {
             "linear" => linspace_f32(self.beta_start as f32, self.beta_end as f32, t),
             _ => linspace_f32((self.beta_start.sqrt()) as f32, (self.beta_end.sqrt()) as f32, t).into_iter().map(|b| b * b).collect(),
         };
-        let mut acc = 1f32;
+        let mut acc = 1f64;
         betas
             .into_iter()
             .map(|b| {
-                acc *= 1.0 - b;
-                acc
+                acc *= (1.0 - b) as f64;
+                acc as f32
             })
             .collect()
     }
 }
 
 /// torch.linspace in float32 (CPU kernel: the first half counts up from `start`, the second half
-/// down from `end`).
+/// down from `end`, each value one fused multiply-add).
 pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -128,7 +135,7 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
     (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) })
         .collect()
 }
 
@@ -189,5 +196,30 @@ mod tests {
         assert_eq!(ac.len(), 1000);
         assert!((ac[0] - 0.99915).abs() < 1e-6);
         assert!(ac[999] > 0.004 && ac[999] < 0.005);
+    }
+}
+
+#[cfg(test)]
+mod spacing_default_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::sampling::sampler::{Sampler, SamplerKind};
+
+    /// The original SD1.5 scheduler config has no `timestep_spacing`: DDIM then uses leading,
+    /// Euler and DPM-Solver linspace (as diffusers' `from_config` does).
+    #[test]
+    fn missing_spacing_takes_each_class_default() {
+        let raw = RawConfig::parse(Path::new("sd15/scheduler_config.json"), r#"{"beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": false}"#).unwrap();
+        let cfg = SchedulerConfig::from_raw(&raw).unwrap();
+        assert!(!cfg.spacing_given);
+        let ddim = Sampler::new(SamplerKind::Ddim, &cfg, 8).unwrap();
+        assert_eq!(ddim.timesteps()[0], 876.0);
+        let euler = Sampler::new(SamplerKind::Euler, &cfg, 8).unwrap();
+        assert_eq!(euler.timesteps()[0], 999.0);
+        assert!((euler.timesteps()[1] - 856.2857).abs() < 1e-3, "{:?}", euler.timesteps());
+        assert_eq!(*euler.timesteps().last().unwrap(), 0.0);
+        let dpm = Sampler::new(SamplerKind::DpmPp2m, &cfg, 8).unwrap();
+        assert_eq!(dpm.timesteps(), &[999.0, 874.0, 749.0, 624.0, 500.0, 375.0, 250.0, 125.0]);
     }
 }

@@ -1,16 +1,7 @@
 //! Parity of the samplers with the `sampler_*` goldens (`info.kind == "sampler"`), driven by each
 //! file's metadata: the schedule (and every `schedule.<spacing>.<n>.*` table), teacher-forced
 //! UNet + CFG and updates, the free-running loop with and without the StyleAligned patch, and the
-//! decoded image. A module of the parity harness: `#[path = "parity_sampler.rs"] mod parity_sampler;`
-//! next to `mod common;` at the test crate's root.
-//!
-//! Cargo also builds every `tests/*.rs` as a test crate of its own; for that build this file
-//! declares `common` itself (below) and has no tests. As a module it uses the harness's
-//! `crate::common`, so the types it takes are the harness's own.
-#![allow(dead_code)]
-
-#[path = "common/mod.rs"]
-mod common;
+//! decoded image. A module of the parity harness (`tests/parity.rs`), which declares `mod common;`.
 
 use std::path::Path;
 
@@ -113,9 +104,8 @@ pub fn sampler_file(_dir: &Path, g: &Golden, unet: &UNet, clip: &ClipTextModel, 
         Err(e) => return t.fail("stylealigned", e),
     };
     let ancestral = g.tensors.get("ancestral_noise_steps");
-    let noise_at = |s: &Sampler, i: usize| {
-        s.needs_noise().then(|| ancestral.expect("ancestral_noise_steps for an ancestral sampler").index(i).tensor::<4>(device))
-    };
+    let noise_at =
+        |s: &Sampler, i: usize| s.needs_noise().then(|| ancestral.expect("ancestral_noise_steps for an ancestral sampler").index(i).tensor::<4>(device));
 
     // Teacher forcing: every step from the golden's own inputs (and conditioning).
     let golden_cond = Conditioning { encoder_hidden_states: g.get("encoder_hidden_states").tensor(device), text_time: None };
