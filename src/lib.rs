@@ -10,4 +10,5 @@ pub mod device;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;
+pub mod serve;
 pub mod style_aligned;

@@ -1,1 +1,524 @@
-fn main(){}
+//! `stylealign`: serve style-aligned Stable Diffusion over gRPC, call the service, or run a
+//! self-contained demo / load test.
+//!
+//! ```text
+//! stylealign serve --model tiny --listen 127.0.0.1:50051 --admin-listen 127.0.0.1:9090
+//! stylealign generate --server 127.0.0.1:50051 --prompt "a cat, watercolor" --prompt "a dog" --out out/
+//! stylealign demo --out out/demo
+//! stylealign loadtest
+//! ```
+//!
+//! Every `serve` flag also reads an environment variable (`STYLEALIGN_…`, shown by `--help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stylealign::device::DeviceSpec;
+use stylealign::serve::client::{self, Identity};
+use stylealign::serve::{ServeConfig, Server, Tokens, pb};
+
+#[derive(Parser)]
+#[command(name = "stylealign", version, about = "Style-aligned Stable Diffusion image sets over gRPC")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "STYLEALIGN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server (API on --listen; /metrics, /healthz and gRPC health on --admin-listen).
+    Serve(ServeArgs),
+    /// Generate one style-aligned set through a running server and write the PNGs.
+    Generate(GenerateArgs),
+    /// Run server and client in one process on the embedded model; write PNGs and a contact sheet.
+    Demo(DemoArgs),
+    /// Measure throughput and latency with concurrent clients (in-process tiny server by default).
+    Loadtest(LoadArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A diffusers folder, or `tiny` (the embedded model). Repeat to serve several models.
+    #[arg(long = "model", env = "STYLEALIGN_MODEL", value_delimiter = ',', default_value = "tiny")]
+    models: Vec<String>,
+    #[arg(long, env = "STYLEALIGN_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Admin HTTP/gRPC listener (`/metrics`, `/healthz`, grpc.health.v1). `off` disables it.
+    #[arg(long, env = "STYLEALIGN_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    admin_listen: String,
+    /// Devices, one worker each: `cpu`, `cuda`, `cuda:N`. Repeat or comma-separate.
+    #[arg(long = "device", env = "STYLEALIGN_DEVICE", value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
+    /// Workers sharing the CPU device.
+    #[arg(long, env = "STYLEALIGN_CPU_WORKERS", default_value_t = 1)]
+    cpu_workers: usize,
+    /// Admission queue capacity; a full queue answers RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "STYLEALIGN_MAX_QUEUE", default_value_t = 64)]
+    max_queue: usize,
+    /// Turn off batching across requests.
+    #[arg(long, env = "STYLEALIGN_NO_BATCHING")]
+    no_batching: bool,
+    /// Most images in one UNet batch.
+    #[arg(long, env = "STYLEALIGN_MAX_BATCH_ROWS", default_value_t = 8)]
+    max_batch_rows: usize,
+    /// How long the oldest request may wait for batch-mates, in milliseconds.
+    #[arg(long, env = "STYLEALIGN_MAX_BATCH_DELAY_MS", default_value_t = 20)]
+    max_batch_delay_ms: u64,
+    /// Idle session lifetime, in seconds.
+    #[arg(long, env = "STYLEALIGN_SESSION_TTL_SECS", default_value_t = 1800)]
+    session_ttl_secs: u64,
+    /// Sessions per client (more evicts the client's least recently used one).
+    #[arg(long, env = "STYLEALIGN_MAX_SESSIONS_PER_CLIENT", default_value_t = 64)]
+    max_sessions_per_client: usize,
+    /// Sessions in all (more is RESOURCE_EXHAUSTED).
+    #[arg(long, env = "STYLEALIGN_MAX_SESSIONS", default_value_t = 10_000)]
+    max_sessions: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_PROMPTS", default_value_t = 8)]
+    max_prompts: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_PROMPT_CHARS", default_value_t = 2000)]
+    max_prompt_chars: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_STEPS", default_value_t = 150)]
+    max_steps: usize,
+    /// Largest width and height.
+    #[arg(long, env = "STYLEALIGN_MAX_SIZE", default_value_t = 2048)]
+    max_size: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_GUIDANCE", default_value_t = 50.0)]
+    max_guidance: f32,
+    #[arg(long, env = "STYLEALIGN_DEFAULT_STEPS", default_value_t = 30)]
+    default_steps: usize,
+    #[arg(long, env = "STYLEALIGN_DEFAULT_GUIDANCE", default_value_t = 7.5)]
+    default_guidance: f32,
+    /// On SIGTERM, how long queued and running work may take, in seconds.
+    #[arg(long, env = "STYLEALIGN_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
+    drain_timeout_secs: u64,
+    /// Turn auth on with tokens from this file (lines `client=token` or `token`).
+    #[arg(long, env = "STYLEALIGN_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<PathBuf>,
+    /// Turn auth on with these tokens (comma-separated `client=token` or `token`).
+    #[arg(long, env = "STYLEALIGN_AUTH_TOKENS", hide_env_values = true)]
+    auth_tokens: Option<String>,
+    /// Skip the warm-up step (health turns SERVING right after loading).
+    #[arg(long, env = "STYLEALIGN_NO_WARMUP")]
+    no_warmup: bool,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<ServeConfig> {
+        // Auth is on when a token file or inline tokens are given (both: their union).
+        let tokens = if self.auth_tokens_file.is_some() || self.auth_tokens.is_some() {
+            let mut text = String::new();
+            if let Some(f) = &self.auth_tokens_file {
+                text += &std::fs::read_to_string(f).with_context(|| format!("--auth-tokens-file {}", f.display()))?;
+                text.push('\n');
+            }
+            if let Some(t) = &self.auth_tokens {
+                text += t;
+            }
+            Some(Tokens::parse(&text).map_err(anyhow::Error::msg).context("auth tokens")?)
+        } else {
+            None
+        };
+        let admin_listen = match self.admin_listen.as_str() {
+            "off" | "none" | "" => None,
+            a => Some(a.parse().with_context(|| format!("--admin-listen {a:?}"))?),
+        };
+        let devices = self.devices.iter().map(|d| d.parse::<DeviceSpec>().map_err(anyhow::Error::from)).collect::<anyhow::Result<Vec<_>>>()?;
+        let cfg = ServeConfig {
+            listen: self.listen,
+            admin_listen,
+            models: self.models.iter().map(|m| m.parse().expect("infallible")).collect(),
+            devices,
+            cpu_workers: self.cpu_workers,
+            max_queue: self.max_queue,
+            batching: !self.no_batching,
+            max_batch_rows: self.max_batch_rows,
+            max_batch_delay: Duration::from_millis(self.max_batch_delay_ms),
+            session_ttl: Duration::from_secs(self.session_ttl_secs),
+            max_sessions_per_client: self.max_sessions_per_client,
+            max_sessions: self.max_sessions,
+            max_prompts: self.max_prompts,
+            max_prompt_chars: self.max_prompt_chars,
+            max_steps: self.max_steps,
+            max_size: self.max_size,
+            max_guidance: self.max_guidance,
+            default_steps: self.default_steps,
+            default_guidance: self.default_guidance,
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            auth: tokens,
+            warmup: !self.no_warmup,
+        };
+        cfg.check().map_err(anyhow::Error::msg)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SamplerArg {
+    Ddim,
+    Euler,
+    EulerA,
+    Dpmpp2m,
+    Dpmpp2mKarras,
+}
+
+impl SamplerArg {
+    fn proto(self) -> pb::Sampler {
+        match self {
+            SamplerArg::Ddim => pb::Sampler::Ddim,
+            SamplerArg::Euler => pb::Sampler::Euler,
+            SamplerArg::EulerA => pb::Sampler::EulerA,
+            SamplerArg::Dpmpp2m => pb::Sampler::Dpmpp2m,
+            SamplerArg::Dpmpp2mKarras => pb::Sampler::Dpmpp2mKarras,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ShareNormArg {
+    Both,
+    Group,
+    Layer,
+    Disabled,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ShareAttnArg {
+    #[value(name = "q+k")]
+    QK,
+    #[value(name = "q+k+v")]
+    Qkv,
+    Disabled,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    Low,
+    Normal,
+    High,
+}
+
+#[derive(Args, Clone)]
+struct SetArgs {
+    /// Prompts of the set; the first is the style reference. Repeat the flag.
+    #[arg(long = "prompt", required = true)]
+    prompts: Vec<String>,
+    /// With one prompt: how many images.
+    #[arg(long, default_value_t = 0)]
+    count: u32,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Default: random (reported in the PNGs).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// 0: the server's default.
+    #[arg(long, default_value_t = 0)]
+    steps: u32,
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// 0: the model's native size.
+    #[arg(long, default_value_t = 0)]
+    width: u32,
+    #[arg(long, default_value_t = 0)]
+    height: u32,
+    #[arg(long, value_enum, default_value = "ddim")]
+    sampler: SamplerArg,
+    #[arg(long, value_enum, default_value = "normal")]
+    priority: PriorityArg,
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    #[arg(long, value_enum, default_value = "both")]
+    share_norm: ShareNormArg,
+    #[arg(long, value_enum, default_value = "q+k")]
+    share_attn: ShareAttnArg,
+    #[arg(long, default_value_t = 1.0)]
+    scale: f32,
+}
+
+impl SetArgs {
+    fn patch(&self) -> pb::PatchModelRequest {
+        pb::PatchModelRequest {
+            model: self.model.clone(),
+            share_norm: match self.share_norm {
+                ShareNormArg::Both => pb::ShareNorm::Both,
+                ShareNormArg::Group => pb::ShareNorm::Group,
+                ShareNormArg::Layer => pb::ShareNorm::Layer,
+                ShareNormArg::Disabled => pb::ShareNorm::Disabled,
+            } as i32,
+            share_attn: match self.share_attn {
+                ShareAttnArg::QK => pb::ShareAttn::QK,
+                ShareAttnArg::Qkv => pb::ShareAttn::QKV,
+                ShareAttnArg::Disabled => pb::ShareAttn::Disabled,
+            } as i32,
+            scale: Some(self.scale),
+            advanced: None,
+        }
+    }
+
+    fn generate(&self, session_id: String) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            session_id,
+            prompts: self.prompts.clone(),
+            count: self.count,
+            negative_prompt: self.negative_prompt.clone(),
+            seed: self.seed,
+            steps: self.steps,
+            guidance_scale: self.guidance,
+            width: self.width,
+            height: self.height,
+            sampler: self.sampler.proto() as i32,
+            priority: match self.priority {
+                PriorityArg::Low => pb::Priority::Low,
+                PriorityArg::Normal => pb::Priority::Normal,
+                PriorityArg::High => pb::Priority::High,
+            } as i32,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// `host:port` or `http://host:port`.
+    #[arg(long, env = "STYLEALIGN_SERVER", default_value = "127.0.0.1:50051")]
+    server: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    set: SetArgs,
+    /// Bearer token (servers with auth).
+    #[arg(long, env = "STYLEALIGN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// `x-client-id` (servers without auth).
+    #[arg(long, env = "STYLEALIGN_CLIENT_ID")]
+    client_id: Option<String>,
+    /// Deadline for the Generate call, in seconds (sent as grpc-timeout).
+    #[arg(long)]
+    timeout_secs: Option<f64>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[arg(long, default_value = "out/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 12)]
+    steps: u32,
+    #[arg(long, default_value_t = 64)]
+    size: u32,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// A running server; default: an in-process server on the tiny model, measured with
+    /// batching on and off.
+    #[arg(long)]
+    server: Option<String>,
+    /// Concurrent client counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    clients: Vec<usize>,
+    /// Requests per client.
+    #[arg(long, default_value_t = 6)]
+    requests: usize,
+    /// Images per request.
+    #[arg(long, default_value_t = 2)]
+    images: u32,
+    #[arg(long, default_value_t = 8)]
+    steps: u32,
+    #[arg(long, default_value_t = 32)]
+    size: u32,
+    /// In-process server: CPU workers.
+    #[arg(long, default_value_t = 1)]
+    cpu_workers: usize,
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, default_log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stylealign: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => stylealign::serve::run(a.config()?).await,
+            Command::Generate(a) => generate(a).await,
+            Command::Demo(a) => demo(a).await,
+            Command::Loadtest(a) => loadtest(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stylealign: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let who = Identity { token: a.token.clone(), client_id: a.client_id.clone() };
+    let mut c = client::connect(&a.server).await?;
+    let session = c.patch_model(who.request(a.set.patch(), None)).await.context("PatchModel")?.into_inner();
+    let timeout = a.timeout_secs.map(Duration::from_secs_f64);
+    let result = client::generate(&mut c, &who, a.set.generate(session.session_id.clone()), timeout, |ev| {
+        use pb::generate_response::Event;
+        match ev {
+            Event::Queued(q) => eprintln!("queued: position {} of {}", q.position, q.queue_depth),
+            Event::Started(s) => eprintln!("started: batch of {} images ({} requests) after {:.2}s in queue", s.batch_rows, s.batch_sets, s.queue_seconds),
+            Event::Progress(p) if p.step == p.total_steps => eprintln!("\rstep {}/{}", p.step, p.total_steps),
+            Event::Progress(p) => eprint!("\rstep {}/{}", p.step, p.total_steps),
+            Event::Image(i) => eprintln!("image {} ({}x{}, seed {}): {}", i.index, i.width, i.height, i.seed, i.prompt),
+        }
+    })
+    .await
+    .context("Generate")?;
+    let _ = c.release_session(who.request(pb::ReleaseSessionRequest { session_id: session.session_id }, None)).await;
+    let paths = client::write_images(&a.out, "image", &result.images)?;
+    for p in &paths {
+        println!("{}", p.display());
+    }
+    if result.images.is_empty() {
+        bail!("no image came back");
+    }
+    Ok(())
+}
+
+async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let cfg = ServeConfig { listen: "127.0.0.1:0".parse()?, admin_listen: None, default_steps: a.steps.max(1) as usize, ..ServeConfig::default() };
+    let server = Server::bind(cfg).await?;
+    server.load().await?;
+    let addr = server.addr().to_string();
+    println!("demo server on {addr} (embedded tiny model)");
+    let who = Identity::client("demo");
+    let mut c = client::connect(&addr).await?;
+    let models = c.list_models(who.request(pb::ListModelsRequest {}, None)).await?.into_inner();
+    for m in &models.models {
+        println!("model {} ({:?}, native {}x{}, multiple {})", m.name, pb::Family::try_from(m.family).unwrap_or_default(), m.native_width, m.native_height, m.size_multiple);
+    }
+    let sets: [(&str, pb::PatchModelRequest, Vec<&str>); 2] = [
+        ("aligned", pb::PatchModelRequest { model: "tiny".into(), ..Default::default() }, vec!["a house, flat vector art", "a tree, flat vector art", "a car, flat vector art", "a boat, flat vector art"]),
+        (
+            "unaligned",
+            pb::PatchModelRequest { model: "tiny".into(), share_norm: pb::ShareNorm::Disabled as i32, share_attn: pb::ShareAttn::Disabled as i32, scale: Some(0.0), advanced: None },
+            vec!["a house, flat vector art", "a tree, flat vector art", "a car, flat vector art", "a boat, flat vector art"],
+        ),
+    ];
+    let mut all: Vec<Vec<u8>> = Vec::new();
+    for (name, patch, prompts) in sets {
+        let session = c.patch_model(who.request(patch, None)).await?.into_inner();
+        let req = pb::GenerateRequest {
+            session_id: session.session_id.clone(),
+            prompts: prompts.iter().map(|s| s.to_string()).collect(),
+            seed: Some(a.seed),
+            steps: a.steps,
+            width: a.size,
+            height: a.size,
+            ..Default::default()
+        };
+        let r = client::generate(&mut c, &who, req, Some(Duration::from_secs(300)), |_| {}).await.with_context(|| format!("Generate ({name})"))?;
+        for p in client::write_images(&a.out, name, &r.images)? {
+            println!("{}", p.display());
+        }
+        all.extend(r.images.into_iter().map(|i| i.png));
+        c.release_session(who.request(pb::ReleaseSessionRequest { session_id: session.session_id }, None)).await?;
+    }
+    let refs: Vec<&[u8]> = all.iter().map(Vec::as_slice).collect();
+    let sheet = client::contact_sheet(&refs, 4)?;
+    let path = a.out.join("contact_sheet.png");
+    std::fs::write(&path, sheet).with_context(|| path.display().to_string())?;
+    println!("{} (row 1: style-aligned; row 2: patch disabled)", path.display());
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn loadtest(a: LoadArgs) -> anyhow::Result<()> {
+    let images = a.images.max(1);
+    let (steps, size) = (a.steps, a.size);
+    let make = move |c: usize, i: usize| pb::GenerateRequest {
+        prompts: (0..images).map(|k| format!("object {k} of client {c}, request {i}, ink drawing")).collect(),
+        seed: Some((c * 1000 + i) as u64),
+        steps,
+        width: size,
+        height: size,
+        ..Default::default()
+    };
+    let patch = pb::PatchModelRequest { model: "tiny".into(), ..Default::default() };
+    println!("{:<10} {:>7} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}", "batching", "clients", "requests", "images", "images/s", "p50 ms", "p99 ms", "failures");
+    let runs: Vec<(Option<bool>, usize)> = match &a.server {
+        Some(_) => a.clients.iter().map(|&c| (None, c)).collect(),
+        None => [true, false].iter().flat_map(|&b| a.clients.iter().map(move |&c| (Some(b), c))).collect(),
+    };
+    for (batching, clients) in runs {
+        let (addr, server) = match (&a.server, batching) {
+            (Some(s), _) => (s.clone(), None),
+            (None, b) => {
+                let cfg = ServeConfig {
+                    listen: "127.0.0.1:0".parse()?,
+                    admin_listen: None,
+                    batching: b.unwrap_or(true),
+                    cpu_workers: a.cpu_workers,
+                    max_batch_rows: 16,
+                    max_batch_delay: Duration::from_millis(20),
+                    ..ServeConfig::default()
+                };
+                let s = Server::bind(cfg).await?;
+                s.load().await?;
+                (s.addr().to_string(), Some(s))
+            }
+        };
+        let r = client::load_test(&addr, clients, a.requests, patch.clone(), make).await?;
+        let label = match batching {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "server",
+        };
+        println!(
+            "{:<10} {:>7} {:>9} {:>8} {:>10.2} {:>9.0} {:>9.0} {:>9}",
+            label,
+            clients,
+            r.requests,
+            r.images,
+            r.images_per_second(),
+            r.percentile(50.0).as_secs_f64() * 1e3,
+            r.percentile(99.0).as_secs_f64() * 1e3,
+            r.failures
+        );
+        if let Some(s) = server {
+            let st = s.stats();
+            let batches = stylealign::serve::metrics::Stats::get(&st.batches).max(1);
+            println!("           ({} batches, {:.2} rows/batch on average)", batches, stylealign::serve::metrics::Stats::get(&st.batch_rows) as f64 / batches as f64);
+            s.shutdown().await;
+        }
+    }
+    Ok(())
+}

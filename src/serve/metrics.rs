@@ -1,0 +1,135 @@
+//! Prometheus metrics (served on the admin port at `/metrics`) and in-process counters.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `stylealign_requests_total` | counter | `method`, `code` (gRPC status name, `OK` …) |
+//! | `stylealign_queue_depth` | gauge | |
+//! | `stylealign_queue_time_seconds` | histogram | |
+//! | `stylealign_step_time_seconds` | histogram | (one UNet batch step, all its rows) |
+//! | `stylealign_batch_rows` | histogram | (images per UNet batch) |
+//! | `stylealign_batch_sets` | histogram | (requests per UNet batch) |
+//! | `stylealign_generate_seconds` | histogram | (request arrival → last image) |
+//! | `stylealign_images_total` | counter | |
+//! | `stylealign_dropped_total` | counter | `reason` (`deadline_exceeded`, `cancelled`, `shutting_down`), `stage` (`queued`, `running`) |
+//! | `stylealign_sessions` | gauge | |
+//! | `stylealign_running_batches` | gauge | |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::queue::Dropped;
+
+pub const REQUESTS: &str = "stylealign_requests_total";
+pub const QUEUE_DEPTH: &str = "stylealign_queue_depth";
+pub const QUEUE_TIME: &str = "stylealign_queue_time_seconds";
+pub const STEP_TIME: &str = "stylealign_step_time_seconds";
+pub const BATCH_ROWS: &str = "stylealign_batch_rows";
+pub const BATCH_SETS: &str = "stylealign_batch_sets";
+pub const GENERATE_TIME: &str = "stylealign_generate_seconds";
+pub const IMAGES: &str = "stylealign_images_total";
+pub const DROPPED: &str = "stylealign_dropped_total";
+pub const SESSIONS: &str = "stylealign_sessions";
+pub const RUNNING: &str = "stylealign_running_batches";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// If another recorder was installed first, metrics go there and `/metrics` renders nothing.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+            let rows = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), &rows))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SETS.into()), &rows))
+                .expect("bucket lists are non-empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(REQUESTS, "RPCs by method and final gRPC status code");
+    metrics::describe_gauge!(QUEUE_DEPTH, "Generate requests waiting in the admission queue");
+    metrics::describe_histogram!(QUEUE_TIME, metrics::Unit::Seconds, "Time a request waited before its batch started");
+    metrics::describe_histogram!(STEP_TIME, metrics::Unit::Seconds, "Time of one denoising step of a UNet batch");
+    metrics::describe_histogram!(BATCH_ROWS, "Images (rows) per UNet batch");
+    metrics::describe_histogram!(BATCH_SETS, "Requests (sets) per UNet batch");
+    metrics::describe_histogram!(GENERATE_TIME, metrics::Unit::Seconds, "Generate requests: arrival to last image");
+    metrics::describe_counter!(IMAGES, "Images generated");
+    metrics::describe_counter!(DROPPED, "Requests stopped before completion, by reason and stage");
+    metrics::describe_gauge!(SESSIONS, "Live sessions");
+    metrics::describe_gauge!(RUNNING, "UNet batches running");
+}
+
+pub fn dropped_label(reason: Dropped) -> &'static str {
+    match reason {
+        Dropped::DeadlineExceeded => "deadline_exceeded",
+        Dropped::Cancelled => "cancelled",
+        Dropped::ShuttingDown => "shutting_down",
+    }
+}
+
+/// A stopped running request: when the stop was asked for and after which step its rows left
+/// the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopRecord {
+    pub job: u64,
+    pub reason: Dropped,
+    /// Steps completed when the stop was requested.
+    pub requested_at_step: u32,
+    /// The last step its rows took part in.
+    pub stopped_after_step: u32,
+    pub total_steps: u32,
+}
+
+/// In-process counters (exact, for tests and the load test).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    pub batch_rows: AtomicU64,
+    /// Most sets seen in one batch.
+    pub max_batch_sets: AtomicU64,
+    pub sets_completed: AtomicU64,
+    pub images: AtomicU64,
+    pub steps: AtomicU64,
+    pub expired_in_queue: AtomicU64,
+    pub cancelled_in_queue: AtomicU64,
+    pub aborted_in_queue: AtomicU64,
+    stops: Mutex<Vec<StopRecord>>,
+}
+
+impl Stats {
+    pub fn record_stop(&self, r: StopRecord) {
+        metrics::counter!(DROPPED, "reason" => dropped_label(r.reason), "stage" => "running").increment(1);
+        self.stops.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+    }
+
+    pub fn record_dropped_in_queue(&self, reason: Dropped) {
+        metrics::counter!(DROPPED, "reason" => dropped_label(reason), "stage" => "queued").increment(1);
+        let c = match reason {
+            Dropped::DeadlineExceeded => &self.expired_in_queue,
+            Dropped::Cancelled => &self.cancelled_in_queue,
+            Dropped::ShuttingDown => &self.aborted_in_queue,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stops(&self) -> Vec<StopRecord> {
+        self.stops.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,30 @@
+//! The gRPC service: `stylealign serve`.
+//!
+//! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
+//! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
+//! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
+//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`metrics`],
+//! [`client`] (the Rust client behind `stylealign generate` / `demo` / `loadtest`).
+//!
+//! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
+
+pub mod client;
+pub mod config;
+pub mod convert;
+pub mod metrics;
+pub mod queue;
+pub mod server;
+pub mod session;
+pub mod worker;
+
+/// Code generated from `proto/stylealign/v1/stylealign.proto` (package `stylealign.v1`).
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod pb {
+    tonic::include_proto!("stylealign.v1");
+
+    /// The encoded file descriptor set (with imports), for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stylealign_v1_descriptor");
+}
+
+pub use config::{ModelSource, ServeConfig, Tokens};
+pub use server::{SERVICE_NAME, Server, run};

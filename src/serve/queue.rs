@@ -1,0 +1,457 @@
+//! The bounded admission queue and the batcher.
+//!
+//! - Bounded: [`Queue::push`] fails at once when `capacity` requests wait (RESOURCE_EXHAUSTED),
+//!   and after [`Queue::close`] (draining: UNAVAILABLE).
+//! - Order: higher [`Priority`] first, FIFO within a priority.
+//! - Batching: a worker takes the head request and every later waiting request *compatible* with
+//!   it (same model, size, steps, sampler, guidance and patch options: [`QueueItem::compatible`]),
+//!   in queue order, while the rows fit `max_rows` (the head always runs, even alone above the
+//!   limit). If the batch is not full, it waits for batch-mates until the head has been queued
+//!   for `max_delay`; a head that already waited that long (workers busy) runs at once.
+//! - Items that are stopped (cancelled, past their deadline) are dropped without running.
+//!
+//! The queue is generic over the item so its policy is tested without a model.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Scheduling priority; higher runs first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
+/// Why an item left the queue without running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Its deadline passed while it waited.
+    DeadlineExceeded,
+    /// Its client went away.
+    Cancelled,
+    /// The server shut down before it ran.
+    ShuttingDown,
+}
+
+/// What the queue needs from an item.
+pub trait QueueItem: Send {
+    fn priority(&self) -> Priority;
+    /// Images it adds to a batch.
+    fn rows(&self) -> usize;
+    /// Whether the two may run in one batch.
+    fn compatible(&self, other: &Self) -> bool;
+    /// `Some` when it should not run any more.
+    fn stopped(&self, now: Instant) -> Option<Dropped>;
+    /// Its position changed: `position` requests run before it; `depth` wait in all.
+    fn on_position(&mut self, position: usize, depth: usize);
+    /// It left the queue without running.
+    fn on_dropped(self, reason: Dropped);
+}
+
+/// Batching policy.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchPolicy {
+    pub batching: bool,
+    pub max_rows: usize,
+    pub max_delay: Duration,
+}
+
+/// Why a push failed; the item comes back.
+pub enum PushError<T> {
+    Full(T),
+    Closed(T),
+}
+
+impl<T> std::fmt::Debug for PushError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PushError::Full(_) => "Full",
+            PushError::Closed(_) => "Closed",
+        })
+    }
+}
+
+/// Identifies a waiting item (to take it back out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(Reverse<Priority>, u64);
+
+struct Waiting<T> {
+    item: T,
+    enqueued: Instant,
+    position: Option<usize>,
+}
+
+struct State<T> {
+    waiting: BTreeMap<Ticket, Waiting<T>>,
+    next_seq: u64,
+    closed: bool,
+    running: usize,
+}
+
+/// A batch taken by a worker: items and how long each waited.
+pub struct Batch<T> {
+    pub items: Vec<(T, Duration)>,
+}
+
+pub struct Queue<T> {
+    state: Mutex<State<T>>,
+    cond: Condvar,
+    capacity: usize,
+}
+
+impl<T: QueueItem> Queue<T> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State { waiting: BTreeMap::new(), next_seq: 0, closed: false, running: 0 }),
+            cond: Condvar::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Requests waiting.
+    pub fn depth(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// Nothing waiting and no batch running.
+    pub fn is_idle(&self) -> bool {
+        let s = self.lock();
+        s.waiting.is_empty() && s.running == 0
+    }
+
+    /// Batches running.
+    pub fn running(&self) -> usize {
+        self.lock().running
+    }
+
+    /// Enqueues, or fails at once when full or closed.
+    pub fn push(&self, item: T) -> Result<Ticket, PushError<T>> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err(PushError::Closed(item));
+        }
+        if s.waiting.len() >= self.capacity {
+            return Err(PushError::Full(item));
+        }
+        let ticket = Ticket(Reverse(item.priority()), s.next_seq);
+        s.next_seq += 1;
+        s.waiting.insert(ticket, Waiting { item, enqueued: Instant::now(), position: None });
+        Self::report_positions(&mut s);
+        drop(s);
+        self.cond.notify_all();
+        Ok(ticket)
+    }
+
+    /// Takes a waiting item back out (its client gave up); `None` if a worker already took it.
+    pub fn remove(&self, ticket: Ticket) -> Option<T> {
+        let mut s = self.lock();
+        let w = s.waiting.remove(&ticket)?;
+        Self::report_positions(&mut s);
+        drop(s);
+        self.cond.notify_all();
+        Some(w.item)
+    }
+
+    /// Refuses new items from now on; waiting items still run.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.cond.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Drops every waiting item (shutdown).
+    pub fn abort_waiting(&self) -> usize {
+        let items: Vec<T> = {
+            let mut s = self.lock();
+            std::mem::take(&mut s.waiting).into_values().map(|w| w.item).collect()
+        };
+        let n = items.len();
+        for it in items {
+            it.on_dropped(Dropped::ShuttingDown);
+        }
+        self.cond.notify_all();
+        n
+    }
+
+    /// A worker is done with a batch from [`next_batch`](Self::next_batch).
+    pub fn finish_batch(&self) {
+        let mut s = self.lock();
+        s.running = s.running.saturating_sub(1);
+        drop(s);
+        self.cond.notify_all();
+    }
+
+    fn report_positions(s: &mut State<T>) {
+        let depth = s.waiting.len();
+        for (i, w) in s.waiting.values_mut().enumerate() {
+            if w.position != Some(i) {
+                w.position = Some(i);
+                w.item.on_position(i, depth);
+            }
+        }
+    }
+
+    fn purge(&self, s: &mut State<T>, now: Instant) -> Vec<(T, Dropped)> {
+        let dead: Vec<(Ticket, Dropped)> = s.waiting.iter().filter_map(|(t, w)| w.item.stopped(now).map(|r| (*t, r))).collect();
+        dead.into_iter().filter_map(|(t, r)| s.waiting.remove(&t).map(|w| (w.item, r))).collect()
+    }
+
+    /// Blocks until a batch is ready; `None` once the queue is closed and empty.
+    pub fn next_batch(&self, policy: &BatchPolicy) -> Option<Batch<T>> {
+        let mut s = self.lock();
+        loop {
+            let now = Instant::now();
+            let dead = self.purge(&mut s, now);
+            if !dead.is_empty() {
+                Self::report_positions(&mut s);
+                drop(s);
+                for (it, r) in dead {
+                    it.on_dropped(r);
+                }
+                s = self.lock();
+                continue;
+            }
+            let Some((&head_ticket, head)) = s.waiting.iter().next() else {
+                if s.closed {
+                    return None;
+                }
+                s = self.cond.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let mut chosen = vec![head_ticket];
+            let mut rows = head.item.rows();
+            if policy.batching {
+                for (t, w) in s.waiting.iter().skip(1) {
+                    if rows >= policy.max_rows {
+                        break;
+                    }
+                    if w.item.compatible(&head.item) && rows + w.item.rows() <= policy.max_rows {
+                        rows += w.item.rows();
+                        chosen.push(*t);
+                    }
+                }
+                let ready_at = head.enqueued + policy.max_delay;
+                // Draining: do not wait for batch-mates that cannot come.
+                if rows < policy.max_rows && now < ready_at && !s.closed {
+                    let (g, _) = self.cond.wait_timeout(s, ready_at - now).unwrap_or_else(|p| p.into_inner());
+                    s = g;
+                    continue;
+                }
+            }
+            let items: Vec<(T, Duration)> = chosen
+                .into_iter()
+                .filter_map(|t| s.waiting.remove(&t))
+                .map(|w| (w.item, now.duration_since(w.enqueued)))
+                .collect();
+            s.running += 1;
+            Self::report_positions(&mut s);
+            return Some(Batch { items });
+        }
+    }
+
+    /// Waits (blocking) until idle or `timeout`; true when idle.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if s.waiting.is_empty() && s.running == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            s = self.cond.wait_timeout(s, end - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    #[derive(Debug)]
+    struct Item {
+        name: &'static str,
+        prio: Priority,
+        rows: usize,
+        key: u32,
+        deadline: Option<Instant>,
+        cancelled: Arc<AtomicBool>,
+        log: mpsc::Sender<String>,
+    }
+
+    impl QueueItem for Item {
+        fn priority(&self) -> Priority {
+            self.prio
+        }
+        fn rows(&self) -> usize {
+            self.rows
+        }
+        fn compatible(&self, other: &Self) -> bool {
+            self.key == other.key
+        }
+        fn stopped(&self, now: Instant) -> Option<Dropped> {
+            if self.cancelled.load(Ordering::SeqCst) {
+                Some(Dropped::Cancelled)
+            } else if self.deadline.is_some_and(|d| now >= d) {
+                Some(Dropped::DeadlineExceeded)
+            } else {
+                None
+            }
+        }
+        fn on_position(&mut self, position: usize, depth: usize) {
+            let _ = self.log.send(format!("{} at {position}/{depth}", self.name));
+        }
+        fn on_dropped(self, reason: Dropped) {
+            let _ = self.log.send(format!("{} dropped {reason:?}", self.name));
+        }
+    }
+
+    fn item(name: &'static str, prio: Priority, rows: usize, key: u32, log: &mpsc::Sender<String>) -> Item {
+        Item { name, prio, rows, key, deadline: None, cancelled: Arc::default(), log: log.clone() }
+    }
+
+    const NO_BATCH: BatchPolicy = BatchPolicy { batching: false, max_rows: 8, max_delay: Duration::ZERO };
+
+    fn names(b: &Batch<Item>) -> Vec<&'static str> {
+        b.items.iter().map(|(i, _)| i.name).collect()
+    }
+
+    #[test]
+    fn priority_then_fifo() {
+        let (tx, _rx) = mpsc::channel();
+        let q = Queue::new(10);
+        q.push(item("n1", Priority::Normal, 1, 0, &tx)).unwrap();
+        q.push(item("l1", Priority::Low, 1, 0, &tx)).unwrap();
+        q.push(item("h1", Priority::High, 1, 0, &tx)).unwrap();
+        q.push(item("n2", Priority::Normal, 1, 0, &tx)).unwrap();
+        q.push(item("h2", Priority::High, 1, 0, &tx)).unwrap();
+        let order: Vec<_> = (0..5).map(|_| names(&q.next_batch(&NO_BATCH).unwrap())[0]).collect();
+        assert_eq!(order, ["h1", "h2", "n1", "n2", "l1"]);
+    }
+
+    #[test]
+    fn bounded_and_closed() {
+        let (tx, _rx) = mpsc::channel();
+        let q = Queue::new(2);
+        q.push(item("a", Priority::Normal, 1, 0, &tx)).unwrap();
+        q.push(item("b", Priority::Normal, 1, 0, &tx)).unwrap();
+        assert!(matches!(q.push(item("c", Priority::High, 1, 0, &tx)), Err(PushError::Full(_))));
+        q.close();
+        assert!(matches!(q.push(item("d", Priority::Normal, 1, 0, &tx)), Err(PushError::Closed(_))));
+        // Closed: waiting items still come out, then None.
+        assert_eq!(names(&q.next_batch(&NO_BATCH).unwrap()), ["a"]);
+        q.finish_batch();
+        assert_eq!(names(&q.next_batch(&NO_BATCH).unwrap()), ["b"]);
+        assert!(!q.is_idle());
+        q.finish_batch();
+        assert!(q.is_idle());
+        assert!(q.next_batch(&NO_BATCH).is_none());
+    }
+
+    #[test]
+    fn batches_compatible_items_up_to_row_limit() {
+        let (tx, _rx) = mpsc::channel();
+        let q = Queue::new(10);
+        q.push(item("a", Priority::Normal, 2, 1, &tx)).unwrap();
+        q.push(item("x", Priority::Normal, 1, 2, &tx)).unwrap();
+        q.push(item("b", Priority::Normal, 3, 1, &tx)).unwrap();
+        q.push(item("c", Priority::Low, 2, 1, &tx)).unwrap();
+        q.push(item("d", Priority::Normal, 1, 1, &tx)).unwrap();
+        let policy = BatchPolicy { batching: true, max_rows: 6, max_delay: Duration::ZERO };
+        // a(2) + b(3) = 5; c(2) does not fit; d(1) fits (queue order: a, x, b, d, c).
+        assert_eq!(names(&q.next_batch(&policy).unwrap()), ["a", "b", "d"]);
+        assert_eq!(names(&q.next_batch(&policy).unwrap()), ["x"]);
+        assert_eq!(names(&q.next_batch(&policy).unwrap()), ["c"]);
+    }
+
+    #[test]
+    fn waits_for_batch_mates_up_to_max_delay() {
+        let (tx, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let policy = BatchPolicy { batching: true, max_rows: 4, max_delay: Duration::from_millis(300) };
+        q.push(item("a", Priority::Normal, 1, 1, &tx)).unwrap();
+        let q2 = q.clone();
+        let tx2 = tx.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            q2.push(item("b", Priority::Normal, 1, 1, &tx2)).unwrap();
+        });
+        let start = Instant::now();
+        let b = q.next_batch(&policy).unwrap();
+        t.join().unwrap();
+        assert_eq!(names(&b), ["a", "b"]);
+        assert!(start.elapsed() >= Duration::from_millis(250), "waited for the delay");
+        // Full batch: no wait.
+        for n in ["c", "d", "e", "f"] {
+            q.push(item(n, Priority::Normal, 1, 1, &tx)).unwrap();
+        }
+        let start = Instant::now();
+        assert_eq!(names(&q.next_batch(&policy).unwrap()), ["c", "d", "e", "f"]);
+        assert!(start.elapsed() < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn stopped_items_never_run_and_positions_update() {
+        let (tx, rx) = mpsc::channel();
+        let q = Queue::new(10);
+        let mut late = item("late", Priority::Normal, 1, 0, &tx);
+        late.deadline = Some(Instant::now() + Duration::from_millis(10));
+        let gone = item("gone", Priority::Normal, 1, 0, &tx);
+        let flag = gone.cancelled.clone();
+        q.push(late).unwrap();
+        q.push(gone).unwrap();
+        let t = q.push(item("kept", Priority::Normal, 1, 0, &tx)).unwrap();
+        q.push(item("last", Priority::Normal, 1, 0, &tx)).unwrap();
+        flag.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(names(&q.next_batch(&NO_BATCH).unwrap()), ["kept"]);
+        let log: Vec<String> = rx.try_iter().collect();
+        assert!(log.contains(&"late dropped DeadlineExceeded".to_string()), "{log:?}");
+        assert!(log.contains(&"gone dropped Cancelled".to_string()), "{log:?}");
+        assert!(log.contains(&"last at 3/4".to_string()), "{log:?}");
+        assert!(log.contains(&"last at 0/1".to_string()), "{log:?}");
+        assert!(q.remove(t).is_none(), "already taken");
+    }
+
+    #[test]
+    fn abort_waiting_drops_all() {
+        let (tx, rx) = mpsc::channel();
+        let q = Queue::new(10);
+        q.push(item("a", Priority::Normal, 1, 0, &tx)).unwrap();
+        q.push(item("b", Priority::Normal, 1, 0, &tx)).unwrap();
+        assert_eq!(q.abort_waiting(), 2);
+        let log: Vec<String> = rx.try_iter().collect();
+        assert!(log.contains(&"b dropped ShuttingDown".to_string()));
+        assert_eq!(q.depth(), 0);
+    }
+}

@@ -1,0 +1,848 @@
+//! The gRPC server: the `stylealign.v1.StyleAlign` service, `grpc.health.v1`, server reflection
+//! (v1 and v1alpha), the admin HTTP listener (`/metrics`, `/healthz`, plaintext gRPC health) and
+//! the drain on shutdown.
+//!
+//! Life cycle ([`Server`]):
+//! 1. [`Server::bind`]: listeners up, health NOT_SERVING, every StyleAlign call UNAVAILABLE.
+//! 2. [`Server::load`]: models loaded on blocking threads, one warm-up step per model and device,
+//!    workers started; health SERVING.
+//! 3. [`Server::drain`] (SIGTERM): health NOT_SERVING, new calls UNAVAILABLE, queued and running
+//!    work finishes (up to the drain timeout, then it is stopped at its next step with
+//!    UNAVAILABLE), then the listeners close.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use super::config::{ModelSource, ServeConfig};
+use super::convert::{self, FieldError, Limits, ModelFacts};
+use super::metrics::{self as m, Stats};
+use super::pb;
+use super::pb::style_align_server::{StyleAlign, StyleAlignServer};
+use super::queue::{BatchPolicy, Dropped, PushError, Queue, Ticket};
+use super::session::{SessionError, SessionStore, random_u64};
+use super::worker::{self, AbortFlag, FailCode, GenJob, JobControl, JobEvent, Models, Provenance};
+use crate::device::{self, DeviceSpec};
+use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, SetSpec};
+use crate::sampling::sampler::{Sampler, SamplerKind};
+use crate::style_aligned::StyleAligned;
+
+/// The full gRPC name of the service (health checks take it as `service`).
+pub const SERVICE_NAME: &str = "stylealign.v1.StyleAlign";
+
+const LOADING: u8 = 0;
+const SERVING: u8 = 1;
+const DRAINING: u8 = 2;
+const STOPPED: u8 = 3;
+
+/// A loaded model as the API describes it.
+#[derive(Clone, Debug)]
+pub struct ModelEntry {
+    pub name: Arc<str>,
+    pub family: Family,
+    pub native_size: usize,
+    pub size_multiple: usize,
+    pub source: String,
+    /// For validation (any device's copy).
+    pub pipeline: Pipeline,
+}
+
+/// Shared state of the service.
+pub struct State {
+    cfg: ServeConfig,
+    limits: Limits,
+    models: RwLock<BTreeMap<Arc<str>, ModelEntry>>,
+    pub sessions: SessionStore,
+    pub queue: Arc<Queue<GenJob>>,
+    pub stats: Arc<Stats>,
+    health: HealthReporter,
+    phase: AtomicU8,
+    abort: AbortFlag,
+    next_job: AtomicU64,
+    active_streams: AtomicUsize,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl State {
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::SeqCst)
+    }
+
+    fn check_serving(&self) -> Result<(), Status> {
+        match self.phase() {
+            SERVING => Ok(()),
+            LOADING => Err(Status::unavailable("warming up: models are loading; retry shortly")),
+            _ => Err(Status::unavailable("server is shutting down")),
+        }
+    }
+
+    /// The calling client: the bearer token's client when auth is on, else `x-client-id`
+    /// (default `anonymous`).
+    fn identify(&self, md: &MetadataMap) -> Result<String, Status> {
+        match &self.cfg.auth {
+            Some(tokens) => {
+                let header = md.get("authorization").ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+                let value = header.to_str().map_err(|_| Status::unauthenticated("`authorization` is not ASCII"))?;
+                let token = value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+                    .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <token>`"))?;
+                tokens.client(token.trim()).map(str::to_string).ok_or_else(|| Status::unauthenticated("unknown token"))
+            }
+            None => match md.get("x-client-id") {
+                None => Ok("anonymous".to_string()),
+                Some(v) => {
+                    let id = v.to_str().map_err(|_| Status::invalid_argument("invalid `x-client-id`: not ASCII"))?.trim();
+                    if id.is_empty() || id.len() > 128 {
+                        return Err(Status::invalid_argument("invalid `x-client-id`: 1 to 128 characters"));
+                    }
+                    Ok(id.to_string())
+                }
+            },
+        }
+    }
+
+    fn model(&self, name: &str) -> Option<ModelEntry> {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).keys().map(|k| k.to_string()).collect()
+    }
+
+    async fn set_health(&self, status: ServingStatus) {
+        self.health.set_service_status("", status).await;
+        self.health.set_service_status(SERVICE_NAME, status).await;
+    }
+
+    fn update_session_gauge(&self) {
+        metrics::gauge!(m::SESSIONS).set(self.sessions.len() as f64);
+    }
+}
+
+fn count(method: &'static str, code: tonic::Code) {
+    metrics::counter!(m::REQUESTS, "method" => method, "code" => code_name(code)).increment(1);
+}
+
+/// The canonical gRPC name of a code (`OK`, `INVALID_ARGUMENT`, …).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn counted<T>(method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+    match &r {
+        Ok(_) => count(method, tonic::Code::Ok),
+        Err(s) => {
+            count(method, s.code());
+            tracing::debug!(method, code = code_name(s.code()), message = s.message(), "request refused");
+        }
+    }
+    r
+}
+
+fn session_status(e: SessionError) -> Status {
+    match e {
+        SessionError::NotFound(_) => Status::not_found(e.to_string()),
+        SessionError::GlobalCap(_) => Status::resource_exhausted(e.to_string()),
+    }
+}
+
+fn pipeline_field_error(e: PipelineError) -> Result<FieldError, PipelineError> {
+    match e {
+        PipelineError::Invalid { field, message } => Ok(FieldError::new(field, message)),
+        PipelineError::Patch(crate::style_aligned::PatchError::Option(o)) => Ok(FieldError::new(o.field, o.message)),
+        other => Err(other),
+    }
+}
+
+/// Parses a `grpc-timeout` value (`<digits><H|M|S|m|u|n>`).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The `stylealign.v1.StyleAlign` implementation.
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<State>,
+}
+
+type GenerateStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl StyleAlign for Service {
+    async fn patch_model(&self, request: Request<pb::PatchModelRequest>) -> Result<Response<pb::Session>, Status> {
+        counted("PatchModel", self.patch_model_inner(request))
+    }
+
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let r = self.generate_inner(request);
+        // Successful streams are counted when they end (with their final code).
+        if let Err(s) = &r {
+            count("Generate", s.code());
+            tracing::info!(code = code_name(s.code()), message = s.message(), "generate refused");
+        }
+        r
+    }
+
+    async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        counted("GetSession", (|| {
+            let st = &self.state;
+            st.check_serving()?;
+            let owner = st.identify(request.metadata())?;
+            let id = &request.get_ref().session_id;
+            if id.is_empty() {
+                return Err(FieldError::new("session_id", "required").status());
+            }
+            let s = st.sessions.get(&owner, id).map_err(session_status)?;
+            Ok(Response::new(convert::session_to_proto(&s, st.sessions.ttl())))
+        })())
+    }
+
+    async fn release_session(&self, request: Request<pb::ReleaseSessionRequest>) -> Result<Response<pb::ReleaseSessionResponse>, Status> {
+        counted("ReleaseSession", (|| {
+            let st = &self.state;
+            st.check_serving()?;
+            let owner = st.identify(request.metadata())?;
+            let id = &request.get_ref().session_id;
+            if id.is_empty() {
+                return Err(FieldError::new("session_id", "required").status());
+            }
+            st.sessions.release(&owner, id).map_err(session_status)?;
+            st.update_session_gauge();
+            tracing::info!(client = %owner, session = %id, "session released");
+            Ok(Response::new(pb::ReleaseSessionResponse {}))
+        })())
+    }
+
+    async fn list_models(&self, request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        counted("ListModels", (|| {
+            let st = &self.state;
+            st.check_serving()?;
+            st.identify(request.metadata())?;
+            let models = st
+                .models
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|e| pb::ModelInfo {
+                    name: e.name.to_string(),
+                    family: match e.family {
+                        Family::Sd1 => pb::Family::Sd1,
+                        Family::Sd2 => pb::Family::Sd2,
+                        Family::Sdxl => pb::Family::Sdxl,
+                    } as i32,
+                    native_width: e.native_size as u32,
+                    native_height: e.native_size as u32,
+                    size_multiple: e.size_multiple as u32,
+                    source: e.source.clone(),
+                })
+                .collect();
+            let l = &st.limits;
+            Ok(Response::new(pb::ListModelsResponse {
+                models,
+                samplers: SamplerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
+                max_prompts: l.max_prompts as u32,
+                max_steps: l.max_steps as u32,
+                max_size: l.max_size as u32,
+                default_steps: l.default_steps as u32,
+                default_guidance_scale: l.default_guidance,
+            }))
+        })())
+    }
+}
+
+impl Service {
+    fn patch_model_inner(&self, request: Request<pb::PatchModelRequest>) -> Result<Response<pb::Session>, Status> {
+        let st = &self.state;
+        st.check_serving()?;
+        let owner = st.identify(request.metadata())?;
+        let req = request.into_inner();
+        if req.model.is_empty() {
+            return Err(FieldError::new("model", format!("required; loaded models: {}", st.model_names().join(", "))).status());
+        }
+        let Some(model) = st.model(&req.model) else {
+            return Err(FieldError::new("model", format!("unknown model {:?}; loaded models: {}", req.model, st.model_names().join(", "))).status());
+        };
+        let patch = convert::patch_from_proto(&req)?;
+        let s = st.sessions.create(&owner, &model.name, patch).map_err(session_status)?;
+        st.update_session_gauge();
+        tracing::info!(client = %owner, session = %s.id, model = %s.model, options = ?s.patch, "session created");
+        Ok(Response::new(convert::session_to_proto(&s, st.sessions.ttl())))
+    }
+
+    fn generate_inner(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let arrived = Instant::now();
+        let st = &self.state;
+        st.check_serving()?;
+        let owner = st.identify(request.metadata())?;
+        let timeout = match request.metadata().get("grpc-timeout") {
+            Some(v) => Some(v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| Status::invalid_argument("invalid `grpc-timeout` metadata"))?),
+            None => None,
+        };
+        let deadline = timeout.map(|t| arrived + t);
+        let req = request.into_inner();
+        if req.session_id.is_empty() {
+            return Err(FieldError::new("session_id", "required (from PatchModel)").status());
+        }
+        let session = st.sessions.get(&owner, &req.session_id).map_err(session_status)?;
+        let model = st.model(&session.model).ok_or_else(|| Status::not_found(format!("the session's model {:?} is no longer loaded", session.model)))?;
+        let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple };
+        let v = convert::validate_generate(&req, &facts, &st.limits, random_u64)?;
+        let batch = BatchSpec {
+            width: v.width,
+            height: v.height,
+            steps: v.steps,
+            guidance: v.guidance,
+            sampler: v.sampler,
+            patch: Some(session.patch),
+            size_conditioning: None,
+        };
+        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference: None };
+        check_with_model(&model.pipeline, &batch, &set)?;
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            st.stats.record_dropped_in_queue(Dropped::DeadlineExceeded);
+            return Err(Status::deadline_exceeded("deadline exceeded before the request was queued"));
+        }
+
+        let id = st.next_job.fetch_add(1, Ordering::Relaxed) + 1;
+        let control = Arc::new(JobControl::default());
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let rows = set.prompts.len();
+        let job = GenJob {
+            id,
+            priority: v.priority,
+            model: model.name.clone(),
+            provenance: Provenance { model: model.name.clone(), family: model.family.as_str() },
+            batch,
+            set,
+            deadline,
+            control: control.clone(),
+            events: events_tx,
+            stats: st.stats.clone(),
+        };
+        let ticket = match st.queue.push(job) {
+            Ok(t) => t,
+            Err(PushError::Full(_)) => {
+                return Err(Status::resource_exhausted(format!("admission queue full ({} requests waiting); retry later", st.queue.capacity())));
+            }
+            Err(PushError::Closed(_)) => return Err(Status::unavailable("server is shutting down")),
+        };
+        metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
+        tracing::info!(job = id, client = %owner, session = %session.id, rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
+        let (out_tx, out_rx) = mpsc::channel(16);
+        st.active_streams.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(forward(self.state.clone(), id, events_rx, out_tx, control, ticket, deadline, arrived));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// Checks what only the model knows (pipeline validation, sampler schedule).
+fn check_with_model(pipeline: &Pipeline, batch: &BatchSpec, set: &SetSpec) -> Result<(), Status> {
+    pipeline.validate(batch, std::slice::from_ref(set)).map_err(|e| match pipeline_field_error(e) {
+        Ok(f) => f.status(),
+        Err(e) => Status::internal(e.to_string()),
+    })?;
+    Sampler::new(batch.sampler, pipeline.scheduler_config(), batch.steps).map_err(|e| FieldError::new("steps", e.to_string()).status())?;
+    Ok(())
+}
+
+enum Wake {
+    Event(Option<JobEvent>),
+    Deadline,
+    ClientGone,
+}
+
+/// Relays a job's events to its response stream; enforces the deadline and notices the client
+/// leaving (then stops the job: taken out of the queue, or dropped from its batch at the next
+/// step).
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    st: Arc<State>,
+    job: u64,
+    mut events: mpsc::UnboundedReceiver<JobEvent>,
+    out: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    control: Arc<JobControl>,
+    ticket: Ticket,
+    deadline: Option<Instant>,
+    arrived: Instant,
+) {
+    use pb::generate_response::Event;
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep);
+    let stop = |reason: Dropped| {
+        control.request_stop(reason);
+        if st.queue.remove(ticket).is_some() {
+            st.stats.record_dropped_in_queue(reason);
+            metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
+        }
+    };
+    let code = loop {
+        let wake = tokio::select! {
+            biased;
+            e = events.recv() => Wake::Event(e),
+            _ = &mut sleep => Wake::Deadline,
+            _ = out.closed() => Wake::ClientGone,
+        };
+        let msg = match wake {
+            Wake::Event(Some(JobEvent::Queued { position, depth })) => Ok(Event::Queued(pb::Queued { position: position as u32, queue_depth: depth as u32 })),
+            Wake::Event(Some(JobEvent::Started { batch_rows, batch_sets, queue_time })) => Ok(Event::Started(pb::Started {
+                batch_rows: batch_rows as u32,
+                batch_sets: batch_sets as u32,
+                queue_seconds: queue_time.as_secs_f64(),
+            })),
+            Wake::Event(Some(JobEvent::Progress { step, total })) => Ok(Event::Progress(pb::Progress { step: step as u32, total_steps: total as u32 })),
+            Wake::Event(Some(JobEvent::Image(img))) => Ok(Event::Image(pb::GeneratedImage {
+                index: img.index as u32,
+                prompt: img.prompt,
+                width: img.width as u32,
+                height: img.height as u32,
+                seed: img.seed,
+                png: img.png,
+                parameters: img.parameters,
+            })),
+            Wake::Event(Some(JobEvent::Done)) => break tonic::Code::Ok,
+            Wake::Event(Some(JobEvent::Failed { code, message })) => Err(match code {
+                FailCode::InvalidArgument => Status::invalid_argument(message),
+                FailCode::DeadlineExceeded => Status::deadline_exceeded(message),
+                FailCode::Cancelled => Status::cancelled(message),
+                FailCode::Unavailable => Status::unavailable(message),
+                FailCode::Internal => Status::internal(message),
+            }),
+            Wake::Event(None) => Err(Status::internal("the job ended without a result")),
+            Wake::Deadline => {
+                let queued = st.queue.remove(ticket).is_some();
+                control.request_stop(Dropped::DeadlineExceeded);
+                if queued {
+                    st.stats.record_dropped_in_queue(Dropped::DeadlineExceeded);
+                    metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
+                }
+                let when = if queued { "while queued (never ran)" } else { "while running" };
+                Err(Status::deadline_exceeded(format!("deadline exceeded {when}")))
+            }
+            Wake::ClientGone => {
+                stop(Dropped::Cancelled);
+                break tonic::Code::Cancelled;
+            }
+        };
+        match msg {
+            Ok(event) => {
+                if out.send(Ok(pb::GenerateResponse { event: Some(event) })).await.is_err() {
+                    stop(Dropped::Cancelled);
+                    break tonic::Code::Cancelled;
+                }
+            }
+            Err(status) => {
+                let code = status.code();
+                let _ = out.send(Err(status)).await;
+                break code;
+            }
+        }
+    };
+    count("Generate", code);
+    if code == tonic::Code::Ok {
+        metrics::histogram!(m::GENERATE_TIME).record(arrived.elapsed().as_secs_f64());
+    }
+    tracing::info!(job, code = code_name(code), elapsed_ms = arrived.elapsed().as_millis() as u64, "generate finished");
+    st.active_streams.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// A running server (see the module docs for its life cycle).
+pub struct Server {
+    state: Arc<State>,
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl Server {
+    /// Binds the listeners and starts serving: health NOT_SERVING until [`load`](Self::load).
+    pub async fn bind(cfg: ServeConfig) -> anyhow::Result<Self> {
+        cfg.check().map_err(anyhow::Error::msg)?;
+        let metrics = m::install();
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        let state = Arc::new(State {
+            limits: Limits {
+                max_prompts: cfg.max_prompts,
+                max_prompt_chars: cfg.max_prompt_chars,
+                max_steps: cfg.max_steps,
+                max_size: cfg.max_size,
+                max_guidance: cfg.max_guidance,
+                default_steps: cfg.default_steps,
+                default_guidance: cfg.default_guidance,
+            },
+            models: RwLock::new(BTreeMap::new()),
+            sessions: SessionStore::new(cfg.session_ttl, cfg.max_sessions_per_client, cfg.max_sessions),
+            queue: Arc::new(Queue::new(cfg.max_queue)),
+            stats: Arc::new(Stats::default()),
+            health,
+            phase: AtomicU8::new(LOADING),
+            abort: Arc::new(AtomicBool::new(false)),
+            next_job: AtomicU64::new(0),
+            active_streams: AtomicUsize::new(0),
+            workers: Mutex::new(Vec::new()),
+            cfg,
+        });
+        state.set_health(ServingStatus::NotServing).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("reflection v1alpha")?;
+
+        let listener = tokio::net::TcpListener::bind(state.cfg.listen).await.with_context(|| format!("binding the gRPC listener {}", state.cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let signal = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let mut tasks = Vec::new();
+        let svc = StyleAlignServer::new(Service { state: state.clone() });
+        let grpc = tonic::transport::Server::builder()
+            .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
+            .add_service(svc)
+            .add_service(health_svc)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal(shutdown_rx.clone()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+
+        let admin_addr = match state.cfg.admin_listen {
+            Some(a) => {
+                let listener = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding the admin listener {a}"))?;
+                let admin_addr = listener.local_addr()?;
+                let health_svc = tonic_health::pb::health_server::HealthServer::new(tonic_health::server::HealthService::from_health_reporter(state.health.clone()));
+                let handle = metrics.clone();
+                let st = state.clone();
+                let router = tonic::service::Routes::new(health_svc)
+                    .into_axum_router()
+                    .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
+                    .route(
+                        "/healthz",
+                        axum::routing::get(move || {
+                            let phase = st.phase();
+                            std::future::ready(match phase {
+                                SERVING => (axum::http::StatusCode::OK, "SERVING\n"),
+                                _ => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n"),
+                            })
+                        }),
+                    );
+                let admin = tonic::transport::Server::builder()
+                    .trace_fn(|req| tracing::debug_span!("admin", path = %req.uri().path()))
+                    .accept_http1(true)
+                    .add_routes(tonic::service::Routes::from(router))
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal(shutdown_rx.clone()));
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = admin.await {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                }));
+                Some(admin_addr)
+            }
+            None => None,
+        };
+
+        // Upkeep: histograms, the session sweep, gauges.
+        let st = state.clone();
+        let handle = metrics.clone();
+        let mut rx = shutdown_rx.clone();
+        let sweep_every = (st.cfg.session_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep_every.min(Duration::from_secs(5)));
+            let mut last_sweep = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = rx.wait_for(|v| *v) => break,
+                }
+                handle.run_upkeep();
+                if last_sweep.elapsed() >= sweep_every {
+                    last_sweep = Instant::now();
+                    let n = st.sessions.sweep();
+                    if n > 0 {
+                        tracing::info!(expired = n, "sessions expired");
+                    }
+                }
+                st.update_session_gauge();
+                metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
+            }
+        }));
+        tracing::info!(%addr, admin = ?admin_addr, "listening (NOT_SERVING until the models are loaded and warm)");
+        Ok(Self { state, addr, admin_addr, shutdown, tasks: Mutex::new(tasks), metrics })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.state.stats
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.state.phase() == SERVING
+    }
+
+    /// Loads the models on every device, runs one warm-up step of each, starts the workers and
+    /// reports SERVING.
+    pub async fn load(&self) -> anyhow::Result<()> {
+        let st = self.state.clone();
+        let cfg = st.cfg.clone();
+        let loaded: Vec<(DeviceSpec, Models, Vec<ModelEntry>)> = tokio::task::spawn_blocking(move || load_all(&cfg)).await.context("model loading panicked")??;
+        {
+            let mut models = st.models.write().unwrap_or_else(|p| p.into_inner());
+            for e in &loaded[0].2 {
+                models.insert(e.name.clone(), e.clone());
+            }
+        }
+        let policy = BatchPolicy { batching: st.cfg.batching, max_rows: st.cfg.max_batch_rows, max_delay: st.cfg.max_batch_delay };
+        let mut handles = Vec::new();
+        for (spec, models, _) in loaded {
+            let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
+            for i in 0..n {
+                let name = format!("worker-{spec}-{i}");
+                handles.push(worker::spawn_worker(name, models.clone(), st.queue.clone(), policy, st.abort.clone(), st.stats.clone()).context("spawning a worker thread")?);
+            }
+        }
+        st.workers.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
+        if st.phase.compare_exchange(LOADING, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            st.set_health(ServingStatus::Serving).await;
+            tracing::info!(models = ?st.model_names(), "SERVING");
+        }
+        Ok(())
+    }
+
+    /// Starts draining: health NOT_SERVING, new calls UNAVAILABLE, the queue refuses new work.
+    pub async fn begin_drain(&self) {
+        let st = &self.state;
+        if st.phase.swap(DRAINING, Ordering::SeqCst) >= DRAINING {
+            return;
+        }
+        st.set_health(ServingStatus::NotServing).await;
+        st.queue.close();
+        tracing::info!(queued = st.queue.depth(), running = st.queue.running(), timeout_s = st.cfg.drain_timeout.as_secs_f64(), "draining");
+    }
+
+    /// Drains (see [`begin_drain`](Self::begin_drain)), waits for queued and running work up to
+    /// the drain timeout (then stops it at its next step), and closes the listeners.
+    pub async fn shutdown(&self) {
+        self.begin_drain().await;
+        let st = self.state.clone();
+        let end = Instant::now() + st.cfg.drain_timeout;
+        let idle = wait_until(end, || st.queue.is_idle()).await;
+        if !idle {
+            tracing::warn!(queued = st.queue.depth(), running = st.queue.running(), "drain timeout: stopping the remaining work");
+            st.abort.store(true, Ordering::SeqCst);
+            st.queue.abort_waiting();
+            wait_until(Instant::now() + Duration::from_secs(30), || st.queue.is_idle()).await;
+        }
+        // Let the streams deliver their last messages.
+        wait_until(Instant::now() + Duration::from_secs(5), || st.active_streams.load(Ordering::SeqCst) == 0).await;
+        st.phase.store(STOPPED, Ordering::SeqCst);
+        let _ = self.shutdown.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            // Long-lived calls (health Watch) would hold a graceful shutdown forever.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(3), t).await.is_err() {
+                abort.abort();
+            }
+        }
+        let workers: Vec<_> = std::mem::take(&mut *st.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        tracing::info!("stopped");
+    }
+}
+
+async fn wait_until(end: Instant, mut cond: impl FnMut() -> bool) -> bool {
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Loads every model on every device and warms each up with one step.
+fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<ModelEntry>)>> {
+    let mut out = Vec::new();
+    for spec in &cfg.devices {
+        let dev = device::open(spec).with_context(|| format!("opening device {spec}"))?;
+        let mut models = Models::new();
+        let mut entries = Vec::new();
+        for src in &cfg.models {
+            let t = Instant::now();
+            let p = match src {
+                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline(&dev),
+                ModelSource::Dir(d) => Pipeline::load(d, &dev),
+            }
+            .with_context(|| format!("loading model {src:?} on {spec}"))?;
+            let name: Arc<str> = Arc::from(p.name());
+            if models.contains_key(&name) {
+                anyhow::bail!("two models are named {name:?}; serve folders with distinct names");
+            }
+            tracing::info!(model = %name, family = p.family().as_str(), device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "model loaded");
+            if cfg.warmup {
+                let t = Instant::now();
+                warm_up(&p).with_context(|| format!("warming up {name} on {spec}"))?;
+                tracing::info!(model = %name, device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "warm-up step done");
+            }
+            let source = match src {
+                ModelSource::Tiny => "<embedded>".to_string(),
+                ModelSource::Dir(d) => d.display().to_string(),
+            };
+            entries.push(ModelEntry { name: name.clone(), family: p.family(), native_size: p.native_size(), size_multiple: p.size_multiple(), source, pipeline: p.clone() });
+            models.insert(name, p);
+        }
+        out.push((spec.clone(), models, entries));
+    }
+    Ok(out)
+}
+
+/// One denoising step of a two-image patched set at the smallest size.
+fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
+    let s = p.size_multiple();
+    let batch = BatchSpec { width: s, height: s, steps: 1, guidance: 5.0, sampler: SamplerKind::Ddim, patch: Some(StyleAligned::default()), size_conditioning: None };
+    let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, reference: None };
+    p.generate(&batch, &[set], &mut |_, _| vec![true]).map(|_| ())
+}
+
+/// Runs the server until SIGTERM / SIGINT, then drains and returns (exit 0).
+pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let server = Server::bind(cfg).await?;
+    println!("stylealign: gRPC on {}{}", server.addr(), server.admin_addr().map(|a| format!(", admin (metrics, health) on {a}")).unwrap_or_default());
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    tokio::select! {
+        r = server.load() => r?,
+        _ = &mut signal => {
+            tracing::info!("signal during loading: stopping");
+            server.shutdown().await;
+            return Ok(());
+        }
+    }
+    signal.await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_parses() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+}

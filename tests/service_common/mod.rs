@@ -1,0 +1,143 @@
+//! Shared helpers of the service tests: an in-process server on 127.0.0.1 (ephemeral ports) with
+//! the embedded tiny model, clients, and request builders.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use stylealign::serve::client::{self, Identity, SetResult};
+use stylealign::serve::pb::generate_response::Event;
+use stylealign::serve::pb::style_align_client::StyleAlignClient;
+use stylealign::serve::{ServeConfig, Server, pb};
+use tonic::transport::Channel;
+
+/// Tests in one binary run one at a time: several run timing-sensitive scenarios (queue
+/// delays, deadlines) that CPU contention from a parallel test would blur.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs a test body serially, on a multi-threaded runtime, within `limit`.
+pub fn run<F: Future<Output = ()>>(limit: Duration, body: impl FnOnce() -> F) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let _guard = SERIAL.lock().await;
+        tokio::time::timeout(limit, body()).await.expect("test exceeded its time limit");
+    });
+}
+
+/// A config for tests: ephemeral ports, small limits, one CPU worker.
+pub fn test_config() -> ServeConfig {
+    ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        default_steps: 3,
+        max_steps: 200,
+        max_size: 256,
+        max_batch_delay: Duration::from_millis(0),
+        drain_timeout: Duration::from_secs(20),
+        ..ServeConfig::default()
+    }
+}
+
+/// Binds and loads a server.
+pub async fn start(cfg: ServeConfig) -> Server {
+    let s = Server::bind(cfg).await.expect("bind");
+    s.load().await.expect("load");
+    s
+}
+
+pub async fn connect(s: &Server) -> StyleAlignClient<Channel> {
+    client::connect(&s.addr().to_string()).await.expect("connect")
+}
+
+pub async fn session(c: &mut StyleAlignClient<Channel>, who: &Identity, patch: pb::PatchModelRequest) -> String {
+    c.patch_model(who.request(patch, None)).await.expect("PatchModel").into_inner().session_id
+}
+
+pub fn default_patch() -> pb::PatchModelRequest {
+    pb::PatchModelRequest { model: "tiny".into(), ..Default::default() }
+}
+
+/// A small request: `prompts` at `size`², `steps` steps, DDIM, seed.
+pub fn request(session: &str, prompts: &[&str], size: u32, steps: u32, seed: u64) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        session_id: session.into(),
+        prompts: prompts.iter().map(|p| p.to_string()).collect(),
+        seed: Some(seed),
+        steps,
+        width: size,
+        height: size,
+        guidance_scale: Some(7.5),
+        ..Default::default()
+    }
+}
+
+pub async fn generate(c: &mut StyleAlignClient<Channel>, who: &Identity, req: pb::GenerateRequest) -> Result<SetResult, tonic::Status> {
+    client::generate(c, who, req, None, |_| {}).await
+}
+
+/// Opens a Generate stream and returns it once `until` matches an event (e.g. Started).
+pub async fn open_until(
+    c: &mut StyleAlignClient<Channel>,
+    who: &Identity,
+    req: pb::GenerateRequest,
+    timeout: Option<Duration>,
+    until: impl Fn(&Event) -> bool,
+) -> (tonic::Streaming<pb::GenerateResponse>, Vec<Event>) {
+    let mut s = c.generate(who.request(req, timeout)).await.expect("Generate").into_inner();
+    let mut seen = Vec::new();
+    loop {
+        let msg = s.message().await.expect("stream error").expect("stream ended early");
+        let ev = msg.event.expect("event");
+        let done = until(&ev);
+        seen.push(ev);
+        if done {
+            return (s, seen);
+        }
+    }
+}
+
+/// Drains a stream to its end: images, or the final status.
+pub async fn finish(mut s: tonic::Streaming<pb::GenerateResponse>) -> Result<Vec<pb::GeneratedImage>, tonic::Status> {
+    let mut images = Vec::new();
+    while let Some(m) = s.message().await? {
+        if let Some(Event::Image(i)) = m.event {
+            images.push(i);
+        }
+    }
+    Ok(images)
+}
+
+pub fn is_started(e: &Event) -> bool {
+    matches!(e, Event::Started(_))
+}
+
+pub fn is_queued(e: &Event) -> bool {
+    matches!(e, Event::Queued(_))
+}
+
+/// The PNG bytes of a set's images.
+pub fn pngs(images: &[pb::GeneratedImage]) -> Vec<Vec<u8>> {
+    images.iter().map(|i| i.png.clone()).collect()
+}
+
+/// Waits until `cond` holds (polling), or panics after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < end, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET path` over plain HTTP/1.1; returns (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
