@@ -244,6 +244,16 @@ struct SetArgs {
     share_attn: ShareAttnArg,
     #[arg(long, default_value_t = 1.0)]
     scale: f32,
+    /// A PNG or JPEG to use as the set's style reference (real-image mode; every prompt is then
+    /// a target). Needs `--reference-caption` and the ddim sampler.
+    #[arg(long)]
+    reference_image: Option<PathBuf>,
+    /// The reference image's caption.
+    #[arg(long, default_value = "")]
+    reference_caption: String,
+    /// Noise levels the reference starts ahead of the batch (below steps).
+    #[arg(long, default_value_t = 0)]
+    reference_offset: u32,
 }
 
 impl SetArgs {
@@ -266,8 +276,15 @@ impl SetArgs {
         }
     }
 
-    fn generate(&self, session_id: String) -> pb::GenerateRequest {
-        pb::GenerateRequest {
+    fn generate(&self, session_id: String) -> anyhow::Result<pb::GenerateRequest> {
+        let reference_image = match &self.reference_image {
+            Some(p) => std::fs::read(p).with_context(|| format!("reading --reference-image {}", p.display()))?,
+            None => Vec::new(),
+        };
+        Ok(pb::GenerateRequest {
+            reference_image,
+            reference_caption: self.reference_caption.clone(),
+            reference_offset: self.reference_offset,
             session_id,
             prompts: self.prompts.clone(),
             count: self.count,
@@ -283,7 +300,8 @@ impl SetArgs {
                 PriorityArg::Normal => pb::Priority::Normal,
                 PriorityArg::High => pb::Priority::High,
             } as i32,
-        }
+            ..Default::default()
+        })
     }
 }
 
@@ -390,7 +408,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let mut c = client::connect(&a.server).await?;
     let session = c.patch_model(who.request(a.set.patch(), None)).await.context("PatchModel")?.into_inner();
     let timeout = a.timeout_secs.map(Duration::from_secs_f64);
-    let result = client::generate(&mut c, &who, a.set.generate(session.session_id.clone()), timeout, |ev| {
+    let result = client::generate(&mut c, &who, a.set.generate(session.session_id.clone())?, timeout, |ev| {
         use pb::generate_response::Event;
         match ev {
             Event::Queued(q) => eprintln!("queued: position {} of {}", q.position, q.queue_depth),

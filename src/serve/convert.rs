@@ -9,7 +9,9 @@ use tonic::Status;
 use super::pb;
 use super::queue::Priority;
 use super::session::Session;
+use crate::pipeline::{Image, ReferenceImage, SizeConditioning};
 use crate::sampling::sampler::SamplerKind;
+use sha2::{Digest, Sha256};
 use crate::style_aligned::{AdainSite, NodeOptions, OfficialArgs, ShareAttn, ShareNorm, StyleAligned};
 
 /// A rejected request field.
@@ -238,7 +240,23 @@ pub struct Limits {
 pub struct ModelFacts {
     pub native_size: usize,
     pub size_multiple: usize,
+    /// SDXL takes size conditioning.
+    pub sdxl: bool,
 }
+
+/// A checked real-image reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidReference {
+    pub image: Image,
+    pub caption: String,
+    pub offset: usize,
+    pub guidance: f32,
+    /// SHA-256 of the encoded image, recorded in the images' parameters.
+    pub sha256: String,
+}
+
+/// Default CFG scale of a reference image's inversion.
+pub const DEFAULT_REFERENCE_GUIDANCE: f32 = 2.0;
 
 /// A checked Generate request, defaults filled in.
 #[derive(Clone, Debug, PartialEq)]
@@ -252,6 +270,8 @@ pub struct ValidRequest {
     pub height: usize,
     pub sampler: SamplerKind,
     pub priority: Priority,
+    pub reference: Option<ValidReference>,
+    pub size_conditioning: Option<SizeConditioning>,
 }
 
 /// Checks a Generate request against the limits and the model.
@@ -304,11 +324,56 @@ pub fn validate_generate(req: &pb::GenerateRequest, model: &ModelFacts, limits: 
     let height = size("height", req.height)?;
     let sampler = sampler_from_proto(req.sampler)?;
     let priority = priority_from_proto(req.priority)?;
+    let reference = if req.reference_image.is_empty() {
+        for (field, set) in [
+            ("reference_caption", !req.reference_caption.is_empty()),
+            ("reference_offset", req.reference_offset != 0),
+            ("reference_guidance_scale", req.reference_guidance_scale.is_some()),
+        ] {
+            if set {
+                return Err(FieldError::new(field, "only with reference_image"));
+            }
+        }
+        None
+    } else {
+        let image = ReferenceImage::decode(&req.reference_image).map_err(|e| FieldError::new("reference_image", e))?;
+        if req.reference_caption.trim().is_empty() {
+            return Err(FieldError::new("reference_caption", "required with reference_image (the image's caption)"));
+        }
+        if req.reference_caption.chars().count() > limits.max_prompt_chars {
+            return Err(FieldError::new("reference_caption", format!("longer than {} characters", limits.max_prompt_chars)));
+        }
+        if sampler != SamplerKind::Ddim {
+            return Err(FieldError::new("sampler", "a reference_image needs the DDIM sampler (its inversion is DDIM)"));
+        }
+        let offset = req.reference_offset as usize;
+        if offset >= steps {
+            return Err(FieldError::new("reference_offset", format!("{offset} must be below steps ({steps})")));
+        }
+        let g = req.reference_guidance_scale.unwrap_or(DEFAULT_REFERENCE_GUIDANCE);
+        if !g.is_finite() || !(0.0..=limits.max_guidance).contains(&g) {
+            return Err(FieldError::new("reference_guidance_scale", format!("{g} is outside [0, {}]", limits.max_guidance)));
+        }
+        let sha256 = Sha256::digest(&req.reference_image).iter().map(|b| format!("{b:02x}")).collect();
+        Some(ValidReference { image, caption: req.reference_caption.clone(), offset, guidance: g, sha256 })
+    };
+    let size_conditioning = match &req.size_conditioning {
+        None => None,
+        Some(_) if !model.sdxl => return Err(FieldError::new("size_conditioning", "only SDXL models take size conditioning")),
+        Some(s) => {
+            let or = |v: u32, d: usize| if v == 0 { d } else { v as usize };
+            Some(SizeConditioning {
+                original_size: (or(s.original_height, height), or(s.original_width, width)),
+                crop_top_left: (s.crop_top as usize, s.crop_left as usize),
+                target_size: (or(s.target_height, height), or(s.target_width, width)),
+            })
+        }
+    };
     let seed = match req.seed {
         Some(s) => s,
         None => random_seed(),
     };
-    Ok(ValidRequest { prompts, negative_prompt: req.negative_prompt.clone(), seed, steps, guidance, width, height, sampler, priority })
+    Ok(ValidRequest { prompts, negative_prompt: req.negative_prompt.clone(), seed, steps, guidance, width, height, sampler, priority, reference, size_conditioning })
 }
 
 /// Everything needed to reproduce one image: the JSON in the PNG's `parameters` text chunk.
@@ -332,6 +397,21 @@ pub struct ImageParameters<'a> {
     pub height: usize,
     /// The StyleAligned options (`flavour`: `node` or `official`).
     pub options: &'a StyleAligned,
+    /// The real-image reference, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceParameters<'a>>,
+    /// SDXL size conditioning `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_conditioning: Option<[f32; 6]>,
+}
+
+/// The reference image of an image's set, as recorded in its parameters.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReferenceParameters<'a> {
+    pub image_sha256: &'a str,
+    pub caption: &'a str,
+    pub offset: usize,
+    pub guidance_scale: f32,
 }
 
 /// The generator string recorded in images.

@@ -32,6 +32,8 @@ pub const IMAGES: &str = "stylealign_images_total";
 pub const DROPPED: &str = "stylealign_dropped_total";
 pub const SESSIONS: &str = "stylealign_sessions";
 pub const RUNNING: &str = "stylealign_running_batches";
+pub const INVERSION_CACHE_HITS: &str = "stylealign_inversion_cache_hits_total";
+pub const INVERSION_CACHE_MISSES: &str = "stylealign_inversion_cache_misses_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -34,7 +34,7 @@ use super::queue::{BatchPolicy, Dropped, PushError, Queue, Ticket};
 use super::session::{SessionError, SessionStore, random_u64};
 use super::worker::{self, AbortFlag, FailCode, GenJob, JobControl, JobEvent, Models, Provenance};
 use crate::device::{self, DeviceSpec};
-use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, SetSpec};
+use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, ReferenceImage, SetSpec};
 use crate::sampling::sampler::{Sampler, SamplerKind};
 use crate::style_aligned::StyleAligned;
 
@@ -331,7 +331,7 @@ impl Service {
         }
         let session = st.sessions.get(&owner, &req.session_id).map_err(session_status)?;
         let model = st.model(&session.model).ok_or_else(|| Status::not_found(format!("the session's model {:?} is no longer loaded", session.model)))?;
-        let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple };
+        let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple, sdxl: model.family == Family::Sdxl };
         let v = convert::validate_generate(&req, &facts, &st.limits, random_u64)?;
         let batch = BatchSpec {
             width: v.width,
@@ -340,9 +340,11 @@ impl Service {
             guidance: v.guidance,
             sampler: v.sampler,
             patch: Some(session.patch),
-            size_conditioning: None,
+            size_conditioning: v.size_conditioning,
         };
-        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference: None };
+        let reference_sha256 = v.reference.as_ref().map(|r| r.sha256.clone());
+        let reference = v.reference.map(|r| ReferenceImage { image: r.image, caption: r.caption, offset: r.offset, guidance: r.guidance, scope: session.id.to_string() });
+        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference };
         check_with_model(&model.pipeline, &batch, &set)?;
         if deadline.is_some_and(|d| d <= Instant::now()) {
             st.stats.record_dropped_in_queue(Dropped::DeadlineExceeded);
@@ -360,6 +362,7 @@ impl Service {
             provenance: Provenance { model: model.name.clone(), family: model.family.as_str() },
             batch,
             set,
+            reference_sha256,
             deadline,
             control: control.clone(),
             events: events_tx,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::convert::{GENERATOR, ImageParameters};
+use super::convert::{GENERATOR, ImageParameters, ReferenceParameters};
 use super::metrics::{self as m, Stats, StopRecord};
 use super::queue::{Batch, BatchPolicy, Dropped, Priority, Queue, QueueItem};
 use crate::pipeline::{BatchSpec, Pipeline, PipelineError, SetSpec};
@@ -104,6 +104,8 @@ pub struct GenJob {
     pub provenance: Provenance,
     pub batch: BatchSpec,
     pub set: SetSpec,
+    /// SHA-256 of the encoded reference image, recorded in the images' parameters.
+    pub reference_sha256: Option<String>,
     pub deadline: Option<Instant>,
     pub control: Arc<JobControl>,
     pub events: UnboundedSender<JobEvent>,
@@ -261,6 +263,9 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
         live.clone()
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pipeline.generate(&spec, &sets, &mut on_step)));
+    let (hits, misses) = pipeline.inversion_cache_stats();
+    metrics::counter!(m::INVERSION_CACHE_HITS).absolute(hits);
+    metrics::counter!(m::INVERSION_CACHE_MISSES).absolute(misses);
     let live = live.into_inner().unwrap_or_else(|p| p.into_inner());
     match result {
         Ok(Ok(outputs)) => {
@@ -284,6 +289,13 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
                                 width: spec.width,
                                 height: spec.height,
                                 options: spec.patch.as_ref().expect("sessions always patch"),
+                                reference: j.set.reference.as_ref().map(|r| ReferenceParameters {
+                                    image_sha256: j.reference_sha256.as_deref().unwrap_or(""),
+                                    caption: &r.caption,
+                                    offset: r.offset,
+                                    guidance_scale: r.guidance,
+                                }),
+                                size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
                             };
                             let parameters = serde_json::to_string(&params).expect("parameters serialize");
                             let png = img.to_png(&[("parameters".to_string(), parameters.clone())]);
