@@ -13,9 +13,10 @@ use stylealign::model::unet::{NoHooks, UNet, UNetHooks};
 use stylealign::model::vae::Vae;
 use stylealign::sampling::sampler::{Sampler, SamplerKind};
 use stylealign::sampling::{Conditioning, Ddim, SchedulerConfig, Spacing, guided_output};
-use stylealign::style_aligned::{NodeOptions, OfficialArgs, ReferencePlan, ShareAttn, ShareNorm, StyleAligned, StyleAlignedHooks};
+use stylealign::style_aligned::StyleAlignedHooks;
 
 use crate::common::*;
+use crate::{options_of, plan_of};
 
 /// CLIP, UNet + CFG from `model_input_steps[i]`, one teacher-forced update (README tolerances, CPU).
 const TOL_MODEL: f64 = 1e-4;
@@ -237,48 +238,3 @@ fn rel_err(got: &[f32], want: &HostTensor) -> f64 {
     got.iter().zip(&want).map(|(&g, &w)| if g == w { 0.0 } else { ((g - w) as f64 / w as f64).abs() }).fold(0.0, f64::max)
 }
 
-/// The per-row plan of a patch description (as in the UNet goldens).
-fn plan_of(case: &Value) -> ReferencePlan {
-    let reference_of = usize_list(&case["reference_of"]);
-    let gain = f32_list(&case["gain"]);
-    let value_reference_of = case.get("value_reference_of").map(usize_list).unwrap_or_else(|| reference_of.clone());
-    let stats_reference_of = case.get("stats_reference_of").map(usize_list).unwrap_or_else(|| reference_of.clone());
-    ReferencePlan { reference_of, gain, value_reference_of, stats_reference_of }
-}
-
-/// The patch options of a patch description.
-fn options_of(case: &Value) -> Result<StyleAligned, String> {
-    match case["flavour"].as_str() {
-        Some("comfy") => {
-            let share_norm = case.get("share_norm").and_then(Value::as_str).unwrap_or("both");
-            let share_attn = case["share_attn"].as_str().ok_or("no share_attn")?;
-            Ok(StyleAligned::Node(NodeOptions {
-                share_norm: ShareNorm::parse(share_norm).ok_or(format!("unknown share_norm {share_norm}"))?,
-                share_attn: ShareAttn::parse(share_attn).ok_or(format!("unknown share_attn {share_attn}"))?,
-                scale: case["scale"].as_f64().ok_or("no scale")? as f32,
-            }))
-        }
-        Some("google") => {
-            let mut a = OfficialArgs::default();
-            for (k, v) in case["args"].as_object().ok_or("no args")? {
-                let b = || v.as_bool().ok_or(format!("{k}: not a bool"));
-                let f = || v.as_f64().map(|x| x as f32).ok_or(format!("{k}: not a number"));
-                match k.as_str() {
-                    "share_group_norm" => a.share_group_norm = b()?,
-                    "share_layer_norm" => a.share_layer_norm = b()?,
-                    "share_attention" => a.share_attention = b()?,
-                    "adain_queries" => a.adain_queries = b()?,
-                    "adain_keys" => a.adain_keys = b()?,
-                    "adain_values" => a.adain_values = b()?,
-                    "full_attention_share" => a.full_attention_share = b()?,
-                    "shared_score_scale" => a.shared_score_scale = f()?,
-                    "shared_score_shift" => a.shared_score_shift = f()?,
-                    "only_self_level" => a.only_self_level = f()?,
-                    other => return Err(format!("unknown official argument {other}")),
-                }
-            }
-            Ok(StyleAligned::Official(a))
-        }
-        other => Err(format!("unknown flavour {other:?}")),
-    }
-}
