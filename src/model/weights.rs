@@ -281,5 +281,19 @@ fn synthetic_values(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
     } else {
         (0.0, 0.05)
     };
+    if shape.len() == 4 && shape[2] == 3 && shape[3] == 3 {
+        // 3×3 kernels: a random channel mix times a smooth (binomial) spatial profile plus a
+        // little noise, so the demo model's feature maps, and its images, are smooth shapes
+        // rather than pixel noise.
+        const PROFILE: [f32; 9] = [1.0, 2.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0, 1.0];
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n / 9 {
+            let mix = next() * scale;
+            for p in PROFILE {
+                out.push(mix * p / 4.7 + 0.15 * scale * next());
+            }
+        }
+        return out;
+    }
     (0..n).map(|_| offset + scale * next()).collect()
 }
