@@ -426,7 +426,7 @@ mod tests {
     }
 
     fn facts() -> ModelFacts {
-        ModelFacts { native_size: 64, size_multiple: 16 }
+        ModelFacts { native_size: 64, size_multiple: 16, sdxl: false }
     }
 
     fn req() -> pb::GenerateRequest {
