@@ -89,6 +89,26 @@ fn reference_image_matches_library_and_is_cached() {
         assert!(value("stylealign_inversion_cache_misses_total") >= 1.0);
         println!("reference set (2 images, 4 steps, 32x32): first {:.0} ms (inversion), again {:.0} ms (cached inversion)", cold.as_secs_f64() * 1e3, warm.as_secs_f64() * 1e3);
 
+        // The saving at a larger size: 64x64, 20 steps (the inversion runs 20 UNet calls).
+        let big = |session: &str| pb::GenerateRequest { width: 64, height: 64, steps: 20, ..reference_request(session, png.clone()) };
+        let t2 = Instant::now();
+        let a = generate(&mut c, &me, big(&s)).await.unwrap();
+        let cold_big = t2.elapsed();
+        let t3 = Instant::now();
+        let b = generate(&mut c, &me, big(&s)).await.unwrap();
+        let warm_big = t3.elapsed();
+        assert_eq!(pngs(&a.images), pngs(&b.images));
+        let plain = pb::GenerateRequest { prompts: vec!["a red disc on a gradient".into(), "a house".into(), "a tree".into()], ..request(&s, &[], 64, 20, 7) };
+        let t4 = Instant::now();
+        generate(&mut c, &me, plain).await.unwrap();
+        let generated_reference = t4.elapsed();
+        println!(
+            "reference set (2 images, 20 steps, 64x64): {:.0} ms with inversion, {:.0} ms with the cached inversion; a generated reference (3 rows): {:.0} ms",
+            cold_big.as_secs_f64() * 1e3,
+            warm_big.as_secs_f64() * 1e3,
+            generated_reference.as_secs_f64() * 1e3
+        );
+
         // A JPEG works too (different pixels after JPEG compression, so a different set).
         let j = generate(&mut c, &me, reference_request(&s, jpeg(&picture()))).await.expect("JPEG reference");
         assert_eq!(j.images.len(), 2);
