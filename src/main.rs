@@ -5,7 +5,7 @@
 //! stylealign serve --model tiny --listen 127.0.0.1:50051 --admin-listen 127.0.0.1:9090
 //! stylealign generate --server 127.0.0.1:50051 --prompt "a cat, watercolor" --prompt "a dog" --out out/
 //! stylealign demo --out out/demo
-//! stylealign loadtest
+//! stylealign loadtest --server 127.0.0.1:50051 --clients 1,4,16 --duration 30s
 //! ```
 //!
 //! Every `serve` flag also reads an environment variable (`STYLEALIGN_…`, shown by `--help`).
@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use stylealign::device::DeviceSpec;
-use stylealign::serve::client::{self, Identity};
+use stylealign::serve::client::{self, Identity, Mix, RssSource};
+use stylealign::serve::session::SessionSecret;
 use stylealign::serve::{ServeConfig, Server, Tokens, pb};
 
 #[derive(Parser)]
@@ -85,6 +86,18 @@ struct ServeArgs {
     /// Sessions in all (more is RESOURCE_EXHAUSTED).
     #[arg(long, env = "STYLEALIGN_MAX_SESSIONS", default_value_t = 10_000)]
     max_sessions: usize,
+    /// File holding the secret that signs session ids (≥ 32 bytes; surrounding whitespace
+    /// ignored). Replicas of one deployment share it, so that any replica serves any session.
+    /// Without it (or --session-secret) a random secret is generated: ids die with the process.
+    #[arg(long, env = "STYLEALIGN_SESSION_SECRET_FILE")]
+    session_secret_file: Option<PathBuf>,
+    /// The session secret itself (prefer the file).
+    #[arg(long, env = "STYLEALIGN_SESSION_SECRET", hide_env_values = true, conflicts_with = "session_secret_file")]
+    session_secret: Option<String>,
+    /// Hard session lifetime, in seconds: a session id is refused everywhere this long after its
+    /// creation, used or not (a release on one replica reaches the others only then).
+    #[arg(long, env = "STYLEALIGN_MAX_SESSION_LIFETIME_SECS", default_value_t = 86_400)]
+    max_session_lifetime_secs: u64,
     #[arg(long, env = "STYLEALIGN_MAX_PROMPTS", default_value_t = 8)]
     max_prompts: usize,
     #[arg(long, env = "STYLEALIGN_MAX_PROMPT_CHARS", default_value_t = 2000)]
@@ -130,6 +143,11 @@ impl ServeArgs {
         } else {
             None
         };
+        let session_secret = match (&self.session_secret_file, &self.session_secret) {
+            (Some(f), _) => Some(SessionSecret::from_file(f).map_err(anyhow::Error::msg).context("--session-secret-file")?),
+            (None, Some(s)) => Some(SessionSecret::new(s.as_bytes()).map_err(anyhow::Error::msg).context("--session-secret")?),
+            (None, None) => None,
+        };
         let admin_listen = match self.admin_listen.as_str() {
             "off" | "none" | "" => None,
             a => Some(a.parse().with_context(|| format!("--admin-listen {a:?}"))?),
@@ -148,6 +166,8 @@ impl ServeArgs {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             max_sessions_per_client: self.max_sessions_per_client,
             max_sessions: self.max_sessions,
+            session_secret,
+            max_session_lifetime: Duration::from_secs(self.max_session_lifetime_secs),
             max_prompts: self.max_prompts,
             max_prompt_chars: self.max_prompt_chars,
             max_steps: self.max_steps,
@@ -337,28 +357,81 @@ struct DemoArgs {
     seed: u64,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BatchingArg {
+    On,
+    Off,
+    Both,
+}
+
 #[derive(Args)]
+#[command(after_long_help = "Examples:\n  stylealign loadtest                                   # in-process tiny server, batching on and off, 1 and 4 clients\n  stylealign loadtest --server 127.0.0.1:50051,127.0.0.1:50052 --clients 1,4,16 --duration 30s --json\n  stylealign loadtest --server 127.0.0.1:50051 --mix 'sampler=ddim:3,euler_a:1;images=1:1,4:1' --duration 1m\n  stylealign loadtest --server 127.0.0.1:50051 --soak --duration 600s --clients 4 --server-pid 1234\n  stylealign loadtest --server 10.0.0.5:50051 --soak --duration 10m --metrics 10.0.0.5:9090")]
 struct LoadArgs {
-    /// A running server; default: an in-process server on the tiny model, measured with
-    /// batching on and off.
-    #[arg(long)]
-    server: Option<String>,
-    /// Concurrent client counts to measure.
+    /// Servers (`host:port` or URLs, comma-separated). Each client creates its session on one of
+    /// them and sends request i to the next one round-robin (sessions must be valid on every
+    /// server: replicas sharing --session-secret-file). Default: an in-process server on the tiny
+    /// model (see --batching).
+    #[arg(long, value_delimiter = ',')]
+    server: Vec<String>,
+    /// Concurrent clients (closed loop: each sends its next request when the last one ended). A
+    /// list runs one measurement per count.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     clients: Vec<usize>,
-    /// Requests per client.
-    #[arg(long, default_value_t = 6)]
-    requests: usize,
-    /// Images per request.
+    /// How long each measurement sends requests (`30s`, `2m`, `500ms`, or seconds); requests in
+    /// flight at the end are waited for.
+    #[arg(long, value_parser = client::parse_duration)]
+    duration: Option<Duration>,
+    /// Requests per client (default 6 without --duration; with it, an upper bound).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Request mix, e.g. `ddim:3,euler:1` or `sampler=ddim:3,euler_a:1;images=1:1,4:1`.
+    #[arg(long, long_help = client::MIX_HELP)]
+    mix: Option<String>,
+    /// Images (prompts) per request, where --mix does not say.
     #[arg(long, default_value_t = 2)]
     images: u32,
+    /// Steps, where --mix does not say.
     #[arg(long, default_value_t = 8)]
     steps: u32,
+    /// Width and height, where --mix does not say.
     #[arg(long, default_value_t = 32)]
     size: u32,
+    /// Deadline of each request, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    timeout_secs: f64,
+    /// Bearer token for every client (servers with auth); else client n sends `x-client-id: load-n`.
+    #[arg(long, env = "STYLEALIGN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Label of the measurements in the output (default: `server`, or `batching-on` /
+    /// `batching-off` in-process).
+    #[arg(long)]
+    label: Option<String>,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Soak: one run of --duration (one --clients value) that reports the servers' resident
+    /// memory at the start, every --rss-every and at the end (from --server-pid or --metrics; the
+    /// in-process server: this process).
+    #[arg(long, requires = "duration")]
+    soak: bool,
+    /// Soak: local server processes whose RSS to read from /proc/<pid>/status.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Soak: admin listeners (`host:port`) whose /metrics has process_resident_memory_bytes.
+    #[arg(long, value_delimiter = ',')]
+    metrics: Vec<String>,
+    /// Soak: RSS sampling interval.
+    #[arg(long, value_parser = client::parse_duration, default_value = "10s")]
+    rss_every: Duration,
+    /// In-process server: batching on, off, or both (one measurement each).
+    #[arg(long, value_enum, default_value = "both")]
+    batching: BatchingArg,
     /// In-process server: CPU workers.
     #[arg(long, default_value_t = 1)]
     cpu_workers: usize,
+    /// Seed of the request mix and the image seeds.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -480,63 +553,155 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn loadtest(a: LoadArgs) -> anyhow::Result<()> {
-    let images = a.images.max(1);
-    let (steps, size) = (a.steps, a.size);
-    let make = move |c: usize, i: usize| pb::GenerateRequest {
-        prompts: (0..images).map(|k| format!("object {k} of client {c}, request {i}, ink drawing")).collect(),
-        seed: Some((c * 1000 + i) as u64),
-        steps,
-        width: size,
-        height: size,
-        ..Default::default()
+    use stylealign::sampling::sampler::SamplerKind;
+    if a.clients.is_empty() || a.clients.iter().any(|&c| c == 0 || c > 1024) {
+        bail!("--clients: 1 to 1024 each");
+    }
+    if a.requests.is_some_and(|r| r == 0 || r > 1_000_000) {
+        bail!("--requests: 1 to 1,000,000");
+    }
+    if !(a.timeout_secs.is_finite() && a.timeout_secs > 0.0 && a.timeout_secs <= 3600.0) {
+        bail!("--timeout-secs: (0, 3600]");
+    }
+    if a.soak && a.clients.len() != 1 {
+        bail!("--soak runs one measurement: give one --clients value");
+    }
+    if a.soak && !a.server.is_empty() && a.server_pid.is_empty() && a.metrics.is_empty() {
+        bail!("--soak against --server needs --server-pid (local process) or --metrics (admin host:port) to read the server's memory");
+    }
+    let defaults = Mix::fixed(SamplerKind::Ddim, a.images.max(1), a.steps.max(1), a.size);
+    let mix = match &a.mix {
+        Some(m) => Mix::parse(m).map_err(anyhow::Error::msg)?.or(&defaults),
+        None => defaults,
     };
-    let patch = pb::PatchModelRequest { model: "tiny".into(), ..Default::default() };
-    println!("{:<10} {:>7} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}", "batching", "clients", "requests", "images", "images/s", "p50 ms", "p99 ms", "failures");
-    let runs: Vec<(Option<bool>, usize)> = match &a.server {
-        Some(_) => a.clients.iter().map(|&c| (None, c)).collect(),
-        None => [true, false].iter().flat_map(|&b| a.clients.iter().map(move |&c| (Some(b), c))).collect(),
+    let requests = match (a.requests, a.duration) {
+        (Some(r), _) => Some(r),
+        (None, Some(_)) => None,
+        (None, None) => Some(6),
     };
-    for (batching, clients) in runs {
-        let (addr, server) = match (&a.server, batching) {
-            (Some(s), _) => (s.clone(), None),
-            (None, b) => {
-                let cfg = ServeConfig {
-                    listen: "127.0.0.1:0".parse()?,
-                    admin_listen: None,
-                    batching: b.unwrap_or(true),
-                    cpu_workers: a.cpu_workers,
-                    max_batch_rows: 16,
-                    max_batch_delay: Duration::from_millis(20),
-                    ..ServeConfig::default()
-                };
-                let s = Server::bind(cfg).await?;
-                s.load().await?;
-                (s.addr().to_string(), Some(s))
-            }
+    let runs: Vec<(Option<bool>, usize)> = if !a.server.is_empty() {
+        a.clients.iter().map(|&c| (None, c)).collect()
+    } else {
+        let modes: &[bool] = match a.batching {
+            BatchingArg::On => &[true],
+            BatchingArg::Off => &[false],
+            BatchingArg::Both => &[true, false],
         };
-        let r = client::load_test(&addr, clients, a.requests, patch.clone(), make).await?;
-        let label = match batching {
-            Some(true) => "on",
-            Some(false) => "off",
-            None => "server",
-        };
+        modes.iter().flat_map(|&b| a.clients.iter().map(move |&c| (Some(b), c))).collect()
+    };
+    if !a.json {
         println!(
-            "{:<10} {:>7} {:>9} {:>8} {:>10.2} {:>9.0} {:>9.0} {:>9}",
-            label,
-            clients,
-            r.requests,
-            r.images,
-            r.images_per_second(),
-            r.percentile(50.0).as_secs_f64() * 1e3,
-            r.percentile(99.0).as_secs_f64() * 1e3,
-            r.failures
+            "mix {}; {}",
+            mix.describe(),
+            match (a.duration, requests) {
+                (Some(d), Some(r)) => format!("{:.0} s or {r} requests per client", d.as_secs_f64()),
+                (Some(d), None) => format!("{:.0} s per measurement", d.as_secs_f64()),
+                (None, Some(r)) => format!("{r} requests per client"),
+                (None, None) => unreachable!(),
+            }
         );
+        println!(
+            "{:<14} {:>7} {:>8} {:>6} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}  codes",
+            "label", "clients", "requests", "ok", "images", "images/s", "p50 ms", "p95 ms", "p99 ms", "q50 ms", "q95 ms", "q99 ms", "rows"
+        );
+    }
+    let mut results = Vec::new();
+    let mut soak_json = None;
+    for (batching, clients) in runs {
+        let (servers, server) = if !a.server.is_empty() {
+            (a.server.clone(), None)
+        } else {
+            let cfg = ServeConfig {
+                listen: "127.0.0.1:0".parse()?,
+                admin_listen: None,
+                batching: batching.unwrap_or(true),
+                cpu_workers: a.cpu_workers,
+                max_batch_rows: 16,
+                max_batch_delay: Duration::from_millis(20),
+                // One process: a per-process secret is all it needs (and says so without a warning).
+                session_secret: Some(SessionSecret::random()),
+                ..ServeConfig::default()
+            };
+            let s = Server::bind(cfg).await?;
+            s.load().await?;
+            (vec![s.addr().to_string()], Some(s))
+        };
+        let cfg = client::LoadConfig {
+            duration: a.duration,
+            requests_per_client: requests,
+            timeout: Duration::from_secs_f64(a.timeout_secs),
+            token: a.token.clone(),
+            seed: a.seed,
+            ..client::LoadConfig::new(servers, clients, mix.clone())
+        };
+        let label = a.label.clone().unwrap_or_else(|| match batching {
+            Some(true) => "batching-on".into(),
+            Some(false) => "batching-off".into(),
+            None => "server".into(),
+        });
+        let r = if a.soak {
+            let mut sources: Vec<RssSource> = a.server_pid.iter().map(|&p| RssSource::Pid(p)).chain(a.metrics.iter().map(|m| RssSource::Metrics(m.clone()))).collect();
+            if sources.is_empty() {
+                sources.push(RssSource::ThisProcess);
+            }
+            let (r, traces) = client::soak(&cfg, &sources, a.rss_every).await?;
+            if !a.json {
+                for t in &traces {
+                    let mb = |b: Option<u64>| b.map(|b| format!("{:.1} MB", b as f64 / 1048576.0)).unwrap_or_else(|| "?".into());
+                    println!("soak RSS ({}): start {}, end {}, max {}, {} samples", t.source, mb(t.start()), mb(t.end()), mb(t.max()), t.samples.len());
+                }
+            }
+            soak_json = Some(serde_json::json!({"duration_s": a.duration.map(|d| d.as_secs_f64()), "rss": traces.iter().map(|t| t.to_json()).collect::<Vec<_>>()}));
+            r
+        } else {
+            client::load_test(&cfg).await?
+        };
+        if !a.json {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{:<14} {:>7} {:>8} {:>6} {:>7} {:>9.2} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>6.2}  {}",
+                label,
+                clients,
+                r.requests,
+                r.ok,
+                r.images,
+                r.images_per_second(),
+                ms(r.percentile(50.0)),
+                ms(r.percentile(95.0)),
+                ms(r.percentile(99.0)),
+                ms(r.queue_percentile(50.0)),
+                ms(r.queue_percentile(95.0)),
+                ms(r.queue_percentile(99.0)),
+                r.mean_batch_rows(),
+                r.codes.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+            );
+        }
+        let mut j = r.to_json();
+        j["label"] = serde_json::json!(label);
         if let Some(s) = server {
             let st = s.stats();
             let batches = stylealign::serve::metrics::Stats::get(&st.batches).max(1);
-            println!("           ({} batches, {:.2} rows/batch on average)", batches, stylealign::serve::metrics::Stats::get(&st.batch_rows) as f64 / batches as f64);
+            let rows = stylealign::serve::metrics::Stats::get(&st.batch_rows) as f64 / batches as f64;
+            if !a.json {
+                println!("{:<14} ({batches} batches, {rows:.2} rows/batch on average)", "");
+            }
+            j["server_batches"] = serde_json::json!(batches);
             s.shutdown().await;
         }
+        results.push(j);
+    }
+    if a.json {
+        let mut doc = serde_json::json!({
+            "mix": mix.describe(),
+            "duration_s": a.duration.map(|d| d.as_secs_f64()),
+            "requests_per_client": requests,
+            "servers": if a.server.is_empty() { serde_json::json!("in-process") } else { serde_json::json!(a.server) },
+            "runs": results,
+        });
+        if let Some(s) = soak_json {
+            doc["soak"] = s;
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     }
     Ok(())
 }

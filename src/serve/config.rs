@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::session::SessionSecret;
 use crate::device::DeviceSpec;
 
 /// Where a served model comes from.
@@ -51,6 +52,12 @@ pub struct ServeConfig {
     /// Across clients: creating one more session is RESOURCE_EXHAUSTED (never evicts another
     /// client's session).
     pub max_sessions: usize,
+    /// Signs session ids (self-describing tokens). Replicas sharing it accept each other's
+    /// sessions. `None`: a random secret per process (single replica; ids die with it).
+    pub session_secret: Option<SessionSecret>,
+    /// Hard lifetime of a session from its creation: its token is refused everywhere afterwards
+    /// (this bounds how long a session released on one replica stays usable on the others).
+    pub max_session_lifetime: Duration,
     /// Most prompts (images) in one set.
     pub max_prompts: usize,
     pub max_prompt_chars: usize,
@@ -83,6 +90,8 @@ impl Default for ServeConfig {
             session_ttl: Duration::from_secs(30 * 60),
             max_sessions_per_client: 64,
             max_sessions: 10_000,
+            session_secret: None,
+            max_session_lifetime: super::session::DEFAULT_MAX_LIFETIME,
             max_prompts: 8,
             max_prompt_chars: 2_000,
             max_steps: 150,
@@ -133,6 +142,9 @@ impl ServeConfig {
         }
         if self.session_ttl.is_zero() {
             return Err("--session-ttl must be positive".into());
+        }
+        if self.max_session_lifetime < Duration::from_secs(1) {
+            return Err("--max-session-lifetime-secs must be at least 1".into());
         }
         Ok(())
     }

@@ -13,6 +13,7 @@
 //! | `stylealign_dropped_total` | counter | `reason` (`deadline_exceeded`, `cancelled`, `shutting_down`), `stage` (`queued`, `running`) |
 //! | `stylealign_sessions` | gauge | |
 //! | `stylealign_running_batches` | gauge | |
+//! | `process_resident_memory_bytes` | gauge | (Linux: `VmRSS`, read when `/metrics` is scraped) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -32,6 +33,8 @@ pub const IMAGES: &str = "stylealign_images_total";
 pub const DROPPED: &str = "stylealign_dropped_total";
 pub const SESSIONS: &str = "stylealign_sessions";
 pub const RUNNING: &str = "stylealign_running_batches";
+/// The Prometheus client libraries' standard name.
+pub const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 pub const INVERSION_CACHE_HITS: &str = "stylealign_inversion_cache_hits_total";
 pub const INVERSION_CACHE_MISSES: &str = "stylealign_inversion_cache_misses_total";
 
@@ -72,6 +75,22 @@ fn describe() {
     metrics::describe_counter!(DROPPED, "Requests stopped before completion, by reason and stage");
     metrics::describe_gauge!(SESSIONS, "Live sessions");
     metrics::describe_gauge!(RUNNING, "UNet batches running");
+    metrics::describe_gauge!(RESIDENT_MEMORY, metrics::Unit::Bytes, "Resident memory size of the server process");
+}
+
+/// Sets `process_resident_memory_bytes` from `/proc/self/status` (no-op where it is missing).
+pub fn update_process_memory() {
+    if let Some(b) = resident_memory_bytes() {
+        metrics::gauge!(RESIDENT_MEMORY).set(b as f64);
+    }
+}
+
+/// This process's resident set size (Linux `VmRSS`), in bytes.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub fn dropped_label(reason: Dropped) -> &'static str {

@@ -31,7 +31,7 @@ use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::{StyleAlign, StyleAlignServer};
 use super::queue::{BatchPolicy, Dropped, PushError, Queue, Ticket};
-use super::session::{SessionError, SessionStore, random_u64};
+use super::session::{SessionError, SessionSecret, SessionStore, random_u64};
 use super::worker::{self, AbortFlag, FailCode, GenJob, JobControl, JobEvent, Models, Provenance};
 use crate::device::{self, DeviceSpec};
 use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, ReferenceImage, SetSpec};
@@ -239,7 +239,7 @@ impl StyleAlign for Service {
                 return Err(FieldError::new("session_id", "required").status());
             }
             let s = st.sessions.get(&owner, id).map_err(session_status)?;
-            Ok(Response::new(convert::session_to_proto(&s, st.sessions.ttl())))
+            Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
         })())
     }
 
@@ -311,8 +311,8 @@ impl Service {
         let patch = convert::patch_from_proto(&req)?;
         let s = st.sessions.create(&owner, &model.name, patch).map_err(session_status)?;
         st.update_session_gauge();
-        tracing::info!(client = %owner, session = %s.id, model = %s.model, options = ?s.patch, "session created");
-        Ok(Response::new(convert::session_to_proto(&s, st.sessions.ttl())))
+        tracing::info!(client = %owner, session = %s.short_id(), model = %s.model, options = ?s.patch, "session created");
+        Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
     }
 
     fn generate_inner(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
@@ -515,6 +515,20 @@ impl Server {
         cfg.check().map_err(anyhow::Error::msg)?;
         let metrics = m::install();
         let (health, health_svc) = tonic_health::server::health_reporter();
+        let session_secret = match &cfg.session_secret {
+            Some(s) => {
+                tracing::info!(fingerprint = %s.fingerprint(), max_lifetime_s = cfg.max_session_lifetime.as_secs(), "session tokens signed with the configured secret (replicas sharing it accept each other's sessions)");
+                s.clone()
+            }
+            None => {
+                let s = SessionSecret::random();
+                tracing::warn!(
+                    fingerprint = %s.fingerprint(),
+                    "no session secret configured (--session-secret-file / STYLEALIGN_SESSION_SECRET): generated a random one; session ids do not survive a restart and other replicas refuse them"
+                );
+                s
+            }
+        };
         let state = Arc::new(State {
             limits: Limits {
                 max_prompts: cfg.max_prompts,
@@ -526,7 +540,7 @@ impl Server {
                 default_guidance: cfg.default_guidance,
             },
             models: RwLock::new(BTreeMap::new()),
-            sessions: SessionStore::new(cfg.session_ttl, cfg.max_sessions_per_client, cfg.max_sessions),
+            sessions: SessionStore::with_secret(cfg.session_ttl, cfg.max_sessions_per_client, cfg.max_sessions, session_secret, cfg.max_session_lifetime),
             queue: Arc::new(Queue::new(cfg.max_queue)),
             stats: Arc::new(Stats::default()),
             health,
@@ -564,7 +578,7 @@ impl Server {
             .add_service(health_svc)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal(shutdown_rx.clone()));
+            .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
                 tracing::error!(error = %e, "gRPC server failed");
@@ -580,7 +594,13 @@ impl Server {
                 let st = state.clone();
                 let router = tonic::service::Routes::new(health_svc)
                     .into_axum_router()
-                    .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
+                    .route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            m::update_process_memory();
+                            std::future::ready(handle.render())
+                        }),
+                    )
                     .route(
                         "/healthz",
                         axum::routing::get(move || {
@@ -595,7 +615,7 @@ impl Server {
                     .trace_fn(|req| tracing::debug_span!("admin", path = %req.uri().path()))
                     .accept_http1(true)
                     .add_routes(tonic::service::Routes::from(router))
-                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), signal(shutdown_rx.clone()));
+                    .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = admin.await {
                         tracing::error!(error = %e, "admin server failed");
@@ -734,6 +754,13 @@ impl Server {
         .await;
         tracing::info!("stopped");
     }
+}
+
+/// Accepted connections with TCP_NODELAY: without it, a response whose message exceeds h2's
+/// 256-byte copy threshold (a `Session` with its token) goes out in two writes, and Nagle's
+/// algorithm holds the second until the client's delayed ACK (~40 ms per call).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 async fn wait_until(end: Instant, mut cond: impl FnMut() -> bool) -> bool {

@@ -12,25 +12,82 @@
 //! - global cap: creating one more session when the store is full (after removing expired
 //!   ones) is **refused** ([`SessionError::GlobalCap`] → RESOURCE_EXHAUSTED): one client's
 //!   activity never destroys another client's sessions.
+//!
+//! # Self-describing session ids (scale-out)
+//!
+//! A session id is a signed token that carries the whole session, so that any replica sharing
+//! the secret can serve it without a shared store:
+//!
+//! ```text
+//! sa1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(secret, "sa1." + base64url(JSON claims)))>
+//! claims: {"id": 128-bit nonce (hex), "model", "patch": StyleAligned, "owner": keyed hash of the
+//!          client identity, "iat": created (unix s), "idle_ms": idle TTL, "exp": hard expiry (unix s)}
+//! ```
+//!
+//! A replica that does not hold an id (a lookup miss) verifies the token (constant-time MAC
+//! compare, then the hard expiry, then the owner) and **adopts** it into its local store, where it
+//! counts against the caps like a created session and gets a fresh idle TTL (the token cannot
+//! know when the session was last used elsewhere; adoption happens because the client is using
+//! it right now). Every failure is NOT_FOUND, exactly like an unknown id.
+//!
+//! A replica never brings back a session it has itself seen end: release, eviction and idle
+//! expiry record the session's nonce in a local revocation set (bounded, pruned at each token's
+//! hard expiry). Other replicas do not learn of it: a session released on one replica stays
+//! usable on the others until its hard expiry (`exp`, the creating replica's
+//! `--max-session-lifetime-secs` after creation), after which every replica refuses it.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 use crate::style_aligned::StyleAligned;
 
-/// A session: cheap to clone (shared strings, a small `Copy` value).
+type HmacSha256 = Hmac<Sha256>;
+
+/// The version prefix of session tokens.
+pub const TOKEN_PREFIX: &str = "sa1.";
+/// Longer ids are refused without decoding (NOT_FOUND).
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// The shortest accepted secret, in bytes.
+pub const MIN_SECRET_LEN: usize = 32;
+/// The default hard lifetime of a session (`--max-session-lifetime-secs`).
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// A session: cheap to clone (shared strings, small `Copy` values).
 #[derive(Clone, Debug)]
 pub struct Session {
+    /// The token (`sa1.…`).
     pub id: Arc<str>,
     pub owner: Arc<str>,
     pub model: Arc<str>,
     pub patch: StyleAligned,
     pub created: SystemTime,
-    /// Expiry if left idle from now on.
+    /// Expiry if left idle from now on (never after `hard_expires`).
     pub expires: SystemTime,
+    /// The idle TTL this replica applies to the session.
+    pub idle_ttl: Duration,
+    /// The token's hard expiry: no replica accepts the session afterwards.
+    pub hard_expires: SystemTime,
+}
+
+impl Session {
+    /// A short, stable handle for logs: the token's last 16 characters (from its signature).
+    pub fn short_id(&self) -> &str {
+        let id: &str = &self.id;
+        match id.char_indices().rev().nth(15) {
+            Some((i, _)) => &id[i..],
+            None => id,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,15 +98,201 @@ pub enum SessionError {
     GlobalCap(usize),
 }
 
+/// How an id is shown in errors: tokens are long, so only their start.
+fn shown(id: &str) -> String {
+    match id.char_indices().nth(24) {
+        Some((i, _)) => format!("{}…", &id[..i]),
+        None => id.to_string(),
+    }
+}
+
+fn not_found(id: &str) -> SessionError {
+    SessionError::NotFound(shown(id))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+// ---------------------------------------------------------------------------------------------
+
+/// The HMAC key shared by the replicas of one deployment. `Debug` shows a fingerprint only.
+#[derive(Clone)]
+pub struct SessionSecret {
+    key: Arc<[u8]>,
+    random: bool,
+}
+
+impl std::fmt::Debug for SessionSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionSecret(fingerprint {}{})", self.fingerprint(), if self.random { ", random" } else { "" })
+    }
+}
+
+impl SessionSecret {
+    /// A secret from bytes; surrounding ASCII whitespace (a file's trailing newline) is ignored.
+    /// At least [`MIN_SECRET_LEN`] bytes.
+    pub fn new(bytes: &[u8]) -> Result<Self, String> {
+        let key = bytes.trim_ascii();
+        if key.len() < MIN_SECRET_LEN {
+            return Err(format!(
+                "the session secret has {} bytes; at least {MIN_SECRET_LEN} are required (e.g. `head -c 32 /dev/urandom | base64`)",
+                key.len()
+            ));
+        }
+        Ok(Self { key: Arc::from(key), random: false })
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// 32 random bytes from the operating system (single-replica use: tokens signed with it die
+    /// with the process and are refused by other replicas).
+    pub fn random() -> Self {
+        let mut key = [0u8; 32];
+        if getrandom::fill(&mut key).is_err() {
+            // No OS randomness: SipHash keyed by the standard library's per-process random keys.
+            for (i, chunk) in key.chunks_mut(8).enumerate() {
+                let v = random_u64() ^ (i as u64).rotate_left(17);
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Self { key: Arc::from(&key[..]), random: true }
+    }
+
+    /// Generated at start (no secret configured).
+    pub fn is_random(&self) -> bool {
+        self.random
+    }
+
+    /// A short, non-secret fingerprint (to check in logs that replicas share the secret).
+    pub fn fingerprint(&self) -> String {
+        let tag = self.mac(b"stylealign session secret fingerprint").finalize().into_bytes();
+        tag[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn mac(&self, data: &[u8]) -> HmacSha256 {
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        m.update(data);
+        m
+    }
+
+    /// The owner field of a token: a keyed hash of the client identity (128 bits, base64url), so
+    /// that tokens do not spell out identities.
+    pub fn owner_tag(&self, owner: &str) -> String {
+        let mut m = self.mac(b"owner\0");
+        m.update(owner.as_bytes());
+        B64.encode(&m.finalize().into_bytes()[..16])
+    }
+
+    /// Signs claims into a token.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let json = serde_json::to_vec(claims).expect("claims serialize");
+        let mut token = String::with_capacity(TOKEN_PREFIX.len() + json.len() * 4 / 3 + 48);
+        token.push_str(TOKEN_PREFIX);
+        B64.encode_string(&json, &mut token);
+        let sig = self.mac(token.as_bytes()).finalize().into_bytes();
+        token.push('.');
+        B64.encode_string(sig, &mut token);
+        token
+    }
+
+    /// Verifies a token's signature and decodes its claims (does not check expiry or owner).
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let rest = token.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Malformed)?;
+        let (payload, sig) = rest.rsplit_once('.').ok_or(TokenError::Malformed)?;
+        let sig = B64.decode(sig).map_err(|_| TokenError::Malformed)?;
+        let signed = &token[..TOKEN_PREFIX.len() + payload.len()];
+        // Constant-time comparison (`subtle`, inside `hmac`).
+        self.mac(signed.as_bytes()).verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
+        let json = B64.decode(payload).map_err(|_| TokenError::Malformed)?;
+        let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        claims.nonce().ok_or(TokenError::Malformed)?;
+        Ok(claims)
+    }
+
+    /// Verifies a token for `owner` at `now` (unix seconds): signature, hard expiry, owner, patch.
+    pub fn verify_for(&self, token: &str, owner: &str, now: u64) -> Result<Claims, TokenError> {
+        let claims = self.verify(token)?;
+        if now >= claims.exp {
+            return Err(TokenError::Expired);
+        }
+        let tag = self.owner_tag(owner);
+        if !subtle_eq(tag.as_bytes(), claims.owner.as_bytes()) {
+            return Err(TokenError::WrongOwner);
+        }
+        claims.patch.resolve().map_err(|_| TokenError::Malformed)?;
+        Ok(claims)
+    }
+}
+
+/// Constant-time byte comparison of equal-length slices.
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What a session token says. Field names are short: the token travels with every call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Claims {
+    /// 128 random bits, 32 hex digits: the session's identity (revocation key).
+    pub id: String,
+    pub model: String,
+    pub patch: StyleAligned,
+    /// [`SessionSecret::owner_tag`] of the client identity.
+    pub owner: String,
+    /// Created, unix seconds.
+    pub iat: u64,
+    /// The idle TTL promised at creation, in milliseconds.
+    pub idle_ms: u64,
+    /// Hard expiry, unix seconds: refused everywhere from then on.
+    pub exp: u64,
+}
+
+impl Claims {
+    fn nonce(&self) -> Option<u128> {
+        if self.id.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(&self.id, 16).ok()
+    }
+}
+
+/// Why a token was refused (all of them answer NOT_FOUND; logged at debug level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("not a session token")]
+    Malformed,
+    #[error("bad signature (another secret, or altered)")]
+    BadSignature,
+    #[error("past its hard expiry")]
+    Expired,
+    #[error("another client's")]
+    WrongOwner,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------------------------
+
 struct Entry {
     session: Session,
     last_used: Instant,
+    nonce: u128,
 }
 
 #[derive(Default)]
 struct Inner {
     by_id: HashMap<Arc<str>, Entry>,
     by_owner: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Sessions seen ending here (released, evicted, expired): nonce → hard expiry (unix s).
+    revoked: HashMap<u128, u64>,
 }
 
 impl Inner {
@@ -63,12 +306,36 @@ impl Inner {
         }
         Some(e)
     }
+
+    /// Removes the session and remembers it ended (until its hard expiry).
+    fn end(&mut self, id: &str, max_revoked: usize) -> Option<Entry> {
+        let e = self.remove(id)?;
+        self.revoke(e.nonce, unix_secs(e.session.hard_expires), max_revoked);
+        Some(e)
+    }
+
+    fn revoke(&mut self, nonce: u128, exp: u64, max_revoked: usize) {
+        if self.revoked.len() >= max_revoked && !self.revoked.contains_key(&nonce) {
+            let now = unix_secs(SystemTime::now());
+            self.revoked.retain(|_, &mut x| x > now);
+            if self.revoked.len() >= max_revoked {
+                // Full of live entries: forget the one closest to its hard expiry.
+                if let Some(k) = self.revoked.iter().min_by_key(|(_, x)| **x).map(|(k, _)| *k) {
+                    self.revoked.remove(&k);
+                }
+            }
+        }
+        self.revoked.insert(nonce, exp);
+    }
 }
 
 /// Counters of what happened to sessions (besides the live count).
 #[derive(Debug, Default)]
 pub struct SessionCounters {
     pub created: AtomicU64,
+    /// Sessions created elsewhere (another replica, or before a restart) taken into this store
+    /// from their token.
+    pub adopted: AtomicU64,
     pub released: AtomicU64,
     pub expired: AtomicU64,
     pub evicted: AtomicU64,
@@ -79,16 +346,45 @@ pub struct SessionStore {
     ttl: Duration,
     per_client: usize,
     global: usize,
+    secret: SessionSecret,
+    max_lifetime: Duration,
+    max_revoked: usize,
     pub counters: SessionCounters,
 }
 
 impl SessionStore {
+    /// A store with a random secret (tokens valid in this process only) and the default hard
+    /// lifetime.
     pub fn new(ttl: Duration, per_client: usize, global: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), ttl, per_client: per_client.max(1), global: global.max(1), counters: SessionCounters::default() }
+        Self::with_secret(ttl, per_client, global, SessionSecret::random(), DEFAULT_MAX_LIFETIME)
+    }
+
+    /// A store whose tokens are signed with `secret` (shared by the replicas of a deployment) and
+    /// expire for good `max_lifetime` after creation.
+    pub fn with_secret(ttl: Duration, per_client: usize, global: usize, secret: SessionSecret, max_lifetime: Duration) -> Self {
+        let global = global.max(1);
+        Self {
+            inner: Mutex::new(Inner::default()),
+            ttl,
+            per_client: per_client.max(1),
+            global,
+            secret,
+            max_lifetime: max_lifetime.max(Duration::from_secs(1)),
+            max_revoked: global.saturating_mul(16).max(4096),
+            counters: SessionCounters::default(),
+        }
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+
+    pub fn secret(&self) -> &SessionSecret {
+        &self.secret
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -97,105 +393,214 @@ impl SessionStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn expired(&self, e: &Entry, now: Instant) -> bool {
-        now.duration_since(e.last_used) >= self.ttl
+    fn expired(&self, e: &Entry, now: Instant, wall: SystemTime) -> bool {
+        now.duration_since(e.last_used) >= e.session.idle_ttl || wall >= e.session.hard_expires
     }
 
-    /// Creates a session for `owner`.
-    pub fn create(&self, owner: &str, model: &str, patch: StyleAligned) -> Result<Session, SessionError> {
-        let now = Instant::now();
-        let mut g = self.lock();
-        let owner: Arc<str> = match g.by_owner.get_key_value(owner) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(owner),
-        };
-        // The owner's own expired sessions first, then its LRU one if at the cap.
-        let mine: Vec<Arc<str>> = g.by_owner.get(&owner).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+    /// Makes room for one more session of `owner`: its expired sessions go, then its LRU ones
+    /// while at the per-client cap; then the global cap (after a sweep) refuses.
+    fn make_room(&self, g: &mut Inner, owner: &Arc<str>, now: Instant, wall: SystemTime) -> Result<(), SessionError> {
+        let mine: Vec<Arc<str>> = g.by_owner.get(owner).map(|s| s.iter().cloned().collect()).unwrap_or_default();
         for id in &mine {
-            if g.by_id.get(id).is_some_and(|e| self.expired(e, now)) {
-                g.remove(id);
+            if g.by_id.get(id).is_some_and(|e| self.expired(e, now, wall)) {
+                g.end(id, self.max_revoked);
                 self.counters.expired.fetch_add(1, Ordering::Relaxed);
             }
         }
-        while g.by_owner.get(&owner).map_or(0, |s| s.len()) >= self.per_client {
-            let lru = g.by_owner[&owner].iter().min_by_key(|id| g.by_id[*id].last_used).cloned();
+        while g.by_owner.get(owner).map_or(0, |s| s.len()) >= self.per_client {
+            let lru = g.by_owner[owner].iter().min_by_key(|id| g.by_id[*id].last_used).cloned();
             match lru {
                 Some(id) => {
-                    g.remove(&id);
+                    g.end(&id, self.max_revoked);
                     self.counters.evicted.fetch_add(1, Ordering::Relaxed);
                 }
                 None => break,
             }
         }
         if g.by_id.len() >= self.global {
-            self.sweep_locked(&mut g, now);
+            self.sweep_locked(g, now, wall);
             if g.by_id.len() >= self.global {
                 return Err(SessionError::GlobalCap(self.global));
             }
         }
-        let id: Arc<str> = loop {
-            let id: Arc<str> = Arc::from(random_id().as_str());
+        Ok(())
+    }
+
+    fn interned_owner(g: &Inner, owner: &str) -> Arc<str> {
+        match g.by_owner.get_key_value(owner) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(owner),
+        }
+    }
+
+    /// Creates a session for `owner`.
+    pub fn create(&self, owner: &str, model: &str, patch: StyleAligned) -> Result<Session, SessionError> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let iat = unix_secs(wall);
+        let exp = iat.saturating_add(self.max_lifetime.as_secs().max(1));
+        let owner_tag = self.secret.owner_tag(owner);
+        let mut g = self.lock();
+        let owner: Arc<str> = Self::interned_owner(&g, owner);
+        self.make_room(&mut g, &owner, now, wall)?;
+        let (nonce, id) = loop {
+            let nonce = (random_u64() as u128) << 64 | random_u64() as u128;
+            if g.revoked.contains_key(&nonce) {
+                continue;
+            }
+            let claims = Claims { id: format!("{nonce:032x}"), model: model.to_string(), patch, owner: owner_tag.clone(), iat, idle_ms: self.ttl.as_millis() as u64, exp };
+            let id: Arc<str> = Arc::from(self.secret.sign(&claims));
             if !g.by_id.contains_key(&id) {
-                break id;
+                break (nonce, id);
             }
         };
-        let created = SystemTime::now();
-        let session = Session { id: id.clone(), owner: owner.clone(), model: Arc::from(model), patch, created, expires: created + self.ttl };
+        let created = UNIX_EPOCH + Duration::from_secs(iat);
+        let hard_expires = UNIX_EPOCH + Duration::from_secs(exp);
+        let session = Session {
+            id: id.clone(),
+            owner: owner.clone(),
+            model: Arc::from(model),
+            patch,
+            created,
+            expires: (wall + self.ttl).min(hard_expires),
+            idle_ttl: self.ttl,
+            hard_expires,
+        };
         g.by_owner.entry(owner).or_default().insert(id.clone());
-        g.by_id.insert(id, Entry { session: session.clone(), last_used: now });
+        g.by_id.insert(id, Entry { session: session.clone(), last_used: now, nonce });
         self.counters.created.fetch_add(1, Ordering::Relaxed);
         Ok(session)
     }
 
-    /// The session, if it exists, belongs to `owner` and has not expired; touches it.
+    /// The session, if it exists (here, or as a valid token of this deployment), belongs to
+    /// `owner` and has not expired; touches it.
+    ///
+    /// A valid token this store does not hold is adopted (counting against the caps: the global
+    /// cap answers [`SessionError::GlobalCap`]), unless this store has seen it end.
     pub fn get(&self, owner: &str, id: &str) -> Result<Session, SessionError> {
-        let now = Instant::now();
-        let mut g = self.lock();
-        let not_found = || SessionError::NotFound(id.to_string());
-        let e = g.by_id.get(id).ok_or_else(not_found)?;
-        if &*e.session.owner != owner {
-            return Err(not_found());
+        if let Some(r) = self.get_local(owner, id) {
+            return r;
         }
-        if self.expired(e, now) {
-            g.remove(id);
+        // A miss: is it a session of this deployment?
+        let wall = SystemTime::now();
+        let claims = match self.secret.verify_for(id, owner, unix_secs(wall)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(session = %shown(id), reason = %e, "session token refused");
+                return Err(not_found(id));
+            }
+        };
+        self.adopt(owner, id, claims, wall)
+    }
+
+    /// `None`: not held here.
+    fn get_local(&self, owner: &str, id: &str) -> Option<Result<Session, SessionError>> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut g = self.lock();
+        let e = g.by_id.get(id)?;
+        if &*e.session.owner != owner {
+            return Some(Err(not_found(id)));
+        }
+        if self.expired(e, now, wall) {
+            g.end(id, self.max_revoked);
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
-            return Err(not_found());
+            return Some(Err(not_found(id)));
         }
         let e = g.by_id.get_mut(id).expect("present");
         e.last_used = now;
-        e.session.expires = SystemTime::now() + self.ttl;
-        Ok(e.session.clone())
+        e.session.expires = (wall + e.session.idle_ttl).min(e.session.hard_expires);
+        Some(Ok(e.session.clone()))
     }
 
-    /// Drops the session (only its owner can).
-    pub fn release(&self, owner: &str, id: &str) -> Result<(), SessionError> {
+    fn adopt(&self, owner: &str, id: &str, claims: Claims, wall: SystemTime) -> Result<Session, SessionError> {
+        let nonce = claims.nonce().ok_or_else(|| not_found(id))?;
+        let now = Instant::now();
         let mut g = self.lock();
-        match g.by_id.get(id) {
-            Some(e) if &*e.session.owner == owner => {
-                let expired = self.expired(e, Instant::now());
-                g.remove(id);
-                if expired {
-                    self.counters.expired.fetch_add(1, Ordering::Relaxed);
-                    Err(SessionError::NotFound(id.to_string()))
-                } else {
-                    self.counters.released.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-            }
-            _ => Err(SessionError::NotFound(id.to_string())),
+        if g.revoked.contains_key(&nonce) {
+            return Err(not_found(id));
         }
+        if g.by_id.contains_key(id) {
+            // Adopted by a concurrent call meanwhile.
+            drop(g);
+            return self.get_local(owner, id).unwrap_or_else(|| Err(not_found(id)));
+        }
+        let owner: Arc<str> = Self::interned_owner(&g, owner);
+        self.make_room(&mut g, &owner, now, wall)?;
+        // Never idle longer than this replica's own TTL.
+        let idle_ttl = Duration::from_millis(claims.idle_ms).min(self.ttl);
+        let hard_expires = UNIX_EPOCH + Duration::from_secs(claims.exp);
+        let id: Arc<str> = Arc::from(id);
+        let session = Session {
+            id: id.clone(),
+            owner: owner.clone(),
+            model: Arc::from(claims.model.as_str()),
+            patch: claims.patch,
+            created: UNIX_EPOCH + Duration::from_secs(claims.iat),
+            expires: (wall + idle_ttl).min(hard_expires),
+            idle_ttl,
+            hard_expires,
+        };
+        g.by_owner.entry(owner).or_default().insert(id.clone());
+        g.by_id.insert(id, Entry { session: session.clone(), last_used: now, nonce });
+        self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = %session.short_id(), model = %session.model, "session adopted from its token");
+        Ok(session)
     }
 
-    /// Removes expired sessions; returns how many.
+    /// Drops the session (only its owner can) and remembers that it ended, so that this replica
+    /// refuses its token from now on. A valid token this store does not hold is revoked here too.
+    pub fn release(&self, owner: &str, id: &str) -> Result<(), SessionError> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        {
+            let mut g = self.lock();
+            match g.by_id.get(id) {
+                Some(e) if &*e.session.owner == owner => {
+                    let expired = self.expired(e, now, wall);
+                    g.end(id, self.max_revoked);
+                    return if expired {
+                        self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                        Err(not_found(id))
+                    } else {
+                        self.counters.released.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    };
+                }
+                Some(_) => return Err(not_found(id)),
+                None => {}
+            }
+        }
+        let claims = self.secret.verify_for(id, owner, unix_secs(wall)).map_err(|_| not_found(id))?;
+        let nonce = claims.nonce().ok_or_else(|| not_found(id))?;
+        let mut g = self.lock();
+        if g.revoked.contains_key(&nonce) {
+            return Err(not_found(id));
+        }
+        if g.by_id.contains_key(id) {
+            drop(g);
+            return self.release(owner, id);
+        }
+        g.revoke(nonce, claims.exp, self.max_revoked);
+        self.counters.released.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes expired sessions and revocations past their hard expiry; returns how many
+    /// sessions.
     pub fn sweep(&self) -> usize {
         let mut g = self.lock();
-        self.sweep_locked(&mut g, Instant::now())
+        let wall = SystemTime::now();
+        let n = self.sweep_locked(&mut g, Instant::now(), wall);
+        let now = unix_secs(wall);
+        g.revoked.retain(|_, &mut x| x > now);
+        n
     }
 
-    fn sweep_locked(&self, g: &mut Inner, now: Instant) -> usize {
-        let dead: Vec<Arc<str>> = g.by_id.iter().filter(|(_, e)| self.expired(e, now)).map(|(k, _)| k.clone()).collect();
+    fn sweep_locked(&self, g: &mut Inner, now: Instant, wall: SystemTime) -> usize {
+        let dead: Vec<Arc<str>> = g.by_id.iter().filter(|(_, e)| self.expired(e, now, wall)).map(|(k, _)| k.clone()).collect();
         for id in &dead {
-            g.remove(id);
+            g.end(id, self.max_revoked);
         }
         self.counters.expired.fetch_add(dead.len() as u64, Ordering::Relaxed);
         dead.len()
@@ -214,6 +619,11 @@ impl SessionStore {
     pub fn count_for(&self, owner: &str) -> usize {
         self.lock().by_owner.get(owner).map_or(0, |s| s.len())
     }
+
+    /// Sessions remembered as ended (refused here until their hard expiry).
+    pub fn revoked_len(&self) -> usize {
+        self.lock().revoked.len()
+    }
 }
 
 static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -227,7 +637,7 @@ pub(crate) fn random_u64() -> u64 {
     h.finish()
 }
 
-/// A 128-bit random session id, 32 hex digits.
+/// A 128-bit random id, 32 hex digits.
 pub fn random_id() -> String {
     format!("{:016x}{:016x}", random_u64(), random_u64())
 }
@@ -235,16 +645,25 @@ pub fn random_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::style_aligned::{NodeOptions, OfficialArgs, ShareAttn, ShareNorm};
 
     fn store(ttl_ms: u64, per_client: usize, global: usize) -> SessionStore {
         SessionStore::new(Duration::from_millis(ttl_ms), per_client, global)
+    }
+
+    fn secret(s: &str) -> SessionSecret {
+        SessionSecret::new(format!("{s:-<40}").as_bytes()).unwrap()
+    }
+
+    fn replica(secret: &SessionSecret) -> SessionStore {
+        SessionStore::with_secret(Duration::from_secs(60), 4, 10, secret.clone(), DEFAULT_MAX_LIFETIME)
     }
 
     #[test]
     fn owner_scoping() {
         let s = store(60_000, 4, 10);
         let a = s.create("alice", "tiny", StyleAligned::default()).unwrap();
-        assert_eq!(a.id.len(), 32);
+        assert!(a.id.starts_with(TOKEN_PREFIX));
         assert!(s.get("alice", &a.id).is_ok());
         assert!(matches!(s.get("bob", &a.id), Err(SessionError::NotFound(_))));
         assert!(s.release("bob", &a.id).is_err());
@@ -264,12 +683,13 @@ mod tests {
         s.get("alice", &a1.id).unwrap(); // a1 is now more recent than a2
         std::thread::sleep(Duration::from_millis(2));
         let a3 = s.create("alice", "tiny", StyleAligned::default()).unwrap();
-        assert!(s.get("alice", &a2.id).is_err(), "LRU evicted");
+        assert!(s.get("alice", &a2.id).is_err(), "LRU evicted (and not re-adopted from its token)");
         assert!(s.get("alice", &a1.id).is_ok());
         assert!(s.get("alice", &a3.id).is_ok());
         assert!(s.get("bob", &b1.id).is_ok(), "other clients untouched");
         assert_eq!(s.count_for("alice"), 2);
         assert_eq!(s.counters.evicted.load(Ordering::Relaxed), 1);
+        assert_eq!(s.counters.adopted.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -297,6 +717,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(s.sweep(), 1);
         assert!(s.is_empty());
+        // ...and stay gone: their tokens are not adopted back.
+        assert!(s.get("a", &a.id).is_err());
+        assert_eq!(s.revoked_len(), 3);
     }
 
     #[test]
@@ -313,5 +736,142 @@ mod tests {
     fn ids_are_distinct() {
         let ids: HashSet<String> = (0..1000).map(|_| random_id()).collect();
         assert_eq!(ids.len(), 1000);
+        let s = store(60_000, 1000, 1000);
+        let tokens: HashSet<Arc<str>> = (0..500).map(|_| s.create("a", "tiny", StyleAligned::default()).unwrap().id).collect();
+        assert_eq!(tokens.len(), 500);
+    }
+
+    #[test]
+    fn token_round_trips_every_patch() {
+        let k = secret("k");
+        let patches = [
+            StyleAligned::default(),
+            StyleAligned::Node(NodeOptions { share_norm: ShareNorm::Group, share_attn: ShareAttn::QKV, scale: 0.3 }),
+            StyleAligned::Official(OfficialArgs { adain_values: true, shared_score_shift: -0.7, shared_score_scale: 0.123_456_79, only_self_level: 0.25, ..Default::default() }),
+        ];
+        for p in patches {
+            let c = Claims { id: random_id(), model: "tiny".into(), patch: p, owner: k.owner_tag("me"), iat: 1, idle_ms: 5, exp: u64::MAX };
+            let t = k.sign(&c);
+            assert!(t.starts_with(TOKEN_PREFIX) && t.len() < 700, "{t}");
+            assert_eq!(k.verify(&t).unwrap(), c);
+            assert_eq!(k.verify_for(&t, "me", 2).unwrap().patch, p);
+        }
+    }
+
+    #[test]
+    fn another_replica_adopts_with_the_same_secret_only() {
+        let k = secret("shared");
+        let (a, b) = (replica(&k), replica(&k));
+        let patch = StyleAligned::Node(NodeOptions { scale: 0.5, ..Default::default() });
+        let s = a.create("alice", "tiny", patch).unwrap();
+        let got = b.get("alice", &s.id).unwrap();
+        assert_eq!((got.model.as_ref(), got.patch, got.created), ("tiny", patch, s.created));
+        assert_eq!(got.hard_expires, s.hard_expires);
+        assert_eq!(b.counters.adopted.load(Ordering::Relaxed), 1);
+        assert_eq!(b.len(), 1);
+        b.get("alice", &s.id).unwrap();
+        assert_eq!(b.counters.adopted.load(Ordering::Relaxed), 1, "held now");
+        // Another client: not found, and not adopted.
+        let c = replica(&k);
+        assert!(matches!(c.get("bob", &s.id), Err(SessionError::NotFound(_))));
+        assert!(c.is_empty());
+        // Another secret.
+        let other = replica(&secret("other"));
+        assert!(other.get("alice", &s.id).is_err());
+        // An altered token: any byte of the signature, or of the payload.
+        let bytes = s.id.as_bytes();
+        for i in [bytes.len() - 1, bytes.len() - 10, TOKEN_PREFIX.len() + 3] {
+            let mut t = bytes.to_vec();
+            t[i] = if t[i] == b'A' { b'B' } else { b'A' };
+            let t = String::from_utf8(t).unwrap();
+            assert!(matches!(k.verify(&t).unwrap_err(), TokenError::BadSignature | TokenError::Malformed));
+            assert!(c.get("alice", &t).is_err());
+        }
+        for junk in ["", "sa1.", "sa1..", "sa1.x.y", "0123456789abcdef0123456789abcdef", &"a".repeat(10_000)] {
+            assert!(c.get("alice", junk).is_err());
+        }
+    }
+
+    #[test]
+    fn release_is_local_and_sticky() {
+        let k = secret("shared");
+        let (a, b) = (replica(&k), replica(&k));
+        let s = a.create("alice", "tiny", StyleAligned::default()).unwrap();
+        b.get("alice", &s.id).unwrap();
+        a.release("alice", &s.id).unwrap();
+        assert!(a.get("alice", &s.id).is_err(), "released here: never adopted back");
+        assert!(b.get("alice", &s.id).is_ok(), "other replicas learn nothing (documented)");
+        // Releasing a token this replica never held revokes it here.
+        let c = replica(&k);
+        assert!(c.release("bob", &s.id).is_err());
+        c.release("alice", &s.id).unwrap();
+        assert!(c.get("alice", &s.id).is_err());
+        assert!(c.release("alice", &s.id).is_err());
+        assert_eq!(c.counters.released.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn hard_expiry_is_refused_everywhere() {
+        let k = secret("shared");
+        let now = unix_secs(SystemTime::now());
+        let b = replica(&k);
+        let expired = Claims { id: random_id(), model: "tiny".into(), patch: StyleAligned::default(), owner: k.owner_tag("alice"), iat: now - 100, idle_ms: 60_000, exp: now - 1 };
+        let t = k.sign(&expired);
+        assert_eq!(k.verify_for(&t, "alice", now).unwrap_err(), TokenError::Expired);
+        assert!(b.get("alice", &t).is_err());
+        let fresh = Claims { exp: now + 100, ..expired };
+        assert!(b.get("alice", &k.sign(&fresh)).is_ok());
+        // A held session past its hard expiry goes too.
+        let s = SessionStore::with_secret(Duration::from_secs(60), 4, 10, k.clone(), Duration::from_secs(1));
+        let a = s.create("alice", "tiny", StyleAligned::default()).unwrap();
+        assert!(a.expires <= a.hard_expires);
+        std::thread::sleep(a.hard_expires.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20));
+        assert!(s.get("alice", &a.id).is_err());
+    }
+
+    #[test]
+    fn adoption_counts_against_caps() {
+        let k = secret("shared");
+        let a = SessionStore::with_secret(Duration::from_secs(60), 8, 8, k.clone(), DEFAULT_MAX_LIFETIME);
+        let b = SessionStore::with_secret(Duration::from_secs(60), 2, 3, k.clone(), DEFAULT_MAX_LIFETIME);
+        let ids: Vec<_> = (0..3).map(|_| a.create("alice", "tiny", StyleAligned::default()).unwrap().id).collect();
+        for id in &ids {
+            b.get("alice", id).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(b.count_for("alice"), 2, "per-client cap: the LRU adopted one was evicted");
+        assert!(b.get("alice", &ids[0]).is_err(), "evicted here stays evicted here");
+        let others: Vec<_> = (0..2).map(|i| a.create(&format!("c{i}"), "tiny", StyleAligned::default()).unwrap().id).collect();
+        b.get("c0", &others[0]).unwrap();
+        assert_eq!(b.get("c1", &others[1]).unwrap_err(), SessionError::GlobalCap(3));
+        // The idle TTL of an adopted session is the token's, at most this replica's.
+        let short = SessionStore::with_secret(Duration::from_millis(50), 8, 8, k.clone(), DEFAULT_MAX_LIFETIME);
+        let got = short.get("alice", &ids[1]).unwrap();
+        assert_eq!(got.idle_ttl, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn revocations_are_bounded() {
+        let k = secret("shared");
+        let s = SessionStore::with_secret(Duration::from_secs(60), 100_000, 1, k, DEFAULT_MAX_LIFETIME);
+        assert_eq!(s.max_revoked, 4096);
+        for _ in 0..5000 {
+            let a = s.create("a", "tiny", StyleAligned::default()).unwrap();
+            s.release("a", &a.id).unwrap();
+        }
+        assert!(s.revoked_len() <= 4096);
+    }
+
+    #[test]
+    fn secrets() {
+        assert!(SessionSecret::new(b"short").is_err());
+        let a = SessionSecret::new(b"0123456789abcdef0123456789abcdef\n").unwrap();
+        let b = SessionSecret::new(b"  0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert!(!format!("{a:?}").contains("0123"));
+        let r = SessionSecret::random();
+        assert!(r.is_random() && r.fingerprint() != SessionSecret::random().fingerprint());
+        assert_ne!(a.owner_tag("x"), r.owner_tag("x"));
+        assert_ne!(a.owner_tag("x"), a.owner_tag("y"));
     }
 }
