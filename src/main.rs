@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use stylealign::device::DeviceSpec;
 use stylealign::serve::client::{self, Identity, Mix, RssSource};
+use stylealign::serve::convert::Limits;
 use stylealign::serve::session::SessionSecret;
 use stylealign::serve::{ServeConfig, Server, Tokens, pb};
 
@@ -168,13 +169,15 @@ impl ServeArgs {
             max_sessions: self.max_sessions,
             session_secret,
             max_session_lifetime: Duration::from_secs(self.max_session_lifetime_secs),
-            max_prompts: self.max_prompts,
-            max_prompt_chars: self.max_prompt_chars,
-            max_steps: self.max_steps,
-            max_size: self.max_size,
-            max_guidance: self.max_guidance,
-            default_steps: self.default_steps,
-            default_guidance: self.default_guidance,
+            limits: Limits {
+                max_prompts: self.max_prompts,
+                max_prompt_chars: self.max_prompt_chars,
+                max_steps: self.max_steps,
+                max_size: self.max_size,
+                max_guidance: self.max_guidance,
+                default_steps: self.default_steps,
+                default_guidance: self.default_guidance,
+            },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             auth: tokens,
             warmup: !self.no_warmup,
@@ -505,7 +508,7 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 async fn demo(a: DemoArgs) -> anyhow::Result<()> {
-    let cfg = ServeConfig { listen: "127.0.0.1:0".parse()?, admin_listen: None, default_steps: a.steps.max(1) as usize, ..ServeConfig::default() };
+    let cfg = ServeConfig { listen: "127.0.0.1:0".parse()?, admin_listen: None, session_secret: Some(SessionSecret::random()), limits: Limits { default_steps: a.steps.max(1) as usize, ..ServeConfig::default().limits }, ..ServeConfig::default() };
     let server = Server::bind(cfg).await?;
     server.load().await?;
     let addr = server.addr().to_string();

@@ -278,7 +278,7 @@ fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, need
 #[test]
 fn error_paths_have_their_status_codes() {
     run(LIMIT, || async {
-        let server = start(ServeConfig { max_prompts: 4, max_steps: 50, ..test_config() }).await;
+        let server = start(ServeConfig { limits: Limits { max_prompts: 4, max_steps: 50, ..test_config().limits }, ..test_config() }).await;
         let mut c = connect(&server).await;
         let me = who("errors");
 

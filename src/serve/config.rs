@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::convert::Limits;
 use super::session::SessionSecret;
 use crate::device::DeviceSpec;
 
@@ -58,15 +59,8 @@ pub struct ServeConfig {
     /// Hard lifetime of a session from its creation: its token is refused everywhere afterwards
     /// (this bounds how long a session released on one replica stays usable on the others).
     pub max_session_lifetime: Duration,
-    /// Most prompts (images) in one set.
-    pub max_prompts: usize,
-    pub max_prompt_chars: usize,
-    pub max_steps: usize,
-    /// Largest width and height.
-    pub max_size: usize,
-    pub max_guidance: f32,
-    pub default_steps: usize,
-    pub default_guidance: f32,
+    /// Request limits and defaults (most prompts per set, prompt length, steps, size, guidance).
+    pub limits: Limits,
     /// On SIGTERM: how long queued and running work may take before it is cut off.
     pub drain_timeout: Duration,
     /// Bearer tokens → client identity. `None`: no auth, identity from `x-client-id`.
@@ -92,13 +86,15 @@ impl Default for ServeConfig {
             max_sessions: 10_000,
             session_secret: None,
             max_session_lifetime: super::session::DEFAULT_MAX_LIFETIME,
-            max_prompts: 8,
-            max_prompt_chars: 2_000,
-            max_steps: 150,
-            max_size: 2048,
-            max_guidance: 50.0,
-            default_steps: 30,
-            default_guidance: 7.5,
+            limits: Limits {
+                max_prompts: 8,
+                max_prompt_chars: 2_000,
+                max_steps: 150,
+                max_size: 2048,
+                max_guidance: 50.0,
+                default_steps: 30,
+                default_guidance: 7.5,
+            },
             drain_timeout: Duration::from_secs(60),
             auth: None,
             warmup: true,
@@ -115,10 +111,10 @@ impl ServeConfig {
             ("max-batch-rows", self.max_batch_rows),
             ("max-sessions-per-client", self.max_sessions_per_client),
             ("max-sessions", self.max_sessions),
-            ("max-prompts", self.max_prompts),
-            ("max-steps", self.max_steps),
-            ("max-size", self.max_size),
-            ("default-steps", self.default_steps),
+            ("max-prompts", self.limits.max_prompts),
+            ("max-steps", self.limits.max_steps),
+            ("max-size", self.limits.max_size),
+            ("default-steps", self.limits.default_steps),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -131,14 +127,15 @@ impl ServeConfig {
         if self.devices.is_empty() {
             return Err("--device: at least one device".into());
         }
-        if self.default_steps > self.max_steps {
-            return Err(format!("--default-steps {} exceeds --max-steps {}", self.default_steps, self.max_steps));
+        let l = &self.limits;
+        if l.default_steps > l.max_steps {
+            return Err(format!("--default-steps {} exceeds --max-steps {}", l.default_steps, l.max_steps));
         }
-        if !(self.max_guidance.is_finite() && self.max_guidance >= 0.0) {
+        if !(l.max_guidance.is_finite() && l.max_guidance >= 0.0) {
             return Err("--max-guidance must be a finite number ≥ 0".into());
         }
-        if !(self.default_guidance.is_finite() && (0.0..=self.max_guidance).contains(&self.default_guidance)) {
-            return Err(format!("--default-guidance must be within [0, {}]", self.max_guidance));
+        if !(l.default_guidance.is_finite() && (0.0..=l.max_guidance).contains(&l.default_guidance)) {
+            return Err(format!("--default-guidance must be within [0, {}]", l.max_guidance));
         }
         if self.session_ttl.is_zero() {
             return Err("--session-ttl must be positive".into());

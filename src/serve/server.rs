@@ -530,15 +530,7 @@ impl Server {
             }
         };
         let state = Arc::new(State {
-            limits: Limits {
-                max_prompts: cfg.max_prompts,
-                max_prompt_chars: cfg.max_prompt_chars,
-                max_steps: cfg.max_steps,
-                max_size: cfg.max_size,
-                max_guidance: cfg.max_guidance,
-                default_steps: cfg.default_steps,
-                default_guidance: cfg.default_guidance,
-            },
+            limits: cfg.limits.clone(),
             models: RwLock::new(BTreeMap::new()),
             sessions: SessionStore::with_secret(cfg.session_ttl, cfg.max_sessions_per_client, cfg.max_sessions, session_secret, cfg.max_session_lifetime),
             queue: Arc::new(Queue::new(cfg.max_queue)),

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use stylealign::serve::client::{self, Identity, SetResult};
+pub use stylealign::serve::convert::Limits;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::pb::style_align_client::StyleAlignClient;
 use stylealign::serve::{ServeConfig, Server, pb};
@@ -29,9 +30,7 @@ pub fn test_config() -> ServeConfig {
     ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
-        default_steps: 3,
-        max_steps: 200,
-        max_size: 256,
+        limits: Limits { default_steps: 3, max_steps: 200, max_size: 256, ..ServeConfig::default().limits },
         max_batch_delay: Duration::from_millis(0),
         drain_timeout: Duration::from_secs(20),
         ..ServeConfig::default()
