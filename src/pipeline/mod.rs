@@ -20,7 +20,7 @@ use crate::model::clip::ClipTextModel;
 use crate::model::tokenizer::{ClipTokenizer, PadMode};
 use crate::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
 use crate::model::vae::Vae;
-use crate::sampling::noise::gaussian;
+use crate::sampling::noise::{INITIAL, gaussian_tensor, step_stream};
 use crate::sampling::sampler::{Sampler, SamplerKind};
 use crate::sampling::{Conditioning, SchedulerConfig, guided_output};
 
@@ -199,14 +199,6 @@ pub struct StepView<'a> {
     pub sets: Vec<(usize, &'a Tensor<4>)>,
 }
 
-/// Noise stream of row `row` of a set: the initial latents (`step == None`) or the ancestral draw
-/// of step `step`.
-pub fn noise_stream(row: usize, step: Option<usize>) -> u64 {
-    match step {
-        None => row as u64,
-        Some(s) => ((s as u64 + 1) << 32) | row as u64,
-    }
-}
 
 impl Pipeline {
     /// Loads a diffusers folder: `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
@@ -441,6 +433,10 @@ impl Pipeline {
         if let Some(p) = &batch.patch {
             p.resolve().map_err(PatchError::from)?;
         }
+        Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps).map_err(|e| match e {
+            ModelError::Input { field, message } => invalid(&field, message),
+            other => PipelineError::Model(other),
+        })?;
         Ok(())
     }
 
@@ -478,10 +474,7 @@ impl Pipeline {
         let rows = prompts.len();
         let cond = self.encode_prompts(&prompts, false)?;
         let uncond = self.encode_negative(&set.negative_prompt, rows)?;
-        let noise: Vec<Tensor<4>> = (0..rows)
-            .map(|r| Tensor::from_data(TensorData::new(gaussian(set.seed, noise_stream(r, None), c * h * w), [1, c, h, w]), &self.inner.device))
-            .collect();
-        let mut x = Tensor::cat(noise, 0) * sampler.init_noise_sigma();
+        let mut x = gaussian_tensor(set.seed, INITIAL, [rows, c, h, w], &self.inner.device) * sampler.init_noise_sigma();
         let replay = match &set.reference {
             Some(r) => {
                 let zts = self.inverted_trajectory(r, batch)?;
@@ -541,14 +534,9 @@ impl Pipeline {
             let x_in = sampler.scale_model_input(x.clone(), i);
             let eps = guided_output(&self.inner.unet, x_in, sampler.timesteps()[i], &cond, batch.guidance, hooks.as_ref())?;
             let noise = sampler.needs_noise().then(|| {
-                let c = x.dims()[1..].iter().product::<usize>();
+                // Each set's rows draw from its own seed, so batching does not change them.
                 let [_, ch, h, w] = x.dims();
-                let parts: Vec<Tensor<4>> = live
-                    .iter()
-                    .flat_map(|l| (0..l.rows()).map(move |r| (l.seed, r)))
-                    .map(|(seed, r)| Tensor::from_data(TensorData::new(gaussian(seed, noise_stream(r, Some(i)), c), [1, ch, h, w]), dev))
-                    .collect();
-                Tensor::cat(parts, 0)
+                Tensor::cat(live.iter().map(|l| gaussian_tensor(l.seed, step_stream(i), [l.rows(), ch, h, w], dev)).collect(), 0)
             });
             let (x_next, _) = sampler.step(eps, i, x, noise);
             let mut offset = 0;

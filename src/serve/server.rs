@@ -35,7 +35,7 @@ use super::session::{SessionError, SessionSecret, SessionStore, random_u64};
 use super::worker::{self, AbortFlag, FailCode, GenJob, JobControl, JobEvent, Models, Provenance};
 use crate::device::{self, DeviceSpec};
 use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, ReferenceImage, SetSpec};
-use crate::sampling::sampler::{Sampler, SamplerKind};
+use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::StyleAligned;
 
 /// The full gRPC name of the service (health checks take it as `service`).
@@ -85,6 +85,16 @@ impl State {
             LOADING => Err(Status::unavailable("warming up: models are loading; retry shortly")),
             _ => Err(Status::unavailable("server is shutting down")),
         }
+    }
+
+    /// The common checks of a call on one session: serving, the caller's identity, a session id.
+    fn session_call<'a>(&self, md: &MetadataMap, id: &'a str) -> Result<(String, &'a str), Status> {
+        self.check_serving()?;
+        let owner = self.identify(md)?;
+        if id.is_empty() {
+            return Err(FieldError::new("session_id", "required").status());
+        }
+        Ok((owner, id))
     }
 
     /// The calling client: the bearer token's client when auth is on, else `x-client-id`
@@ -232,12 +242,7 @@ impl StyleAlign for Service {
     async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
         counted("GetSession", (|| {
             let st = &self.state;
-            st.check_serving()?;
-            let owner = st.identify(request.metadata())?;
-            let id = &request.get_ref().session_id;
-            if id.is_empty() {
-                return Err(FieldError::new("session_id", "required").status());
-            }
+            let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
             let s = st.sessions.get(&owner, id).map_err(session_status)?;
             Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
         })())
@@ -246,12 +251,7 @@ impl StyleAlign for Service {
     async fn release_session(&self, request: Request<pb::ReleaseSessionRequest>) -> Result<Response<pb::ReleaseSessionResponse>, Status> {
         counted("ReleaseSession", (|| {
             let st = &self.state;
-            st.check_serving()?;
-            let owner = st.identify(request.metadata())?;
-            let id = &request.get_ref().session_id;
-            if id.is_empty() {
-                return Err(FieldError::new("session_id", "required").status());
-            }
+            let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
             st.sessions.release(&owner, id).map_err(session_status)?;
             st.update_session_gauge();
             tracing::info!(client = %owner, session = %id, "session released");
@@ -384,14 +384,12 @@ impl Service {
     }
 }
 
-/// Checks what only the model knows (pipeline validation, sampler schedule).
+/// Checks what only the model knows (pipeline validation, including the sampler schedule).
 fn check_with_model(pipeline: &Pipeline, batch: &BatchSpec, set: &SetSpec) -> Result<(), Status> {
     pipeline.validate(batch, std::slice::from_ref(set)).map_err(|e| match pipeline_field_error(e) {
         Ok(f) => f.status(),
         Err(e) => Status::internal(e.to_string()),
-    })?;
-    Sampler::new(batch.sampler, pipeline.scheduler_config(), batch.steps).map_err(|e| FieldError::new("steps", e.to_string()).status())?;
-    Ok(())
+    })
 }
 
 enum Wake {
