@@ -5,7 +5,9 @@
 //! - [`style_aligned`]: the patch (options, reference plan, AdaIN, shared attention, shared GroupNorm).
 //! - [`sampling`]: schedulers and the CFG loop.
 //! - [`device`]: choosing the compute device.
+//! - [`serve`]: the gRPC service; [`client`]: the client behind `stylealign generate` / `demo` / `loadtest`.
 
+pub mod client;
 pub mod device;
 pub mod model;
 pub mod pipeline;

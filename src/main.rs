@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use stylealign::device::DeviceSpec;
-use stylealign::serve::client::{self, Identity, Mix, RssSource};
+use stylealign::client::{self, Identity, Mix, RssSource};
 use stylealign::serve::convert::Limits;
 use stylealign::serve::session::SessionSecret;
 use stylealign::serve::{ServeConfig, Server, Tokens, pb};
@@ -45,7 +45,7 @@ enum Command {
     /// Generate one style-aligned set through a running server and write the PNGs.
     Generate(GenerateArgs),
     /// Run server and client in one process on the embedded model; write PNGs and a contact sheet.
-    Demo(DemoArgs),
+    Demo(client::demo::DemoArgs),
     /// Measure throughput and latency with concurrent clients (in-process tiny server by default).
     Loadtest(LoadArgs),
 }
@@ -348,18 +348,6 @@ struct GenerateArgs {
     timeout_secs: Option<f64>,
 }
 
-#[derive(Args)]
-struct DemoArgs {
-    #[arg(long, default_value = "out/demo")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 12)]
-    steps: u32,
-    #[arg(long, default_value_t = 64)]
-    size: u32,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BatchingArg {
     On,
@@ -466,7 +454,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(a) => stylealign::serve::run(a.config()?).await,
             Command::Generate(a) => generate(a).await,
-            Command::Demo(a) => demo(a).await,
+            Command::Demo(a) => client::demo::run(a).await,
             Command::Loadtest(a) => loadtest(a).await,
         }
     });
@@ -504,54 +492,6 @@ async fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if result.images.is_empty() {
         bail!("no image came back");
     }
-    Ok(())
-}
-
-async fn demo(a: DemoArgs) -> anyhow::Result<()> {
-    let cfg = ServeConfig { listen: "127.0.0.1:0".parse()?, admin_listen: None, session_secret: Some(SessionSecret::random()), limits: Limits { default_steps: a.steps.max(1) as usize, ..ServeConfig::default().limits }, ..ServeConfig::default() };
-    let server = Server::bind(cfg).await?;
-    server.load().await?;
-    let addr = server.addr().to_string();
-    println!("demo server on {addr} (embedded tiny model)");
-    let who = Identity::client("demo");
-    let mut c = client::connect(&addr).await?;
-    let models = c.list_models(who.request(pb::ListModelsRequest {}, None)).await?.into_inner();
-    for m in &models.models {
-        println!("model {} ({:?}, native {}x{}, multiple {})", m.name, pb::Family::try_from(m.family).unwrap_or_default(), m.native_width, m.native_height, m.size_multiple);
-    }
-    let sets: [(&str, pb::PatchModelRequest, Vec<&str>); 2] = [
-        ("aligned", pb::PatchModelRequest { model: "tiny".into(), ..Default::default() }, vec!["a house, flat vector art", "a tree, flat vector art", "a car, flat vector art", "a boat, flat vector art"]),
-        (
-            "unaligned",
-            pb::PatchModelRequest { model: "tiny".into(), share_norm: pb::ShareNorm::Disabled as i32, share_attn: pb::ShareAttn::Disabled as i32, scale: Some(0.0), advanced: None },
-            vec!["a house, flat vector art", "a tree, flat vector art", "a car, flat vector art", "a boat, flat vector art"],
-        ),
-    ];
-    let mut all: Vec<Vec<u8>> = Vec::new();
-    for (name, patch, prompts) in sets {
-        let session = c.patch_model(who.request(patch, None)).await?.into_inner();
-        let req = pb::GenerateRequest {
-            session_id: session.session_id.clone(),
-            prompts: prompts.iter().map(|s| s.to_string()).collect(),
-            seed: Some(a.seed),
-            steps: a.steps,
-            width: a.size,
-            height: a.size,
-            ..Default::default()
-        };
-        let r = client::generate(&mut c, &who, req, Some(Duration::from_secs(300)), |_| {}).await.with_context(|| format!("Generate ({name})"))?;
-        for p in client::write_images(&a.out, name, &r.images)? {
-            println!("{}", p.display());
-        }
-        all.extend(r.images.into_iter().map(|i| i.png));
-        c.release_session(who.request(pb::ReleaseSessionRequest { session_id: session.session_id }, None)).await?;
-    }
-    let refs: Vec<&[u8]> = all.iter().map(Vec::as_slice).collect();
-    let sheet = client::contact_sheet(&refs, 4)?;
-    let path = a.out.join("contact_sheet.png");
-    std::fs::write(&path, sheet).with_context(|| path.display().to_string())?;
-    println!("{} (row 1: style-aligned; row 2: patch disabled)", path.display());
-    server.shutdown().await;
     Ok(())
 }
 

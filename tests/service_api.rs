@@ -12,7 +12,7 @@ use stylealign::pipeline::image::Image;
 use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
-use stylealign::serve::client::Identity;
+use stylealign::client::Identity;
 use stylealign::serve::metrics::Stats;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::queue::Dropped;
@@ -166,7 +166,7 @@ fn concurrent_clients_get_their_own_images() {
             let addr = server.addr().to_string();
             tasks.push(tokio::spawn(async move {
                 let me = who(&format!("client-{k}"));
-                let mut c = stylealign::serve::client::connect(&addr).await.unwrap();
+                let mut c = stylealign::client::connect(&addr).await.unwrap();
                 let s = session(&mut c, &me, default_patch()).await;
                 let prompts = [format!("a castle {k}, ink"), format!("a bridge {k}, ink")];
                 let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
@@ -596,7 +596,7 @@ fn deadlines_in_queue_and_mid_run() {
         let me = who("hurried");
         let s = session(&mut c, &me, default_patch()).await;
         let t = Instant::now();
-        let r = stylealign::serve::client::generate(&mut c, &me, request(&s, &["a"], 32, 2, 1), Some(Duration::from_millis(300)), |_| {}).await;
+        let r = stylealign::client::generate(&mut c, &me, request(&s, &["a"], 32, 2, 1), Some(Duration::from_millis(300)), |_| {}).await;
         let waited = t.elapsed();
         assert_code(r, Code::DeadlineExceeded, "while queued");
         assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "{waited:?}");
@@ -607,7 +607,7 @@ fn deadlines_in_queue_and_mid_run() {
 
         // Mid-run: a 150-step request with a 1.5 s deadline.
         let t = Instant::now();
-        let r = stylealign::serve::client::generate(&mut c, &me, request(&s, &["b", "c"], 64, 150, 2), Some(Duration::from_millis(1500)), |_| {}).await;
+        let r = stylealign::client::generate(&mut c, &me, request(&s, &["b", "c"], 64, 150, 2), Some(Duration::from_millis(1500)), |_| {}).await;
         assert_code(r, Code::DeadlineExceeded, "while running");
         assert!(t.elapsed() < Duration::from_secs(5));
         eventually(Duration::from_secs(10), "stop recorded", || server.stats().stops().iter().any(|s| s.reason == Dropped::DeadlineExceeded)).await;

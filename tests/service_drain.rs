@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use service_common::*;
-use stylealign::serve::client::Identity;
+use stylealign::client::Identity;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::SERVICE_NAME;
 use tonic::Code;
@@ -97,7 +97,7 @@ fn sigterm_drains_then_exits_zero() {
     run(Duration::from_secs(180), || async {
         let mut p = spawn_server(60);
         wait_serving(&p).await;
-        let mut c = stylealign::serve::client::connect(&p.api.to_string()).await.unwrap();
+        let mut c = stylealign::client::connect(&p.api.to_string()).await.unwrap();
         let me = Identity::client("drainer");
         let s = session(&mut c, &me, default_patch()).await;
         // One running, one queued behind it (different size: not batched with it).
@@ -131,7 +131,7 @@ fn drain_deadline_stops_remaining_work_and_exits_zero() {
     run(Duration::from_secs(180), || async {
         let mut p = spawn_server(1);
         wait_serving(&p).await;
-        let mut c = stylealign::serve::client::connect(&p.api.to_string()).await.unwrap();
+        let mut c = stylealign::client::connect(&p.api.to_string()).await.unwrap();
         let me = Identity::client("late");
         let s = session(&mut c, &me, default_patch()).await;
         let (running, _) = open_until(&mut c, &me, request(&s, &["a", "b"], 64, 150, 1), None, |e| matches!(e, Event::Progress(_))).await;

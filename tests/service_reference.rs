@@ -10,7 +10,7 @@ use service_common::*;
 use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, Image, ReferenceImage, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
-use stylealign::serve::client::Identity;
+use stylealign::client::Identity;
 use stylealign::serve::pb;
 use stylealign::style_aligned::StyleAligned;
 use tonic::Code;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use service_common::*;
-use stylealign::serve::client::{self, Identity};
+use stylealign::client::{self, Identity};
 use stylealign::serve::pb;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::pb::style_align_client::StyleAlignClient;

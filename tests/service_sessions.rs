@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use service_common::*;
 use stylealign::serve::ServeConfig;
-use stylealign::serve::client::Identity;
+use stylealign::client::Identity;
 use stylealign::serve::session::SessionStore;
 use stylealign::style_aligned::StyleAligned;
 

@@ -3,12 +3,10 @@
 //! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
 //! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
 //! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
-//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`metrics`],
-//! [`client`] (the Rust client behind `stylealign generate` / `demo` / `loadtest`).
+//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
-pub mod client;
 pub mod config;
 pub mod convert;
 pub mod metrics;

@@ -216,7 +216,7 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 /// The `stylealign.v1.StyleAlign` implementation.
 #[derive(Clone)]
 pub struct Service {
-    state: Arc<State>,
+    pub(crate) state: Arc<State>,
 }
 
 type GenerateStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
@@ -276,6 +276,7 @@ impl StyleAlign for Service {
                         Family::Sd2 => pb::Family::Sd2,
                         Family::Sdxl => pb::Family::Sdxl,
                     } as i32,
+                    hash: String::new(),
                     native_width: e.native_size as u32,
                     native_height: e.native_size as u32,
                     size_multiple: e.size_multiple as u32,

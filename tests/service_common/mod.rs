@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use stylealign::serve::client::{self, Identity, SetResult};
+use stylealign::client::{self, Identity, SetResult};
 pub use stylealign::serve::convert::Limits;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::pb::style_align_client::StyleAlignClient;

@@ -3,6 +3,8 @@
 //! latency / queue-time percentiles, status counts, soak with resident memory). Used by
 //! `stylealign generate`, `demo` and `loadtest`.
 
+pub mod demo;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,8 +13,8 @@ use anyhow::Context as _;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use super::pb;
-use super::pb::style_align_client::StyleAlignClient;
+use crate::serve::pb;
+use crate::serve::pb::style_align_client::StyleAlignClient;
 use crate::pipeline::image::Image;
 use crate::sampling::sampler::SamplerKind;
 
@@ -458,7 +460,7 @@ pub async fn load_test(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
                     steps: shape.steps,
                     width: shape.size,
                     height: shape.size,
-                    sampler: super::convert::sampler_to_proto(shape.sampler) as i32,
+                    sampler: crate::serve::convert::sampler_to_proto(shape.sampler) as i32,
                     ..Default::default()
                 };
                 let conn = &mut conns[(c + i) % n];
@@ -482,7 +484,7 @@ pub async fn load_test(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
                     Ok(Ok(_)) => "INCOMPLETE",
                     Ok(Err(s)) => {
                         tracing::debug!(error = %s, "load test request failed");
-                        super::server::code_name(s.code())
+                        crate::serve::server::code_name(s.code())
                     }
                     Err(_) => "CLIENT_TIMEOUT",
                 };
