@@ -19,7 +19,7 @@ With --json, stdout carries exactly one JSON line:
 weights_dtype, torch). Log lines and library warnings go to stderr.
 
 Example:
-    /work/venv/bin/python tools/bench_torch_unet.py --model /work/shared/goldens/tiny_sd15 \\
+    .venv/bin/python tools/bench_torch_unet.py --model tests/fixtures/goldens/tiny_sd15 \\
         --batch 2 --height 128 --width 128 --iters 20 --threads 2 --json
 """
 import argparse

@@ -13,8 +13,8 @@ With --fp16 the model is built directly in float16 (torch default dtype), so SDX
 never needs its 10.3 GB float32 copy in memory.
 
 Example:
-    /work/venv/bin/python tools/make_full_unet.py --family sd15 --out /work/models/sd15
-    /work/venv/bin/python tools/make_full_unet.py --family sdxl --out /work/models/sdxl --fp16
+    .venv/bin/python tools/make_full_unet.py --family sd15 --out models/sd15
+    .venv/bin/python tools/make_full_unet.py --family sdxl --out models/sdxl --fp16
 """
 import argparse
 import json
