@@ -554,7 +554,16 @@ impl Pipeline {
             let keep = |set: usize| wanted.get(set).copied().unwrap_or(true);
             if i + 1 == n {
                 results.extend(live.drain(..).filter(|l| keep(l.set)).map(|l| (l.set, l.x)));
-            } else {
+            } else if live.iter().any(|l| !keep(l.set)) {
+                let mut first = 0;
+                let mut kept = Vec::new();
+                for l in &live {
+                    if keep(l.set) {
+                        kept.push((first, l.rows()));
+                    }
+                    first += l.rows();
+                }
+                sampler.keep_rows(&kept);
                 live.retain(|l| keep(l.set));
             }
         }

@@ -163,6 +163,18 @@ impl Sampler {
         self.kind == SamplerKind::EulerAncestral
     }
 
+    /// Keeps only the batch rows `ranges` (`(first row, rows)`, in order) of the state carried
+    /// from one step to the next: call it when sets leave a running batch, so the remaining rows
+    /// continue exactly as before.
+    pub fn keep_rows(&mut self, ranges: &[(usize, usize)]) {
+        if let Some((j, previous)) = self.previous.take()
+            && !ranges.is_empty()
+        {
+            let kept = ranges.iter().map(|&(first, rows)| previous.clone().narrow(0, first, rows)).collect();
+            self.previous = Some((j, Tensor::cat(kept, 0)));
+        }
+    }
+
     /// One update from `x` at step `i` with the guided model output; `noise` is the N(0, I) draw
     /// of the latents' shape for ancestral samplers (`None` otherwise, ignored if given). Returns
     /// the new latents and the step's x0 / data prediction.
