@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import grpc
 import pytest
@@ -262,3 +263,15 @@ def test_client_arguments_are_checked():
         Client("127.0.0.1:1", root_certificates="/nonexistent/ca.pem")
     with pytest.raises(ValueError, match="max_attempts"):
         Client("127.0.0.1:1", max_attempts=0)
+
+
+def test_readme_example_works_as_written(server, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(example.strip().splitlines()) == 5, example
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example.replace("127.0.0.1:50051", server), "README.md", "exec"), {})
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["image_0.png", "image_1.png"]
+    with Image.open(tmp_path / "image_1.png") as image:
+        assert image.size == (64, 64) and "parameters" in image.info

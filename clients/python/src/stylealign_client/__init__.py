@@ -5,7 +5,7 @@
     with Client("127.0.0.1:50051") as client:
         session = client.patch_model("tiny", share_norm="both", share_attn="q+k", scale=1.0)
         for image in client.generate_images(session, ["a fox, linocut print", "a lighthouse, linocut print"], seed=42):
-            image.image.save(f"{image.index}.png")
+            image.save(f"image_{image.index}.png")  # the PNG as received, parameters included
 """
 
 from .client import Client
