@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import threading
 from pathlib import Path
 
 import grpc
 import pytest
 from PIL import Image
 
-from stylealign_client import Client, ImageResult, Progress, Queued, Session, Started, StyleAlignError
+from stylealign_client import Client, ImageResult, Progress, Queued, RetryPolicy, Session, Started, StyleAlignError
+
+from conftest import running_server
 
 
 def test_list_models(client):
@@ -275,3 +279,38 @@ def test_readme_example_works_as_written(server, tmp_path, monkeypatch):
     assert saved == ["image_0.png", "image_1.png"]
     with Image.open(tmp_path / "image_1.png") as image:
         assert image.size == (64, 64) and "parameters" in image.info
+
+
+def test_generate_retries_a_full_admission_queue(caplog):
+    # One worker, no batching, a queue of one: while A runs and B waits, C is RESOURCE_EXHAUSTED.
+    with running_server("--max-queue", "1", "--no-batching") as addr, Client(addr, client_id="queue-test") as client:
+        client.wait_ready(timeout=120)
+        session = client.patch_model("tiny")
+        long_run = client.generate(session, ["a long one", "another"], steps=30, seed=1)
+        for event in long_run:  # A: until it runs
+            if isinstance(event, Started):
+                break
+        waiting = client.generate(session, ["b"], steps=1, seed=2)
+        assert isinstance(next(waiting), Queued)  # B: in the queue
+        with pytest.raises(StyleAlignError) as e:
+            with Client(addr, client_id="queue-test", max_attempts=1) as impatient:
+                list(impatient.generate(session, ["c"], steps=1, seed=3))
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in e.value.message and e.value.attempts == 1
+
+        # With retries, C gets in once A and B are done.
+        patient = Client(addr, client_id="queue-test", retry=RetryPolicy(max_attempts=200, initial_backoff=0.1, max_backoff=0.3))
+        done = threading.Event()
+
+        def drain():
+            list(long_run)
+            list(waiting)
+            done.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        with caplog.at_level(logging.INFO, logger="stylealign_client"):
+            images = patient.generate_images(session, ["c"], steps=1, seed=3)
+        patient.close()
+        assert len(images) == 1 and images[0].prompt == "c"
+        retries = [r.getMessage() for r in caplog.records if r.name == "stylealign_client"]
+        assert retries and all(m.startswith("Generate: RESOURCE_EXHAUSTED: admission queue full") for m in retries), retries
+        assert done.wait(60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import time
 from typing import Any, Iterable, Iterator, Mapping
@@ -19,6 +20,8 @@ from .retry import RetryPolicy
 from .types import PRIORITIES, SAMPLERS, SHARE_ATTN, SHARE_NORM, Event, ImageResult, Models, Session, _event
 
 SERVICE = "stylealign.v1.StyleAlign"
+
+log = logging.getLogger("stylealign_client")
 
 # The official StyleAlignedArgs (PatchModelRequest.advanced), by name: bool or float.
 _ADVANCED = {f.name: (bool if f.type == f.TYPE_BOOL else float) for f in pb.OfficialArgs.DESCRIPTOR.fields}
@@ -189,7 +192,7 @@ class Client:
 
     def list_models(self) -> Models:
         """The loaded models, samplers and server limits."""
-        return Models._from_pb(self._unary(self._stub.ListModels, pb.ListModelsRequest()))
+        return Models._from_pb(self._unary("ListModels", pb.ListModelsRequest()))
 
     def patch_model(self, model: str, share_norm: str = "both", share_attn: str = "q+k", scale: float = 1.0, **advanced: bool | float) -> Session:
         """Creates a session on `model` with the StyleAligned options.
@@ -221,15 +224,15 @@ class Client:
             request.share_norm = _choice("share_norm", share_norm, SHARE_NORM)
             request.share_attn = _choice("share_attn", share_attn, SHARE_ATTN)
             request.scale = _number("scale", scale)
-        return Session._from_pb(self._unary(self._stub.PatchModel, request))
+        return Session._from_pb(self._unary("PatchModel", request))
 
     def get_session(self, session: Session | str) -> Session:
         """The session (with its expiry pushed back). NOT_FOUND once released or expired."""
-        return Session._from_pb(self._unary(self._stub.GetSession, pb.GetSessionRequest(session_id=_session_id(session))))
+        return Session._from_pb(self._unary("GetSession", pb.GetSessionRequest(session_id=_session_id(session))))
 
     def release_session(self, session: Session | str) -> None:
         """Drops the session."""
-        self._unary(self._stub.ReleaseSession, pb.ReleaseSessionRequest(session_id=_session_id(session)))
+        self._unary("ReleaseSession", pb.ReleaseSessionRequest(session_id=_session_id(session)))
 
     def generate(
         self,
@@ -318,7 +321,12 @@ class Client:
 
     # -- retries --------------------------------------------------------------------------------
 
-    def _unary(self, method, request):
+    def _log_retry(self, name: str, error: StyleAlignError, attempt: int, delay: float) -> None:
+        hint = " (as RetryInfo asks)" if error.retry_delay is not None else ""
+        log.info("%s: %s: %s; attempt %d of %d failed, retrying in %.3fs%s", name, error.code.name, error.message, attempt, self.retry.max_attempts, delay, hint)
+
+    def _unary(self, name: str, request):
+        method = getattr(self._stub, name)
         attempt = 0
         while True:
             attempt += 1
@@ -329,6 +337,7 @@ class Client:
                 delay = self.retry.delay(attempt, error)
                 if delay is None:
                     raise error from None
+                self._log_retry(name, error, attempt, delay)
             time.sleep(delay)
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None, reference_row: bool) -> Iterator[Event]:
@@ -350,6 +359,7 @@ class Client:
                 delay = None if received else self.retry.delay(attempt, error)
                 if delay is None:
                     raise error from None
+                self._log_retry("Generate", error, attempt, delay)
             finally:
                 call.cancel()  # a no-op when the call is over; stops it when the caller stops early
             time.sleep(delay)
