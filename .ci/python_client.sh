@@ -20,7 +20,6 @@ trap cleanup EXIT
 echo "-- fresh venv, pip install ./clients/python[dev] (grpcio-tools pinned for the stub check, pytest)"
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$py" -m pip install --quiet --disable-pip-version-check "./clients/python[dev]" pytest
 
 echo "-- committed stubs are up to date with proto/"
