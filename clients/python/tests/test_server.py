@@ -122,7 +122,7 @@ def test_reference_image_bytes_path_and_pil(client, tmp_path):
     source.putdata([(x * 6, y * 6, 128) for y in range(40) for x in range(40)])
     path = tmp_path / "ref.png"
     source.save(path)
-    common = dict(seed=3, steps=2, reference_caption="a gradient", reference_offset=1)
+    common = dict(seed=3, steps=2, reference_caption="a gradient", reference_offset=1, reference_guidance_scale=3.0)
     from_path = client.generate_images(session, ["a house", "a tree"], reference_image=path, **common)
     from_str = client.generate_images(session, ["a house", "a tree"], reference_image=str(path), **common)
     from_bytes = client.generate_images(session, ["a house", "a tree"], reference_image=path.read_bytes(), **common)
@@ -130,7 +130,7 @@ def test_reference_image_bytes_path_and_pil(client, tmp_path):
     assert [i.is_reference for i in from_path] == [False, False]  # every prompt is a target
     ref = from_path[0].metadata["reference"]
     assert ref["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert (ref["caption"], ref["offset"]) == ("a gradient", 1)
+    assert (ref["caption"], ref["offset"], ref["guidance_scale"]) == ("a gradient", 1, 3.0)
 
     from_pil = client.generate_images(session, ["a house", "a tree"], reference_image=source, **common)
     assert len(from_pil) == 2 and len(from_pil[0].metadata["reference"]["image_sha256"]) == 64
@@ -154,6 +154,8 @@ def test_reference_image_bytes_path_and_pil(client, tmp_path):
         (dict(prompts=[]), "prompts"),
         (dict(prompts=["a"] * 9), "prompts"),
         (dict(reference_image=Image.new("RGB", (16, 16))), "reference_caption"),
+        (dict(size_conditioning={"original_width": 128, "crop_top": 8}), "size_conditioning"),  # tiny is SD1
+        (dict(count=2), "count"),  # count needs exactly one prompt
     ],
 )
 def test_bad_generate_values_are_invalid_argument_naming_the_field(client, kwargs, field):
