@@ -1,29 +1,28 @@
 #!/usr/bin/env python3
-"""A Python client of the stylealign gRPC service, through stubs generated with grpcio-tools.
+"""A Python client of the stylealign gRPC service, through the stylealign_client package.
 
-    pip install grpcio-tools
+    pip install ./clients/python
     python3 examples/client.py --server 127.0.0.1:50051 --out out/py
 
-It generates the stubs from proto/ into a temporary folder, then: waits for grpc.health.v1 to
-report SERVING, lists the models, creates a session (PatchModel), reads it back (GetSession),
-generates one style-aligned set (Generate, streaming progress then PNGs), checks every image
-(PNG signature, size, the `parameters` text chunk), generates it again and checks the bytes are
-identical, checks that a bad request is INVALID_ARGUMENT naming the field, releases the session
-and checks it is gone (NOT_FOUND). PNGs go to --out. Any failure: a message on stderr and a
-non-zero exit status.
+It waits for the server to report SERVING, lists the models, creates a session (PatchModel),
+reads it back (GetSession), generates one style-aligned set (events, then images with their
+metadata), generates it again and checks the bytes are identical, checks that a bad request is
+INVALID_ARGUMENT naming the field, releases the session and checks it is gone (NOT_FOUND). PNGs go
+to --out. Any failure: a message on stderr and a non-zero exit status.
 """
 
 import argparse
-import json
 import os
-import struct
 import sys
-import tempfile
 import time
-import zlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROTO_DIR = os.path.join(ROOT, "proto")
+try:
+    import stylealign_client
+except ImportError:  # not installed: the package's source in this checkout
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "clients", "python", "src"))
+    import stylealign_client
+
+from stylealign_client import Client, ImageResult, Progress, Queued, Started, StyleAlignError
 
 
 class Failure(Exception):
@@ -33,73 +32,6 @@ class Failure(Exception):
 def check(cond, message):
     if not cond:
         raise Failure(message)
-
-
-def generate_stubs(out_dir):
-    """Runs grpc_tools.protoc on proto/ and makes the modules importable."""
-    try:
-        from grpc_tools import protoc
-    except ImportError as e:
-        raise Failure("grpcio-tools is not installed (pip install grpcio-tools): %s" % e)
-    try:
-        from importlib.resources import files
-
-        well_known = str(files("grpc_tools") / "_proto")
-    except Exception:  # Python < 3.9
-        import pkg_resources
-
-        well_known = pkg_resources.resource_filename("grpc_tools", "_proto")
-    out = ["--python_out=" + out_dir, "--grpc_python_out=" + out_dir]
-    code = protoc.main(["protoc", "-I" + PROTO_DIR, "-I" + well_known] + out + [os.path.join(PROTO_DIR, "stylealign/v1/stylealign.proto")])
-    check(code == 0, "protoc failed on stylealign.proto with status %d" % code)
-    # The health proto as a top-level module (health_pb2): a `grpc.health...` module path would
-    # collide with the grpc package itself.
-    health_dir = os.path.join(PROTO_DIR, "grpc/health/v1")
-    code = protoc.main(["protoc", "-I" + health_dir] + out + [os.path.join(health_dir, "health.proto")])
-    check(code == 0, "protoc failed on health.proto with status %d" % code)
-    sys.path.insert(0, out_dir)
-
-
-def png_chunks(data):
-    """(type, payload) of every chunk; raises on a malformed PNG."""
-    check(data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG (bad signature)")
-    pos, chunks = 8, []
-    while pos < len(data):
-        check(pos + 8 <= len(data), "truncated PNG chunk header")
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        payload = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        check(zlib.crc32(kind + payload) & 0xFFFFFFFF == crc, "bad CRC in PNG chunk %r" % kind)
-        chunks.append((kind, payload))
-        pos += 12 + length
-    check(chunks and chunks[-1][0] == b"IEND", "PNG without IEND")
-    return chunks
-
-
-def png_text(data):
-    """The tEXt / iTXt chunks of a PNG, as a dict."""
-    out = {}
-    for kind, payload in png_chunks(data):
-        if kind == b"tEXt":
-            key, _, text = payload.partition(b"\0")
-            out[key.decode("latin-1")] = text.decode("latin-1")
-        elif kind == b"iTXt":
-            key, _, rest = payload.partition(b"\0")
-            compressed, method = rest[0], rest[1]
-            _lang, _, rest = rest[2:].partition(b"\0")
-            _tkey, _, text = rest.partition(b"\0")
-            if compressed:
-                check(method == 0, "unknown iTXt compression")
-                text = zlib.decompress(text)
-            out[key.decode("latin-1")] = text.decode("utf-8")
-    return out
-
-
-def png_size(data):
-    kind, ihdr = png_chunks(data)[0]
-    check(kind == b"IHDR", "first chunk is not IHDR")
-    return struct.unpack(">II", ihdr[:8])
 
 
 def main():
@@ -118,113 +50,66 @@ def main():
     args = ap.parse_args()
     prompts = args.prompt or ["a lighthouse, linocut print", "a fox, linocut print", "a teapot, linocut print"]
 
-    with tempfile.TemporaryDirectory(prefix="stylealign-stubs-") as stubs:
-        generate_stubs(stubs)
-        import grpc
-        import health_pb2  # generated
-        import health_pb2_grpc  # generated
-        from stylealign.v1 import stylealign_pb2 as pb
-        from stylealign.v1 import stylealign_pb2_grpc as pb_grpc
+    with Client(args.server, token=args.token, client_id=args.client_id, generate_timeout=args.timeout) as client:
+        client.wait_ready(timeout=args.wait)
+        print("health: SERVING (stylealign_client %s)" % stylealign_client.__version__)
 
-        metadata = [("x-client-id", args.client_id)]
-        if args.token:
-            metadata.append(("authorization", "Bearer " + args.token))
-        options = [("grpc.max_receive_message_length", 256 << 20)]
-        with grpc.insecure_channel(args.server, options=options) as channel:
-            # Health: wait for SERVING (overall and the service).
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.time() + args.wait
-            while True:
-                try:
-                    statuses = [
-                        health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5).status
-                        for s in ("", "stylealign.v1.StyleAlign")
-                    ]
-                    if all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses):
-                        break
-                except grpc.RpcError as e:
-                    if time.time() > deadline:
-                        raise Failure("health check failed: %s" % e)
-                check(time.time() < deadline, "server not SERVING after %.0fs" % args.wait)
-                time.sleep(0.2)
-            print("health: SERVING")
+        models = client.list_models()
+        for m in models:
+            print("model %s: %s, native %dx%d, size multiple %d" % (m.name, m.family, m.native_width, m.native_height, m.size_multiple))
+        check(args.model in models, "model %r not served (have %s)" % (args.model, models.names))
 
-            stub = pb_grpc.StyleAlignStub(channel)
-            models = stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
-            names = [m.name for m in models.models]
-            for m in models.models:
-                print("model %s: %s, native %dx%d, size multiple %d" % (m.name, pb.Family.Name(m.family), m.native_width, m.native_height, m.size_multiple))
-            check(args.model in names, "model %r not served (have %s)" % (args.model, names))
+        session = client.patch_model(args.model)
+        check(session.options == {"flavour": "node", "share_norm": "both", "share_attn": "q+k", "scale": 1.0}, "defaults are not the node's: %s" % session.options)
+        print("session %s... (expires %s)" % (session.session_id[:24], session.expires_at))
+        check(client.get_session(session).session_id == session.session_id, "GetSession returned another session")
 
-            session = stub.PatchModel(pb.PatchModelRequest(model=args.model), metadata=metadata, timeout=30)
-            node = session.options.node
-            check(node.share_norm == pb.SHARE_NORM_BOTH and node.share_attn == pb.SHARE_ATTN_Q_K and node.scale == 1.0, "defaults are not the node's: %s" % session.options)
-            print("session %s (expires %s)" % (session.session_id, session.expires_at.ToJsonString()))
-            again = stub.GetSession(pb.GetSessionRequest(session_id=session.session_id), metadata=metadata, timeout=30)
-            check(again.session_id == session.session_id, "GetSession returned another session")
+        request = dict(seed=args.seed, steps=args.steps, width=args.size, height=args.size, sampler="ddim")
+        t = time.time()
+        images, steps = [], []
+        for event in client.generate(session, prompts, **request):
+            if isinstance(event, Queued):
+                print("  queued at position %d of %d" % (event.position, event.queue_depth))
+            elif isinstance(event, Started):
+                print("  started in a batch of %d images (%d requests)" % (event.batch_rows, event.batch_sets))
+            elif isinstance(event, Progress):
+                steps.append(event.step)
+            elif isinstance(event, ImageResult):
+                images.append(event)
+        print("generated %d images in %.2fs (steps %s)" % (len(images), time.time() - t, steps))
+        check(len(images) == len(prompts), "expected %d images, got %d" % (len(prompts), len(images)))
+        check(steps == list(range(1, args.steps + 1)), "progress events %s" % steps)
 
-            req = pb.GenerateRequest(
-                session_id=session.session_id,
-                prompts=prompts,
-                seed=args.seed,
-                steps=args.steps,
-                width=args.size,
-                height=args.size,
-                sampler=pb.SAMPLER_DDIM,
-            )
+        os.makedirs(args.out, exist_ok=True)
+        for img in images:
+            check(img.image.size == (img.width, img.height), "PNG is %dx%d, message says %dx%d" % (img.image.size + (img.width, img.height)))
+            meta = img.metadata
+            check(isinstance(meta, dict), "PNG without JSON parameters (text chunks: %s)" % sorted(img.text))
+            for key in ("model", "prompts", "prompt", "seed", "steps", "sampler", "guidance_scale", "width", "height", "options"):
+                check(key in meta, "parameters lack %r" % key)
+            check(meta["seed"] == args.seed and meta["prompt"] == prompts[img.index], "parameters do not match the request")
+            path = os.path.join(args.out, "image_%02d.png" % img.index)
+            img.save(path)
+            print("  %s: %s%s" % (path, img.prompt, " (style reference)" if img.is_reference else ""))
 
-            def run_generate():
-                images, steps = [], []
-                for msg in stub.Generate(req, metadata=metadata, timeout=args.timeout):
-                    kind = msg.WhichOneof("event")
-                    if kind == "queued":
-                        print("  queued at position %d of %d" % (msg.queued.position, msg.queued.queue_depth))
-                    elif kind == "started":
-                        print("  started in a batch of %d images (%d requests)" % (msg.started.batch_rows, msg.started.batch_sets))
-                    elif kind == "progress":
-                        steps.append(msg.progress.step)
-                    elif kind == "image":
-                        images.append(msg.image)
-                return images, steps
+        repeat = client.generate_images(session, prompts, **request)
+        check([i.png for i in repeat] == [i.png for i in images], "the same request and seed gave different bytes")
+        print("determinism: same request, same seed -> identical PNG bytes")
 
-            t = time.time()
-            images, steps = run_generate()
-            print("generated %d images in %.2fs (steps %s)" % (len(images), time.time() - t, steps))
-            check(len(images) == len(prompts), "expected %d images, got %d" % (len(prompts), len(images)))
-            check(steps == list(range(1, args.steps + 1)), "progress events %s" % steps)
-            os.makedirs(args.out, exist_ok=True)
-            for img in images:
-                w, h = png_size(img.png)
-                check((w, h) == (img.width, img.height), "PNG is %dx%d, message says %dx%d" % (w, h, img.width, img.height))
-                params = json.loads(png_text(img.png).get("parameters", "null"))
-                check(isinstance(params, dict), "PNG without a `parameters` text chunk")
-                for key in ("model", "prompts", "prompt", "seed", "steps", "sampler", "guidance_scale", "width", "height", "options"):
-                    check(key in params, "parameters lack %r" % key)
-                check(params["seed"] == args.seed and params["prompt"] == prompts[img.index], "parameters do not match the request")
-                path = os.path.join(args.out, "image_%02d.png" % img.index)
-                with open(path, "wb") as f:
-                    f.write(img.png)
-                print("  %s: %s" % (path, img.prompt))
+        try:
+            list(client.generate(session, prompts, width=33, height=32))
+            raise Failure("width 33 was accepted")
+        except StyleAlignError as e:
+            check(e.code.name == "INVALID_ARGUMENT" and e.fields == ["width"], "bad width: %s" % e)
+            print("validation: width 33 -> %s" % e)
 
-            repeat, _ = run_generate()
-            check([i.png for i in repeat] == [i.png for i in images], "the same request and seed gave different bytes")
-            print("determinism: same request, same seed -> identical PNG bytes")
-
-            try:
-                bad = pb.GenerateRequest(session_id=session.session_id, prompts=prompts, width=33, height=32)
-                list(stub.Generate(bad, metadata=metadata, timeout=30))
-                raise Failure("width 33 was accepted")
-            except grpc.RpcError as e:
-                check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "width" in e.details(), "bad width: %s %s" % (e.code(), e.details()))
-                print("validation: width 33 -> INVALID_ARGUMENT (%s)" % e.details())
-
-            stub.ReleaseSession(pb.ReleaseSessionRequest(session_id=session.session_id), metadata=metadata, timeout=30)
-            try:
-                stub.GetSession(pb.GetSessionRequest(session_id=session.session_id), metadata=metadata, timeout=30)
-                raise Failure("released session still found")
-            except grpc.RpcError as e:
-                check(e.code() == grpc.StatusCode.NOT_FOUND, "GetSession after release: %s" % e.code())
-            print("released; GetSession -> NOT_FOUND")
+        client.release_session(session)
+        try:
+            client.get_session(session)
+            raise Failure("released session still found")
+        except StyleAlignError as e:
+            check(e.code.name == "NOT_FOUND", "GetSession after release: %s" % e)
+        print("released; GetSession -> NOT_FOUND")
     print("OK")
     return 0
 
@@ -235,6 +120,9 @@ if __name__ == "__main__":
     except Failure as e:
         print("FAILED: %s" % e, file=sys.stderr)
         sys.exit(1)
-    except Exception as e:  # grpc errors, connection problems, ...
+    except StyleAlignError as e:
+        print("FAILED: %s" % e, file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # connection problems, timeouts, ...
         print("FAILED: %s: %s" % (type(e).__name__, e), file=sys.stderr)
         sys.exit(2)

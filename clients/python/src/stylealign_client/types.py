@@ -1,0 +1,223 @@
+"""The values the client returns: models, sessions, and the events of a Generate stream."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Union
+
+from PIL import Image
+
+from ._pb.stylealign.v1 import stylealign_pb2 as pb
+
+# Option values as ComfyUI's StyleAlignedBatchAlign node spells them, and the proto's enums.
+SHARE_NORM = {"both": pb.SHARE_NORM_BOTH, "group": pb.SHARE_NORM_GROUP, "layer": pb.SHARE_NORM_LAYER, "disabled": pb.SHARE_NORM_DISABLED}
+SHARE_ATTN = {"q+k": pb.SHARE_ATTN_Q_K, "q+k+v": pb.SHARE_ATTN_Q_K_V, "disabled": pb.SHARE_ATTN_DISABLED}
+SAMPLERS = {"ddim": pb.SAMPLER_DDIM, "euler": pb.SAMPLER_EULER, "euler_a": pb.SAMPLER_EULER_A, "dpmpp_2m": pb.SAMPLER_DPMPP_2M, "dpmpp_2m_karras": pb.SAMPLER_DPMPP_2M_KARRAS}
+PRIORITIES = {"low": pb.PRIORITY_LOW, "normal": pb.PRIORITY_NORMAL, "high": pb.PRIORITY_HIGH}
+
+
+def _enum_name(mapping: dict[str, int], value: int) -> str:
+    for name, v in mapping.items():
+        if v == value:
+            return name
+    return str(value)
+
+
+def _timestamp(ts) -> datetime | None:
+    return ts.ToDatetime(tzinfo=timezone.utc) if ts.seconds or ts.nanos else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server has loaded."""
+
+    name: str
+    family: str  # "SD1", "SD2" or "SDXL"
+    native_width: int
+    native_height: int
+    size_multiple: int
+    source: str
+    hash: str  # A1111-style short hash ("" from servers that do not report one)
+
+    @classmethod
+    def _from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
+        family = pb.Family.Name(m.family).removeprefix("FAMILY_") if m.family in pb.Family.values() else str(m.family)
+        return cls(m.name, family, m.native_width, m.native_height, m.size_multiple, m.source, m.hash)
+
+
+@dataclass(frozen=True)
+class Models:
+    """`ListModels`: the loaded models, the samplers and the server's limits. Iterating gives the
+    models; ``"tiny" in models`` tests a name; ``models["tiny"]`` gets one by name."""
+
+    models: list[ModelInfo]
+    samplers: list[str]
+    max_prompts: int
+    max_steps: int
+    max_size: int
+    default_steps: int
+    default_guidance_scale: float
+
+    @classmethod
+    def _from_pb(cls, r: pb.ListModelsResponse) -> "Models":
+        return cls([ModelInfo._from_pb(m) for m in r.models], list(r.samplers), r.max_prompts, r.max_steps, r.max_size, r.default_steps, r.default_guidance_scale)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def __iter__(self) -> Iterator[ModelInfo]:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> ModelInfo:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session (`PatchModel`): a model plus resolved StyleAligned options.
+
+    `options` is ``{"flavour": "node", "share_norm": "both", "share_attn": "q+k", "scale": 1.0}``
+    (option values spelled as the ComfyUI node spells them) or ``{"flavour": "official", ...}``
+    with every official argument; `switches` is what the patch executes.
+    """
+
+    session_id: str
+    model: str
+    options: dict[str, Any]
+    switches: dict[str, Any]
+    created_at: datetime | None
+    expires_at: datetime | None
+    idle_ttl_seconds: int
+
+    @property
+    def id(self) -> str:
+        return self.session_id
+
+    @classmethod
+    def _from_pb(cls, s: pb.Session) -> "Session":
+        flavour = s.options.WhichOneof("flavour")
+        if flavour == "node":
+            n = s.options.node
+            options = {"flavour": "node", "share_norm": _enum_name(SHARE_NORM, n.share_norm), "share_attn": _enum_name(SHARE_ATTN, n.share_attn), "scale": n.scale}
+        elif flavour == "official":
+            options = {"flavour": "official", **_fields(s.options.official)}
+        else:
+            options = {"flavour": None}
+        return cls(s.session_id, s.model, options, _fields(s.options.switches), _timestamp(s.created_at), _timestamp(s.expires_at), s.idle_ttl_seconds)
+
+
+def _fields(msg) -> dict[str, Any]:
+    """Every field of a flat message by name, defaults included."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+
+
+@dataclass(frozen=True)
+class Queued:
+    """Waiting in the admission queue: `position` requests ahead, `queue_depth` in all."""
+
+    position: int
+    queue_depth: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """The set joined a UNet batch of `batch_rows` images from `batch_sets` requests."""
+
+    batch_rows: int
+    batch_sets: int
+    queue_seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Denoising step `step` of `total_steps` is done."""
+
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True, eq=False)
+class ImageResult:
+    """One generated image.
+
+    `image` is the decoded PIL image; its ``.info`` holds the PNG's text chunks (``parameters``,
+    and ``stylealign`` on servers that write one). `metadata` is the image's JSON parameters as a
+    dict: from the ``stylealign`` chunk, else from ``parameters`` when that chunk is JSON (older
+    servers); None when the PNG has neither. `infotext` is the ``parameters`` chunk when it is an
+    A1111-style infotext rather than JSON. `png` is the PNG bytes as received.
+    """
+
+    index: int
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    is_reference: bool
+    png: bytes = field(repr=False)
+    image: Image.Image = field(repr=False)
+    metadata: dict[str, Any] | None = field(repr=False)
+    infotext: str | None = field(repr=False)
+    parameters: str = field(repr=False)  # the message's `parameters` field, as sent
+
+    @property
+    def text(self) -> dict[str, str]:
+        """The PNG's text chunks."""
+        return {k: v for k, v in self.image.info.items() if isinstance(v, str)}
+
+    def save(self, path) -> None:
+        """Writes the PNG bytes as received (metadata included)."""
+        with open(path, "wb") as f:
+            f.write(self.png)
+
+    @classmethod
+    def _from_pb(cls, m: pb.GeneratedImage, is_reference: bool) -> "ImageResult":
+        png = bytes(m.png)
+        image = Image.open(io.BytesIO(png))
+        image.load()  # also reads text chunks stored after the image data
+        metadata = _json_object(image.info.get("stylealign"))
+        parameters_chunk = image.info.get("parameters")
+        parameters_json = _json_object(parameters_chunk)
+        if metadata is None:
+            metadata = parameters_json
+        infotext = parameters_chunk if isinstance(parameters_chunk, str) and parameters_json is None else None
+        return cls(m.index, m.prompt, m.seed, m.width, m.height, is_reference, png, image, metadata, infotext, m.parameters)
+
+
+def _json_object(text) -> dict[str, Any] | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+Event = Union[Queued, Started, Progress, ImageResult]
+
+
+def _event(msg: pb.GenerateResponse, reference_row: bool) -> Event | None:
+    kind = msg.WhichOneof("event")
+    if kind == "queued":
+        return Queued(msg.queued.position, msg.queued.queue_depth)
+    if kind == "started":
+        return Started(msg.started.batch_rows, msg.started.batch_sets, msg.started.queue_seconds)
+    if kind == "progress":
+        return Progress(msg.progress.step, msg.progress.total_steps)
+    if kind == "image":
+        return ImageResult._from_pb(msg.image, reference_row and msg.image.index == 0)
+    return None  # an event kind newer than these stubs
+
