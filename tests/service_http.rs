@@ -411,8 +411,9 @@ fn queue_full_deadline_and_disconnect() {
         let id = s["sessionId"].as_str().unwrap().to_string();
         let req = |prompt: &str, steps: u32, size: u32| json!({"sessionId": id, "prompts": [prompt], "seed": "3", "steps": steps, "width": size, "height": size});
 
-        // A long request holds the single worker.
-        let (holder, _) = http.generate(req("slow", 150, 64)).await.unwrap().until(|n, _| n == "progress").await;
+        // A long request holds the single worker until dropped.
+        let long = json!({"sessionId": id, "prompts": ["slow", "slow"], "steps": 200, "width": 64, "height": 64});
+        let (holder, _) = http.generate(long).await.unwrap().until(|n, _| n == "progress").await;
 
         // One request waits in the queue; the next is refused at once.
         let (waiting, seen) = http.generate(req("queued", 2, 32)).await.unwrap().until(|n, _| n == "queued").await;

@@ -93,9 +93,13 @@ pub fn http_status(code: Code) -> StatusCode {
 }
 
 /// The JSON body of a failed call (and the data of the SSE `error` event), after
-/// `google.rpc.Status`: `{"code":3,"status":"INVALID_ARGUMENT","message":"invalid `width`: …",
-/// "details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"width","description":"…"}]}]}`.
-/// `details` names the offending field when there is one (else it is empty).
+/// `google.rpc.Status`; `details` names the offending field when there is one (else it is
+/// empty):
+///
+/// ```text
+/// {"code":3,"status":"INVALID_ARGUMENT","message":"invalid `width`: 40 is not a multiple of 16 …",
+///  "details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"width","description":"40 is not …"}]}]}
+/// ```
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrorBody {
     /// The gRPC status code, as a number.
