@@ -377,8 +377,11 @@ fn auth_over_http() {
         assert_error(bob.call(Method::GET, &format!("/v1/sessions/{id}"), None).await, 404, "NOT_FOUND", "not found");
         assert_error(anon.generate(json!({"sessionId": id, "prompts": ["a"]})).await.err().unwrap(), 401, "UNAUTHENTICATED", "authorization");
         assert_eq!(alice.call(Method::GET, &format!("/v1/sessions/{id}"), None).await.0, StatusCode::OK);
-        let events = alice.generate(json!({"sessionId": id, "prompts": ["a"], "steps": 1, "width": 32, "height": 32})).await.unwrap().all().await;
-        assert_eq!(images(&events).len(), 1);
+        // Numbers are accepted for 64-bit integers and enums too.
+        let events = alice.generate(json!({"sessionId": id, "prompts": ["a"], "steps": 1, "width": 32, "height": 32, "seed": 5, "sampler": 2})).await.unwrap().all().await;
+        let image = &images(&events)[0];
+        assert_eq!(image.seed, 5);
+        assert!(image.parameters.contains(r#""sampler":"euler""#), "{}", image.parameters);
         // The same token over gRPC sees the session created over HTTP.
         let mut c = connect(&server).await;
         let grpc_alice = Identity { token: Some("tok-alice".into()), client_id: None };
