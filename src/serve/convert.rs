@@ -207,9 +207,9 @@ pub fn patch_to_proto(p: &StyleAligned) -> pb::PatchOptions {
     pb::PatchOptions { flavour: Some(flavour), switches }
 }
 
-pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    pbjson_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 pub fn session_to_proto(s: &Session, ttl: Duration) -> pb::Session {

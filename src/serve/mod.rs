@@ -3,12 +3,14 @@
 //! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
 //! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
 //! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
-//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`metrics`].
+//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`http`] (the
+//! same RPCs as JSON over HTTP), [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
 pub mod config;
 pub mod convert;
+pub mod http;
 pub mod metrics;
 pub mod queue;
 pub mod server;
@@ -19,6 +21,8 @@ pub mod worker;
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod pb {
     tonic::include_proto!("stylealign.v1");
+    // serde for the canonical protobuf JSON mapping (pbjson-build).
+    include!(concat!(env!("OUT_DIR"), "/stylealign.v1.serde.rs"));
 
     /// The encoded file descriptor set (with imports), for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stylealign_v1_descriptor");

@@ -562,13 +562,18 @@ impl Server {
             let _ = rx.wait_for(|v| *v).await;
         };
         let mut tasks = Vec::new();
-        let svc = StyleAlignServer::new(Service { state: state.clone() });
-        let grpc = tonic::transport::Server::builder()
-            .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
-            .add_service(svc)
+        let svc = Service { state: state.clone() };
+        // gRPC and the HTTP/JSON routes (super::http) on one port: HTTP/1.1 is accepted too.
+        let routes = tonic::service::Routes::new(StyleAlignServer::new(svc.clone()))
             .add_service(health_svc)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
+            .into_axum_router()
+            .merge(super::http::router(svc));
+        let grpc = tonic::transport::Server::builder()
+            .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
+            .accept_http1(true)
+            .add_routes(tonic::service::Routes::from(routes))
             .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
