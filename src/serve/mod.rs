@@ -3,13 +3,15 @@
 //! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
 //! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
 //! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
-//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`metrics`].
+//! batches), [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
+//! [`playground`] (the browser page), [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
 pub mod config;
 pub mod convert;
 pub mod metrics;
+pub mod playground;
 pub mod queue;
 pub mod server;
 pub mod session;
