@@ -391,6 +391,8 @@ function fillCard(c: HTMLElement, image: GeneratedImage) {
   blobUrls.push(url);
   const img = el("img", { class: "generated", alt: image.prompt, src: url, width: String(image.width), height: String(image.height) });
   img.dataset.index = String(image.index);
+  // Small images are magnified: keep their pixels sharp.
+  if (Math.max(image.width, image.height) < 256) img.classList.add("small");
   c.querySelector(".frame")!.replaceChildren(img);
   c.classList.remove("pending");
   const name = `stylealign-${image.seed}-${image.index}.png`;
