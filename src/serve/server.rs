@@ -655,7 +655,8 @@ impl Server {
                 metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
             }
         }));
-        tracing::info!(%addr, admin = ?admin_addr, "listening (NOT_SERVING until the models are loaded and warm)");
+        let playground = if state.cfg.playground { format!("http://{addr}/") } else { "off".into() };
+        tracing::info!(%addr, admin = ?admin_addr, %playground, "listening (NOT_SERVING until the models are loaded and warm)");
         Ok(Self { state, addr, admin_addr, shutdown, tasks: Mutex::new(tasks), metrics })
     }
 

@@ -28,13 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("STYLEALIGN_BIN", ROOT / "target" / "release" / "stylealign"))
 
 
-@pytest.fixture(scope="module")
-def server():
-    """`stylealign serve` on an ephemeral port; yields its base URL."""
+def serve(*extra):
+    """`stylealign serve` on an ephemeral port; yields its base URL once the page answers."""
     if not BIN.exists():
         pytest.fail(f"{BIN} not found: build it first (cargo build --release --bin stylealign)")
     proc = subprocess.Popen(
-        [str(BIN), "serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off"],
+        [str(BIN), "serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -61,6 +60,16 @@ def server():
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serve()
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    yield from serve("--auth-tokens", "alice=s3cret-token")
 
 
 def _find(*names):
@@ -194,6 +203,8 @@ def test_generate_streams_progress_and_images(server, browser, tmp_path):
     assert max(ts for k, t, ts in seen if k == "progress" and t.startswith("step")) <= first_image, seen
     phases = [t for k, t, _ in seen if k == "phase"]
     assert "Running" in phases and phases[-1].startswith("Done"), phases
+    # The queue position was shown while it waited.
+    assert any(k == "queue" and t.endswith("in queue") for k, t, _ in seen), seen
     assert browser.find_element(By.ID, "progress-text").text == f"step {steps} / {steps}"
     assert browser.find_element(By.ID, "progress").get_attribute("data-events") == str(steps)
     assert "session" in browser.find_element(By.ID, "session-info").text
@@ -261,3 +272,79 @@ def test_reference_image_is_marked_and_options_reach_the_session(server, browser
     assert cards[0] == {"reference": True, "badge": "reference · uploaded", "uploaded": True, "generated": 0}, cards
     assert [c["generated"] for c in cards[1:]] == [64, 64] and not any(c["reference"] for c in cards[1:]), cards
     assert console_errors(browser) == []
+
+
+def test_queue_position_is_live_and_cancel_frees_the_worker(server, browser):
+    """Two other tabs occupy the (single) worker and the queue: this tab shows `1 ahead`, then
+    `next to run`; cancelling them lets it run."""
+    open_playground(browser, server)
+    main = browser.current_window_handle
+    blockers = []
+    # Different sizes: never batched together; the first runs, the second waits.
+    for size in ("128", "96"):
+        browser.switch_to.new_window("tab")
+        open_playground(browser, server)
+        fill(browser, "prompts", "\n".join(f"blocker {i}" for i in range(8)))
+        fill(browser, "width", size)
+        fill(browser, "height", size)
+        fill(browser, "steps", "150")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "phase").get_attribute("data-phase") in ("queued", "running"))
+        if size == "128":
+            WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "phase").get_attribute("data-phase") == "running")
+        blockers.append(browser.current_window_handle)
+
+    browser.switch_to.window(main)
+    console_errors(browser)
+    fill(browser, "prompts", "a lighthouse\na fox")
+    fill(browser, "width", "64")
+    fill(browser, "height", "64")
+    fill(browser, "steps", "2")
+    browser.execute_script(RECORDER)
+    browser.find_element(By.ID, "generate").click()
+    queue = browser.find_element(By.ID, "queue")
+    WebDriverWait(browser, 30).until(lambda d: queue.get_attribute("data-position") == "1" and queue.is_displayed(), "never shown as 1 ahead")
+    assert queue.text == "1 ahead · 2 in queue", queue.text
+    assert browser.find_element(By.ID, "phase").text == "Queued"
+
+    for handle in blockers:
+        browser.switch_to.window(handle)
+        assert browser.find_element(By.ID, "phase").get_attribute("data-phase") in ("queued", "running")
+        browser.find_element(By.ID, "cancel").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "phase").get_attribute("data-phase") == "cancelled")
+        assert not browser.find_element(By.ID, "error").is_displayed()
+        assert browser.find_element(By.ID, "generate").is_enabled()
+
+    browser.switch_to.window(main)
+    wait_finished(browser, timeout=60)
+    queue_texts = [t for k, t, _ in browser.execute_script("return window.__seen") if k == "queue"]
+    assert queue_texts[:1] == ["1 ahead · 2 in queue"] and "next to run · 1 in queue" in queue_texts, queue_texts
+    assert len(image_state(browser)) == 2
+    assert console_errors(browser) == []
+    for handle in blockers:
+        browser.switch_to.window(handle)
+        browser.close()
+    browser.switch_to.window(main)
+
+
+def test_with_auth_on_the_token_field_unlocks_the_page(auth_server, browser):
+    browser.get(auth_server + "/")
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed(), "no error without a token")
+    assert error.text.startswith("UNAUTHENTICATED:"), error.text
+    assert not browser.find_element(By.ID, "generate").is_enabled()
+    browser.find_element(By.CSS_SELECTOR, "details.connection > summary").click()
+    fill(browser, "token", "s3cret-token")
+    browser.find_element(By.ID, "prompts").click()  # leaving the field commits it
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "generate").is_enabled(), "the token did not unlock the page")
+    assert not error.is_displayed()
+    console_errors(browser)
+    fill(browser, "prompts", "a lighthouse\na fox")
+    fill(browser, "width", "64")
+    fill(browser, "height", "64")
+    fill(browser, "steps", "2")
+    browser.find_element(By.ID, "generate").click()
+    wait_finished(browser)
+    assert len(image_state(browser)) == 2
+    assert console_errors(browser) == []
+    browser.execute_script("sessionStorage.clear()")

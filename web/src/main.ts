@@ -107,7 +107,6 @@ function clientId(): string {
 const CLIENT_ID = clientId();
 ui.clientId.textContent = CLIENT_ID;
 ui.token.value = sessionStorage.getItem("stylealign.token") ?? "";
-ui.token.addEventListener("change", () => sessionStorage.setItem("stylealign.token", ui.token.value.trim()));
 
 function callHeaders(): Record<string, string> {
   const token = ui.token.value.trim();
@@ -226,6 +225,17 @@ function applyModel() {
 }
 
 ui.model.addEventListener("change", applyModel);
+
+// Another identity: its own sessions; the catalogue may have been refused to the previous one.
+ui.token.addEventListener("change", () => {
+  sessionStorage.setItem("stylealign.token", ui.token.value.trim());
+  session = undefined;
+  ui.sessionInfo.textContent = "Identity changed: a new session is created on the next Generate.";
+  if (ui.health.dataset.state === "serving") {
+    clearError();
+    loadCatalog().catch(showError);
+  }
+});
 
 // ---------- session ----------
 
