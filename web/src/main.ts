@@ -409,7 +409,7 @@ function fillCard(c: HTMLElement, image: GeneratedImage) {
   const meta = el(
     "div",
     { class: "meta" },
-    el("span", { class: "muted", text: `seed ${image.seed} · ${image.width}×${image.height}` }),
+    el("span", { class: "muted", text: `${image.width}×${image.height} · seed ${image.seed}`, title: `seed ${image.seed}` }),
     el("a", { class: "download", href: url, download: name, title: "The PNG carries every parameter in its `parameters` chunk" }, "Download PNG"),
   );
   const params = el("details", { class: "params" }, el("summary", { text: "parameters" }), el("pre", { text: prettyJson(image.parameters) }));
@@ -524,7 +524,11 @@ async function generate() {
         setPhase("failed", "Failed");
         showError(err);
       }
-      for (const c of ui.results.querySelectorAll(".card.pending")) c.classList.add("failed");
+      // Keep what arrived; drop the placeholders of what never will.
+      for (const c of ui.results.querySelectorAll(".card.pending")) c.remove();
+      if (!ui.results.querySelector("img.generated")) {
+        ui.results.replaceChildren(el("p", { class: "empty", text: abort.signal.aborted ? "Cancelled before any image arrived." : "No images: see the error above." }));
+      }
       break;
     }
   }
