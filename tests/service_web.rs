@@ -1,6 +1,6 @@
 //! The API port's front doors for browsers, through the public port: gRPC-Web over HTTP/1.1
 //! (tonic-web's own client layer on an HTTP/1.1 hyper client, the generated StyleAlign and
-//! Health clients), the playground page and its files at `/`, plain 404 for unknown paths, and
+//! Health clients; grpc-web-text framed by hand), the playground page and its files at `/`, plain 404 for unknown paths, and
 //! `--no-playground` / `STYLEALIGN_NO_PLAYGROUND` turning the page off (the binary, spawned).
 
 mod service_common;
@@ -187,6 +187,63 @@ fn grpc_web_over_http1_reaches_every_call() {
         c.release_session(with_id(pb::ReleaseSessionRequest { session_id: session.session_id.clone() })).await.expect("ReleaseSession over gRPC-Web");
         let gone = c.get_session(with_id(pb::GetSessionRequest { session_id: session.session_id })).await.unwrap_err();
         assert_eq!(gone.code(), tonic::Code::NotFound);
+        server.shutdown().await;
+    });
+}
+
+/// Splits a gRPC-Web response body into its data messages and its trailer block.
+fn web_frames(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
+    let (mut messages, mut trailers) = (Vec::new(), String::new());
+    while body.len() >= 5 {
+        let (flag, len) = (body[0], u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize);
+        let payload = &body[5..5 + len];
+        if flag & 0x80 != 0 {
+            trailers.push_str(std::str::from_utf8(payload).expect("trailers are text"));
+        } else {
+            messages.push(payload.to_vec());
+        }
+        body = &body[5 + len..];
+    }
+    assert!(body.is_empty(), "trailing bytes after the last frame");
+    (messages, trailers)
+}
+
+#[test]
+fn grpc_web_text_framed_by_hand() {
+    use base64::Engine as _;
+    use http_body_util::Full;
+    use prost::Message as _;
+    run(Duration::from_secs(60), || async {
+        let server = start(test_config()).await;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut frame = vec![0u8];
+        let msg = pb::ListModelsRequest {}.encode_to_vec();
+        frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&msg);
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = http::Request::post(format!("http://{}/stylealign.v1.StyleAlign/ListModels", server.addr()))
+            .header("content-type", "application/grpc-web-text")
+            .header("accept", "application/grpc-web-text")
+            .header("x-grpc-web", "1")
+            .header("x-client-id", "web-text")
+            .body(Full::new(Bytes::from(b64.encode(&frame))))
+            .unwrap();
+        let res = client.request(req).await.expect("grpc-web-text call");
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.version(), http::Version::HTTP_11);
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("application/grpc-web-text"), "{:?}", res.headers());
+        let text = res.into_body().collect().await.unwrap().to_bytes();
+        // The body is base64 (one chunk per frame, each padded).
+        let mut raw = Vec::new();
+        for chunk in text.split(|b| *b == b'=').filter(|c| !c.is_empty()) {
+            let padded = format!("{}{}", std::str::from_utf8(chunk).unwrap(), "=".repeat((4 - chunk.len() % 4) % 4));
+            raw.extend(b64.decode(padded).expect("base64 body"));
+        }
+        let (messages, trailers) = web_frames(&raw);
+        assert!(trailers.to_ascii_lowercase().contains("grpc-status:0"), "trailers: {trailers:?}");
+        assert_eq!(messages.len(), 1);
+        let models = pb::ListModelsResponse::decode(messages[0].as_slice()).expect("a ListModelsResponse");
+        assert_eq!(models.models[0].name, "tiny");
         server.shutdown().await;
     });
 }
