@@ -1,7 +1,8 @@
 //! The API port's front doors for browsers, through the public port: gRPC-Web over HTTP/1.1
 //! (tonic-web's own client layer on an HTTP/1.1 hyper client, the generated StyleAlign and
-//! Health clients; grpc-web-text framed by hand), the playground page and its files at `/`, plain 404 for unknown paths, and
-//! `--no-playground` / `STYLEALIGN_NO_PLAYGROUND` turning the page off (the binary, spawned).
+//! Health clients; grpc-web-text framed by hand), the playground page and its files at `/`,
+//! plain 404 for unknown paths, and `--no-playground` / `STYLEALIGN_NO_PLAYGROUND` turning the
+//! page off (the binary, spawned).
 
 mod service_common;
 
