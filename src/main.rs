@@ -126,6 +126,9 @@ struct ServeArgs {
     /// Skip the warm-up step (health turns SERVING right after loading).
     #[arg(long, env = "STYLEALIGN_NO_WARMUP")]
     no_warmup: bool,
+    /// Do not serve the browser playground at `/` on the API port.
+    #[arg(long, env = "STYLEALIGN_NO_PLAYGROUND")]
+    no_playground: bool,
 }
 
 impl ServeArgs {
@@ -181,6 +184,7 @@ impl ServeArgs {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             auth: tokens,
             warmup: !self.no_warmup,
+            playground: !self.no_playground,
         };
         cfg.check().map_err(anyhow::Error::msg)?;
         Ok(cfg)

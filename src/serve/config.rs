@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub auth: Option<Tokens>,
     /// Run one denoising step per model and worker before reporting SERVING.
     pub warmup: bool,
+    /// Serve the browser playground at `/` on the API port.
+    pub playground: bool,
 }
 
 impl Default for ServeConfig {
@@ -98,6 +100,7 @@ impl Default for ServeConfig {
             drain_timeout: Duration::from_secs(60),
             auth: None,
             warmup: true,
+            playground: true,
         }
     }
 }

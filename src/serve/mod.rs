@@ -3,8 +3,8 @@
 //! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
 //! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
 //! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
-//! batches), [`server`] (the tonic services, health, reflection, admin HTTP, drain), [`http`] (the
-//! same RPCs as JSON over HTTP), [`metrics`].
+//! batches), [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
+//! [`http`] (the same RPCs as JSON over HTTP), [`playground`] (the browser page), [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
@@ -12,6 +12,7 @@ pub mod config;
 pub mod convert;
 pub mod http;
 pub mod metrics;
+pub mod playground;
 pub mod queue;
 pub mod server;
 pub mod session;

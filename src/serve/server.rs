@@ -1,6 +1,6 @@
 //! The gRPC server: the `stylealign.v1.StyleAlign` service, `grpc.health.v1`, server reflection
-//! (v1 and v1alpha), the admin HTTP listener (`/metrics`, `/healthz`, plaintext gRPC health) and
-//! the drain on shutdown.
+//! (v1 and v1alpha), gRPC-Web for browsers and the playground page on the API port, the admin
+//! HTTP listener (`/metrics`, `/healthz`, plaintext gRPC health) and the drain on shutdown.
 //!
 //! Life cycle ([`Server`]):
 //! 1. [`Server::bind`]: listeners up, health NOT_SERVING, every StyleAlign call UNAVAILABLE.
@@ -563,17 +563,25 @@ impl Server {
         };
         let mut tasks = Vec::new();
         let svc = Service { state: state.clone() };
-        // gRPC and the HTTP/JSON routes (super::http) on one port: HTTP/1.1 is accepted too.
-        let routes = tonic::service::Routes::new(StyleAlignServer::new(svc.clone()))
+        // One router on the API port: the gRPC services (HTTP/2 gRPC, and gRPC-Web over HTTP/1.1
+        // or HTTP/2 for browsers) merged with plain HTTP routes (JSON, the playground). The
+        // gRPC-Web layer wraps the gRPC services only: it refuses every plain HTTP/1.1 request.
+        let grpc_services = tonic::service::Routes::new(StyleAlignServer::new(svc.clone()))
             .add_service(health_svc)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .into_axum_router()
-            .merge(super::http::router(svc));
+            .reset_fallback()
+            .layer(tonic_web::GrpcWebLayer::new());
+        let mut api = grpc_services.merge(super::http::router(svc));
+        if state.cfg.playground {
+            api = api.merge(super::playground::router());
+        }
+        let api = api.fallback(api_fallback);
         let grpc = tonic::transport::Server::builder()
             .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
             .accept_http1(true)
-            .add_routes(tonic::service::Routes::from(routes))
+            .add_routes(tonic::service::Routes::from(api))
             .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
@@ -647,7 +655,8 @@ impl Server {
                 metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
             }
         }));
-        tracing::info!(%addr, admin = ?admin_addr, "listening (NOT_SERVING until the models are loaded and warm)");
+        let playground = if state.cfg.playground { format!("http://{addr}/") } else { "off".into() };
+        tracing::info!(%addr, admin = ?admin_addr, %playground, "listening (NOT_SERVING until the models are loaded and warm)");
         Ok(Self { state, addr, admin_addr, shutdown, tasks: Mutex::new(tasks), metrics })
     }
 
@@ -750,6 +759,24 @@ impl Server {
         .await;
         tracing::info!("stopped");
     }
+}
+
+/// Unknown paths on the API port: UNIMPLEMENTED for gRPC and gRPC-Web calls (in the caller's
+/// content type), 404 for plain HTTP.
+async fn api_fallback(req: axum::extract::Request) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::response::IntoResponse as _;
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.starts_with("application/grpc") {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
+    let mut res = Status::unimplemented(format!("unknown method {}", req.uri().path())).into_http::<axum::body::Body>();
+    if content_type.starts_with("application/grpc-web")
+        && let Ok(v) = HeaderValue::from_str(content_type)
+    {
+        res.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    res
 }
 
 /// Accepted connections with TCP_NODELAY: without it, a response whose message exceeds h2's
