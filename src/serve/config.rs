@@ -79,7 +79,8 @@ impl Default for ServeConfig {
 
 /// The `stylealign serve` flags, each with its `STYLEALIGN_*` environment variable. Their defaults
 /// are the one definition of [`ServeConfig::default`].
-#[derive(clap::Args, Clone, Debug)]
+/// (No `Debug`: it holds the session secret and auth tokens.)
+#[derive(clap::Args, Clone)]
 pub struct ServeArgs {
     /// A diffusers folder, or `tiny` (the embedded model). Repeat to serve several models.
     #[arg(long = "model", env = "STYLEALIGN_MODEL", value_delimiter = ',', default_value = "tiny")]
@@ -386,7 +387,7 @@ mod tests {
         let a = Cli::try_parse_from(["x", "--max-queue", "3", "--admin-listen", "off", "--device", "cpu,cuda:1", "--no-batching"]).unwrap().serve.config().unwrap();
         assert_eq!((a.max_queue, a.admin_listen, a.batching), (3, None, false));
         assert_eq!(a.devices, vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
-        assert!(Cli::try_parse_from(["x", "--device", "tpu"]).unwrap_err().to_string().contains("--device"));
+        assert!(Cli::try_parse_from(["x", "--device", "tpu"]).err().expect("an unknown device is refused").to_string().contains("--device"));
         let e = Cli::try_parse_from(["x", "--max-steps", "4", "--default-steps", "5"]).unwrap().serve.config().unwrap_err();
         assert!(e.to_string().contains("--default-steps"), "{e}");
     }
