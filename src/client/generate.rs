@@ -5,7 +5,7 @@
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -143,11 +143,15 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let session = c.patch_model(who.request(a.set.patch(), Some(SESSION_CALL_DEADLINE))).await.map_err(StatusError::from).context("PatchModel")?.into_inner();
     req.session_id = session.session_id.clone();
     let mut view = ProgressView::new(std::io::stderr().is_terminal());
+    let start = Instant::now();
     let result = tokio::time::timeout(a.timeout + GRACE, generate(&mut c, &who, req, Some(a.timeout), |ev| view.event(ev))).await;
     view.finish();
     let _ = c.release_session(who.request(pb::ReleaseSessionRequest { session_id: session.session_id }, Some(SESSION_CALL_DEADLINE))).await;
     let result = match result {
-        Ok(r) => r.map_err(StatusError::from).context("Generate")?,
+        Ok(Ok(r)) => r,
+        // tonic reports its own end of the deadline (before the server's answer) as CANCELLED.
+        Ok(Err(s)) if s.code() == tonic::Code::Cancelled && start.elapsed() >= a.timeout => bail!("Generate: DEADLINE_EXCEEDED: --timeout {} passed", format_duration(a.timeout)),
+        Ok(Err(s)) => return Err(anyhow::Error::new(StatusError(s)).context("Generate")),
         Err(_) => bail!("Generate: DEADLINE_EXCEEDED: no answer within --timeout {}", format_duration(a.timeout)),
     };
     if result.images.is_empty() {
