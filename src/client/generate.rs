@@ -282,10 +282,11 @@ fn next_number(dir: &Path) -> anyhow::Result<u64> {
             continue;
         }
         let digits: &str = &name[..name.find(|c: char| !c.is_ascii_digit()).unwrap_or(name.len())];
-        if digits.len() >= 5 && name[digits.len()..].starts_with('-') {
-            if let Ok(n) = digits.parse::<u64>() {
-                next = next.max(n.saturating_add(1));
-            }
+        if digits.len() >= 5
+            && name[digits.len()..].starts_with('-')
+            && let Ok(n) = digits.parse::<u64>()
+        {
+            next = next.max(n.saturating_add(1));
         }
     }
     Ok(next)
