@@ -22,23 +22,29 @@ use super::ddim::Ddim;
 use super::schedule::{Prediction, SchedulerConfig, Spacing, ddim_timesteps, round_half_even};
 use crate::model::ModelError;
 
-/// Which sampler a run uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// Which sampler a run uses. As a command-line value: the names below, plus the older spellings
+/// `euler-a`, `dpmpp2m` and `dpmpp2m-karras`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 pub enum SamplerKind {
     /// DDIM, η = 0.
     #[serde(rename = "ddim")]
+    #[value(name = "ddim")]
     Ddim,
     /// Euler (Karras et al. Algorithm 2 without churn).
     #[serde(rename = "euler")]
+    #[value(name = "euler")]
     Euler,
     /// Euler ancestral: Euler to σ_down plus fresh noise of scale σ_up.
     #[serde(rename = "euler_a")]
+    #[value(name = "euler_a", alias = "euler-a")]
     EulerAncestral,
     /// DPM-Solver++ 2M (multistep, midpoint), first order on the first and last step.
     #[serde(rename = "dpmpp_2m")]
+    #[value(name = "dpmpp_2m", alias = "dpmpp2m")]
     DpmPp2m,
     /// DPM-Solver++ 2M on Karras sigmas (ρ = 7).
     #[serde(rename = "dpmpp_2m_karras")]
+    #[value(name = "dpmpp_2m_karras", alias = "dpmpp2m-karras")]
     DpmPp2mKarras,
 }
 

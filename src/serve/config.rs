@@ -1,5 +1,6 @@
-//! Server configuration: limits, queue and batching, sessions, auth. The CLI (`stylealign serve`)
-//! fills it from flags and `STYLEALIGN_*` environment variables.
+//! Server configuration: limits, queue and batching, sessions, auth. [`ServeArgs`] are the
+//! `stylealign serve` flags (and `STYLEALIGN_*` environment variables); their defaults are
+//! [`ServeConfig::default`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -72,36 +73,165 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
+    /// The configuration of `stylealign serve` without flags (the defaults live on [`ServeArgs`]).
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:50051".parse().unwrap(),
-            admin_listen: Some("127.0.0.1:9090".parse().unwrap()),
-            models: vec![ModelSource::Tiny],
-            devices: vec![DeviceSpec::Cpu],
-            cpu_workers: 1,
-            max_queue: 64,
-            batching: true,
-            max_batch_rows: 8,
-            max_batch_delay: Duration::from_millis(20),
-            session_ttl: Duration::from_secs(30 * 60),
-            max_sessions_per_client: 64,
-            max_sessions: 10_000,
-            session_secret: None,
-            max_session_lifetime: super::session::DEFAULT_MAX_LIFETIME,
+        ServeArgs::default().config().expect("the default serve flags make a valid configuration")
+    }
+}
+
+/// The `stylealign serve` flags, each with its `STYLEALIGN_*` environment variable. Their defaults
+/// are the one definition of [`ServeConfig::default`].
+/// (No `Debug`: it holds the session secret and auth tokens.)
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    /// A diffusers folder, or `tiny` (the embedded model). Repeat to serve several models.
+    #[arg(long = "model", env = "STYLEALIGN_MODEL", value_delimiter = ',', default_value = "tiny")]
+    pub models: Vec<ModelSource>,
+    #[arg(long, env = "STYLEALIGN_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Admin HTTP/gRPC listener (`/metrics`, `/healthz`, grpc.health.v1). `off` disables it.
+    #[arg(long, env = "STYLEALIGN_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: String,
+    /// Devices, one worker each: `cpu`, `cuda`, `cuda:N`. Repeat or comma-separate.
+    #[arg(long = "device", env = "STYLEALIGN_DEVICE", value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<DeviceSpec>,
+    /// Workers sharing the CPU device.
+    #[arg(long, env = "STYLEALIGN_CPU_WORKERS", default_value_t = 1)]
+    pub cpu_workers: usize,
+    /// Admission queue capacity; a full queue answers RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "STYLEALIGN_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Turn off batching across requests.
+    #[arg(long, env = "STYLEALIGN_NO_BATCHING")]
+    pub no_batching: bool,
+    /// Most images in one UNet batch.
+    #[arg(long, env = "STYLEALIGN_MAX_BATCH_ROWS", default_value_t = 8)]
+    pub max_batch_rows: usize,
+    /// How long the oldest request may wait for batch-mates, in milliseconds.
+    #[arg(long, env = "STYLEALIGN_MAX_BATCH_DELAY_MS", default_value_t = 20)]
+    pub max_batch_delay_ms: u64,
+    /// Idle session lifetime, in seconds.
+    #[arg(long, env = "STYLEALIGN_SESSION_TTL_SECS", default_value_t = 1800)]
+    pub session_ttl_secs: u64,
+    /// Sessions per client (more evicts the client's least recently used one).
+    #[arg(long, env = "STYLEALIGN_MAX_SESSIONS_PER_CLIENT", default_value_t = 64)]
+    pub max_sessions_per_client: usize,
+    /// Sessions in all (more is RESOURCE_EXHAUSTED).
+    #[arg(long, env = "STYLEALIGN_MAX_SESSIONS", default_value_t = 10_000)]
+    pub max_sessions: usize,
+    /// File holding the secret that signs session ids (≥ 32 bytes; surrounding whitespace
+    /// ignored). Replicas of one deployment share it, so that any replica serves any session.
+    /// Without it (or --session-secret) a random secret is generated: ids die with the process.
+    #[arg(long, env = "STYLEALIGN_SESSION_SECRET_FILE")]
+    pub session_secret_file: Option<PathBuf>,
+    /// The session secret itself (prefer the file).
+    #[arg(long, env = "STYLEALIGN_SESSION_SECRET", hide_env_values = true, conflicts_with = "session_secret_file")]
+    pub session_secret: Option<String>,
+    /// Hard session lifetime, in seconds: a session id is refused everywhere this long after its
+    /// creation, used or not (a release on one replica reaches the others only then).
+    #[arg(long, env = "STYLEALIGN_MAX_SESSION_LIFETIME_SECS", default_value_t = super::session::DEFAULT_MAX_LIFETIME.as_secs())]
+    pub max_session_lifetime_secs: u64,
+    #[arg(long, env = "STYLEALIGN_MAX_PROMPTS", default_value_t = 8)]
+    pub max_prompts: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_PROMPT_CHARS", default_value_t = 2000)]
+    pub max_prompt_chars: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_STEPS", default_value_t = 150)]
+    pub max_steps: usize,
+    /// Largest width and height.
+    #[arg(long, env = "STYLEALIGN_MAX_SIZE", default_value_t = 2048)]
+    pub max_size: usize,
+    #[arg(long, env = "STYLEALIGN_MAX_GUIDANCE", default_value_t = 50.0)]
+    pub max_guidance: f32,
+    #[arg(long, env = "STYLEALIGN_DEFAULT_STEPS", default_value_t = 30)]
+    pub default_steps: usize,
+    #[arg(long, env = "STYLEALIGN_DEFAULT_GUIDANCE", default_value_t = 7.5)]
+    pub default_guidance: f32,
+    /// On SIGTERM, how long queued and running work may take, in seconds.
+    #[arg(long, env = "STYLEALIGN_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
+    pub drain_timeout_secs: u64,
+    /// Turn auth on with tokens from this file (lines `client=token` or `token`).
+    #[arg(long, env = "STYLEALIGN_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// Turn auth on with these tokens (comma-separated `client=token` or `token`).
+    #[arg(long, env = "STYLEALIGN_AUTH_TOKENS", hide_env_values = true)]
+    pub auth_tokens: Option<String>,
+    /// Skip the warm-up step (health turns SERVING right after loading).
+    #[arg(long, env = "STYLEALIGN_NO_WARMUP")]
+    pub no_warmup: bool,
+    /// Do not serve the browser playground at `/` on the API port.
+    #[arg(long, env = "STYLEALIGN_NO_PLAYGROUND")]
+    pub no_playground: bool,
+}
+
+impl Default for ServeArgs {
+    /// Every flag at its default; the `STYLEALIGN_*` environment is not read.
+    fn default() -> Self {
+        use clap::{Args as _, FromArgMatches as _};
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve")).mut_args(|a| a.env(None::<&'static str>));
+        let matches = cmd.try_get_matches_from(["serve"]).expect("every serve flag has a valid default");
+        ServeArgs::from_arg_matches(&matches).expect("every serve flag has a valid default")
+    }
+}
+
+impl ServeArgs {
+    /// The server configuration: reads the token and secret files, checks every number; errors
+    /// name the flag.
+    pub fn config(&self) -> anyhow::Result<ServeConfig> {
+        use anyhow::Context as _;
+        // Auth is on when a token file or inline tokens are given (both: their union).
+        let auth = if self.auth_tokens_file.is_some() || self.auth_tokens.is_some() {
+            let mut text = String::new();
+            if let Some(f) = &self.auth_tokens_file {
+                text += &std::fs::read_to_string(f).with_context(|| format!("--auth-tokens-file {}", f.display()))?;
+                text.push('\n');
+            }
+            if let Some(t) = &self.auth_tokens {
+                text += t;
+            }
+            Some(Tokens::parse(&text).map_err(anyhow::Error::msg).context("auth tokens")?)
+        } else {
+            None
+        };
+        let session_secret = match (&self.session_secret_file, &self.session_secret) {
+            (Some(f), _) => Some(SessionSecret::from_file(f).map_err(anyhow::Error::msg).context("--session-secret-file")?),
+            (None, Some(s)) => Some(SessionSecret::new(s.as_bytes()).map_err(anyhow::Error::msg).context("--session-secret")?),
+            (None, None) => None,
+        };
+        let admin_listen = match self.admin_listen.as_str() {
+            "off" | "none" | "" => None,
+            a => Some(a.parse().with_context(|| format!("--admin-listen {a:?}"))?),
+        };
+        let cfg = ServeConfig {
+            listen: self.listen,
+            admin_listen,
+            models: self.models.clone(),
+            devices: self.devices.clone(),
+            cpu_workers: self.cpu_workers,
+            max_queue: self.max_queue,
+            batching: !self.no_batching,
+            max_batch_rows: self.max_batch_rows,
+            max_batch_delay: Duration::from_millis(self.max_batch_delay_ms),
+            session_ttl: Duration::from_secs(self.session_ttl_secs),
+            max_sessions_per_client: self.max_sessions_per_client,
+            max_sessions: self.max_sessions,
+            session_secret,
+            max_session_lifetime: Duration::from_secs(self.max_session_lifetime_secs),
             limits: Limits {
-                max_prompts: 8,
-                max_prompt_chars: 2_000,
-                max_steps: 150,
-                max_size: 2048,
-                max_guidance: 50.0,
-                default_steps: 30,
-                default_guidance: 7.5,
+                max_prompts: self.max_prompts,
+                max_prompt_chars: self.max_prompt_chars,
+                max_steps: self.max_steps,
+                max_size: self.max_size,
+                max_guidance: self.max_guidance,
+                default_steps: self.default_steps,
+                default_guidance: self.default_guidance,
             },
-            drain_timeout: Duration::from_secs(60),
-            auth: None,
-            warmup: true,
-            playground: true,
-        }
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            auth,
+            warmup: !self.no_warmup,
+            playground: !self.no_playground,
+        };
+        cfg.check().map_err(anyhow::Error::msg)?;
+        Ok(cfg)
     }
 }
 
@@ -242,5 +372,29 @@ mod tests {
         ServeConfig::default().check().unwrap();
         let bad = ServeConfig { max_queue: 0, ..Default::default() };
         assert!(bad.check().unwrap_err().contains("max-queue"));
+    }
+
+    #[test]
+    fn defaults_come_from_the_flags_and_ignore_the_environment() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let d = ServeConfig::default();
+        assert_eq!((d.listen, d.admin_listen), ("127.0.0.1:50051".parse().unwrap(), Some("127.0.0.1:9090".parse().unwrap())));
+        assert_eq!((d.models.clone(), d.devices.clone()), (vec![ModelSource::Tiny], vec![DeviceSpec::Cpu]));
+        assert_eq!((d.max_queue, d.max_batch_rows, d.max_batch_delay, d.batching, d.warmup), (64, 8, Duration::from_millis(20), true, true));
+        assert_eq!((d.session_ttl, d.max_session_lifetime, d.drain_timeout), (Duration::from_secs(1800), super::super::session::DEFAULT_MAX_LIFETIME, Duration::from_secs(60)));
+        assert_eq!((d.limits.max_prompts, d.limits.max_steps, d.limits.default_steps, d.limits.default_guidance), (8, 150, 30, 7.5));
+        assert!(d.auth.is_none() && d.session_secret.is_none());
+        // Flags override; `off` turns the admin listener off; a bad value names its flag.
+        let a = Cli::try_parse_from(["x", "--max-queue", "3", "--admin-listen", "off", "--device", "cpu,cuda:1", "--no-batching"]).unwrap().serve.config().unwrap();
+        assert_eq!((a.max_queue, a.admin_listen, a.batching), (3, None, false));
+        assert_eq!(a.devices, vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
+        assert!(Cli::try_parse_from(["x", "--device", "tpu"]).err().expect("an unknown device is refused").to_string().contains("--device"));
+        let e = Cli::try_parse_from(["x", "--max-steps", "4", "--default-steps", "5"]).unwrap().serve.config().unwrap_err();
+        assert!(e.to_string().contains("--default-steps"), "{e}");
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// any output: LayerNorm normalises each token over its channels alone, so adding the reference's
 /// tokens to the set leaves every own token bitwise unchanged. `Layer` therefore equals
 /// `Disabled` and `Both` equals `Group`; no work is spent on the layer half.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ShareNorm {
     #[default]
@@ -50,12 +50,14 @@ impl ShareNorm {
 
 /// Which of the attention inputs get AdaIN (ComfyUI `share_attn`). The reference's keys and values
 /// are shared into every row's self-attention whatever this says, as in the node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 pub enum ShareAttn {
     #[default]
     #[serde(rename = "q+k")]
+    #[value(name = "q+k")]
     QK,
     #[serde(rename = "q+k+v")]
+    #[value(name = "q+k+v")]
     QKV,
     #[serde(rename = "disabled")]
     Disabled,

@@ -1,0 +1,343 @@
+//! The command line (`stylealign generate`, `stylealign loadtest`) as a user runs it: the built
+//! binary against a `stylealign serve` process on the tiny model (127.0.0.1, ephemeral port), with
+//! standard output and error captured (so not a terminal).
+//!
+//! Every server process is killed when its handle drops (also when a test fails).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use stylealign::client::{self, Identity};
+use stylealign::serve::pb;
+use tonic::Code;
+
+/// The binary, with a clean `STYLEALIGN_*` environment.
+fn stylealign() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stylealign"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("STYLEALIGN_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
+    cmd
+}
+
+/// Runs the binary to the end (at most two minutes).
+fn run(args: &[&str]) -> Output {
+    let mut child = stylealign().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let end = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("stylealign {args:?} ran for over two minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: o.join().unwrap(), stderr: e.join().unwrap() }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A `stylealign serve --model tiny` child process, SERVING.
+struct Server {
+    child: Child,
+    addr: String,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn spawn() -> Server {
+        let mut child = stylealign()
+            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
+            .args(["--default-steps", "3", "--max-size", "256", "--max-batch-delay-ms", "0", "--drain-timeout-secs", "2"])
+            .env("STYLEALIGN_SESSION_SECRET", "cli-test-session-secret-0123456789abcdefghij")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn stylealign serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send((line, r));
+        });
+        let Ok((line, reader)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("the server printed no address within 30 s");
+        };
+        // "stylealign: gRPC on <addr>"
+        let Some(addr) = line.strip_prefix("stylealign: gRPC on ").map(|r| r.split(',').next().unwrap_or("").trim().to_string()) else {
+            let _ = child.kill();
+            panic!("unexpected first line: {line:?}");
+        };
+        let server = Server { child, addr, _stdout: reader };
+        server.wait_serving();
+        server
+    }
+
+    fn wait_serving(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let end = Instant::now() + Duration::from_secs(60);
+            let mut c = client::connect(&self.addr).await.expect("connect");
+            loop {
+                match c.list_models(Identity::client("probe").request(pb::ListModelsRequest {}, None)).await {
+                    Ok(_) => return,
+                    Err(s) if s.code() == Code::Unavailable && Instant::now() < end => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(s) => panic!("{} never served: {s}", self.addr),
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("stylealign-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `generate` on the server: two prompts; 32 × 32 and 2 steps unless `extra` says otherwise.
+fn generate(server: &Server, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["generate", "--server", &server.addr, "--out", out.to_str().unwrap(), "--prompt", "a house, ink", "--prompt", "a tree, ink"];
+    for (flag, value) in [("--width", "32"), ("--height", "32"), ("--steps", "2")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend(extra);
+    run(&args)
+}
+
+fn assert_clean(o: &Output) {
+    let err = text(&o.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Status {") && !err.contains("RUST_BACKTRACE"), "stderr: {err}");
+}
+
+/// The paths printed on stdout, each an existing PNG; with the sampler named in its metadata (the
+/// text chunk holding the request's JSON).
+fn written(o: &Output) -> Vec<(PathBuf, String)> {
+    text(&o.stdout)
+        .lines()
+        .map(|l| {
+            let p = PathBuf::from(l);
+            let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{l}: {e}"));
+            let (_, meta) = stylealign::pipeline::image::Image::from_png(&bytes).expect("a PNG");
+            let sampler = meta
+                .iter()
+                .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(v).ok())
+                .find_map(|j| j["sampler"].as_str().map(str::to_string))
+                .unwrap_or_else(|| panic!("{l}: no sampler in the PNG metadata {meta:?}"));
+            (p, sampler)
+        })
+        .collect()
+}
+
+#[test]
+fn samplers_by_their_api_names_and_old_spellings() {
+    let server = Server::spawn();
+    let dir = temp_dir("samplers");
+    for (arg, name) in [("euler_a", "euler_a"), ("euler-a", "euler_a"), ("dpmpp_2m_karras", "dpmpp_2m_karras"), ("dpmpp2m", "dpmpp_2m")] {
+        let o = generate(&server, &dir.join(arg), &["--sampler", arg, "--seed", "11"]);
+        assert!(o.status.success(), "--sampler {arg}: {}", text(&o.stderr));
+        assert_clean(&o);
+        let files = written(&o);
+        assert_eq!(files.len(), 2, "--sampler {arg}: {}", text(&o.stdout));
+        for (p, sampler) in &files {
+            assert_eq!(sampler, name, "{}", p.display());
+        }
+    }
+    // An unknown name lists the accepted ones.
+    let o = generate(&server, &dir.join("bad"), &["--sampler", "heun"]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("--sampler") && err.contains("euler_a") && err.contains("dpmpp_2m_karras"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn runs_into_one_folder_keep_every_file() {
+    let server = Server::spawn();
+    let dir = temp_dir("numbering");
+    // The same seed twice: the same image content, and still both runs stay.
+    let first = generate(&server, &dir, &["--seed", "5"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let first = written(&first);
+    let before: Vec<Vec<u8>> = first.iter().map(|(p, _)| std::fs::read(p).unwrap()).collect();
+    let second = generate(&server, &dir, &["--seed", "5"]);
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    let second = written(&second);
+    let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(first.iter().map(|(p, _)| name(p)).collect::<Vec<_>>(), ["00000-5-0.png", "00000-5-1.png"]);
+    assert_eq!(second.iter().map(|(p, _)| name(p)).collect::<Vec<_>>(), ["00001-5-0.png", "00001-5-1.png"]);
+    for ((p, _), b) in first.iter().zip(&before) {
+        assert_eq!(&std::fs::read(p).unwrap(), b, "{} changed", p.display());
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn progress_without_a_terminal_is_one_line_per_event() {
+    let server = Server::spawn();
+    let dir = temp_dir("progress");
+    let o = generate(&server, &dir, &["--steps", "3"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(!err.contains('\r') && !err.contains('\u{1b}'), "{err:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    for l in &lines {
+        assert!(["queued: position ", "started: batch of ", "step ", "image "].iter().any(|p| l.starts_with(p)), "unexpected line {l:?} in {err}");
+    }
+    let steps: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps, ["step 1/3", "step 2/3", "step 3/3"]);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("started: ")).count(), 1);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("image ")).count(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_request_is_a_readable_error() {
+    let server = Server::spawn();
+    let dir = temp_dir("errors");
+    // Rejected by the server: the code and the message naming the field.
+    let o = generate(&server, &dir, &["--width", "33"]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    let err = text(&o.stderr);
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("`width`"), "{err}");
+    assert!(text(&o.stdout).is_empty() && !dir.exists(), "nothing is written");
+    // Rejected by the command line: the flag is named.
+    for (flag, value) in [("--timeout", "0"), ("--share-attn", "q"), ("--priority", "urgent")] {
+        let o = generate(&server, &dir, &[flag, value]);
+        assert!(!o.status.success());
+        assert_clean(&o);
+        assert!(text(&o.stderr).contains(flag), "{flag}: {}", text(&o.stderr));
+    }
+    // A deadline that passes is DEADLINE_EXCEEDED, not a hang.
+    let o = generate(&server, &dir, &["--timeout", "1ms", "--steps", "100"]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    assert!(text(&o.stderr).contains("DEADLINE_EXCEEDED"), "{}", text(&o.stderr));
+    // No server: the address and the cause.
+    let o = run(&["generate", "--server", "127.0.0.1:9", "--out", dir.to_str().unwrap(), "--prompt", "x"]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    assert!(text(&o.stderr).contains("127.0.0.1:9"), "{}", text(&o.stderr));
+}
+
+/// A stand-in server that refuses everything with google.rpc details, as a server under load
+/// or with field checks would.
+mod refusing {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use stylealign::serve::pb;
+    use stylealign::serve::pb::style_align_server::{StyleAlign, StyleAlignServer};
+    use tonic::{Code, Request, Response, Status};
+    use tonic_types::{ErrorDetails, StatusExt as _};
+
+    pub struct Refusing;
+
+    fn refusal() -> Status {
+        let mut d = ErrorDetails::with_retry_info(Some(Duration::from_secs(2)));
+        d.set_error_info("QUEUE_FULL", "stylealign", HashMap::from([("queue_depth".to_string(), "64".to_string())]));
+        d.add_bad_request_violation("prompts[0]", "must not be empty");
+        Status::with_error_details(Code::ResourceExhausted, "admission queue full", d)
+    }
+
+    #[tonic::async_trait]
+    impl StyleAlign for Refusing {
+        type GenerateStream = tokio_stream::Empty<Result<pb::GenerateResponse, Status>>;
+        async fn patch_model(&self, _: Request<pb::PatchModelRequest>) -> Result<Response<pb::Session>, Status> {
+            Err(refusal())
+        }
+        async fn generate(&self, _: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+            Err(refusal())
+        }
+        async fn get_session(&self, _: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
+            Err(refusal())
+        }
+        async fn release_session(&self, _: Request<pb::ReleaseSessionRequest>) -> Result<Response<pb::ReleaseSessionResponse>, Status> {
+            Err(refusal())
+        }
+        async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+            Err(refusal())
+        }
+    }
+
+    /// Serves on a free loopback port from a background thread; returns the address.
+    pub fn start() -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap().to_string()).unwrap();
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let _ = tonic::transport::Server::builder().add_service(StyleAlignServer::new(Refusing)).serve_with_incoming(incoming).await;
+            });
+        });
+        rx.recv().unwrap()
+    }
+}
+
+#[test]
+fn error_details_are_decoded() {
+    let addr = refusing::start();
+    let dir = temp_dir("details");
+    let o = run(&["generate", "--server", &addr, "--out", dir.to_str().unwrap(), "--prompt", "x"]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    let err = text(&o.stderr);
+    for want in ["RESOURCE_EXHAUSTED: admission queue full", "retry after 2s", "reason QUEUE_FULL from stylealign (queue_depth=64)", "field `prompts[0]`: must not be empty"] {
+        assert!(err.contains(want), "{want:?} missing from {err}");
+    }
+}
+
+#[test]
+fn loadtest_output_into_a_closed_pipe_does_not_panic() {
+    let load = ["loadtest", "--clients", "1", "--requests", "1", "--batching", "on", "--images", "1", "--steps", "1", "--size", "16"];
+    // --json: the reader is gone before anything is written.
+    let mut child = stylealign().args(load).arg("--json").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{:?}: {}", o.status, text(&o.stderr));
+    assert_clean(&o);
+    // The table: the reader takes the first line and leaves (`| head -1`).
+    let mut child = stylealign().args(load).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("mix sampler=ddim:1"), "{first:?}");
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{:?}: {}", o.status, text(&o.stderr));
+    assert_clean(&o);
+}
