@@ -7,7 +7,7 @@
 It generates the stubs from proto/ into a temporary folder, then: waits for grpc.health.v1 to
 report SERVING, lists the models, creates a session (PatchModel), reads it back (GetSession),
 generates one style-aligned set (Generate, streaming progress then PNGs), checks every image
-(PNG signature, size, the `parameters` text chunk), generates it again and checks the bytes are
+(PNG signature, size, the `stylealign` JSON and `parameters` A1111 text chunks), generates it again and checks the bytes are
 identical, checks that a bad request is INVALID_ARGUMENT naming the field, releases the session
 and checks it is gone (NOT_FOUND). PNGs go to --out. Any failure: a message on stderr and a
 non-zero exit status.
@@ -196,8 +196,11 @@ def main():
             for img in images:
                 w, h = png_size(img.png)
                 check((w, h) == (img.width, img.height), "PNG is %dx%d, message says %dx%d" % (w, h, img.width, img.height))
-                params = json.loads(png_text(img.png).get("parameters", "null"))
-                check(isinstance(params, dict), "PNG without a `parameters` text chunk")
+                text = png_text(img.png)
+                params = json.loads(text.get("stylealign", "null"))
+                check(isinstance(params, dict), "PNG without a `stylealign` text chunk")
+                check(params == json.loads(img.parameters), "the `stylealign` chunk differs from the message's parameters")
+                check("Seed: %d," % args.seed in text.get("parameters", ""), "PNG without the A1111 `parameters` text")
                 for key in ("model", "prompts", "prompt", "seed", "steps", "sampler", "guidance_scale", "width", "height", "options"):
                     check(key in params, "parameters lack %r" % key)
                 check(params["seed"] == args.seed and params["prompt"] == prompts[img.index], "parameters do not match the request")

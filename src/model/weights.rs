@@ -64,6 +64,8 @@ pub struct Weights {
     path: PathBuf,
     tensors: BTreeMap<String, TensorInfo>,
     used: Mutex<BTreeSet<String>>,
+    /// Synthetic weights: the key and shape of every tensor generated so far.
+    generated: Mutex<BTreeMap<String, Vec<usize>>>,
     device: Device,
 }
 
@@ -134,7 +136,7 @@ impl Weights {
                 TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin },
             );
         }
-        Ok(Self { source: Source::File(file), path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), device: device.clone() })
+        Ok(Self { source: Source::File(file), path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), generated: Mutex::new(BTreeMap::new()), device: device.clone() })
     }
 
     /// Weights that answer every request with deterministic pseudo-random values (PyTorch-like
@@ -146,8 +148,24 @@ impl Weights {
             path: PathBuf::from(format!("<synthetic {name}>")),
             tensors: BTreeMap::new(),
             used: Mutex::new(BTreeSet::new()),
+            generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
         }
+    }
+
+    /// For synthetic weights: the safetensors file (F32, no metadata) holding every tensor
+    /// generated so far — the file these weights would be saved as. `None` for a file.
+    pub fn synthetic_safetensors(&self) -> Option<Vec<u8>> {
+        let Source::Synthetic { seed } = &self.source else { return None };
+        let generated = self.generated.lock().expect("weights lock");
+        let data: Vec<(&String, &Vec<usize>, Vec<u8>)> = generated
+            .iter()
+            .map(|(k, shape)| (k, shape, synthetic_values(*seed, k, shape).iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
+        let views = data.iter().map(|(k, shape, bytes)| {
+            (k.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes).expect("shape matches the data"))
+        });
+        Some(safetensors::serialize(views, None).expect("serializable tensors"))
     }
 
     /// The file path.
@@ -179,7 +197,10 @@ impl Weights {
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
         let file = match &self.source {
             Source::File(file) => file,
-            Source::Synthetic { seed } => return Ok(synthetic_values(*seed, key, expected)),
+            Source::Synthetic { seed } => {
+                self.generated.lock().expect("weights lock").insert(key.to_string(), expected.to_vec());
+                return Ok(synthetic_values(*seed, key, expected));
+            }
         };
         let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
             key: key.to_string(),

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::config::RawConfig;
+use crate::model::hash::sha256_bytes;
 use crate::model::tokenizer::{ClipTokenizer, PadMode};
 use crate::model::unet::{UNet, UNetConfig};
 use crate::model::vae::{Vae, VaeConfig};
@@ -48,6 +49,12 @@ pub fn embedded_tokenizer() -> Result<ClipTokenizer, PipelineError> {
 
 /// Builds the embedded model on `device`.
 pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
+    tiny_pipeline_with_hash(device).map(|(p, _)| p)
+}
+
+/// Builds the embedded model on `device`, with its model hash: the SHA-256 of the safetensors
+/// file its UNet weights would be saved as (deterministic, like the weights).
+pub fn tiny_pipeline_with_hash(device: &Device) -> Result<(Pipeline, String), PipelineError> {
     let unet_cfg = UNetConfig::from_raw(&raw(
         "tiny/unet/config.json",
         json!({
@@ -89,10 +96,12 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
             "scaling_factor": 0.18215
         }),
     ))?;
-    let unet = UNet::from_weights(unet_cfg, &Weights::synthetic("tiny/unet", SEED, device))?;
+    let unet_weights = Weights::synthetic("tiny/unet", SEED, device);
+    let unet = UNet::from_weights(unet_cfg, &unet_weights)?;
+    let sha256 = sha256_bytes(&unet_weights.synthetic_safetensors().expect("synthetic weights"));
     let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic("tiny/text_encoder", SEED + 1, device))?;
     let vae = Vae::from_weights(vae_cfg, &Weights::synthetic("tiny/vae", SEED + 2, device))?;
-    Pipeline::assemble(
+    let pipeline = Pipeline::assemble(
         TINY_MODEL.to_string(),
         PathBuf::from("<embedded>"),
         embedded_tokenizer()?,
@@ -104,5 +113,6 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
         SchedulerConfig::default(),
         false,
         device,
-    )
+    )?;
+    Ok((pipeline, sha256))
 }

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod infotext;
 pub mod metrics;
 pub mod queue;
 pub mod server;
