@@ -69,12 +69,16 @@ fn gain(key: &str) -> f32 {
 
 /// Builds the embedded model on `device`.
 pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
-    tiny_pipeline_with_hash(device).map(|(p, _)| p)
+    build(device, false).map(|(p, _)| p)
 }
 
 /// Builds the embedded model on `device`, with its model hash: the SHA-256 of the safetensors
 /// file its UNet weights would be saved as (deterministic, like the weights).
 pub fn tiny_pipeline_with_hash(device: &Device) -> Result<(Pipeline, String), PipelineError> {
+    build(device, true).map(|(p, h)| (p, h.expect("hash requested")))
+}
+
+fn build(device: &Device, hash: bool) -> Result<(Pipeline, Option<String>), PipelineError> {
     let unet_cfg = UNetConfig::from_raw(&raw(
         "tiny/unet/config.json",
         json!({
@@ -118,7 +122,7 @@ pub fn tiny_pipeline_with_hash(device: &Device) -> Result<(Pipeline, String), Pi
     ))?;
     let unet_weights = Weights::synthetic_with_gain("tiny/unet", SEED, gain, device);
     let unet = UNet::from_weights(unet_cfg, &unet_weights)?;
-    let sha256 = sha256_bytes(&unet_weights.synthetic_safetensors().expect("synthetic weights"));
+    let sha256 = hash.then(|| sha256_bytes(&unet_weights.synthetic_safetensors().expect("synthetic weights")));
     let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic_with_gain("tiny/text_encoder", SEED + 1, gain, device))?;
     let vae = Vae::from_weights(vae_cfg, &Weights::synthetic_with_gain("tiny/vae", SEED + 2, gain, device))?;
     let pipeline = Pipeline::assemble(

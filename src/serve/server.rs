@@ -780,8 +780,9 @@ fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<Mo
         for (src, hash) in cfg.models.iter().zip(hashes.iter_mut()) {
             let t = Instant::now();
             let p = match src {
+                ModelSource::Tiny if hash.is_some() => crate::pipeline::tiny::tiny_pipeline(&dev),
                 ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline_with_hash(&dev).map(|(p, h)| {
-                    hash.get_or_insert_with(|| Arc::from(h));
+                    *hash = Some(Arc::from(h));
                     p
                 }),
                 ModelSource::Dir(d) => Pipeline::load(d, &dev),
