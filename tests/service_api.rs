@@ -29,9 +29,10 @@ fn who(id: &str) -> Identity {
     Identity::client(id)
 }
 
+/// The reproduction JSON of a PNG: its `stylealign` text chunk.
 fn parameters(png: &[u8]) -> serde_json::Value {
     let (_, text) = Image::from_png(png).unwrap();
-    let (_, json) = text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk");
+    let (_, json) = text.iter().find(|(k, _)| k == "stylealign").expect("stylealign chunk");
     serde_json::from_str(json).unwrap()
 }
 
@@ -85,6 +86,7 @@ fn patch_generate_matches_library_and_reproduces() {
             assert_eq!(v.to_string(), serde_json::from_str::<serde_json::Value>(&img.parameters).unwrap().to_string());
             assert_eq!(v["model"], "tiny");
             assert_eq!(v["model_family"], "SD1");
+            assert_eq!(v["model_sha256"].as_str().unwrap().len(), 64, "the full SHA-256 of the model's UNet weights");
             assert_eq!(v["prompt"], prompts[i]);
             assert_eq!(v["index"], i);
             assert_eq!(v["prompts"].as_array().unwrap().len(), 3);

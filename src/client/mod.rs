@@ -22,7 +22,6 @@ use tonic::{Request, Status};
 
 use crate::serve::pb;
 use crate::serve::pb::style_align_client::StyleAlignClient;
-use crate::pipeline::image::Image;
 
 /// Who the client is (sent as metadata).
 #[derive(Clone, Debug, Default)]
@@ -120,14 +119,6 @@ pub fn write_images(dir: &Path, prefix: &str, images: &[pb::GeneratedImage]) -> 
         })
         .collect()
 }
-
-/// A contact sheet (grid, `cols` per row) of PNG images of equal size, as PNG bytes.
-pub fn contact_sheet(pngs: &[&[u8]], cols: usize) -> anyhow::Result<Vec<u8>> {
-    let images = pngs.iter().map(|b| Image::from_png(b).map(|(i, _)| i).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>()?;
-    let grid = Image::grid(&images, cols).context("images of different sizes (or none) for the contact sheet")?;
-    Ok(grid.to_png(&[("title".to_string(), "stylealign contact sheet".to_string())]))
-}
-
 
 /// Standard output was closed by its reader (`stylealign loadtest | head -1`): the command stops
 /// quietly.

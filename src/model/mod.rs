@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod hash;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;

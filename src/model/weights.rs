@@ -54,7 +54,7 @@ struct TensorInfo {
 enum Source {
     File(File),
     /// Deterministic pseudo-random weights of any requested shape (the embedded demo model).
-    Synthetic { seed: u64 },
+    Synthetic { seed: u64, gain: fn(&str) -> f32 },
 }
 
 /// One open safetensors file; tensors are fetched by key and each fetch is recorded, so that
@@ -64,6 +64,8 @@ pub struct Weights {
     path: PathBuf,
     tensors: BTreeMap<String, TensorInfo>,
     used: Mutex<BTreeSet<String>>,
+    /// Synthetic weights: the key and shape of every tensor generated so far.
+    generated: Mutex<BTreeMap<String, Vec<usize>>>,
     device: Device,
 }
 
@@ -134,20 +136,42 @@ impl Weights {
                 TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin },
             );
         }
-        Ok(Self { source: Source::File(file), path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), device: device.clone() })
+        Ok(Self { source: Source::File(file), path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), generated: Mutex::new(BTreeMap::new()), device: device.clone() })
     }
 
     /// Weights that answer every request with deterministic pseudo-random values (PyTorch-like
     /// scales: ±1/√fan_in for matrices and kernels, 1 ± 0.1 for norm scales, small biases),
     /// derived from `seed` and the key. Used for the embedded demo model.
     pub fn synthetic(name: &str, seed: u64, device: &Device) -> Self {
+        Self::synthetic_with_gain(name, seed, |_| 1.0, device)
+    }
+
+    /// [`Weights::synthetic`], every value of tensor `key` multiplied by `gain(key)` (a recipe
+    /// that strengthens or weakens chosen layers).
+    pub fn synthetic_with_gain(name: &str, seed: u64, gain: fn(&str) -> f32, device: &Device) -> Self {
         Self {
-            source: Source::Synthetic { seed },
+            source: Source::Synthetic { seed, gain },
             path: PathBuf::from(format!("<synthetic {name}>")),
             tensors: BTreeMap::new(),
             used: Mutex::new(BTreeSet::new()),
+            generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
         }
+    }
+
+    /// For synthetic weights: the safetensors file (F32, no metadata) holding every tensor
+    /// generated so far — the file these weights would be saved as. `None` for a file.
+    pub fn synthetic_safetensors(&self) -> Option<Vec<u8>> {
+        let Source::Synthetic { seed, gain } = &self.source else { return None };
+        let generated = self.generated.lock().expect("weights lock");
+        let data: Vec<(&String, &Vec<usize>, Vec<u8>)> = generated
+            .iter()
+            .map(|(k, shape)| (k, shape, synthetic_values(*seed, *gain, k, shape).iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
+        let views = data.iter().map(|(k, shape, bytes)| {
+            (k.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes).expect("shape matches the data"))
+        });
+        Some(safetensors::serialize(views, None).expect("serializable tensors"))
     }
 
     /// The file path.
@@ -179,7 +203,10 @@ impl Weights {
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
         let file = match &self.source {
             Source::File(file) => file,
-            Source::Synthetic { seed } => return Ok(synthetic_values(*seed, key, expected)),
+            Source::Synthetic { seed, gain } => {
+                self.generated.lock().expect("weights lock").insert(key.to_string(), expected.to_vec());
+                return Ok(synthetic_values(*seed, *gain, key, expected));
+            }
         };
         let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
             key: key.to_string(),
@@ -259,7 +286,16 @@ impl Weights {
     }
 }
 
-fn synthetic_values(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
+fn synthetic_values(seed: u64, gain: fn(&str) -> f32, key: &str, shape: &[usize]) -> Vec<f32> {
+    let g = gain(key);
+    let mut values = synthetic_base(seed, key, shape);
+    if g != 1.0 {
+        values.iter_mut().for_each(|v| *v *= g);
+    }
+    values
+}
+
+fn synthetic_base(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
     // FNV-1a of the key, mixed with the seed, drives a SplitMix64 stream.
     let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) ^ seed;
     let mut next = move || {

@@ -80,26 +80,138 @@ impl Image {
             .collect();
         Ok((Image { width: w, height: h, rgb }, text))
     }
+}
 
-    /// A grid of equally sized images, `cols` per row (a contact sheet).
-    pub fn grid(images: &[Image], cols: usize) -> Option<Image> {
-        let first = images.first()?;
-        let (w, h) = (first.width, first.height);
-        let cols = cols.max(1).min(images.len());
-        let rows = images.len().div_ceil(cols);
-        let (gw, gh) = (w * cols, h * rows);
-        let mut rgb = vec![0u8; gw * gh * 3];
-        for (i, im) in images.iter().enumerate() {
-            if im.width != w || im.height != h {
-                return None;
-            }
-            let (ox, oy) = ((i % cols) * w, (i / cols) * h);
-            for y in 0..h {
-                let src = &im.rgb[y * w * 3..(y + 1) * w * 3];
-                let dst = ((oy + y) * gw + ox) * 3;
-                rgb[dst..dst + w * 3].copy_from_slice(src);
+/// Width and height in pixels of one character of [`Image::draw_text`] (an 8×8 bitmap font).
+pub const GLYPH: usize = 8;
+
+impl Image {
+    /// An image of one colour.
+    pub fn filled(width: usize, height: usize, colour: [u8; 3]) -> Image {
+        Image { width, height, rgb: colour.iter().copied().cycle().take(width * height * 3).collect() }
+    }
+
+    /// Sets one pixel; pixels outside the image are ignored.
+    pub fn put(&mut self, x: usize, y: usize, colour: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let i = (y * self.width + x) * 3;
+            self.rgb[i..i + 3].copy_from_slice(&colour);
+        }
+    }
+
+    /// Fills a rectangle (clipped to the image).
+    pub fn fill_rect(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
+        for yy in y..(y + h).min(self.height) {
+            for xx in x..(x + w).min(self.width) {
+                self.put(xx, yy, colour);
             }
         }
-        Some(Image { width: gw, height: gh, rgb })
+    }
+
+    /// Copies `src` with its top-left corner at (`x`, `y`), each pixel enlarged to `zoom` × `zoom`
+    /// (nearest neighbour); clipped to the image.
+    pub fn blit(&mut self, src: &Image, x: usize, y: usize, zoom: usize) {
+        let zoom = zoom.max(1);
+        for sy in 0..src.height * zoom {
+            for sx in 0..src.width * zoom {
+                let i = ((sy / zoom) * src.width + sx / zoom) * 3;
+                self.put(x + sx, y + sy, [src.rgb[i], src.rgb[i + 1], src.rgb[i + 2]]);
+            }
+        }
+    }
+
+    /// Draws one line of text (8×8 bitmap font, public-domain `font8x8`) with its top-left corner
+    /// at (`x`, `y`); characters without a glyph are drawn as `?`. Returns the width drawn.
+    pub fn draw_text(&mut self, x: usize, y: usize, text: &str, colour: [u8; 3]) -> usize {
+        use font8x8::UnicodeFonts as _;
+        let fonts = (font8x8::BASIC_FONTS, font8x8::LATIN_FONTS);
+        let mut cx = x;
+        for ch in text.chars() {
+            let glyph = fonts.0.get(ch).or_else(|| fonts.1.get(ch)).or_else(|| fonts.0.get('?')).unwrap_or([0; 8]);
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..GLYPH {
+                    // Bit 0 is the leftmost pixel.
+                    if bits & (1 << col) != 0 {
+                        self.put(cx + col, y + row, colour);
+                    }
+                }
+            }
+            cx += GLYPH;
+        }
+        cx - x
+    }
+}
+
+/// Splits `text` into lines of at most `width` characters, breaking at spaces where it can (a
+/// word longer than a line is cut). At most `max_lines` lines: if the text does not fit, the last
+/// line ends with `..`.
+pub fn wrap_text(text: &str, width: usize, max_lines: usize) -> Vec<String> {
+    let width = width.max(1);
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        let mut word: Vec<char> = word.chars().collect();
+        loop {
+            let used = line.chars().count();
+            let sep = usize::from(used > 0);
+            if used + sep + word.len() <= width {
+                if sep == 1 {
+                    line.push(' ');
+                }
+                line.extend(word.iter());
+                break;
+            }
+            if used > 0 {
+                lines.push(std::mem::take(&mut line));
+                continue;
+            }
+            // A word longer than a line.
+            line = word[..width].iter().collect();
+            word.drain(..width);
+            lines.push(std::mem::take(&mut line));
+            if word.is_empty() {
+                break;
+            }
+        }
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    if lines.len() > max_lines {
+        lines.truncate(max_lines);
+        if let Some(last) = lines.last_mut() {
+            let keep: String = last.chars().take(width.saturating_sub(2)).collect();
+            *last = format!("{keep}..");
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_drawn_in_the_glyph_box() {
+        let mut im = Image::filled(40, 10, [0, 0, 0]);
+        let w = im.draw_text(1, 1, "Hi!", [255, 255, 255]);
+        assert_eq!(w, 3 * GLYPH);
+        let lit = |x0: usize, x1: usize| (1..9).flat_map(|y| (x0..x1).map(move |x| (x, y))).filter(|&(x, y)| im.rgb[(y * 40 + x) * 3] == 255).count();
+        assert!(lit(1, 9) > 8 && lit(9, 17) > 4 && lit(17, 25) > 4, "every glyph has pixels");
+        assert_eq!(lit(25, 40), 0, "nothing past the text");
+        assert!(im.rgb[..40 * 3].iter().all(|&v| v == 0), "nothing above the box");
+    }
+
+    #[test]
+    fn blit_enlarges_and_wraps_break_at_spaces() {
+        let src = Image { width: 2, height: 1, rgb: vec![10, 20, 30, 40, 50, 60] };
+        let mut im = Image::filled(6, 3, [0, 0, 0]);
+        im.blit(&src, 1, 1, 2);
+        assert_eq!(&im.rgb[(6 + 1) * 3..(6 + 1) * 3 + 3], &[10, 20, 30]);
+        assert_eq!(&im.rgb[(2 * 6 + 4) * 3..(2 * 6 + 4) * 3 + 3], &[40, 50, 60]);
+        assert_eq!(&im.rgb[..3], &[0, 0, 0]);
+        assert_eq!(wrap_text("a house, flat vector art", 16, 3), vec!["a house, flat", "vector art"]);
+        assert_eq!(wrap_text("abcdefghij", 4, 5), vec!["abcd", "efgh", "ij"]);
+        assert_eq!(wrap_text("one two three four", 5, 2), vec!["one", "two.."]);
     }
 }

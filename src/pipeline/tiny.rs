@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::config::RawConfig;
+use crate::model::hash::sha256_bytes;
 use crate::model::tokenizer::{ClipTokenizer, PadMode};
 use crate::model::unet::{UNet, UNetConfig};
 use crate::model::vae::{Vae, VaeConfig};
@@ -46,8 +47,38 @@ pub fn embedded_tokenizer() -> Result<ClipTokenizer, PipelineError> {
     ClipTokenizer::from_files(&vocab, &merges, PadMode::Eos).map_err(|e| PipelineError::Tokenizer(e.to_string()))
 }
 
+/// The recipe of the synthetic weights: each tensor's pseudo-random values (see
+/// [`Weights::synthetic`]) times a gain chosen so that the demo shows what StyleAligned does.
+/// With plain random weights the self-attention barely moves the residual stream, so sharing the
+/// reference's keys and values changes little that one can see.
+fn gain(key: &str) -> f32 {
+    if key.contains("attn1.to_out") {
+        // Self-attention dominates each block: what a row attends to (its own tokens, or also
+        // the reference's under StyleAligned) decides its colours.
+        15.0
+    } else if key.contains("attn1.to_q") {
+        // Sharper self-attention: tokens attend to similar tokens rather than to the mean.
+        3.0
+    } else if key.contains("decoder.conv_out") {
+        // More saturated colours out of the random VAE decoder.
+        2.5
+    } else {
+        1.0
+    }
+}
+
 /// Builds the embedded model on `device`.
 pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
+    build(device, false).map(|(p, _)| p)
+}
+
+/// Builds the embedded model on `device`, with its model hash: the SHA-256 of the safetensors
+/// file its UNet weights would be saved as (deterministic, like the weights).
+pub fn tiny_pipeline_with_hash(device: &Device) -> Result<(Pipeline, String), PipelineError> {
+    build(device, true).map(|(p, h)| (p, h.expect("hash requested")))
+}
+
+fn build(device: &Device, hash: bool) -> Result<(Pipeline, Option<String>), PipelineError> {
     let unet_cfg = UNetConfig::from_raw(&raw(
         "tiny/unet/config.json",
         json!({
@@ -89,10 +120,12 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
             "scaling_factor": 0.18215
         }),
     ))?;
-    let unet = UNet::from_weights(unet_cfg, &Weights::synthetic("tiny/unet", SEED, device))?;
-    let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic("tiny/text_encoder", SEED + 1, device))?;
-    let vae = Vae::from_weights(vae_cfg, &Weights::synthetic("tiny/vae", SEED + 2, device))?;
-    Pipeline::assemble(
+    let unet_weights = Weights::synthetic_with_gain("tiny/unet", SEED, gain, device);
+    let unet = UNet::from_weights(unet_cfg, &unet_weights)?;
+    let sha256 = hash.then(|| sha256_bytes(&unet_weights.synthetic_safetensors().expect("synthetic weights")));
+    let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic_with_gain("tiny/text_encoder", SEED + 1, gain, device))?;
+    let vae = Vae::from_weights(vae_cfg, &Weights::synthetic_with_gain("tiny/vae", SEED + 2, gain, device))?;
+    let pipeline = Pipeline::assemble(
         TINY_MODEL.to_string(),
         PathBuf::from("<embedded>"),
         embedded_tokenizer()?,
@@ -104,5 +137,6 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
         SchedulerConfig::default(),
         false,
         device,
-    )
+    )?;
+    Ok((pipeline, sha256))
 }

@@ -376,13 +376,16 @@ pub fn validate_generate(req: &pb::GenerateRequest, model: &ModelFacts, limits: 
     Ok(ValidRequest { prompts, negative_prompt: req.negative_prompt.clone(), seed, steps, guidance, width, height, sampler, priority, reference, size_conditioning })
 }
 
-/// Everything needed to reproduce one image: the JSON in the PNG's `parameters` text chunk.
+/// Everything needed to reproduce one image: the JSON in the PNG's `stylealign` text chunk (the
+/// `parameters` chunk holds the A1111 infotext made from it, [`super::infotext`]).
 /// Field order is fixed, so the same request gives the same bytes.
 #[derive(Clone, Debug, Serialize)]
 pub struct ImageParameters<'a> {
     pub generator: &'a str,
     pub model: &'a str,
     pub model_family: &'a str,
+    /// SHA-256 of the model's UNet weights file (its first 10 hex digits are A1111's model hash).
+    pub model_sha256: &'a str,
     /// The set's prompts (the first is the reference).
     pub prompts: &'a [String],
     /// This image's position in the set and its prompt.

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod convert;
 pub mod http;
+pub mod infotext;
 pub mod metrics;
 pub mod playground;
 pub mod queue;

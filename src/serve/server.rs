@@ -54,6 +54,8 @@ pub struct ModelEntry {
     pub native_size: usize,
     pub size_multiple: usize,
     pub source: String,
+    /// SHA-256 of the UNet weights file (lower-case hex; see [`crate::model::hash`]).
+    pub sha256: Arc<str>,
     /// For validation (any device's copy).
     pub pipeline: Pipeline,
 }
@@ -276,7 +278,7 @@ impl StyleAlign for Service {
                         Family::Sd2 => pb::Family::Sd2,
                         Family::Sdxl => pb::Family::Sdxl,
                     } as i32,
-                    hash: String::new(),
+                    hash: crate::model::hash::short_hash(&e.sha256).to_string(),
                     native_width: e.native_size as u32,
                     native_height: e.native_size as u32,
                     size_multiple: e.size_multiple as u32,
@@ -360,7 +362,7 @@ impl Service {
             id,
             priority: v.priority,
             model: model.name.clone(),
-            provenance: Provenance { model: model.name.clone(), family: model.family.as_str() },
+            provenance: Provenance { model: model.name.clone(), family: model.family.as_str(), model_sha256: model.sha256.clone() },
             batch,
             set,
             reference_sha256,
@@ -801,17 +803,30 @@ async fn wait_until(end: Instant, mut cond: impl FnMut() -> bool) -> bool {
 /// Loads every model on every device and warms each up with one step.
 fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<ModelEntry>)>> {
     let mut out = Vec::new();
+    // Model hashes, computed once per model (not per device).
+    let mut hashes: Vec<Option<Arc<str>>> = vec![None; cfg.models.len()];
     for spec in &cfg.devices {
         let dev = device::open(spec).with_context(|| format!("opening device {spec}"))?;
         let mut models = Models::new();
         let mut entries = Vec::new();
-        for src in &cfg.models {
+        for (src, hash) in cfg.models.iter().zip(hashes.iter_mut()) {
             let t = Instant::now();
             let p = match src {
-                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline(&dev),
+                ModelSource::Tiny if hash.is_some() => crate::pipeline::tiny::tiny_pipeline(&dev),
+                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline_with_hash(&dev).map(|(p, h)| {
+                    *hash = Some(Arc::from(h));
+                    p
+                }),
                 ModelSource::Dir(d) => Pipeline::load(d, &dev),
             }
             .with_context(|| format!("loading model {src:?} on {spec}"))?;
+            if let (ModelSource::Dir(d), None) = (src, &hash) {
+                let t = Instant::now();
+                let h = crate::model::hash::diffusers_unet_sha256(d).with_context(|| format!("hashing model {}", d.display()))?;
+                tracing::info!(model = %p.name(), sha256 = %h, elapsed_ms = t.elapsed().as_millis() as u64, "model hashed");
+                *hash = Some(Arc::from(h));
+            }
+            let sha256 = hash.clone().expect("hashed above");
             let name: Arc<str> = Arc::from(p.name());
             if models.contains_key(&name) {
                 anyhow::bail!("two models are named {name:?}; serve folders with distinct names");
@@ -826,7 +841,7 @@ fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<Mo
                 ModelSource::Tiny => "<embedded>".to_string(),
                 ModelSource::Dir(d) => d.display().to_string(),
             };
-            entries.push(ModelEntry { name: name.clone(), family: p.family(), native_size: p.native_size(), size_multiple: p.size_multiple(), source, pipeline: p.clone() });
+            entries.push(ModelEntry { name: name.clone(), family: p.family(), native_size: p.native_size(), size_multiple: p.size_multiple(), source, sha256, pipeline: p.clone() });
             models.insert(name, p);
         }
         out.push((spec.clone(), models, entries));

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::convert::{GENERATOR, ImageParameters, ReferenceParameters};
+use super::infotext::infotext;
 use super::metrics::{self as m, Stats, StopRecord};
 use super::queue::{Batch, BatchPolicy, Dropped, Priority, Queue, QueueItem};
 use crate::pipeline::{BatchSpec, Pipeline, PipelineError, SetSpec};
@@ -94,6 +95,8 @@ impl JobControl {
 pub struct Provenance {
     pub model: Arc<str>,
     pub family: &'static str,
+    /// SHA-256 of the model's UNet weights (hex).
+    pub model_sha256: Arc<str>,
 }
 
 /// One Generate request in the queue: one set.
@@ -278,6 +281,7 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
                                 generator: GENERATOR,
                                 model: &j.provenance.model,
                                 model_family: j.provenance.family,
+                                model_sha256: &j.provenance.model_sha256,
                                 prompts: &j.set.prompts,
                                 index,
                                 prompt: &prompt,
@@ -298,7 +302,7 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
                                 size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
                             };
                             let parameters = serde_json::to_string(&params).expect("parameters serialize");
-                            let png = img.to_png(&[("parameters".to_string(), parameters.clone())]);
+                            let png = img.to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);
                             stats.images.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(m::IMAGES).increment(1);
                             j.send(JobEvent::Image(Box::new(ImageOut { index, prompt, width: img.width, height: img.height, seed: j.set.seed, png, parameters })));
