@@ -83,7 +83,9 @@ fn run_child(job: &Job) {
     let cfg = &unet.config;
     let (b, l) = (job.batch, job.latent);
     let seq = 77;
-    let det = |n: usize, salt: u32| -> Vec<f32> { (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ salt) % 2000) as f32 / 1000.0 - 1.0).collect() };
+    let det = |n: usize, salt: u32| -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ salt) % 2000) as f32 / 1000.0 - 1.0).collect()
+    };
     let sample = Tensor::<4>::from_data(TensorData::new(det(b * cfg.in_channels * l * l, 1), [b, cfg.in_channels, l, l]), &device);
     let d = cfg.cross_attention_dim[0];
     let ehs = Tensor::<3>::from_data(TensorData::new(det(b * seq * d, 2), [b, seq, d]), &device);
@@ -92,7 +94,10 @@ fn run_child(job: &Job) {
         let px = (l * 8) as f32;
         TextTime {
             text_embeds: Tensor::from_data(TensorData::new(det(b * td, 3), [b, td]), &device),
-            time_ids: Tensor::from_data(TensorData::new((0..b).flat_map(|_| [px, px, 0.0, 0.0, px, px]).collect::<Vec<f32>>(), [b, 6]), &device),
+            time_ids: Tensor::from_data(
+                TensorData::new((0..b).flat_map(|_| [px, px, 0.0, 0.0, px, px]).collect::<Vec<f32>>(), [b, 6]),
+                &device,
+            ),
         }
     });
     let call = |hooks: &dyn UNetHooks| {
@@ -148,7 +153,17 @@ fn torch_ms(python: &str, job: &Job) -> Option<f64> {
     let out = Command::new(python)
         .arg(script)
         .args(["--model", &job.dir.to_string_lossy(), "--batch", &job.batch.to_string(), "--height", &px, "--width", &px])
-        .args(["--iters", &job.iters.to_string(), "--steps-warmup", "1", "--threads", &std::thread::available_parallelism().map_or(2, |n| n.get()).to_string(), "--seq", "77", "--json"])
+        .args([
+            "--iters",
+            &job.iters.to_string(),
+            "--steps-warmup",
+            "1",
+            "--threads",
+            &std::thread::available_parallelism().map_or(2, |n| n.get()).to_string(),
+            "--seq",
+            "77",
+            "--json",
+        ])
         .output()
         .ok()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -181,7 +196,10 @@ fn main() {
         }
     }
     let python = std::env::var("STYLEALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
-    println!("machine: {} cores; burn-flex (f32) vs PyTorch CPU (f32), same weights and input shapes, one run", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "machine: {} cores; burn-flex (f32) vs PyTorch CPU (f32), same weights and input shapes, one run",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     for spec in jobs {
         let job = parse_job(&spec);
         let out = Command::new(std::env::current_exe().unwrap()).env("STYLEALIGN_BENCH_CHILD", &spec).output().expect("run child");
@@ -195,8 +213,19 @@ fn main() {
         let (plain, patched) = (f("ms_per_call"), f("patched_ms_per_call"));
         println!(
             "{}: batch {} latent {}x{}: load {:.2} s, peak RSS {:.0} MB after load; unpatched {:.1} ms/call, patched {:.1} ms/call (patched/unpatched {:.2}x); self-attention {:.1} -> {:.1} ms, GroupNorm {:.1} -> {:.1} ms",
-            job.dir.display(), job.batch, job.latent, job.latent, f("load_s"), f("peak_rss_after_load_mb"), plain, patched, patched / plain,
-            f("self_attn_ms"), f("self_attn_patched_ms"), f("group_norm_ms"), f("group_norm_patched_ms")
+            job.dir.display(),
+            job.batch,
+            job.latent,
+            job.latent,
+            f("load_s"),
+            f("peak_rss_after_load_mb"),
+            plain,
+            patched,
+            patched / plain,
+            f("self_attn_ms"),
+            f("self_attn_patched_ms"),
+            f("group_norm_ms"),
+            f("group_norm_patched_ms")
         );
         if torch {
             if let Some(t) = torch_ms(&python, &job) {

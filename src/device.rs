@@ -121,9 +121,7 @@ impl FromStr for DeviceSpec {
     /// Accepts `cpu`, `cuda` (same as `cuda:0`) and `cuda:N`, ignoring case and surrounding
     /// whitespace.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || DeviceError::InvalidSpec {
-            input: s.to_string(),
-        };
+        let invalid = || DeviceError::InvalidSpec { input: s.to_string() };
         let lower = s.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => Ok(DeviceSpec::Cpu),
@@ -181,10 +179,7 @@ struct Driver {
 
 fn driver() -> Result<&'static Driver, DeviceError> {
     static DRIVER: OnceLock<Result<Driver, DeviceError>> = OnceLock::new();
-    DRIVER
-        .get_or_init(load_driver)
-        .as_ref()
-        .map_err(Clone::clone)
+    DRIVER.get_or_init(load_driver).as_ref().map_err(Clone::clone)
 }
 
 fn load_driver() -> Result<Driver, DeviceError> {
@@ -202,10 +197,7 @@ fn load_driver() -> Result<Driver, DeviceError> {
         }
     }
     let Some(lib) = lib else {
-        return Err(DeviceError::NoDriver {
-            tried: DRIVER_LIBRARIES.join(", "),
-            reason: last_error,
-        });
+        return Err(DeviceError::NoDriver { tried: DRIVER_LIBRARIES.join(", "), reason: last_error });
     };
 
     // SAFETY: the signatures match the CUDA driver API (cuda.h); `cuInit` must come first.
@@ -223,11 +215,7 @@ fn load_driver() -> Result<Driver, DeviceError> {
         let mut count: c_int = 0;
         check(&lib, "cuDeviceGetCount", get_count(&mut count))?;
 
-        Ok(Driver {
-            lib,
-            device_count: usize::try_from(count).unwrap_or(0),
-            version,
-        })
+        Ok(Driver { lib, device_count: usize::try_from(count).unwrap_or(0), version })
     }
 }
 
@@ -245,16 +233,10 @@ fn loader_error(err: &libloading::Error) -> String {
 /// `T` must be the function's real signature.
 unsafe fn symbol<T: Copy>(lib: &Library, name: &CStr) -> Result<T, DeviceError> {
     // SAFETY: forwarded to the caller.
-    unsafe { lib.get::<T>(name) }
-        .map(|symbol| *symbol)
-        .map_err(|err| DeviceError::NoDriver {
-            tried: DRIVER_LIBRARIES.join(", "),
-            reason: format!(
-                "the library has no {}: {}",
-                name.to_string_lossy(),
-                loader_error(&err)
-            ),
-        })
+    unsafe { lib.get::<T>(name) }.map(|symbol| *symbol).map_err(|err| DeviceError::NoDriver {
+        tried: DRIVER_LIBRARIES.join(", "),
+        reason: format!("the library has no {}: {}", name.to_string_lossy(), loader_error(&err)),
+    })
 }
 
 /// Turns a `CUresult` into a [`DeviceError`], naming the code through the driver.
@@ -280,9 +262,7 @@ fn check(lib: &Library, call: &'static str, code: c_int) -> Result<(), DeviceErr
                     ". The loaded libcuda is the CUDA toolkit's link stub, not the driver: remove \
                      the toolkit's `stubs/` folder from LD_LIBRARY_PATH"
                 }
-                CUDA_ERROR_INSUFFICIENT_DRIVER => {
-                    ". The NVIDIA driver is older than the CUDA runtime in use; update the driver"
-                }
+                CUDA_ERROR_INSUFFICIENT_DRIVER => ". The NVIDIA driver is older than the CUDA runtime in use; update the driver",
                 _ => "",
             };
             Err(DeviceError::Driver {
@@ -313,11 +293,7 @@ fn cuda_device_name(driver: &Driver, index: usize) -> Option<String> {
             return None;
         }
         buffer[buffer.len() - 1] = 0;
-        Some(
-            CStr::from_ptr(buffer.as_ptr())
-                .to_string_lossy()
-                .into_owned(),
-        )
+        Some(CStr::from_ptr(buffer.as_ptr()).to_string_lossy().into_owned())
     }
 }
 
@@ -344,23 +320,10 @@ pub fn cuda_device_count() -> Result<usize, DeviceError> {
 /// (`cudarc::get_lib_name_candidates("nvrtc")`, with `{major}` the CUDA version cudarc was built
 /// for; the Windows-style `nvrtc64_*` names it also tries never exist on Linux).
 #[cfg(not(windows))]
-const NVRTC_LIBRARIES: &[&str] = &[
-    "libnvrtc.so",
-    "libnvrtc.so.13",
-    "libnvrtc.so.12",
-    "libnvrtc.so.11",
-    "libnvrtc.so.10",
-    "libnvrtc.so.9",
-    "libnvrtc.so.1",
-];
+const NVRTC_LIBRARIES: &[&str] =
+    &["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11", "libnvrtc.so.10", "libnvrtc.so.9", "libnvrtc.so.1"];
 #[cfg(windows)]
-const NVRTC_LIBRARIES: &[&str] = &[
-    "nvrtc.dll",
-    "nvrtc64.dll",
-    "nvrtc64_130_0.dll",
-    "nvrtc64_120_0.dll",
-    "nvrtc64_112_0.dll",
-];
+const NVRTC_LIBRARIES: &[&str] = &["nvrtc.dll", "nvrtc64.dll", "nvrtc64_130_0.dll", "nvrtc64_120_0.dll", "nvrtc64_112_0.dll"];
 
 /// Checks that NVRTC can be loaded the way cudarc will load it; the handle stays loaded.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -374,9 +337,7 @@ fn check_nvrtc() -> Result<&'static str, DeviceError> {
                     return Ok((lib, *name));
                 }
             }
-            Err(DeviceError::NoNvrtc {
-                tried: NVRTC_LIBRARIES.join(", "),
-            })
+            Err(DeviceError::NoNvrtc { tried: NVRTC_LIBRARIES.join(", ") })
         })
         .as_ref()
         .map(|(_, name)| *name)
@@ -422,10 +383,7 @@ pub fn open(spec: &DeviceSpec) -> Result<burn::tensor::Device, DeviceError> {
         DeviceSpec::Cuda(index) => {
             let count = cuda_device_count()?;
             if *index >= count {
-                return Err(DeviceError::NoSuchDevice {
-                    index: *index,
-                    count,
-                });
+                return Err(DeviceError::NoSuchDevice { index: *index, count });
             }
             open_cuda(spec, *index)
         }
@@ -439,10 +397,7 @@ fn open_cpu(_spec: &DeviceSpec) -> Result<burn::tensor::Device, DeviceError> {
 
 #[cfg(not(feature = "cpu"))]
 fn open_cpu(spec: &DeviceSpec) -> Result<burn::tensor::Device, DeviceError> {
-    Err(DeviceError::FeatureMissing {
-        spec: spec.to_string(),
-        feature: "cpu",
-    })
+    Err(DeviceError::FeatureMissing { spec: spec.to_string(), feature: "cpu" })
 }
 
 #[cfg(feature = "cuda")]
@@ -453,10 +408,7 @@ fn open_cuda(_spec: &DeviceSpec, index: usize) -> Result<burn::tensor::Device, D
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(spec: &DeviceSpec, _index: usize) -> Result<burn::tensor::Device, DeviceError> {
-    Err(DeviceError::FeatureMissing {
-        spec: spec.to_string(),
-        feature: "cuda",
-    })
+    Err(DeviceError::FeatureMissing { spec: spec.to_string(), feature: "cuda" })
 }
 
 /// One line saying what `spec` is and whether it can be used here, for logs and status replies.
@@ -477,28 +429,15 @@ pub fn describe(spec: &DeviceSpec) -> String {
                 Ok(count) => count,
                 Err(err) => return format!("{spec} (unavailable: {err})"),
             };
-            let Ok(driver) = driver() else {
-                unreachable!("cuda_device_count succeeded")
-            };
-            let driver_version = driver
-                .version
-                .map(|v| format!(", driver CUDA {}.{}", v / 1000, (v % 1000) / 10))
-                .unwrap_or_default();
+            let Ok(driver) = driver() else { unreachable!("cuda_device_count succeeded") };
+            let driver_version = driver.version.map(|v| format!(", driver CUDA {}.{}", v / 1000, (v % 1000) / 10)).unwrap_or_default();
             let summary = format!("{count} CUDA device(s){driver_version}");
             if *index >= count {
-                return format!(
-                    "{spec} (unavailable: {}; {summary})",
-                    DeviceError::NoSuchDevice {
-                        index: *index,
-                        count
-                    }
-                );
+                return format!("{spec} (unavailable: {}; {summary})", DeviceError::NoSuchDevice { index: *index, count });
             }
             let name = cuda_device_name(driver, *index).unwrap_or_else(|| "unnamed".to_string());
             if !cfg!(feature = "cuda") {
-                return format!(
-                    "{spec} ({name}; {summary}; unusable: built without the `cuda` feature)"
-                );
+                return format!("{spec} ({name}; {summary}; unusable: built without the `cuda` feature)");
             }
             match check_nvrtc() {
                 Ok(nvrtc) => format!("{spec} ({name}; {summary}; NVRTC {nvrtc})"),
@@ -524,26 +463,11 @@ mod tests {
 
     #[test]
     fn rejects_other_forms_naming_the_accepted_ones() {
-        for bad in [
-            "",
-            "gpu",
-            "cuda:",
-            "cuda:-1",
-            "cuda:+1",
-            "cuda:x",
-            "cuda:1:2",
-            "cuda1",
-            "cpu:0",
-            "cuda: 1",
-            "cuda:99999999999999999999999",
-        ] {
+        for bad in
+            ["", "gpu", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "cuda:1:2", "cuda1", "cpu:0", "cuda: 1", "cuda:99999999999999999999999"]
+        {
             let err = bad.parse::<DeviceSpec>().unwrap_err();
-            assert_eq!(
-                err,
-                DeviceError::InvalidSpec {
-                    input: bad.to_string()
-                }
-            );
+            assert_eq!(err, DeviceError::InvalidSpec { input: bad.to_string() });
             let message = err.to_string();
             for form in ["`cpu`", "`cuda`", "`cuda:N`"] {
                 assert!(message.contains(form), "{message:?} lacks {form}");
@@ -563,10 +487,7 @@ mod tests {
         let err = DeviceError::NoSuchDevice { index: 2, count: 1 };
         assert!(err.to_string().contains("CUDA device 2 does not exist"));
         assert!(err.to_string().contains("cuda:0 .. cuda:0"));
-        let err = DeviceError::FeatureMissing {
-            spec: "cuda:0".into(),
-            feature: "cuda",
-        };
+        let err = DeviceError::FeatureMissing { spec: "cuda:0".into(), feature: "cuda" };
         assert!(err.to_string().contains("built without the `cuda` feature"));
     }
 
@@ -581,12 +502,7 @@ mod tests {
         match cuda_device_count() {
             Ok(count) => assert!(count > 0),
             Err(err) => {
-                assert!(matches!(
-                    err,
-                    DeviceError::NoDriver { .. }
-                        | DeviceError::NoDevice
-                        | DeviceError::Driver { .. }
-                ));
+                assert!(matches!(err, DeviceError::NoDriver { .. } | DeviceError::NoDevice | DeviceError::Driver { .. }));
                 assert!(!err.to_string().is_empty());
             }
         }
@@ -616,10 +532,7 @@ mod tests {
             assert!(opened.is_ok());
             assert_eq!(describe(&DeviceSpec::Cpu), "cpu (burn-flex)");
         } else {
-            assert!(matches!(
-                opened,
-                Err(DeviceError::FeatureMissing { feature: "cpu", .. })
-            ));
+            assert!(matches!(opened, Err(DeviceError::FeatureMissing { feature: "cpu", .. })));
         }
     }
 }

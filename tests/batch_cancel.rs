@@ -18,7 +18,15 @@ fn a_set_cancelled_mid_run_leaves_its_batch_mates_unchanged_for_every_sampler() 
     let kept = set(&["a lighthouse, linocut", "a fox, linocut"], 11);
     let cancelled = set(&["a boat, watercolor", "a tree, watercolor", "a house, watercolor"], 12);
     for sampler in SamplerKind::ALL {
-        let batch = BatchSpec { width: 32, height: 32, steps: 5, guidance: 7.5, sampler, patch: Some(StyleAligned::default()), size_conditioning: None };
+        let batch = BatchSpec {
+            width: 32,
+            height: 32,
+            steps: 5,
+            guidance: 7.5,
+            sampler,
+            patch: Some(StyleAligned::default()),
+            size_conditioning: None,
+        };
         let alone = pipeline.generate(&batch, std::slice::from_ref(&kept), &mut |_, _| vec![true]).unwrap();
         // The second set leaves after step 2 of 5.
         let mut steps_seen = 0;

@@ -127,7 +127,8 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// `generate` on the server: two prompts; 32 × 32 and 2 steps unless `extra` says otherwise.
 fn generate(server: &Server, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["generate", "--server", &server.addr, "--out", out.to_str().unwrap(), "--prompt", "a house, ink", "--prompt", "a tree, ink"];
+    let mut args =
+        vec!["generate", "--server", &server.addr, "--out", out.to_str().unwrap(), "--prompt", "a house, ink", "--prompt", "a tree, ink"];
     for (flag, value) in [("--width", "32"), ("--height", "32"), ("--steps", "2")] {
         if !extra.contains(&flag) {
             args.extend([flag, value]);
@@ -215,7 +216,10 @@ fn progress_without_a_terminal_is_one_line_per_event() {
     assert!(!err.contains('\r') && !err.contains('\u{1b}'), "{err:?}");
     let lines: Vec<&str> = err.lines().collect();
     for l in &lines {
-        assert!(["queued: position ", "started: batch of ", "step ", "image "].iter().any(|p| l.starts_with(p)), "unexpected line {l:?} in {err}");
+        assert!(
+            ["queued: position ", "started: batch of ", "step ", "image "].iter().any(|p| l.starts_with(p)),
+            "unexpected line {l:?} in {err}"
+        );
     }
     let steps: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("step ")).collect();
     assert_eq!(steps, ["step 1/3", "step 2/3", "step 3/3"]);
@@ -303,7 +307,8 @@ mod refusing {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap().to_string()).unwrap();
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let _ = tonic::transport::Server::builder().add_service(StyleAlignServer::new(Refusing)).serve_with_incoming(incoming).await;
+                let _ =
+                    tonic::transport::Server::builder().add_service(StyleAlignServer::new(Refusing)).serve_with_incoming(incoming).await;
             });
         });
         rx.recv().unwrap()
@@ -318,7 +323,12 @@ fn error_details_are_decoded() {
     assert!(!o.status.success());
     assert_clean(&o);
     let err = text(&o.stderr);
-    for want in ["RESOURCE_EXHAUSTED: admission queue full", "retry after 2s", "reason QUEUE_FULL from stylealign (queue_depth=64)", "field `prompts[0]`: must not be empty"] {
+    for want in [
+        "RESOURCE_EXHAUSTED: admission queue full",
+        "retry after 2s",
+        "reason QUEUE_FULL from stylealign (queue_depth=64)",
+        "field `prompts[0]`: must not be empty",
+    ] {
         assert!(err.contains(want), "{want:?} missing from {err}");
     }
 }

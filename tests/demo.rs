@@ -62,13 +62,17 @@ fn demo_writes_a_labelled_sheet_and_aligned_is_closer() {
             }
         }
         // A row label left of the row.
-        let ink = (y0..y0 + cell).flat_map(|y| (0..label_w).map(move |x| (x, y))).filter(|&(x, y)| pixel(&sheet, x, y) != background).count();
+        let ink =
+            (y0..y0 + cell).flat_map(|y| (0..label_w).map(move |x| (x, y))).filter(|&(x, y)| pixel(&sheet, x, y) != background).count();
         assert!(ink > 40, "row label of {row}: {ink} pixels");
     }
     // Column headers (role and caption) above every column.
     for c in 0..4 {
         let x0 = label_w + c * (cell + pad);
-        let ink = (0..header_h - pad).flat_map(|y| (x0..x0 + cell).map(move |x| (x, y))).filter(|&(x, y)| pixel(&sheet, x, y) != background).count();
+        let ink = (0..header_h - pad)
+            .flat_map(|y| (x0..x0 + cell).map(move |x| (x, y)))
+            .filter(|&(x, y)| pixel(&sheet, x, y) != background)
+            .count();
         assert!(ink > 100, "header of column {c}: {ink} pixels");
     }
     // Same prompts and seed: the reference is the same image in both rows (up to rounding: the

@@ -52,10 +52,16 @@ fn unsupported_configs_name_the_field() {
     assert_eq!(field_of(&config_error(|v| v["addition_embed_type"] = "text".into())), "addition_embed_type");
     assert_eq!(field_of(&config_error(|v| v["norm_num_groups"] = 5.into())), "norm_num_groups");
     assert_eq!(field_of(&config_error(|v| v["time_embedding_type"] = "fourier".into())), "time_embedding_type");
-    assert_eq!(field_of(&config_error(|v| v["transformer_layers_per_block"] = serde_json::json!([[1], [1], [1]]))), "transformer_layers_per_block");
-    assert_eq!(field_of(&config_error(|v| {
-        v.as_object_mut().unwrap().remove("block_out_channels");
-    })), "block_out_channels");
+    assert_eq!(
+        field_of(&config_error(|v| v["transformer_layers_per_block"] = serde_json::json!([[1], [1], [1]]))),
+        "transformer_layers_per_block"
+    );
+    assert_eq!(
+        field_of(&config_error(|v| {
+            v.as_object_mut().unwrap().remove("block_out_channels");
+        })),
+        "block_out_channels"
+    );
     assert_eq!(field_of(&config_error(|v| v["layers_per_block"] = "two".into())), "layers_per_block");
 }
 

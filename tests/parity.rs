@@ -196,11 +196,11 @@ fn unet_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, dev
     let ts = if ts.len() == 1 { vec![ts[0]; b] } else { ts };
     let timesteps = Tensor::<1>::from_data(TensorData::new(ts, [b]), device);
     let ehs: Tensor<3> = g.get("input.encoder_hidden_states").tensor(device);
-    let text_time = g.has("input.text_embeds").then(|| TextTime {
-        text_embeds: g.get("input.text_embeds").tensor(device),
-        time_ids: g.get("input.time_ids").tensor(device),
-    });
-    let run = |hooks: &dyn UNetHooks| unet.forward(sample.clone(), timesteps.clone(), &ehs, text_time.as_ref(), hooks).expect("unet forward");
+    let text_time = g
+        .has("input.text_embeds")
+        .then(|| TextTime { text_embeds: g.get("input.text_embeds").tensor(device), time_ids: g.get("input.time_ids").tensor(device) });
+    let run =
+        |hooks: &dyn UNetHooks| unet.forward(sample.clone(), timesteps.clone(), &ehs, text_time.as_ref(), hooks).expect("unet forward");
     t.check("out.unpatched", max_abs_diff(run(&NoHooks), g.get("out.unpatched")), TOL_MODEL);
 
     let has_cfg = g.info.get("batch_kind").and_then(Value::as_str).is_none_or(|k| k.starts_with("cfg"));
@@ -218,7 +218,10 @@ fn unet_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, dev
         if bug.is_none() {
             if let Some(own) = own_plan(case, b, has_cfg) {
                 if own.reference_of != plan.reference_of || own.gain != plan.gain {
-                    t.fail(name, format!("own plan {:?}/{:?} != golden {:?}/{:?}", own.reference_of, own.gain, plan.reference_of, plan.gain));
+                    t.fail(
+                        name,
+                        format!("own plan {:?}/{:?} != golden {:?}/{:?}", own.reference_of, own.gain, plan.reference_of, plan.gain),
+                    );
                     continue;
                 }
             }
@@ -271,7 +274,8 @@ fn unit_ops_file(g: &Golden, t: &mut FileTally, device: &Device) {
     }
     if g.has("groupnorm.x") {
         let groups = note_number(note, r"GroupNorm\((\d+) groups").expect("group count in info.note");
-        let norm = GroupNorm { weight: g.get("groupnorm.weight").tensor(device), bias: g.get("groupnorm.bias").tensor(device), groups, eps: 1e-5 };
+        let norm =
+            GroupNorm { weight: g.get("groupnorm.weight").tensor(device), bias: g.get("groupnorm.bias").tensor(device), groups, eps: 1e-5 };
         let x: Tensor<4> = g.get("groupnorm.x").tensor(device);
         t.check("groupnorm.plain", max_abs_diff(norm.forward(x.clone()), g.get("groupnorm.plain")), TOL_UNIT);
         for (name, plan) in info["groupnorm_plans"].as_object().into_iter().flatten() {
@@ -393,7 +397,6 @@ fn ddim_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, dev
     t.check("image_decoded", max_abs_diff(image, g.get("image_decoded")), TOL_FINAL);
 }
 
-
 /// Runs `pipe.denoise` on one prepared set and returns the final latents and every step's latents.
 fn denoise_recording(pipe: &Pipeline, batch: &BatchSpec, sampler: &mut Sampler, state: SetState) -> (Tensor<4>, Vec<Tensor<4>>) {
     let mut steps = Vec::new();
@@ -420,13 +423,18 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
     let pooled = pooled.expect("pooled");
     t.check("prompt_embeds", max_abs_diff(hidden.clone(), g.get("prompt_embeds")), TOL_MODEL);
     t.check("pooled_prompt_embeds", max_abs_diff(pooled.clone(), g.get("pooled_prompt_embeds")), TOL_MODEL);
-    let (eh, ep) = pipe.encode_ids(&g.get("empty_prompt.input_ids").rows_u32(), Some(&g.get("empty_prompt.input_ids_2").rows_u32())).unwrap();
+    let (eh, ep) =
+        pipe.encode_ids(&g.get("empty_prompt.input_ids").rows_u32(), Some(&g.get("empty_prompt.input_ids_2").rows_u32())).unwrap();
     t.check("empty_prompt.prompt_embeds", max_abs_diff(eh, g.get("empty_prompt.prompt_embeds")), TOL_MODEL);
     t.check("empty_prompt.pooled_prompt_embeds", max_abs_diff(ep.unwrap(), g.get("empty_prompt.pooled_prompt_embeds")), TOL_MODEL);
     let b = ids.len();
     let neg = pipe.encode_negative("", b).expect("negative");
     t.check("negative_prompt_embeds (zeros, exact)", max_abs_diff(neg.hidden.clone(), g.get("negative_prompt_embeds")), 0.0);
-    t.check("negative_pooled_prompt_embeds (zeros, exact)", max_abs_diff(neg.pooled.clone().unwrap(), g.get("negative_pooled_prompt_embeds")), 0.0);
+    t.check(
+        "negative_pooled_prompt_embeds (zeros, exact)",
+        max_abs_diff(neg.pooled.clone().unwrap(), g.get("negative_pooled_prompt_embeds")),
+        0.0,
+    );
     let cond = TextCond { hidden: hidden.clone(), pooled: Some(pooled.clone()) };
 
     let (w, h) = (info["width"].as_u64().unwrap_or(64) as usize, info["height"].as_u64().unwrap_or(64) as usize);
@@ -440,7 +448,10 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
     let rows = sample.dims()[0];
     let ts = Tensor::<1>::from_data(TensorData::new(vec![g.get("time_ids_check.timestep").f32()[0]; rows], [rows]), device);
     let ehs = Tensor::cat(vec![neg.hidden.clone(), hidden.clone()], 0);
-    let tt = TextTime { text_embeds: Tensor::cat(vec![neg.pooled.clone().unwrap(), pooled.clone()], 0), time_ids: g.get("time_ids_check.time_ids").tensor(device) };
+    let tt = TextTime {
+        text_embeds: Tensor::cat(vec![neg.pooled.clone().unwrap(), pooled.clone()], 0),
+        time_ids: g.get("time_ids_check.time_ids").tensor(device),
+    };
     let out = pipe.unet().forward(sample, ts, &ehs, Some(&tt), &NoHooks).expect("unet");
     t.check("time_ids_check.out", max_abs_diff(out, g.get("time_ids_check.out")), TOL_MODEL);
 
@@ -544,8 +555,16 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             continue;
         }
         let x = Tensor::cat(vec![zts[offset].clone(), noise.clone().narrow(0, 1, targets - 1)], 0);
-        let state = SetState { set: 0, seed: 0, x, uncond: uncond.clone(), cond: cond.clone(), replay: Some(ReferenceReplay { zts: zts.clone(), offset }) };
-        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
+        let state = SetState {
+            set: 0,
+            seed: 0,
+            x,
+            uncond: uncond.clone(),
+            cond: cond.clone(),
+            replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
+        };
+        let batch =
+            BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
         let mut sampler = Sampler::new(SamplerKind::Ddim, pipe.scheduler_config(), steps).unwrap();
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state);
         let golden_steps = g.get(&format!("{p}.latents_steps"));
@@ -578,7 +597,11 @@ fn parity() {
             "sampler" => {
                 let names: Vec<&str> = g.info["models"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
                 let find = |s: &str| *names.iter().find(|n| n.ends_with(s)).unwrap_or_else(|| panic!("no {s} model"));
-                let (unet, clip, vae) = (models.unet(&dir, find("unet"), &device), models.clip(&dir, find("text_encoder"), &device), models.vae(&dir, find("vae"), &device));
+                let (unet, clip, vae) = (
+                    models.unet(&dir, find("unet"), &device),
+                    models.clip(&dir, find("text_encoder"), &device),
+                    models.vae(&dir, find("vae"), &device),
+                );
                 parity_sampler::sampler_file(&dir, &g, &unet, &clip, &vae, &mut t, &device)
             }
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),

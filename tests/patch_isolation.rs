@@ -28,10 +28,17 @@ fn patching_a_clone_leaves_base_and_other_clones_untouched() {
     let clone_b = base.clone();
 
     // Clone A: the node's defaults (both, q+k, 1), the golden's case 2, one reference per CFG half.
-    let clone_a = Patched::new(&base, StyleAligned::Node(NodeOptions { share_norm: ShareNorm::Both, share_attn: ShareAttn::QK, scale: 1.0 })).unwrap();
+    let clone_a =
+        Patched::new(&base, StyleAligned::Node(NodeOptions { share_norm: ShareNorm::Both, share_attn: ShareAttn::QK, scale: 1.0 }))
+            .unwrap();
     let plan = ReferencePlan::from_groups(&[b / 2], 2, 1.0).unwrap();
     let patched = clone_a.forward(sample.clone(), ts.clone(), &ehs, None, plan).unwrap();
-    let case = g.info["cases"].as_array().unwrap().iter().find(|c| c["share_norm"] == "both" && c["share_attn"] == "q+k" && c["scale"] == 1.0).unwrap();
+    let case = g.info["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["share_norm"] == "both" && c["share_attn"] == "q+k" && c["scale"] == 1.0)
+        .unwrap();
     let err = max_abs_diff(patched.clone(), g.get(case["tensor"].as_str().unwrap()));
     assert!(err < 1e-4, "clone A is patched: {err:.3e}");
     assert_ne!(bits(patched), before, "the patch changes clone A's output");

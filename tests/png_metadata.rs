@@ -84,7 +84,8 @@ fn fp16_variant_copy(src: &Path) -> PathBuf {
         std::fs::create_dir_all(dst.join(part)).unwrap();
         for e in std::fs::read_dir(src.join(part)).unwrap() {
             let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().replace("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors");
+            let name =
+                e.file_name().to_string_lossy().replace("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors");
             std::fs::copy(e.path(), dst.join(part).join(name)).unwrap();
         }
     }
@@ -102,7 +103,11 @@ fn list_models_reports_the_unet_file_hash() {
     run(LIMIT, || async {
         let folder = golden_model();
         let fp16 = fp16_variant_copy(&folder);
-        let cfg = stylealign::serve::ServeConfig { models: vec![ModelSource::Tiny, ModelSource::Dir(folder.clone()), ModelSource::Dir(fp16.clone())], warmup: false, ..test_config() };
+        let cfg = stylealign::serve::ServeConfig {
+            models: vec![ModelSource::Tiny, ModelSource::Dir(folder.clone()), ModelSource::Dir(fp16.clone())],
+            warmup: false,
+            ..test_config()
+        };
         let server = start(cfg).await;
         let mut c = connect(&server).await;
         let me = Identity::client("hash");
@@ -147,7 +152,13 @@ fn infotext_reads_back_with_a1111_parser() {
         let mut c = connect(&server).await;
         let me = Identity::client("infotext");
         let hash = c.list_models(me.request(pb::ListModelsRequest {}, None)).await.unwrap().into_inner().models[0].hash.clone();
-        let patch = pb::PatchModelRequest { model: "tiny".into(), share_norm: pb::ShareNorm::Group as i32, share_attn: pb::ShareAttn::QKV as i32, scale: Some(0.8), advanced: None };
+        let patch = pb::PatchModelRequest {
+            model: "tiny".into(),
+            share_norm: pb::ShareNorm::Group as i32,
+            share_attn: pb::ShareAttn::QKV as i32,
+            scale: Some(0.8),
+            advanced: None,
+        };
         let s = session(&mut c, &me, patch).await;
         let prompts = [
             "a lighthouse, linocut print",
@@ -174,7 +185,11 @@ fn infotext_reads_back_with_a1111_parser() {
             for img in &r.images {
                 let t = chunks(&img.png);
                 let json: serde_json::Value = serde_json::from_str(&t["stylealign"]).unwrap();
-                assert_eq!(json, serde_json::from_str::<serde_json::Value>(&img.parameters).unwrap(), "the stylealign chunk is the message's parameters");
+                assert_eq!(
+                    json,
+                    serde_json::from_str::<serde_json::Value>(&img.parameters).unwrap(),
+                    "the stylealign chunk is the message's parameters"
+                );
                 let p = parse_generation_parameters(&t["parameters"]);
                 let idx = img.index as usize;
                 let want: BTreeMap<&str, String> = [
@@ -221,7 +236,14 @@ fn infotext_reads_back_with_a1111_parser() {
         let json: serde_json::Value = serde_json::from_str(&t["stylealign"]).unwrap();
         assert_eq!(p["Prompt"], "a boat, at dusk");
         assert_eq!(p["StyleAligned flavour"], "official");
-        for (k, v) in [("adain_values", "true"), ("adain_queries", "true"), ("full_attention_share", "false"), ("shared_score_shift", "0.5"), ("shared_score_scale", "1.0"), ("only_self_level", "0.0")] {
+        for (k, v) in [
+            ("adain_values", "true"),
+            ("adain_queries", "true"),
+            ("full_attention_share", "false"),
+            ("shared_score_shift", "0.5"),
+            ("shared_score_scale", "1.0"),
+            ("only_self_level", "0.0"),
+        ] {
             assert_eq!(p[&format!("StyleAligned {k}")], v, "{k}");
         }
         assert_eq!(p["StyleAligned reference caption"], caption);

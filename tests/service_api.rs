@@ -8,20 +8,20 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use service_common::*;
+use stylealign::client::Identity;
 use stylealign::pipeline::image::Image;
 use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
-use stylealign::client::Identity;
 use stylealign::serve::metrics::Stats;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::queue::Dropped;
 use stylealign::serve::{SERVICE_NAME, ServeConfig, Server, Tokens, pb};
 use stylealign::style_aligned::StyleAligned;
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -72,8 +72,21 @@ fn patch_generate_matches_library_and_reproduces() {
 
         // The library, called directly.
         let p = tiny_pipeline(&Device::flex()).unwrap();
-        let batch = BatchSpec { width: 32, height: 32, steps: 3, guidance: 7.5, sampler: SamplerKind::Ddim, patch: Some(StyleAligned::default()), size_conditioning: None };
-        let set = SetSpec { prompts: prompts.iter().map(|s| s.to_string()).collect(), negative_prompt: String::new(), seed: 1234, reference: None };
+        let batch = BatchSpec {
+            width: 32,
+            height: 32,
+            steps: 3,
+            guidance: 7.5,
+            sampler: SamplerKind::Ddim,
+            patch: Some(StyleAligned::default()),
+            size_conditioning: None,
+        };
+        let set = SetSpec {
+            prompts: prompts.iter().map(|s| s.to_string()).collect(),
+            negative_prompt: String::new(),
+            seed: 1234,
+            reference: None,
+        };
         let direct = p.generate(&batch, &[set], &mut |_, _| vec![true]).unwrap().remove(0).unwrap();
         for (img, want) in r1.images.iter().zip(&direct) {
             let (got, _) = Image::from_png(&img.png).unwrap();
@@ -116,7 +129,8 @@ fn patch_generate_matches_library_and_reproduces() {
         let mut c2 = connect(&server).await;
         let patch = pb::PatchModelRequest {
             model: v["model"].as_str().unwrap().into(),
-            share_norm: pb::ShareNorm::from_str_name(&format!("SHARE_NORM_{}", v["options"]["share_norm"].as_str().unwrap().to_uppercase())).unwrap() as i32,
+            share_norm: pb::ShareNorm::from_str_name(&format!("SHARE_NORM_{}", v["options"]["share_norm"].as_str().unwrap().to_uppercase()))
+                .unwrap() as i32,
             share_attn: match v["options"]["share_attn"].as_str().unwrap() {
                 "q+k" => pb::ShareAttn::QK,
                 "q+k+v" => pb::ShareAttn::QKV,
@@ -257,7 +271,9 @@ fn batching_is_bit_exact_with_running_alone() {
         }
         let mut tasks = Vec::new();
         for (mut c, me, s) in ready {
-            tasks.push(tokio::spawn(async move { generate(&mut c, &me, request(&s, &["a", "b"], 32, 2, 5)).await.unwrap().started.unwrap() }));
+            tasks.push(tokio::spawn(
+                async move { generate(&mut c, &me, request(&s, &["a", "b"], 32, 2, 5)).await.unwrap().started.unwrap() },
+            ));
         }
         for started in futures_join(tasks).await {
             assert_eq!(started.batch_sets, 1);
@@ -297,14 +313,24 @@ fn error_paths_have_their_status_codes() {
         assert_code(patch(pb::PatchModelRequest { share_norm: 17, ..default_patch() }).await, Code::InvalidArgument, "`share_norm`");
         assert_code(patch(pb::PatchModelRequest { share_attn: 17, ..default_patch() }).await, Code::InvalidArgument, "`share_attn`");
         let adv = pb::OfficialArgs { only_self_level: Some(1.5), ..Default::default() };
-        assert_code(patch(pb::PatchModelRequest { advanced: Some(adv), ..default_patch() }).await, Code::InvalidArgument, "`advanced.only_self_level`");
         assert_code(
-            patch(pb::PatchModelRequest { advanced: Some(Default::default()), share_norm: pb::ShareNorm::Group as i32, ..default_patch() }).await,
+            patch(pb::PatchModelRequest { advanced: Some(adv), ..default_patch() }).await,
+            Code::InvalidArgument,
+            "`advanced.only_self_level`",
+        );
+        assert_code(
+            patch(pb::PatchModelRequest { advanced: Some(Default::default()), share_norm: pb::ShareNorm::Group as i32, ..default_patch() })
+                .await,
             Code::InvalidArgument,
             "`advanced`",
         );
         // The official flavour works and reports its resolved arguments.
-        let official = patch(pb::PatchModelRequest { advanced: Some(pb::OfficialArgs { adain_values: Some(true), ..Default::default() }), ..default_patch() }).await.unwrap();
+        let official = patch(pb::PatchModelRequest {
+            advanced: Some(pb::OfficialArgs { adain_values: Some(true), ..Default::default() }),
+            ..default_patch()
+        })
+        .await
+        .unwrap();
         match official.options.unwrap().flavour.unwrap() {
             pb::patch_options::Flavour::Official(a) => assert!(a.adain_values && a.share_group_norm && a.shared_score_scale == 1.0),
             other => panic!("{other:?}"),
@@ -317,22 +343,50 @@ fn error_paths_have_their_status_codes() {
             let mut c = c.clone();
             async move { generate(&mut c, &who, r).await.map(|r| r.images.len()) }
         };
-        assert_code(gen_err(pb::GenerateRequest { session_id: "".into(), ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`session_id`");
-        assert_code(gen_err(pb::GenerateRequest { session_id: "0123456789abcdef0123456789abcdef".into(), ..good.clone() }, me.clone()).await, Code::NotFound, "not found");
+        assert_code(
+            gen_err(pb::GenerateRequest { session_id: "".into(), ..good.clone() }, me.clone()).await,
+            Code::InvalidArgument,
+            "`session_id`",
+        );
+        assert_code(
+            gen_err(pb::GenerateRequest { session_id: "0123456789abcdef0123456789abcdef".into(), ..good.clone() }, me.clone()).await,
+            Code::NotFound,
+            "not found",
+        );
         assert_code(gen_err(good.clone(), who("mallory")).await, Code::NotFound, "not found");
         assert_code(gen_err(pb::GenerateRequest { prompts: vec![], ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`prompts`");
-        assert_code(gen_err(pb::GenerateRequest { prompts: vec!["x".into(); 5], ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`prompts`");
-        assert_code(gen_err(pb::GenerateRequest { prompts: vec!["x".into()], count: 5, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`count`");
+        assert_code(
+            gen_err(pb::GenerateRequest { prompts: vec!["x".into(); 5], ..good.clone() }, me.clone()).await,
+            Code::InvalidArgument,
+            "`prompts`",
+        );
+        assert_code(
+            gen_err(pb::GenerateRequest { prompts: vec!["x".into()], count: 5, ..good.clone() }, me.clone()).await,
+            Code::InvalidArgument,
+            "`count`",
+        );
         assert_code(gen_err(pb::GenerateRequest { count: 2, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`count`");
         assert_code(gen_err(pb::GenerateRequest { width: 40, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`width`");
         assert_code(gen_err(pb::GenerateRequest { height: 36, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`height`");
         assert_code(gen_err(pb::GenerateRequest { width: 512, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`width`");
         assert_code(gen_err(pb::GenerateRequest { steps: 51, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`steps`");
-        assert_code(gen_err(pb::GenerateRequest { guidance_scale: Some(f32::NAN), ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`guidance_scale`");
-        assert_code(gen_err(pb::GenerateRequest { guidance_scale: Some(1000.0), ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`guidance_scale`");
+        assert_code(
+            gen_err(pb::GenerateRequest { guidance_scale: Some(f32::NAN), ..good.clone() }, me.clone()).await,
+            Code::InvalidArgument,
+            "`guidance_scale`",
+        );
+        assert_code(
+            gen_err(pb::GenerateRequest { guidance_scale: Some(1000.0), ..good.clone() }, me.clone()).await,
+            Code::InvalidArgument,
+            "`guidance_scale`",
+        );
         assert_code(gen_err(pb::GenerateRequest { sampler: 42, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`sampler`");
         assert_code(gen_err(pb::GenerateRequest { priority: 42, ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`priority`");
-        assert_code(gen_err(pb::GenerateRequest { prompts: vec!["a".into(), "x".repeat(3000)], ..good.clone() }, me.clone()).await, Code::InvalidArgument, "`prompts[1]`");
+        assert_code(
+            gen_err(pb::GenerateRequest { prompts: vec!["a".into(), "x".repeat(3000)], ..good.clone() }, me.clone()).await,
+            Code::InvalidArgument,
+            "`prompts[1]`",
+        );
         // Bad metadata.
         let mut bad = me.request(good.clone(), None);
         bad.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
@@ -371,7 +425,9 @@ fn error_paths_have_their_status_codes() {
 #[test]
 fn session_caps_and_ttl() {
     run(LIMIT, || async {
-        let server = start(ServeConfig { max_sessions_per_client: 2, max_sessions: 3, session_ttl: Duration::from_millis(400), ..test_config() }).await;
+        let server =
+            start(ServeConfig { max_sessions_per_client: 2, max_sessions: 3, session_ttl: Duration::from_millis(400), ..test_config() })
+                .await;
         let mut c = connect(&server).await;
         let (a, b) = (who("a"), who("b"));
         let a1 = session(&mut c, &a, default_patch()).await;
@@ -409,7 +465,11 @@ fn auth_tokens_identify_clients() {
         let mut c = connect(&server).await;
         let alice = Identity { token: Some("tok-alice".into()), client_id: None };
         let bob = Identity { token: Some("tok-bob".into()), client_id: Some("alice".into()) };
-        assert_code(c.list_models(Identity::default().request(pb::ListModelsRequest {}, None)).await, Code::Unauthenticated, "authorization");
+        assert_code(
+            c.list_models(Identity::default().request(pb::ListModelsRequest {}, None)).await,
+            Code::Unauthenticated,
+            "authorization",
+        );
         let wrong = Identity { token: Some("nope".into()), client_id: None };
         assert_code(c.patch_model(wrong.request(default_patch(), None)).await, Code::Unauthenticated, "unknown token");
         let s = session(&mut c, &alice, default_patch()).await;
@@ -511,8 +571,15 @@ fn reflection_v1_and_v1alpha() {
     run(LIMIT, || async {
         let server = start(test_config()).await;
         let ch = channel(server.addr()).await;
-        let req = v1::ServerReflectionRequest { host: String::new(), message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())) };
-        let mut s = v1::server_reflection_client::ServerReflectionClient::new(ch.clone()).server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        };
+        let mut s = v1::server_reflection_client::ServerReflectionClient::new(ch.clone())
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
         let resp = s.message().await.unwrap().unwrap();
         let names: Vec<String> = match resp.message_response.unwrap() {
             v1::server_reflection_response::MessageResponse::ListServicesResponse(l) => l.service.into_iter().map(|s| s.name).collect(),
@@ -521,16 +588,34 @@ fn reflection_v1_and_v1alpha() {
         for want in [SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
             assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
         }
-        let req = v1::ServerReflectionRequest { host: String::new(), message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol("stylealign.v1.GenerateRequest".into())) };
-        let mut s = v1::server_reflection_client::ServerReflectionClient::new(ch.clone()).server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "stylealign.v1.GenerateRequest".into(),
+            )),
+        };
+        let mut s = v1::server_reflection_client::ServerReflectionClient::new(ch.clone())
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
         match s.message().await.unwrap().unwrap().message_response.unwrap() {
             v1::server_reflection_response::MessageResponse::FileDescriptorResponse(f) => assert!(!f.file_descriptor_proto.is_empty()),
             other => panic!("{other:?}"),
         }
-        let req = v1alpha::ServerReflectionRequest { host: String::new(), message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())) };
-        let mut s = v1alpha::server_reflection_client::ServerReflectionClient::new(ch).server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let req = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        };
+        let mut s = v1alpha::server_reflection_client::ServerReflectionClient::new(ch)
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
         match s.message().await.unwrap().unwrap().message_response.unwrap() {
-            v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l) => assert!(l.service.iter().any(|s| s.name == SERVICE_NAME)),
+            v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l) => {
+                assert!(l.service.iter().any(|s| s.name == SERVICE_NAME))
+            }
             other => panic!("{other:?}"),
         }
         server.shutdown().await;
@@ -609,10 +694,14 @@ fn deadlines_in_queue_and_mid_run() {
 
         // Mid-run: a 150-step request with a 1.5 s deadline.
         let t = Instant::now();
-        let r = stylealign::client::generate(&mut c, &me, request(&s, &["b", "c"], 64, 150, 2), Some(Duration::from_millis(1500)), |_| {}).await;
+        let r = stylealign::client::generate(&mut c, &me, request(&s, &["b", "c"], 64, 150, 2), Some(Duration::from_millis(1500)), |_| {})
+            .await;
         assert_code(r, Code::DeadlineExceeded, "while running");
         assert!(t.elapsed() < Duration::from_secs(5));
-        eventually(Duration::from_secs(10), "stop recorded", || server.stats().stops().iter().any(|s| s.reason == Dropped::DeadlineExceeded)).await;
+        eventually(Duration::from_secs(10), "stop recorded", || {
+            server.stats().stops().iter().any(|s| s.reason == Dropped::DeadlineExceeded)
+        })
+        .await;
         let stop = server.stats().stops().into_iter().find(|s| s.reason == Dropped::DeadlineExceeded).unwrap();
         assert!(stop.stopped_after_step < 150, "{stop:?}");
         assert!(stop.stopped_after_step <= stop.requested_at_step + 1, "stopped at the next step: {stop:?}");
@@ -650,7 +739,12 @@ fn priorities_and_queue_positions() {
         let s = session(&mut c, &me, default_patch()).await;
         let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = HashMap::new();
-        for (name, prio) in [("low", pb::Priority::Low), ("normal-1", pb::Priority::Normal), ("high", pb::Priority::High), ("normal-2", pb::Priority::Unspecified)] {
+        for (name, prio) in [
+            ("low", pb::Priority::Low),
+            ("normal-1", pb::Priority::Normal),
+            ("high", pb::Priority::High),
+            ("normal-2", pb::Priority::Unspecified),
+        ] {
             let req = pb::GenerateRequest { priority: prio as i32, ..request(&s, &[name], 32, 6, 1) };
             let (stream, seen) = open_until(&mut c, &me, req, None, is_queued).await;
             assert!(matches!(seen.last(), Some(Event::Queued(_))));

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use service_common::*;
 use stylealign::client::Identity;
-use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::SERVICE_NAME;
+use stylealign::serve::pb::generate_response::Event;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;

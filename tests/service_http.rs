@@ -192,12 +192,23 @@ fn every_route_matches_grpc() {
         assert_eq!(serde_json::from_value::<pb::ListModelsResponse>(models).unwrap(), grpc_models);
 
         // PatchModel: proto field names and lowerCamelCase both accepted.
-        let (status, created) = http.call(Method::POST, "/v1/sessions", Some(json!({"model": "tiny", "share_norm": "SHARE_NORM_GROUP", "shareAttn": "SHARE_ATTN_Q_K_V", "scale": 0.5}))).await;
+        let (status, created) = http
+            .call(
+                Method::POST,
+                "/v1/sessions",
+                Some(json!({"model": "tiny", "share_norm": "SHARE_NORM_GROUP", "shareAttn": "SHARE_ATTN_Q_K_V", "scale": 0.5})),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{created}");
         assert_eq!(created["options"]["node"]["shareNorm"], "SHARE_NORM_GROUP");
         assert!(created["createdAt"].as_str().unwrap().starts_with("20"), "RFC 3339 timestamp: {created}");
         let created: pb::Session = serde_json::from_value(created).unwrap();
-        let patch = pb::PatchModelRequest { share_norm: pb::ShareNorm::Group as i32, share_attn: pb::ShareAttn::QKV as i32, scale: Some(0.5), ..default_patch() };
+        let patch = pb::PatchModelRequest {
+            share_norm: pb::ShareNorm::Group as i32,
+            share_attn: pb::ShareAttn::QKV as i32,
+            scale: Some(0.5),
+            ..default_patch()
+        };
         let grpc_created = c.patch_model(me.request(patch, None)).await.unwrap().into_inner();
         assert_eq!(created.options, grpc_created.options);
         assert_eq!(created.idle_ttl_seconds, grpc_created.idle_ttl_seconds);
@@ -234,7 +245,8 @@ fn every_route_matches_grpc() {
         let http_images = images(&events);
         assert_eq!(BASE64.decode(image_json["image"]["png"].as_str().unwrap()).unwrap(), http_images[0].png, "PNG bytes in base64");
         assert_eq!(events.last().unwrap().1, r#"{"status":"OK","images":2}"#);
-        let grpc = generate(&mut c, &me, request(&id, &["a lighthouse, linocut print", "a fox, linocut print"], 32, steps, 42)).await.unwrap();
+        let grpc =
+            generate(&mut c, &me, request(&id, &["a lighthouse, linocut print", "a fox, linocut print"], 32, steps, 42)).await.unwrap();
         assert_eq!(http_images.iter().map(|i| i.index).collect::<Vec<_>>(), [0, 1]);
         assert_eq!(pngs(&http_images), pngs(&grpc.images), "HTTP and gRPC give the same PNG bytes");
         assert_eq!(http_images, grpc.images);
@@ -248,7 +260,12 @@ fn every_route_matches_grpc() {
         let grpc = generate(
             &mut c,
             &me,
-            pb::GenerateRequest { reference_image: reference.clone(), reference_caption: "a lighthouse, linocut print".into(), reference_offset: 1, ..request(&id, &["a boat"], 32, steps, 7) },
+            pb::GenerateRequest {
+                reference_image: reference.clone(),
+                reference_caption: "a lighthouse, linocut print".into(),
+                reference_offset: 1,
+                ..request(&id, &["a boat"], 32, steps, 7)
+            },
         )
         .await
         .unwrap();
@@ -303,13 +320,23 @@ fn errors_have_http_statuses_and_json_bodies() {
         assert_eq!(violated_field(&body), "shareNorm");
         let (s, body) = gen_err(with("referenceImage", json!("not base64!"))).await;
         assert_error((s, body.clone()), 400, "INVALID_ARGUMENT", "`referenceImage`");
-        assert_error(http.call_raw(Method::POST, "/v1/sessions", b"{\"model\": ".to_vec()).await, 400, "INVALID_ARGUMENT", "invalid JSON PatchModelRequest");
+        assert_error(
+            http.call_raw(Method::POST, "/v1/sessions", b"{\"model\": ".to_vec()).await,
+            400,
+            "INVALID_ARGUMENT",
+            "invalid JSON PatchModelRequest",
+        );
         assert_error(http.call_raw(Method::POST, "/v1/sessions", b"{} {}".to_vec()).await, 400, "INVALID_ARGUMENT", "trailing characters");
         assert_error(http.call_raw(Method::POST, "/v1/sessions", Vec::new()).await, 400, "INVALID_ARGUMENT", "empty request body");
         assert_error(http.call_raw(Method::POST, "/v1/generate", b"[1]".to_vec()).await, 400, "INVALID_ARGUMENT", "GenerateRequest");
 
         // The service's validation, with the field in the details.
-        for (body, field) in [(with("width", json!(40)), "width"), (with("steps", json!(500)), "steps"), (with("prompts", json!([])), "prompts"), (with("sampler", json!(42)), "sampler")] {
+        for (body, field) in [
+            (with("width", json!(40)), "width"),
+            (with("steps", json!(500)), "steps"),
+            (with("prompts", json!([])), "prompts"),
+            (with("sampler", json!(42)), "sampler"),
+        ] {
             let (s, body) = gen_err(body).await;
             assert_error((s, body.clone()), 400, "INVALID_ARGUMENT", &format!("`{field}`"));
             assert_eq!(violated_field(&body), field);
@@ -321,8 +348,18 @@ fn errors_have_http_statuses_and_json_bodies() {
         assert_error(gen_err(with("sessionId", json!(""))).await, 400, "INVALID_ARGUMENT", "`session_id`");
 
         // Headers become metadata, checked by the service.
-        assert_error(http.with("grpc-timeout", "soon").generate(good.clone()).await.err().unwrap(), 400, "INVALID_ARGUMENT", "grpc-timeout");
-        assert_error(http.with("x-timeout-seconds", "soon").generate(good.clone()).await.err().unwrap(), 400, "INVALID_ARGUMENT", "`x-timeout-seconds`");
+        assert_error(
+            http.with("grpc-timeout", "soon").generate(good.clone()).await.err().unwrap(),
+            400,
+            "INVALID_ARGUMENT",
+            "grpc-timeout",
+        );
+        assert_error(
+            http.with("x-timeout-seconds", "soon").generate(good.clone()).await.err().unwrap(),
+            400,
+            "INVALID_ARGUMENT",
+            "`x-timeout-seconds`",
+        );
         let long = Http::new(server.addr()).with("x-client-id", &"x".repeat(200));
         assert_error(long.call(Method::GET, "/v1/models", None).await, 400, "INVALID_ARGUMENT", "x-client-id");
 
@@ -340,7 +377,8 @@ fn errors_have_http_statuses_and_json_bodies() {
         // Body size: a reference image just over its 20 MiB limit fits in the body limit and is
         // refused by the service naming the field; a body over the limit is 413.
         let big = vec![0u8; 20 * 1024 * 1024 + 1];
-        let (s, body) = gen_err(json!({"sessionId": id, "prompts": ["a"], "referenceImage": BASE64.encode(&big), "referenceCaption": "x"})).await;
+        let (s, body) =
+            gen_err(json!({"sessionId": id, "prompts": ["a"], "referenceImage": BASE64.encode(&big), "referenceCaption": "x"})).await;
         assert_error((s, body.clone()), 400, "INVALID_ARGUMENT", "`reference_image`");
         assert_eq!(violated_field(&body), "reference_image");
         let mut huge = br#"{"sessionId":""#.to_vec();
@@ -366,8 +404,18 @@ fn auth_over_http() {
         let server = start(ServeConfig { auth: Some(tokens), ..test_config() }).await;
         let anon = Http::new(server.addr());
         assert_error(anon.call(Method::GET, "/v1/models", None).await, 401, "UNAUTHENTICATED", "authorization");
-        assert_error(anon.with("authorization", "Bearer nope").call(Method::GET, "/v1/models", None).await, 401, "UNAUTHENTICATED", "unknown token");
-        assert_error(anon.with("authorization", "tok-alice").call(Method::POST, "/v1/sessions", Some(json!({"model": "tiny"}))).await, 401, "UNAUTHENTICATED", "Bearer");
+        assert_error(
+            anon.with("authorization", "Bearer nope").call(Method::GET, "/v1/models", None).await,
+            401,
+            "UNAUTHENTICATED",
+            "unknown token",
+        );
+        assert_error(
+            anon.with("authorization", "tok-alice").call(Method::POST, "/v1/sessions", Some(json!({"model": "tiny"}))).await,
+            401,
+            "UNAUTHENTICATED",
+            "Bearer",
+        );
         let alice = anon.with("authorization", "Bearer tok-alice");
         let bob = anon.with("authorization", "Bearer tok-bob").with("x-client-id", "alice");
         assert_eq!(alice.call(Method::GET, "/v1/models", None).await.0, StatusCode::OK);
@@ -375,10 +423,20 @@ fn auth_over_http() {
         assert_eq!(status, StatusCode::OK);
         let id = s["sessionId"].as_str().unwrap();
         assert_error(bob.call(Method::GET, &format!("/v1/sessions/{id}"), None).await, 404, "NOT_FOUND", "not found");
-        assert_error(anon.generate(json!({"sessionId": id, "prompts": ["a"]})).await.err().unwrap(), 401, "UNAUTHENTICATED", "authorization");
+        assert_error(
+            anon.generate(json!({"sessionId": id, "prompts": ["a"]})).await.err().unwrap(),
+            401,
+            "UNAUTHENTICATED",
+            "authorization",
+        );
         assert_eq!(alice.call(Method::GET, &format!("/v1/sessions/{id}"), None).await.0, StatusCode::OK);
         // Numbers are accepted for 64-bit integers and enums too.
-        let events = alice.generate(json!({"sessionId": id, "prompts": ["a"], "steps": 1, "width": 32, "height": 32, "seed": 5, "sampler": 2})).await.unwrap().all().await;
+        let events = alice
+            .generate(json!({"sessionId": id, "prompts": ["a"], "steps": 1, "width": 32, "height": 32, "seed": 5, "sampler": 2}))
+            .await
+            .unwrap()
+            .all()
+            .await;
         let image = &images(&events)[0];
         assert_eq!(image.seed, 5);
         assert!(image.parameters.contains(r#""sampler":"euler""#), "{}", image.parameters);
@@ -442,7 +500,12 @@ fn queue_full_deadline_and_disconnect() {
         drop(holder);
         eventually(Duration::from_secs(10), "idle", || server.state().queue.is_idle()).await;
         let steps = 120;
-        let (running, _) = http.generate(req("running", steps, 64)).await.unwrap().until(|n, v| n == "progress" && v["progress"]["step"].as_u64() >= Some(2)).await;
+        let (running, _) = http
+            .generate(req("running", steps, 64))
+            .await
+            .unwrap()
+            .until(|n, v| n == "progress" && v["progress"]["step"].as_u64() >= Some(2))
+            .await;
         drop(running);
         eventually(Duration::from_secs(10), "stop recorded", || server.stats().stops().iter().any(|s| s.total_steps == steps)).await;
         let stops: Vec<_> = server.stats().stops().into_iter().filter(|s| s.total_steps == steps).collect();

@@ -7,10 +7,10 @@ mod service_common;
 use std::time::{Duration, Instant};
 
 use service_common::*;
+use stylealign::client::Identity;
 use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, Image, ReferenceImage, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
-use stylealign::client::Identity;
 use stylealign::serve::pb;
 use stylealign::style_aligned::StyleAligned;
 use tonic::Code;
@@ -65,12 +65,26 @@ fn reference_image_matches_library_and_is_cached() {
 
         // The library, called directly with the same set, gives the same pixels.
         let pipe = tiny_pipeline(&stylealign::device::open(&stylealign::device::DeviceSpec::Cpu).unwrap()).unwrap();
-        let batch = BatchSpec { width: 32, height: 32, steps: 4, guidance: 7.5, sampler: SamplerKind::Ddim, patch: Some(StyleAligned::default()), size_conditioning: None };
+        let batch = BatchSpec {
+            width: 32,
+            height: 32,
+            steps: 4,
+            guidance: 7.5,
+            sampler: SamplerKind::Ddim,
+            patch: Some(StyleAligned::default()),
+            size_conditioning: None,
+        };
         let set = SetSpec {
             prompts: vec!["a house".into(), "a tree".into()],
             negative_prompt: String::new(),
             seed: 7,
-            reference: Some(ReferenceImage { image: picture(), caption: "a red disc on a gradient".into(), offset: 1, guidance: 2.0, scope: "library".into() }),
+            reference: Some(ReferenceImage {
+                image: picture(),
+                caption: "a red disc on a gradient".into(),
+                offset: 1,
+                guidance: 2.0,
+                scope: "library".into(),
+            }),
         };
         let lib = pipe.generate(&batch, &[set], &mut |_, _| vec![true]).unwrap().pop().unwrap().unwrap();
         for (img, want) in first.images.iter().zip(&lib) {
@@ -84,10 +98,21 @@ fn reference_image_matches_library_and_is_cached() {
         let warm = t1.elapsed();
         assert_eq!(pngs(&again.images), pngs(&first.images));
         let (_, metrics) = http_get(server.admin_addr().unwrap(), "/metrics").await;
-        let value = |name: &str| metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0);
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(-1.0)
+        };
         assert!(value("stylealign_inversion_cache_hits_total") >= 1.0, "a cache hit is counted:\n{metrics}");
         assert!(value("stylealign_inversion_cache_misses_total") >= 1.0);
-        println!("reference set (2 images, 4 steps, 32x32): first {:.0} ms (inversion), again {:.0} ms (cached inversion)", cold.as_secs_f64() * 1e3, warm.as_secs_f64() * 1e3);
+        println!(
+            "reference set (2 images, 4 steps, 32x32): first {:.0} ms (inversion), again {:.0} ms (cached inversion)",
+            cold.as_secs_f64() * 1e3,
+            warm.as_secs_f64() * 1e3
+        );
 
         // The saving at a larger size: 64x64, 20 steps (the inversion runs 20 UNet calls).
         let big = |session: &str| pb::GenerateRequest { width: 64, height: 64, steps: 20, ..reference_request(session, png.clone()) };
@@ -98,7 +123,10 @@ fn reference_image_matches_library_and_is_cached() {
         let b = generate(&mut c, &me, big(&s)).await.unwrap();
         let warm_big = t3.elapsed();
         assert_eq!(pngs(&a.images), pngs(&b.images));
-        let plain = pb::GenerateRequest { prompts: vec!["a red disc on a gradient".into(), "a house".into(), "a tree".into()], ..request(&s, &[], 64, 20, 7) };
+        let plain = pb::GenerateRequest {
+            prompts: vec!["a red disc on a gradient".into(), "a house".into(), "a tree".into()],
+            ..request(&s, &[], 64, 20, 7)
+        };
         let t4 = Instant::now();
         generate(&mut c, &me, plain).await.unwrap();
         let generated_reference = t4.elapsed();
@@ -131,8 +159,14 @@ fn bad_reference_fields_are_invalid_argument() {
             (pb::GenerateRequest { reference_caption: String::new(), ..reference_request(&s, png.clone()) }, "`reference_caption`"),
             (pb::GenerateRequest { sampler: pb::Sampler::EulerA as i32, ..reference_request(&s, png.clone()) }, "`sampler`"),
             (pb::GenerateRequest { reference_offset: 4, ..reference_request(&s, png.clone()) }, "`reference_offset`"),
-            (pb::GenerateRequest { reference_guidance_scale: Some(f32::NAN), ..reference_request(&s, png.clone()) }, "`reference_guidance_scale`"),
-            (pb::GenerateRequest { reference_caption: "caption without image".into(), ..request(&s, &["a"], 32, 2, 1) }, "`reference_caption`"),
+            (
+                pb::GenerateRequest { reference_guidance_scale: Some(f32::NAN), ..reference_request(&s, png.clone()) },
+                "`reference_guidance_scale`",
+            ),
+            (
+                pb::GenerateRequest { reference_caption: "caption without image".into(), ..request(&s, &["a"], 32, 2, 1) },
+                "`reference_caption`",
+            ),
             (pb::GenerateRequest { size_conditioning: Some(Default::default()), ..request(&s, &["a"], 32, 2, 1) }, "`size_conditioning`"),
         ];
         // A PNG whose header declares more pixels than accepted.

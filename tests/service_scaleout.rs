@@ -152,7 +152,8 @@ fn session_from_one_replica_works_on_another() {
         let mut rr = RoundRobin { clients: vec![a.client().await, b.client().await], next: 0 };
         let mut c_other = other.client().await;
         let me = Identity::client("alice");
-        let patch = pb::PatchModelRequest { model: "tiny".into(), share_norm: pb::ShareNorm::Group as i32, scale: Some(0.7), ..Default::default() };
+        let patch =
+            pb::PatchModelRequest { model: "tiny".into(), share_norm: pb::ShareNorm::Group as i32, scale: Some(0.7), ..Default::default() };
 
         let (i, c) = rr.next();
         assert_eq!(i, 0);
@@ -162,8 +163,12 @@ fn session_from_one_replica_works_on_another() {
 
         let (i, c) = rr.next();
         assert_eq!(i, 1);
-        let seen = c.get_session(me.request(pb::GetSessionRequest { session_id: id.clone() }, None)).await.expect("GetSession on B").into_inner();
-        assert_eq!((seen.session_id.as_str(), seen.model.as_str(), &seen.options, &seen.created_at), (id.as_str(), "tiny", &created.options, &created.created_at));
+        let seen =
+            c.get_session(me.request(pb::GetSessionRequest { session_id: id.clone() }, None)).await.expect("GetSession on B").into_inner();
+        assert_eq!(
+            (seen.session_id.as_str(), seen.model.as_str(), &seen.options, &seen.created_at),
+            (id.as_str(), "tiny", &created.options, &created.created_at)
+        );
 
         let req = request(&id, &["a lighthouse, linocut print", "a fox, linocut print"], 32, 3, 7);
         let (_, c) = rr.next();
@@ -189,7 +194,10 @@ fn session_from_one_replica_works_on_another() {
         let forged = String::from_utf8(forged).unwrap();
         for k in [1, 0] {
             let c = &mut rr.clients[k];
-            assert_eq!(code_of(c.get_session(me.request(pb::GetSessionRequest { session_id: forged.clone() }, None)).await), Code::NotFound);
+            assert_eq!(
+                code_of(c.get_session(me.request(pb::GetSessionRequest { session_id: forged.clone() }, None)).await),
+                Code::NotFound
+            );
             assert_eq!(code_of(generate(c, &me, pb::GenerateRequest { session_id: forged.clone(), ..req.clone() }).await), Code::NotFound);
         }
 
@@ -201,7 +209,15 @@ fn session_from_one_replica_works_on_another() {
         // one (same claims otherwise) works: the expiry is what refuses the first.
         let key = SessionSecret::new(SECRET.as_bytes()).unwrap();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let claims = Claims { id: random_id(), model: "tiny".into(), patch: StyleAligned::default(), owner: key.owner_tag("alice"), iat: now - 7200, idle_ms: 60_000, exp: now - 1 };
+        let claims = Claims {
+            id: random_id(),
+            model: "tiny".into(),
+            patch: StyleAligned::default(),
+            owner: key.owner_tag("alice"),
+            iat: now - 7200,
+            idle_ms: 60_000,
+            exp: now - 1,
+        };
         let c = &mut rr.clients[1];
         assert_eq!(code_of(c.get_session(me.request(pb::GetSessionRequest { session_id: key.sign(&claims) }, None)).await), Code::NotFound);
         let live = key.sign(&Claims { exp: now + 3600, ..claims });
@@ -210,7 +226,10 @@ fn session_from_one_replica_works_on_another() {
         // Release on A: gone on A for good; B, which adopted it, keeps it until the hard expiry
         // (documented: releases are not broadcast).
         rr.clients[0].release_session(me.request(pb::ReleaseSessionRequest { session_id: id.clone() }, None)).await.expect("release on A");
-        assert_eq!(code_of(rr.clients[0].get_session(me.request(pb::GetSessionRequest { session_id: id.clone() }, None)).await), Code::NotFound);
+        assert_eq!(
+            code_of(rr.clients[0].get_session(me.request(pb::GetSessionRequest { session_id: id.clone() }, None)).await),
+            Code::NotFound
+        );
         assert_eq!(code_of(rr.clients[1].get_session(me.request(pb::GetSessionRequest { session_id: id.clone() }, None)).await), Code::Ok);
 
         let _ = std::fs::remove_dir_all(file.parent().unwrap());
@@ -236,7 +255,13 @@ fn retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
 }
 
-async fn attempt(c: &mut StyleAlignClient<Channel>, who: &Identity, req: pb::GenerateRequest, expected: usize, in_flight: &AtomicUsize) -> Attempt {
+async fn attempt(
+    c: &mut StyleAlignClient<Channel>,
+    who: &Identity,
+    req: pb::GenerateRequest,
+    expected: usize,
+    in_flight: &AtomicUsize,
+) -> Attempt {
     let mut stream = match c.generate(who.request(req, Some(Duration::from_secs(60)))).await {
         Ok(r) => r.into_inner(),
         Err(s) => return Attempt::Refused(s.code()),
@@ -288,7 +313,8 @@ fn replica_killed_during_load_loses_nothing() {
                 // (request, replica, outcome) of every attempt.
                 let mut log: Vec<(usize, usize, Attempt)> = Vec::new();
                 for k in 0..REQUESTS {
-                    let prompts: Vec<String> = (0..PROMPTS).map(|p| format!("object {p} of client {i}, request {k}, ink drawing")).collect();
+                    let prompts: Vec<String> =
+                        (0..PROMPTS).map(|p| format!("object {p} of client {i}, request {k}, ink drawing")).collect();
                     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
                     let req = request(&session, &prompts, 32, 6, (i * 100 + k) as u64);
                     let mut target = (i + k) % 2;

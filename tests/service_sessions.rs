@@ -7,8 +7,8 @@ mod service_common;
 use std::time::Duration;
 
 use service_common::*;
-use stylealign::serve::ServeConfig;
 use stylealign::client::Identity;
+use stylealign::serve::ServeConfig;
 use stylealign::serve::session::SessionStore;
 use stylealign::style_aligned::StyleAligned;
 
@@ -42,7 +42,13 @@ fn thousand_sessions_add_less_than_10_mb() {
         let after = rss_bytes().unwrap();
         assert_eq!(server.state().sessions.len(), 1200);
         let delta = after.saturating_sub(before);
-        println!("1,000 sessions through PatchModel: RSS {:.2} MB -> {:.2} MB, +{:.3} MB ({} bytes/session)", before as f64 / MB, after as f64 / MB, delta as f64 / MB, delta / 1000);
+        println!(
+            "1,000 sessions through PatchModel: RSS {:.2} MB -> {:.2} MB, +{:.3} MB ({} bytes/session)",
+            before as f64 / MB,
+            after as f64 / MB,
+            delta as f64 / MB,
+            delta / 1000
+        );
         assert!(delta < 10 * 1024 * 1024, "1,000 sessions added {:.2} MB", delta as f64 / MB);
         server.shutdown().await;
     });
@@ -53,7 +59,8 @@ fn thousand_sessions_add_less_than_10_mb() {
         store.create(&format!("warm-{k}"), "tiny", StyleAligned::default()).unwrap();
     }
     let before = rss_bytes().unwrap();
-    let sessions: Vec<_> = (0..1000).map(|k| store.create(&format!("client-{}", k % 50), "tiny", StyleAligned::default()).unwrap()).collect();
+    let sessions: Vec<_> =
+        (0..1000).map(|k| store.create(&format!("client-{}", k % 50), "tiny", StyleAligned::default()).unwrap()).collect();
     let after = rss_bytes().unwrap();
     let delta = after.saturating_sub(before);
     println!("1,000 sessions in the store: +{:.3} MB ({} bytes/session)", delta as f64 / MB, delta / 1000);

@@ -20,10 +20,10 @@ use service_common::*;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::pb::style_align_client::StyleAlignClient;
 use stylealign::serve::{SERVICE_NAME, ServeConfig, pb};
+use tonic::codegen::http;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
-use tonic::codegen::http;
 use tonic_web::{GrpcWebCall, GrpcWebClientService};
 
 type WebChannel = GrpcWebClientService<Client<HttpConnector, GrpcWebCall<tonic::body::Body>>>;
@@ -77,7 +77,8 @@ async fn http(method: &str, addr: SocketAddr, path: &str) -> Reply {
 }
 
 fn committed(name: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/playground").join(name)).expect("committed playground file")
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/playground").join(name))
+        .expect("committed playground file")
 }
 
 #[test]
@@ -93,7 +94,10 @@ fn playground_page_and_files_on_the_api_port() {
         assert!(page.header("content-security-policy").contains("connect-src 'self'"), "CSP: {:?}", page.header("content-security-policy"));
         assert_eq!(page.text(), committed("index.html"), "the binary serves the committed page");
         // Every file the page links is served, with its type, and is the committed file.
-        for (path, file, ty) in [("/playground/app.js", "app.js", "text/javascript; charset=utf-8"), ("/playground/style.css", "style.css", "text/css; charset=utf-8")] {
+        for (path, file, ty) in [
+            ("/playground/app.js", "app.js", "text/javascript; charset=utf-8"),
+            ("/playground/style.css", "style.css", "text/css; charset=utf-8"),
+        ] {
             assert!(page.text().contains(&format!("\"{path}\"")), "index.html links {path}");
             let r = http("GET", addr, path).await;
             assert_eq!(r.status, 200, "GET {path}");
@@ -137,20 +141,31 @@ fn grpc_web_over_http1_reaches_every_call() {
         assert_eq!(models.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["tiny"]);
         assert!(models.samplers.iter().any(|s| s == "ddim"));
 
-        let patch = pb::PatchModelRequest { model: "tiny".into(), share_norm: pb::ShareNorm::Group as i32, share_attn: pb::ShareAttn::QKV as i32, scale: Some(0.5), ..Default::default() };
+        let patch = pb::PatchModelRequest {
+            model: "tiny".into(),
+            share_norm: pb::ShareNorm::Group as i32,
+            share_attn: pb::ShareAttn::QKV as i32,
+            scale: Some(0.5),
+            ..Default::default()
+        };
         let session = c.patch_model(with_id(patch)).await.expect("PatchModel over gRPC-Web").into_inner();
         let node = match session.options.as_ref().and_then(|o| o.flavour.as_ref()) {
             Some(pb::patch_options::Flavour::Node(n)) => n.clone(),
             other => panic!("node options expected, got {other:?}"),
         };
         assert_eq!((node.share_norm, node.share_attn, node.scale), (pb::ShareNorm::Group as i32, pb::ShareAttn::QKV as i32, 0.5));
-        let got = c.get_session(with_id(pb::GetSessionRequest { session_id: session.session_id.clone() })).await.expect("GetSession").into_inner();
+        let got = c
+            .get_session(with_id(pb::GetSessionRequest { session_id: session.session_id.clone() }))
+            .await
+            .expect("GetSession")
+            .into_inner();
         assert_eq!(got.session_id, session.session_id);
 
         // The server stream arrives message by message: progress for every step, then the images.
         let steps = 3;
         let prompts = ["a lighthouse", "a fox", "a bicycle"];
-        let mut stream = c.generate(with_id(request(&session.session_id, &prompts, 32, steps, 7))).await.expect("Generate over gRPC-Web").into_inner();
+        let mut stream =
+            c.generate(with_id(request(&session.session_id, &prompts, 32, steps, 7))).await.expect("Generate over gRPC-Web").into_inner();
         let mut progress = Vec::new();
         let mut images = Vec::new();
         let mut started = false;
@@ -185,7 +200,9 @@ fn grpc_web_over_http1_reaches_every_call() {
         let again = generate(&mut native, &who, request(&session.session_id, &prompts, 32, steps, 7)).await.expect("native Generate");
         assert_eq!(pngs(&again.images), pngs(&images), "gRPC-Web and gRPC give the same images");
 
-        c.release_session(with_id(pb::ReleaseSessionRequest { session_id: session.session_id.clone() })).await.expect("ReleaseSession over gRPC-Web");
+        c.release_session(with_id(pb::ReleaseSessionRequest { session_id: session.session_id.clone() }))
+            .await
+            .expect("ReleaseSession over gRPC-Web");
         let gone = c.get_session(with_id(pb::GetSessionRequest { session_id: session.session_id })).await.unwrap_err();
         assert_eq!(gone.code(), tonic::Code::NotFound);
         server.shutdown().await;
@@ -261,7 +278,10 @@ fn grpc_web_errors_carry_the_status() {
         let err = c.generate(with_id(request(&session, &["a"], 13, 2, 1))).await.map(|_| ()).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains("width"), "names the field: {}", err.message());
-        let err = c.patch_model(with_id(pb::PatchModelRequest { model: "tiny".into(), scale: Some(2.0), ..Default::default() })).await.unwrap_err();
+        let err = c
+            .patch_model(with_id(pb::PatchModelRequest { model: "tiny".into(), scale: Some(2.0), ..Default::default() }))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("scale"), "{}", err.message());
         let err = c.get_session(with_id(pb::GetSessionRequest { session_id: "nope".into() })).await.unwrap_err();
@@ -351,7 +371,11 @@ fn serve_flag_and_env_turn_the_playground_off() {
             wait_serving(off.api).await;
             let r = http("GET", off.api, "/").await;
             assert_eq!(r.status, 404, "{args:?} {env:?}: {}", r.text());
-            let models = web_client(off.api).list_models(with_id(pb::ListModelsRequest {})).await.expect("gRPC-Web with the playground off").into_inner();
+            let models = web_client(off.api)
+                .list_models(with_id(pb::ListModelsRequest {}))
+                .await
+                .expect("gRPC-Web with the playground off")
+                .into_inner();
             assert_eq!(models.models[0].name, "tiny");
         }
     });

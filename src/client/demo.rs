@@ -158,7 +158,13 @@ fn mean(v: &[f64]) -> f64 {
 /// Runs server and client in one process on the embedded model; writes PNGs, the labelled
 /// contact sheet, and prints the alignment measure.
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
-    let cfg = ServeConfig { listen: "127.0.0.1:0".parse()?, admin_listen: None, session_secret: Some(SessionSecret::random()), limits: Limits { default_steps: a.steps.max(1) as usize, ..ServeConfig::default().limits }, ..ServeConfig::default() };
+    let cfg = ServeConfig {
+        listen: "127.0.0.1:0".parse()?,
+        admin_listen: None,
+        session_secret: Some(SessionSecret::random()),
+        limits: Limits { default_steps: a.steps.max(1) as usize, ..ServeConfig::default().limits },
+        ..ServeConfig::default()
+    };
     let server = Server::bind(cfg).await?;
     server.load().await?;
     let addr = server.addr().to_string();
@@ -167,7 +173,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut c = client::connect(&addr).await?;
     let models = c.list_models(who.request(pb::ListModelsRequest {}, None)).await?.into_inner();
     for m in &models.models {
-        client::out(format_args!("model {} ({:?}, native {}x{}, multiple {}, hash {})", m.name, pb::Family::try_from(m.family).unwrap_or_default(), m.native_width, m.native_height, m.size_multiple, m.hash))?;
+        client::out(format_args!(
+            "model {} ({:?}, native {}x{}, multiple {}, hash {})",
+            m.name,
+            pb::Family::try_from(m.family).unwrap_or_default(),
+            m.native_width,
+            m.native_height,
+            m.size_multiple,
+            m.hash
+        ))?;
     }
     let prompts = ["a house, flat vector art", "a tree, flat vector art", "a car, flat vector art", "a boat, flat vector art"];
     // "unaligned": the patch switched off entirely (no shared attention, no shared norms, no AdaIN).
@@ -196,11 +210,17 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             height: a.size,
             ..Default::default()
         };
-        let r = client::generate(&mut c, &who, req, Some(Duration::from_secs(300)), |_| {}).await.with_context(|| format!("Generate ({name})"))?;
+        let r = client::generate(&mut c, &who, req, Some(Duration::from_secs(300)), |_| {})
+            .await
+            .with_context(|| format!("Generate ({name})"))?;
         for p in client::write_images(&a.out, name, &r.images)? {
             client::out(format_args!("{}", p.display()))?;
         }
-        let images = r.images.iter().map(|i| Image::from_png(&i.png).map(|(im, _)| im).map_err(anyhow::Error::msg)).collect::<anyhow::Result<Vec<_>>>()?;
+        let images = r
+            .images
+            .iter()
+            .map(|i| Image::from_png(&i.png).map(|(im, _)| im).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         rows.push((name, images));
         c.release_session(who.request(pb::ReleaseSessionRequest { session_id: session.session_id }, None)).await?;
     }
@@ -209,15 +229,26 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let captions: Vec<String> = prompts.iter().map(|s| s.to_string()).collect();
     let sheet = labelled_sheet(&rows, &captions)?;
     let path = a.out.join("contact_sheet.png");
-    std::fs::write(&path, sheet.to_png(&[("title".to_string(), "stylealign demo: aligned vs unaligned".to_string())])).with_context(|| path.display().to_string())?;
-    client::out(format_args!("{} ({}x{}; row 1: style-aligned, row 2: same prompts and seed, patch disabled; column 1: the reference)", path.display(), sheet.width, sheet.height))?;
+    std::fs::write(&path, sheet.to_png(&[("title".to_string(), "stylealign demo: aligned vs unaligned".to_string())]))
+        .with_context(|| path.display().to_string())?;
+    client::out(format_args!(
+        "{} ({}x{}; row 1: style-aligned, row 2: same prompts and seed, patch disabled; column 1: the reference)",
+        path.display(),
+        sheet.width,
+        sheet.height
+    ))?;
 
-    client::out(format_args!("alignment: colour distance of each target to its row's reference (L*a*b* mean and std per channel, Euclidean; lower = closer in style)"))?;
+    client::out(format_args!(
+        "alignment: colour distance of each target to its row's reference (L*a*b* mean and std per channel, Euclidean; lower = closer in style)"
+    ))?;
     let mut means = Vec::new();
     for (name, images) in &rows {
         let d = distances_to_reference(images);
         let m = mean(&d);
-        client::out(format_args!("alignment distance {name}: {m:.3} (targets: {})", d.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(", ")))?;
+        client::out(format_args!(
+            "alignment distance {name}: {m:.3} (targets: {})",
+            d.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(", ")
+        ))?;
         means.push(m);
     }
     if let [aligned, unaligned] = means[..] {

@@ -140,7 +140,12 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
     // Read the reference image before anything goes over the wire.
     let mut req = a.set.generate(String::new())?;
     let mut c = connect(&a.server).await?;
-    let session = c.patch_model(who.request(a.set.patch(), Some(SESSION_CALL_DEADLINE))).await.map_err(StatusError::from).context("PatchModel")?.into_inner();
+    let session = c
+        .patch_model(who.request(a.set.patch(), Some(SESSION_CALL_DEADLINE)))
+        .await
+        .map_err(StatusError::from)
+        .context("PatchModel")?
+        .into_inner();
     req.session_id = session.session_id.clone();
     let mut view = ProgressView::new(std::io::stderr().is_terminal());
     let start = Instant::now();
@@ -150,7 +155,9 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let result = match result {
         Ok(Ok(r)) => r,
         // tonic reports its own end of the deadline (before the server's answer) as CANCELLED.
-        Ok(Err(s)) if s.code() == tonic::Code::Cancelled && start.elapsed() >= a.timeout => bail!("Generate: DEADLINE_EXCEEDED: --timeout {} passed", format_duration(a.timeout)),
+        Ok(Err(s)) if s.code() == tonic::Code::Cancelled && start.elapsed() >= a.timeout => {
+            bail!("Generate: DEADLINE_EXCEEDED: --timeout {} passed", format_duration(a.timeout))
+        }
         Ok(Err(s)) => return Err(anyhow::Error::new(StatusError(s)).context("Generate")),
         Err(_) => bail!("Generate: DEADLINE_EXCEEDED: no answer within --timeout {}", format_duration(a.timeout)),
     };
@@ -180,7 +187,9 @@ impl ProgressView {
     pub fn line(ev: &Event) -> String {
         match ev {
             Event::Queued(q) => format!("queued: position {} of {}", q.position, q.queue_depth),
-            Event::Started(s) => format!("started: batch of {} images ({} requests) after {:.2}s in queue", s.batch_rows, s.batch_sets, s.queue_seconds),
+            Event::Started(s) => {
+                format!("started: batch of {} images ({} requests) after {:.2}s in queue", s.batch_rows, s.batch_sets, s.queue_seconds)
+            }
             Event::Progress(p) => format!("step {}/{}", p.step, p.total_steps),
             Event::Image(i) => format!("image {} ({}x{}, seed {}): {}", i.index, i.width, i.height, i.seed, i.prompt),
         }
@@ -220,7 +229,9 @@ impl ProgressView {
     }
 
     fn steps_bar(&mut self) -> &ProgressBar {
-        self.steps.get_or_insert_with(|| ProgressBar::new(0).with_style(style("set  [{bar:32}] {pos}/{len} steps  {elapsed} elapsed, ETA {eta}").progress_chars("=> ")))
+        self.steps.get_or_insert_with(|| {
+            ProgressBar::new(0).with_style(style("set  [{bar:32}] {pos}/{len} steps  {elapsed} elapsed, ETA {eta}").progress_chars("=> "))
+        })
     }
 
     /// Ends the bars (the step bar stays on screen).

@@ -70,7 +70,12 @@ pub struct Shape {
 impl Mix {
     /// Every request the same.
     pub fn fixed(sampler: SamplerKind, images: u32, steps: u32, size: u32) -> Self {
-        Self { sampler: Weighted(vec![(sampler, 1)]), images: Weighted(vec![(images, 1)]), steps: Weighted(vec![(steps, 1)]), size: Weighted(vec![(size, 1)]) }
+        Self {
+            sampler: Weighted(vec![(sampler, 1)]),
+            images: Weighted(vec![(images, 1)]),
+            steps: Weighted(vec![(steps, 1)]),
+            size: Weighted(vec![(size, 1)]),
+        }
     }
 
     /// Parses [`MIX_HELP`]'s syntax; dimensions not given are empty (see [`or`](Self::or)).
@@ -105,11 +110,17 @@ impl Mix {
                     mix.sampler = Weighted(
                         items
                             .iter()
-                            .map(|(v, w)| parse_sampler(v).map(|s| (s, *w)).ok_or_else(|| format!("--mix: unknown sampler `{v}` (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras)")))
+                            .map(|(v, w)| {
+                                parse_sampler(v).map(|s| (s, *w)).ok_or_else(|| {
+                                    format!("--mix: unknown sampler `{v}` (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras)")
+                                })
+                            })
                             .collect::<Result<_, _>>()?,
                     )
                 }
-                "images" | "count" => mix.images = Weighted(items.iter().map(|(v, w)| num(v, 1, 64).map(|n| (n, *w))).collect::<Result<_, _>>()?),
+                "images" | "count" => {
+                    mix.images = Weighted(items.iter().map(|(v, w)| num(v, 1, 64).map(|n| (n, *w))).collect::<Result<_, _>>()?)
+                }
                 "steps" => mix.steps = Weighted(items.iter().map(|(v, w)| num(v, 1, 1000).map(|n| (n, *w))).collect::<Result<_, _>>()?),
                 "size" => mix.size = Weighted(items.iter().map(|(v, w)| num(v, 8, 4096).map(|n| (n, *w))).collect::<Result<_, _>>()?),
                 other => return Err(format!("--mix: unknown key `{other}` (sampler, images, steps, size)")),
@@ -402,7 +413,9 @@ pub async fn load_test(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     }
     report.elapsed = start.elapsed();
     for (c, (mut conns, who, session)) in ends.into_iter().enumerate() {
-        let _ = conns[c % n].release_session(who.request(pb::ReleaseSessionRequest { session_id: session }, Some(Duration::from_secs(5)))).await;
+        let _ = conns[c % n]
+            .release_session(who.request(pb::ReleaseSessionRequest { session_id: session }, Some(Duration::from_secs(5))))
+            .await;
     }
     Ok(report)
 }
@@ -539,7 +552,6 @@ pub async fn soak(cfg: &LoadConfig, sources: &[RssSource], every: Duration) -> a
     Ok((report, traces))
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The subcommand
 // ---------------------------------------------------------------------------------------------
@@ -554,7 +566,9 @@ pub enum BatchingArg {
 
 /// `stylealign loadtest` flags.
 #[derive(clap::Args)]
-#[command(after_long_help = "Examples:\n  stylealign loadtest                                   # in-process tiny server, batching on and off, 1 and 4 clients\n  stylealign loadtest --server 127.0.0.1:50051,127.0.0.1:50052 --clients 1,4,16 --duration 30s --json\n  stylealign loadtest --server 127.0.0.1:50051 --mix 'sampler=ddim:3,euler_a:1;images=1:1,4:1' --duration 1m\n  stylealign loadtest --server 127.0.0.1:50051 --soak --duration 600s --clients 4 --server-pid 1234\n  stylealign loadtest --server 10.0.0.5:50051 --soak --duration 10m --metrics 10.0.0.5:9090")]
+#[command(
+    after_long_help = "Examples:\n  stylealign loadtest                                   # in-process tiny server, batching on and off, 1 and 4 clients\n  stylealign loadtest --server 127.0.0.1:50051,127.0.0.1:50052 --clients 1,4,16 --duration 30s --json\n  stylealign loadtest --server 127.0.0.1:50051 --mix 'sampler=ddim:3,euler_a:1;images=1:1,4:1' --duration 1m\n  stylealign loadtest --server 127.0.0.1:50051 --soak --duration 600s --clients 4 --server-pid 1234\n  stylealign loadtest --server 10.0.0.5:50051 --soak --duration 10m --metrics 10.0.0.5:9090"
+)]
 pub struct LoadArgs {
     /// Servers (`host:port` or URLs, comma-separated). Each client creates its session on one of
     /// them and sends request i to the next one round-robin (sessions must be valid on every
@@ -698,14 +712,22 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
             s.load().await?;
             (vec![s.addr().to_string()], Some(s))
         };
-        let cfg = LoadConfig { duration: a.duration, requests_per_client: requests, timeout: a.timeout, token: a.token.clone(), seed: a.seed, ..LoadConfig::new(servers, clients, mix.clone()) };
+        let cfg = LoadConfig {
+            duration: a.duration,
+            requests_per_client: requests,
+            timeout: a.timeout,
+            token: a.token.clone(),
+            seed: a.seed,
+            ..LoadConfig::new(servers, clients, mix.clone())
+        };
         let label = a.label.clone().unwrap_or_else(|| match batching {
             Some(true) => "batching-on".into(),
             Some(false) => "batching-off".into(),
             None => "server".into(),
         });
         let r = if a.soak {
-            let mut sources: Vec<RssSource> = a.server_pid.iter().map(|&p| RssSource::Pid(p)).chain(a.metrics.iter().map(|m| RssSource::Metrics(m.clone()))).collect();
+            let mut sources: Vec<RssSource> =
+                a.server_pid.iter().map(|&p| RssSource::Pid(p)).chain(a.metrics.iter().map(|m| RssSource::Metrics(m.clone()))).collect();
             if sources.is_empty() {
                 sources.push(RssSource::ThisProcess);
             }
@@ -713,10 +735,19 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
             if !a.json {
                 for t in &traces {
                     let mb = |b: Option<u64>| b.map(|b| format!("{:.1} MB", b as f64 / 1048576.0)).unwrap_or_else(|| "?".into());
-                    out(format_args!("soak RSS ({}): start {}, end {}, max {}, {} samples", t.source, mb(t.start()), mb(t.end()), mb(t.max()), t.samples.len()))?;
+                    out(format_args!(
+                        "soak RSS ({}): start {}, end {}, max {}, {} samples",
+                        t.source,
+                        mb(t.start()),
+                        mb(t.end()),
+                        mb(t.max()),
+                        t.samples.len()
+                    ))?;
                 }
             }
-            soak_json = Some(serde_json::json!({"duration_s": a.duration.map(|d| d.as_secs_f64()), "rss": traces.iter().map(|t| t.to_json()).collect::<Vec<_>>()}));
+            soak_json = Some(
+                serde_json::json!({"duration_s": a.duration.map(|d| d.as_secs_f64()), "rss": traces.iter().map(|t| t.to_json()).collect::<Vec<_>>()}),
+            );
             r
         } else {
             load_test(&cfg).await?
@@ -793,12 +824,14 @@ mod tests {
         assert!((2800..3200).contains(&ddim), "{ddim}");
         assert_eq!(Mix::parse("ddim:3,euler").unwrap().sampler.0, vec![(SamplerKind::Ddim, 3), (SamplerKind::Euler, 1)]);
         // Older spellings of the samplers too.
-        assert_eq!(Mix::parse("euler-a,dpmpp2m,dpmpp-2m-karras").unwrap().sampler.0, vec![(SamplerKind::EulerAncestral, 1), (SamplerKind::DpmPp2m, 1), (SamplerKind::DpmPp2mKarras, 1)]);
+        assert_eq!(
+            Mix::parse("euler-a,dpmpp2m,dpmpp-2m-karras").unwrap().sampler.0,
+            vec![(SamplerKind::EulerAncestral, 1), (SamplerKind::DpmPp2m, 1), (SamplerKind::DpmPp2mKarras, 1)]
+        );
         for bad in ["nope", "sampler=ddim;sampler=euler", "size=7", "images=0", "ddim:x", "ddim:0", "colour=red"] {
             assert!(Mix::parse(bad).is_err(), "{bad}");
         }
     }
-
 
     #[test]
     fn percentiles_and_metrics_text() {
@@ -810,4 +843,3 @@ mod tests {
         assert_eq!(rss_from_metrics(text), Some(123456));
     }
 }
-

@@ -162,7 +162,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-
 /// A duration the way [`parse_duration`] reads it (`10m`, `30s`, `1.5s`, `250ms`).
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs_f64();
@@ -192,5 +191,4 @@ mod tests {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
         }
     }
-
 }

@@ -112,7 +112,15 @@ mod tests {
         let mut lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.remove(0), "INVALID_ARGUMENT: invalid `width`: 65 is not a multiple of 16");
         lines.sort();
-        assert_eq!(lines, ["  field `prompts[1]`: empty", "  field `width`: 65 is not a multiple of 16", "  reason QUEUE_FULL from stylealign (queue_depth=64)", "  retry after 1.5s"]);
+        assert_eq!(
+            lines,
+            [
+                "  field `prompts[1]`: empty",
+                "  field `width`: 65 is not a multiple of 16",
+                "  reason QUEUE_FULL from stylealign (queue_depth=64)",
+                "  retry after 1.5s"
+            ]
+        );
         let e = anyhow::Error::new(StatusError(s)).context("Generate");
         assert!(!format!("{e:#}").contains("Status {"));
     }

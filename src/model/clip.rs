@@ -9,7 +9,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::ModelError;
 use super::config::RawConfig;
-use super::nn::{Linear, LayerNorm, attention, join};
+use super::nn::{LayerNorm, Linear, attention, join};
 use super::weights::{Weights, weight_file};
 
 /// The MLP activation.
@@ -58,7 +58,9 @@ impl ClipConfig {
         let hidden_size = c.usize("hidden_size")?;
         let num_attention_heads = c.usize("num_attention_heads")?;
         if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
-            return Err(c.err("num_attention_heads", format!("hidden_size {hidden_size} is not divisible into {num_attention_heads} heads")));
+            return Err(
+                c.err("num_attention_heads", format!("hidden_size {hidden_size} is not divisible into {num_attention_heads} heads"))
+            );
         }
         Ok(Self {
             vocab_size: c.usize("vocab_size")?,
@@ -191,7 +193,13 @@ impl ClipTextModel {
                 penultimate = x.clone();
             }
             let h = layer.ln1.forward(x.clone());
-            let a = attention(layer.q.forward(h.clone()), layer.k.forward(h.clone()), layer.v.forward(h), cfg.num_attention_heads, Some(mask.clone()));
+            let a = attention(
+                layer.q.forward(h.clone()),
+                layer.k.forward(h.clone()),
+                layer.v.forward(h),
+                cfg.num_attention_heads,
+                Some(mask.clone()),
+            );
             x = x + layer.out.forward(a);
             let h = layer.fc1.forward(layer.ln2.forward(x.clone()));
             let h = match cfg.hidden_act {
@@ -215,11 +223,8 @@ impl ClipTextModel {
                 pos as i64
             })
             .collect();
-        let rows: Vec<Tensor<2>> = eos_pos
-            .iter()
-            .enumerate()
-            .map(|(r, &p)| last.clone().narrow(0, r, 1).narrow(1, p as usize, 1).reshape([1, d]))
-            .collect();
+        let rows: Vec<Tensor<2>> =
+            eos_pos.iter().enumerate().map(|(r, &p)| last.clone().narrow(0, r, 1).narrow(1, p as usize, 1).reshape([1, d])).collect();
         let pooled = Tensor::cat(rows, 0);
         let text_embeds = self.text_projection.as_ref().map(|p| p.forward(pooled.clone()));
         Ok(ClipOutput { last_hidden_state: last, penultimate_hidden_state: penultimate, pooler_output: pooled, text_embeds })

@@ -16,16 +16,13 @@ pub struct RawConfig {
 
 impl RawConfig {
     pub fn read(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::Io { path: path.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io { path: path.to_path_buf(), message: e.to_string() })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ModelError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::Io {
-            path: path.to_path_buf(),
-            message: format!("invalid JSON: {e}"),
-        })?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| ModelError::Io { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })?;
         match value {
             Value::Object(map) => Ok(Self { file: path.to_path_buf(), map }),
             _ => Err(ModelError::Io { path: path.to_path_buf(), message: "config is not a JSON object".into() }),
@@ -55,10 +52,9 @@ impl RawConfig {
     pub fn opt_usize(&self, field: &str) -> Result<Option<usize>, ModelError> {
         match self.value(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => {
+                v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}")))
+            }
         }
     }
 

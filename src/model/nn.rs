@@ -92,12 +92,7 @@ impl GroupNorm {
                 message: format!("{channels} channels at `{prefix}` are not divisible into {groups} groups"),
             });
         }
-        Ok(Self {
-            weight: w.tensor(&key(prefix, "weight"), [channels])?,
-            bias: w.tensor(&key(prefix, "bias"), [channels])?,
-            groups,
-            eps,
-        })
+        Ok(Self { weight: w.tensor(&key(prefix, "weight"), [channels])?, bias: w.tensor(&key(prefix, "bias"), [channels])?, groups, eps })
     }
 
     /// Per-sample, per-group mean and biased variance of `x` (B, C, H, W): two (B, G, 1) tensors.

@@ -59,21 +59,12 @@ pub enum TokenizerError {
         "tokenizer merges file {path}, line {line}: malformed merge {content:?} \
          (expected two tokens separated by one space)"
     )]
-    MalformedMerge {
-        path: PathBuf,
-        line: usize,
-        content: String,
-    },
+    MalformedMerge { path: PathBuf, line: usize, content: String },
     #[error(
         "tokenizer merges file {path}, line {line}: merge {content:?} needs token {token:?}, \
          which is not in the vocabulary"
     )]
-    MergeTokenNotInVocab {
-        path: PathBuf,
-        line: usize,
-        content: String,
-        token: String,
-    },
+    MergeTokenNotInVocab { path: PathBuf, line: usize, content: String, token: String },
     #[error("tokenizer vocabulary {path} has no entry for the required token {token:?}")]
     MissingToken { path: PathBuf, token: String },
     #[error(
@@ -142,9 +133,7 @@ impl WordCache {
 
 impl fmt::Debug for WordCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WordCache")
-            .field("words", &self.lock().len())
-            .finish()
+        f.debug_struct("WordCache").field("words", &self.lock().len()).finish()
     }
 }
 
@@ -154,8 +143,7 @@ fn byte_to_char_table() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let cp = if printable {
             b
         } else {
@@ -169,19 +157,12 @@ fn byte_to_char_table() -> [char; 256] {
 }
 
 fn read_to_string(path: &Path) -> Result<String, TokenizerError> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })
 }
 
 fn read_json_value(path: &Path) -> Result<serde_json::Value, TokenizerError> {
     let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
-        path: path.to_path_buf(),
-        what: "a JSON object",
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.to_path_buf(), what: "a JSON object", source })
 }
 
 /// The `pad_token` declared in a `tokenizer_config.json` / `special_tokens_map.json`:
@@ -189,25 +170,16 @@ fn read_json_value(path: &Path) -> Result<serde_json::Value, TokenizerError> {
 fn pad_token_in(path: &Path) -> Result<Option<String>, TokenizerError> {
     let value = read_json_value(path)?;
     let Some(obj) = value.as_object() else {
-        return Err(TokenizerError::BadPadToken {
-            path: path.to_path_buf(),
-            value: "file is not a JSON object".to_string(),
-        });
+        return Err(TokenizerError::BadPadToken { path: path.to_path_buf(), value: "file is not a JSON object".to_string() });
     };
     match obj.get("pad_token") {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Object(o)) => match o.get("content") {
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(TokenizerError::BadPadToken {
-                path: path.to_path_buf(),
-                value: serde_json::Value::Object(o.clone()).to_string(),
-            }),
+            _ => Err(TokenizerError::BadPadToken { path: path.to_path_buf(), value: serde_json::Value::Object(o.clone()).to_string() }),
         },
-        Some(other) => Err(TokenizerError::BadPadToken {
-            path: path.to_path_buf(),
-            value: other.to_string(),
-        }),
+        Some(other) => Err(TokenizerError::BadPadToken { path: path.to_path_buf(), value: other.to_string() }),
     }
 }
 
@@ -215,10 +187,7 @@ fn pad_mode_for(token: &str, path: &Path) -> Result<PadMode, TokenizerError> {
     match token {
         EOS_TOKEN => Ok(PadMode::Eos),
         EXCLAMATION_TOKEN => Ok(PadMode::Exclamation),
-        other => Err(TokenizerError::UnsupportedPadToken {
-            path: path.to_path_buf(),
-            token: other.to_string(),
-        }),
+        other => Err(TokenizerError::UnsupportedPadToken { path: path.to_path_buf(), token: other.to_string() }),
     }
 }
 
@@ -232,9 +201,7 @@ impl ClipTokenizer {
     /// `tokenizer_config.json` (as in transformers); `<|endoftext|>` -> [`PadMode::Eos`],
     /// `!` -> [`PadMode::Exclamation`]; neither file declaring one -> `Eos`.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let dir = if !dir.join("vocab.json").exists()
-            && dir.join("tokenizer").join("vocab.json").exists()
-        {
+        let dir = if !dir.join("vocab.json").exists() && dir.join("tokenizer").join("vocab.json").exists() {
             dir.join("tokenizer")
         } else {
             dir.to_path_buf()
@@ -255,28 +222,20 @@ impl ClipTokenizer {
 
     /// Loads a Hugging Face `vocab.json` (token -> id) and `merges.txt` (optional
     /// `#version` header line, then one `left right` pair per line, highest priority first).
-    pub fn from_files(
-        vocab_path: &Path,
-        merges_path: &Path,
-        pad: PadMode,
-    ) -> Result<Self, TokenizerError> {
+    pub fn from_files(vocab_path: &Path, merges_path: &Path, pad: PadMode) -> Result<Self, TokenizerError> {
         let vocab_text = read_to_string(vocab_path)?;
-        let vocab: HashMap<String, u32> =
-            serde_json::from_str(&vocab_text).map_err(|source| TokenizerError::Json {
-                path: vocab_path.to_path_buf(),
-                what: "an object of token -> id",
-                source,
-            })?;
+        let vocab: HashMap<String, u32> = serde_json::from_str(&vocab_text).map_err(|source| TokenizerError::Json {
+            path: vocab_path.to_path_buf(),
+            what: "an object of token -> id",
+            source,
+        })?;
         drop(vocab_text);
 
         let required = |token: &str| {
             vocab
                 .get(token)
                 .copied()
-                .ok_or_else(|| TokenizerError::MissingToken {
-                    path: vocab_path.to_path_buf(),
-                    token: token.to_string(),
-                })
+                .ok_or_else(|| TokenizerError::MissingToken { path: vocab_path.to_path_buf(), token: token.to_string() })
         };
         let bos = required(BOS_TOKEN)?;
         let eos = required(EOS_TOKEN)?;
@@ -311,32 +270,21 @@ impl ClipTokenizer {
             }
             let mut parts = line.split(' ');
             let (Some(a), Some(b), None) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(TokenizerError::MalformedMerge {
-                    path: merges_path.to_path_buf(),
-                    line: i + 1,
-                    content: line.to_string(),
-                });
+                return Err(TokenizerError::MalformedMerge { path: merges_path.to_path_buf(), line: i + 1, content: line.to_string() });
             };
             if a.is_empty() || b.is_empty() {
-                return Err(TokenizerError::MalformedMerge {
-                    path: merges_path.to_path_buf(),
-                    line: i + 1,
-                    content: line.to_string(),
-                });
+                return Err(TokenizerError::MalformedMerge { path: merges_path.to_path_buf(), line: i + 1, content: line.to_string() });
             }
             joined.clear();
             joined.push_str(a);
             joined.push_str(b);
             let lookup = |token: &str| {
-                vocab
-                    .get(token)
-                    .copied()
-                    .ok_or_else(|| TokenizerError::MergeTokenNotInVocab {
-                        path: merges_path.to_path_buf(),
-                        line: i + 1,
-                        content: line.to_string(),
-                        token: token.to_string(),
-                    })
+                vocab.get(token).copied().ok_or_else(|| TokenizerError::MergeTokenNotInVocab {
+                    path: merges_path.to_path_buf(),
+                    line: i + 1,
+                    content: line.to_string(),
+                    token: token.to_string(),
+                })
             };
             let (ia, ib, inew) = (lookup(a)?, lookup(b)?, lookup(&joined)?);
             // A repeated pair keeps its last rank, as the tokenizers library does.
@@ -347,17 +295,7 @@ impl ClipTokenizer {
         let id_to_token = vocab.iter().map(|(t, &id)| (id, t.clone())).collect();
         let word_re = Regex::new(CLIP_PATTERN).expect("CLIP split pattern compiles");
         Ok(Self {
-            tables: Arc::new(Tables {
-                vocab,
-                id_to_token,
-                merges,
-                byte_ids,
-                byte_end_ids,
-                word_re,
-                bos,
-                eos,
-                exclamation,
-            }),
+            tables: Arc::new(Tables { vocab, id_to_token, merges, byte_ids, byte_end_ids, word_re, bos, eos, exclamation }),
             cache: Arc::new(WordCache::default()),
             pad,
         })
@@ -492,11 +430,7 @@ impl ClipTokenizer {
         let bytes = word.as_bytes();
         let mut syms: Vec<u32> = Vec::with_capacity(bytes.len());
         for (i, &b) in bytes.iter().enumerate() {
-            syms.push(if i + 1 == bytes.len() {
-                t.byte_end_ids[b as usize]
-            } else {
-                t.byte_ids[b as usize]
-            });
+            syms.push(if i + 1 == bytes.len() { t.byte_end_ids[b as usize] } else { t.byte_ids[b as usize] });
         }
         while syms.len() > 1 {
             let mut best: Option<(u32, u32, u32, u32)> = None; // (rank, left, right, merged)
@@ -561,8 +495,7 @@ mod tests {
 
     /// A fresh scratch folder under the system temp dir.
     fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("stylealign-tok-{}-{}", name, std::process::id()));
+        let dir = std::env::temp_dir().join(format!("stylealign-tok-{}-{}", name, std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -581,10 +514,7 @@ mod tests {
     fn fixture_basics() {
         let tok = clip();
         assert_eq!(tok.vocab_size(), 49408);
-        assert_eq!(
-            (tok.bos_id(), tok.eos_id(), tok.pad_id()),
-            (49406, 49407, 49407)
-        );
+        assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id()), (49406, 49407, 49407));
         assert_eq!(tok.pad_mode(), PadMode::Eos);
         let tok2 = tok.clone().with_pad_mode(PadMode::Exclamation);
         assert_eq!((tok2.pad_mode(), tok2.pad_id()), (PadMode::Exclamation, 0));
@@ -602,10 +532,7 @@ mod tests {
             assert_eq!(ids.len(), ClipTokenizer::MAX_LEN);
             assert_eq!(ids[0], 49406);
             assert!(ids[1..].iter().all(|&x| x == 49407), "{ids:?}");
-            let ids0 = tok
-                .clone()
-                .with_pad_mode(PadMode::Exclamation)
-                .encode_padded(text);
+            let ids0 = tok.clone().with_pad_mode(PadMode::Exclamation).encode_padded(text);
             assert_eq!(&ids0[..2], &[49406, 49407]);
             assert!(ids0[2..].iter().all(|&x| x == 0));
         }
@@ -664,13 +591,9 @@ mod tests {
     fn missing_vocab_names_path() {
         let dir = scratch("missing");
         let vocab = dir.join("vocab.json");
-        let err =
-            ClipTokenizer::from_files(&vocab, &dir.join("merges.txt"), PadMode::Eos).unwrap_err();
+        let err = ClipTokenizer::from_files(&vocab, &dir.join("merges.txt"), PadMode::Eos).unwrap_err();
         assert!(matches!(err, TokenizerError::Io { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(&vocab.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&vocab.display().to_string()), "{err}");
         let err = ClipTokenizer::from_dir(&dir).unwrap_err();
         assert!(err.to_string().contains("vocab.json"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -683,39 +606,20 @@ mod tests {
         let merges = dir.join("merges.txt");
         for bad in ["a b c", "ab", "a  b"] {
             std::fs::write(&merges, format!("#version: 0.2\na b\n{bad}\n")).unwrap();
-            let err = ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos)
-                .unwrap_err();
-            assert!(
-                matches!(err, TokenizerError::MalformedMerge { line: 3, .. }),
-                "{bad:?}: {err:?}"
-            );
+            let err = ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
+            assert!(matches!(err, TokenizerError::MalformedMerge { line: 3, .. }), "{bad:?}: {err:?}");
             let msg = err.to_string();
-            assert!(
-                msg.contains(&merges.display().to_string()) && msg.contains("line 3"),
-                "{msg}"
-            );
+            assert!(msg.contains(&merges.display().to_string()) && msg.contains("line 3"), "{msg}");
         }
         std::fs::write(&merges, "#version: 0.2\na x\n").unwrap();
-        let err =
-            ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
-        assert!(
-            matches!(err, TokenizerError::MergeTokenNotInVocab { line: 2, .. }),
-            "{err:?}"
-        );
+        let err = ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
+        assert!(matches!(err, TokenizerError::MergeTokenNotInVocab { line: 2, .. }), "{err:?}");
         std::fs::write(dir.join("vocab.json"), "[1, 2]").unwrap();
-        let err =
-            ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
-        assert!(
-            matches!(err, TokenizerError::Json { .. }) && err.to_string().contains("vocab.json"),
-            "{err}"
-        );
+        let err = ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
+        assert!(matches!(err, TokenizerError::Json { .. }) && err.to_string().contains("vocab.json"), "{err}");
         std::fs::write(dir.join("vocab.json"), r#"{"a": 1}"#).unwrap();
-        let err =
-            ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
-        assert!(
-            matches!(err, TokenizerError::MissingToken { .. }),
-            "{err:?}"
-        );
+        let err = ClipTokenizer::from_files(&dir.join("vocab.json"), &merges, PadMode::Eos).unwrap_err();
+        assert!(matches!(err, TokenizerError::MissingToken { .. }), "{err:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -725,10 +629,7 @@ mod tests {
         std::fs::write(dir.join("vocab.json"), TINY_VOCAB).unwrap();
         std::fs::write(dir.join("merges.txt"), "#version: 0.2\na b\n").unwrap();
         // no config files: EOS
-        assert_eq!(
-            ClipTokenizer::from_dir(&dir).unwrap().pad_mode(),
-            PadMode::Eos
-        );
+        assert_eq!(ClipTokenizer::from_dir(&dir).unwrap().pad_mode(), PadMode::Eos);
         // plain string in tokenizer_config.json
         std::fs::write(dir.join("tokenizer_config.json"), r#"{"pad_token": "!"}"#).unwrap();
         let tok = ClipTokenizer::from_dir(&dir).unwrap();
@@ -739,35 +640,16 @@ mod tests {
             r#"{"pad_token": {"content": "<|endoftext|>", "lstrip": false, "normalized": true}}"#,
         )
         .unwrap();
-        assert_eq!(
-            ClipTokenizer::from_dir(&dir).unwrap().pad_mode(),
-            PadMode::Eos
-        );
-        std::fs::write(
-            dir.join("special_tokens_map.json"),
-            r#"{"pad_token": {"content": "!"}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            ClipTokenizer::from_dir(&dir).unwrap().pad_mode(),
-            PadMode::Exclamation
-        );
+        assert_eq!(ClipTokenizer::from_dir(&dir).unwrap().pad_mode(), PadMode::Eos);
+        std::fs::write(dir.join("special_tokens_map.json"), r#"{"pad_token": {"content": "!"}}"#).unwrap();
+        assert_eq!(ClipTokenizer::from_dir(&dir).unwrap().pad_mode(), PadMode::Exclamation);
         // explicit override
-        let tok = ClipTokenizer::from_dir(&dir)
-            .unwrap()
-            .with_pad_mode(PadMode::Eos);
+        let tok = ClipTokenizer::from_dir(&dir).unwrap().with_pad_mode(PadMode::Eos);
         assert_eq!((tok.pad_mode(), tok.pad_id()), (PadMode::Eos, 8));
         // unsupported pad token
-        std::fs::write(
-            dir.join("special_tokens_map.json"),
-            r#"{"pad_token": "<pad>"}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.join("special_tokens_map.json"), r#"{"pad_token": "<pad>"}"#).unwrap();
         let err = ClipTokenizer::from_dir(&dir).unwrap_err();
-        assert!(
-            matches!(err, TokenizerError::UnsupportedPadToken { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, TokenizerError::UnsupportedPadToken { .. }), "{err:?}");
         assert!(err.to_string().contains("special_tokens_map.json"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -146,7 +146,10 @@ impl UNetConfig {
             }
             let has_attn = down_cross_attn[i] || up_cross_attn[n - 1 - i] || i == n - 1;
             if has_attn && (num_attention_heads[i] == 0 || ch % num_attention_heads[i] != 0) {
-                return Err(c.err("attention_head_dim", format!("block {i}: {ch} channels are not divisible into {} heads", num_attention_heads[i])));
+                return Err(c.err(
+                    "attention_head_dim",
+                    format!("block {i}: {ch} channels are not divisible into {} heads", num_attention_heads[i]),
+                ));
             }
         }
         let text_time = match c.opt_str("addition_embed_type")?.as_deref() {
@@ -155,7 +158,10 @@ impl UNetConfig {
                 let d = c.usize("addition_time_embed_dim")?;
                 let p = c.usize("projection_class_embeddings_input_dim")?;
                 if p <= 6 * d {
-                    return Err(c.err("projection_class_embeddings_input_dim", format!("{p} leaves no room for text_embeds beside 6 x {d} time features")));
+                    return Err(c.err(
+                        "projection_class_embeddings_input_dim",
+                        format!("{p} leaves no room for text_embeds beside 6 x {d} time features"),
+                    ));
                 }
                 Some((d, p))
             }
@@ -226,11 +232,7 @@ impl ResnetBlock {
             },
             norm2: GroupNorm::load(w, &join(prefix, "norm2"), groups, c_out, eps)?,
             conv2: Conv2d::load(w, &join(prefix, "conv2"), c_out, c_out, 3, 1, 1)?,
-            conv_shortcut: if c_in != c_out {
-                Some(Conv2d::load(w, &join(prefix, "conv_shortcut"), c_in, c_out, 1, 1, 0)?)
-            } else {
-                None
-            },
+            conv_shortcut: if c_in != c_out { Some(Conv2d::load(w, &join(prefix, "conv_shortcut"), c_in, c_out, 1, 1, 0)?) } else { None },
         })
     }
 
@@ -500,11 +502,8 @@ impl UNet {
                     )?);
                 }
             }
-            let upsampler = if i + 1 < n {
-                Some(Conv2d::load(w, &format!("{prefix}.upsamplers.0.conv"), out_ch, out_ch, 3, 1, 1)?)
-            } else {
-                None
-            };
+            let upsampler =
+                if i + 1 < n { Some(Conv2d::load(w, &format!("{prefix}.upsamplers.0.conv"), out_ch, out_ch, 3, 1, 1)?) } else { None };
             up.push(UpBlock { resnets, attentions, upsampler });
         }
 
@@ -593,7 +592,11 @@ impl UNet {
         if eb != b || ed != cfg.cross_attention_dim[0] {
             return Err(input(
                 "encoder_hidden_states",
-                format!("shape {:?} does not fit batch {b} and cross_attention_dim {}", encoder_hidden_states.dims(), cfg.cross_attention_dim[0]),
+                format!(
+                    "shape {:?} does not fit batch {b} and cross_attention_dim {}",
+                    encoder_hidden_states.dims(),
+                    cfg.cross_attention_dim[0]
+                ),
             ));
         }
 
@@ -601,7 +604,8 @@ impl UNet {
         let t_emb = timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let mut emb = self.time_embedding.forward(t_emb);
         if let (Some(add), Some((d, _))) = (&self.add_embedding, cfg.text_time) {
-            let tt = text_time.ok_or_else(|| input("text_time", "this UNet (addition_embed_type text_time) needs text_embeds and time_ids".into()))?;
+            let tt = text_time
+                .ok_or_else(|| input("text_time", "this UNet (addition_embed_type text_time) needs text_embeds and time_ids".into()))?;
             let td = cfg.text_embeds_dim().expect("text_time");
             if tt.text_embeds.dims() != [b, td] {
                 return Err(input("text_embeds", format!("shape {:?}, expected [{b}, {td}]", tt.text_embeds.dims())));
@@ -609,8 +613,8 @@ impl UNet {
             if tt.time_ids.dims() != [b, 6] {
                 return Err(input("time_ids", format!("shape {:?}, expected [{b}, 6]", tt.time_ids.dims())));
             }
-            let time_embeds = timestep_embedding(tt.time_ids.clone().reshape([b * 6]), d, cfg.flip_sin_to_cos, cfg.freq_shift)
-                .reshape([b, 6 * d]);
+            let time_embeds =
+                timestep_embedding(tt.time_ids.clone().reshape([b * 6]), d, cfg.flip_sin_to_cos, cfg.freq_shift).reshape([b, 6 * d]);
             let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
             emb = emb + add.forward(add_in);
         }

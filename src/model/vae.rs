@@ -221,7 +221,11 @@ impl Vae {
         if c != self.config.in_channels || h % f != 0 || w % f != 0 || h == 0 || w == 0 {
             return Err(ModelError::Input {
                 field: "image".into(),
-                message: format!("shape {:?}: needs {} channels and a size that is a positive multiple of {f}", image.dims(), self.config.in_channels),
+                message: format!(
+                    "shape {:?}: needs {} channels and a size that is a positive multiple of {f}",
+                    image.dims(),
+                    self.config.in_channels
+                ),
             });
         }
         let mut x = self.enc_conv_in.forward(image);
@@ -249,7 +253,10 @@ impl Vae {
     pub fn decode(&self, z: Tensor<4>) -> Result<Tensor<4>, ModelError> {
         let [_, c, h, w] = z.dims();
         if c != self.config.latent_channels || h == 0 || w == 0 {
-            return Err(ModelError::Input { field: "latents".into(), message: format!("shape {:?}: needs {} channels", z.dims(), self.config.latent_channels) });
+            return Err(ModelError::Input {
+                field: "latents".into(),
+                message: format!("shape {:?}: needs {} channels", z.dims(), self.config.latent_channels),
+            });
         }
         let mut x = match &self.post_quant_conv {
             Some(p) => p.forward(z),

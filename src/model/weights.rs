@@ -54,7 +54,10 @@ struct TensorInfo {
 enum Source {
     File(File),
     /// Deterministic pseudo-random weights of any requested shape (the embedded demo model).
-    Synthetic { seed: u64, gain: fn(&str) -> f32 },
+    Synthetic {
+        seed: u64,
+        gain: fn(&str) -> f32,
+    },
 }
 
 /// One open safetensors file; tensors are fetched by key and each fetch is recorded, so that
@@ -99,24 +102,22 @@ impl Weights {
         let file = File::open(path).map_err(|e| io(e.to_string()))?;
         let file_len = file.metadata().map_err(|e| io(e.to_string()))?.len();
         let mut len_buf = [0u8; 8];
-        file.read_exact_at(&mut len_buf, 0)
-            .map_err(|e| io(format!("not a safetensors file (header length unreadable: {e})")))?;
+        file.read_exact_at(&mut len_buf, 0).map_err(|e| io(format!("not a safetensors file (header length unreadable: {e})")))?;
         let header_len = u64::from_le_bytes(len_buf);
         if header_len > 100_000_000 || 8 + header_len > file_len {
             return Err(io(format!("not a safetensors file (header length {header_len} does not fit the file)")));
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact_at(&mut header, 8).map_err(|e| io(e.to_string()))?;
-        let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| io(format!("invalid safetensors header: {e}")))?;
+        let raw: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| io(format!("invalid safetensors header: {e}")))?;
         let data_start = 8 + header_len;
         let mut tensors = BTreeMap::new();
         for (key, value) in raw {
             if key == "__metadata__" {
                 continue;
             }
-            let info: RawInfo = serde_json::from_value(value)
-                .map_err(|e| io(format!("invalid header entry for `{key}`: {e}")))?;
+            let info: RawInfo = serde_json::from_value(value).map_err(|e| io(format!("invalid header entry for `{key}`: {e}")))?;
             let dtype = match info.dtype.as_str() {
                 "F32" => StoredDType::F32,
                 "F16" => StoredDType::F16,
@@ -125,18 +126,20 @@ impl Weights {
             };
             let [begin, end] = info.data_offsets;
             let numel: usize = info.shape.iter().product();
-            if end < begin
-                || (dtype != StoredDType::Other && (end - begin) as usize != numel * dtype.size())
-                || data_start + end > file_len
+            if end < begin || (dtype != StoredDType::Other && (end - begin) as usize != numel * dtype.size()) || data_start + end > file_len
             {
                 return Err(io(format!("tensor `{key}` has inconsistent offsets {begin}..{end} for shape {:?}", info.shape)));
             }
-            tensors.insert(
-                key,
-                TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin },
-            );
+            tensors.insert(key, TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin });
         }
-        Ok(Self { source: Source::File(file), path: path.to_path_buf(), tensors, used: Mutex::new(BTreeSet::new()), generated: Mutex::new(BTreeMap::new()), device: device.clone() })
+        Ok(Self {
+            source: Source::File(file),
+            path: path.to_path_buf(),
+            tensors,
+            used: Mutex::new(BTreeSet::new()),
+            generated: Mutex::new(BTreeMap::new()),
+            device: device.clone(),
+        })
     }
 
     /// Weights that answer every request with deterministic pseudo-random values (PyTorch-like
@@ -169,7 +172,10 @@ impl Weights {
             .map(|(k, shape)| (k, shape, synthetic_values(*seed, *gain, k, shape).iter().flat_map(|v| v.to_le_bytes()).collect()))
             .collect();
         let views = data.iter().map(|(k, shape, bytes)| {
-            (k.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes).expect("shape matches the data"))
+            (
+                k.as_str(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes).expect("shape matches the data"),
+            )
         });
         Some(safetensors::serialize(views, None).expect("serializable tensors"))
     }
@@ -228,20 +234,13 @@ impl Weights {
             });
         }
         let mut bytes = vec![0u8; info.len as usize];
-        file
-            .read_exact_at(&mut bytes, info.offset)
+        file.read_exact_at(&mut bytes, info.offset)
             .map_err(|e| ModelError::Io { path: self.path.clone(), message: format!("reading `{key}`: {e}") })?;
         self.used.lock().expect("weights lock").insert(key.to_string());
         Ok(match info.dtype {
-            StoredDType::F32 => {
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            }
-            StoredDType::F16 => {
-                bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            StoredDType::BF16 => {
-                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
+            StoredDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            StoredDType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            StoredDType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             StoredDType::Other => unreachable!("checked above"),
         })
     }
@@ -272,17 +271,9 @@ impl Weights {
             return Ok(());
         }
         let used = self.used.lock().expect("weights lock");
-        let extra: Vec<String> = self
-            .tensors
-            .iter()
-            .filter(|(k, _)| !used.contains(*k))
-            .map(|(k, t)| format!("{k} {:?}", t.shape))
-            .collect();
-        if extra.is_empty() {
-            Ok(())
-        } else {
-            Err(ModelError::ExtraTensors { file: self.path.clone(), keys: extra })
-        }
+        let extra: Vec<String> =
+            self.tensors.iter().filter(|(k, _)| !used.contains(*k)).map(|(k, t)| format!("{k} {:?}", t.shape)).collect();
+        if extra.is_empty() { Ok(()) } else { Err(ModelError::ExtraTensors { file: self.path.clone(), keys: extra }) }
     }
 }
 

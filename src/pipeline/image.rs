@@ -15,12 +15,7 @@ impl Image {
     /// `(x / 2 + 0.5).clamp(0, 1)`, then `round(255 · v)`.
     pub fn from_tensor(images: Tensor<4>) -> Vec<Image> {
         let [b, c, h, w] = images.dims();
-        let data: Vec<f32> = (images / 2.0 + 0.5)
-            .clamp(0.0, 1.0)
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .expect("f32 image data");
+        let data: Vec<f32> = (images / 2.0 + 0.5).clamp(0.0, 1.0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 image data");
         (0..b)
             .map(|i| {
                 let mut rgb = vec![0u8; h * w * 3];
@@ -196,7 +191,9 @@ mod tests {
         let mut im = Image::filled(40, 10, [0, 0, 0]);
         let w = im.draw_text(1, 1, "Hi!", [255, 255, 255]);
         assert_eq!(w, 3 * GLYPH);
-        let lit = |x0: usize, x1: usize| (1..9).flat_map(|y| (x0..x1).map(move |x| (x, y))).filter(|&(x, y)| im.rgb[(y * 40 + x) * 3] == 255).count();
+        let lit = |x0: usize, x1: usize| {
+            (1..9).flat_map(|y| (x0..x1).map(move |x| (x, y))).filter(|&(x, y)| im.rgb[(y * 40 + x) * 3] == 255).count()
+        };
         assert!(lit(1, 9) > 8 && lit(9, 17) > 4 && lit(17, 25) > 4, "every glyph has pixels");
         assert_eq!(lit(25, 40), 0, "nothing past the text");
         assert!(im.rgb[..40 * 3].iter().all(|&v| v == 0), "nothing above the box");

@@ -24,8 +24,8 @@ use crate::sampling::noise::{INITIAL, gaussian_tensor, step_stream};
 use crate::sampling::sampler::{Sampler, SamplerKind};
 use crate::sampling::{Conditioning, SchedulerConfig, guided_output};
 
-pub use reference::ReferenceImage;
 use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks};
+pub use reference::ReferenceImage;
 
 pub use image::Image;
 
@@ -118,7 +118,6 @@ pub struct BatchSpec {
     pub size_conditioning: Option<SizeConditioning>,
 }
 
-
 /// Text conditioning of some rows: hidden states (B, L, D) and SDXL's pooled embeddings (B, P).
 #[derive(Clone, Debug)]
 pub struct TextCond {
@@ -199,7 +198,6 @@ pub struct StepView<'a> {
     pub sets: Vec<(usize, &'a Tensor<4>)>,
 }
 
-
 impl Pipeline {
     /// Loads a diffusers folder: `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
     /// and, for SDXL, `text_encoder_2/` (+ `tokenizer_2/`, else `tokenizer/` padded with `!`).
@@ -234,7 +232,19 @@ impl Pipeline {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("force_zeros_for_empty_prompt").and_then(|b| b.as_bool()))
             .unwrap_or(text_encoder_2.is_some());
-        Self::assemble(name, dir.to_path_buf(), tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler, force_zeros_for_empty_prompt, device)
+        Self::assemble(
+            name,
+            dir.to_path_buf(),
+            tokenizer,
+            tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            unet,
+            vae,
+            scheduler,
+            force_zeros_for_empty_prompt,
+            device,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -260,24 +270,27 @@ impl Pipeline {
         };
         let width = text_encoder.config.hidden_size + text_encoder_2.as_ref().map_or(0, |t| t.config.hidden_size);
         if width != unet.config.cross_attention_dim[0] {
-            return Err(invalid("model", format!("text encoders give {width} features, the UNet's cross_attention_dim is {}", unet.config.cross_attention_dim[0])));
+            return Err(invalid(
+                "model",
+                format!("text encoders give {width} features, the UNet's cross_attention_dim is {}", unet.config.cross_attention_dim[0]),
+            ));
         }
         Ok(Self {
             name,
             inner: Arc::new(Inner {
-            family,
-            tokenizer,
-            tokenizer_2,
-            text_encoder,
-            text_encoder_2,
-            unet,
-            vae,
-            scheduler,
-            force_zeros_for_empty_prompt,
-            device: device.clone(),
-            source,
-            inversions: reference::InversionCache::new(64),
-        }),
+                family,
+                tokenizer,
+                tokenizer_2,
+                text_encoder,
+                text_encoder_2,
+                unet,
+                vae,
+                scheduler,
+                force_zeros_for_empty_prompt,
+                device: device.clone(),
+                source,
+                inversions: reference::InversionCache::new(64),
+            }),
         })
     }
 
@@ -506,7 +519,8 @@ impl Pipeline {
             }
             let sizes: Vec<usize> = live.iter().map(|l| l.rows()).collect();
             let x = Tensor::cat(live.iter().map(|l| l.x.clone()).collect(), 0);
-            let hidden = Tensor::cat(live.iter().map(|l| l.uncond.hidden.clone()).chain(live.iter().map(|l| l.cond.hidden.clone())).collect(), 0);
+            let hidden =
+                Tensor::cat(live.iter().map(|l| l.uncond.hidden.clone()).chain(live.iter().map(|l| l.cond.hidden.clone())).collect(), 0);
             let text_time = if sdxl {
                 let pooled = live
                     .iter()

@@ -10,8 +10,8 @@ use burn::tensor::{Tensor, TensorData};
 use sha2::{Digest, Sha256};
 
 use super::{BatchSpec, Image, Pipeline, PipelineError, TextCond, invalid};
-use crate::sampling::{Conditioning, Ddim, guided_output};
 use crate::model::unet::NoHooks;
+use crate::sampling::{Conditioning, Ddim, guided_output};
 
 /// Largest accepted encoded reference image.
 pub const MAX_REFERENCE_BYTES: usize = 20 * 1024 * 1024;
@@ -42,9 +42,8 @@ impl ReferenceImage {
         if bytes.len() > MAX_REFERENCE_BYTES {
             return Err(format!("is {} bytes, the limit is {MAX_REFERENCE_BYTES}", bytes.len()));
         }
-        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| format!("cannot be read: {e}"))?;
+        let reader =
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot be read: {e}"))?;
         match reader.format() {
             Some(image::ImageFormat::Png | image::ImageFormat::Jpeg) => {}
             Some(other) => return Err(format!("is {other:?}; PNG or JPEG expected")),
@@ -142,13 +141,24 @@ impl Pipeline {
     /// DDIM inversion of `z0` (1, C, h, w) over `steps` steps of the model's schedule with the
     /// unpatched UNet and CFG `guidance` between `uncond` and `caption` (one row each). Returns
     /// `steps + 1` latents in google's order (fully inverted first, `z0` last).
-    pub fn invert(&self, z0: Tensor<4>, caption: &TextCond, uncond: &TextCond, steps: usize, guidance: f32, size: (usize, usize)) -> Result<Vec<Tensor<4>>, PipelineError> {
+    pub fn invert(
+        &self,
+        z0: Tensor<4>,
+        caption: &TextCond,
+        uncond: &TextCond,
+        steps: usize,
+        guidance: f32,
+        size: (usize, usize),
+    ) -> Result<Vec<Tensor<4>>, PipelineError> {
         let ddim = Ddim::new(self.inner.scheduler.clone(), steps);
         let text_time = caption.pooled.as_ref().map(|p| {
             let pooled = Tensor::cat(vec![uncond.pooled.clone().expect("pooled"), p.clone()], 0);
             let ids = super::SizeConditioning::plain(size.0, size.1).time_ids();
             let ids: Vec<f32> = (0..2).flat_map(|_| ids).collect();
-            crate::model::unet::TextTime { text_embeds: pooled, time_ids: Tensor::from_data(TensorData::new(ids, [2, 6]), &self.inner.device) }
+            crate::model::unet::TextTime {
+                text_embeds: pooled,
+                time_ids: Tensor::from_data(TensorData::new(ids, [2, 6]), &self.inner.device),
+            }
         });
         let cond = Conditioning { encoder_hidden_states: Tensor::cat(vec![uncond.hidden.clone(), caption.hidden.clone()], 0), text_time };
         let mut z = z0.clone();

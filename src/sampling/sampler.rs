@@ -101,8 +101,15 @@ impl Sampler {
             config
         };
         let table = sigma_table(config);
-        let mut sampler =
-            Sampler { kind, prediction: config.prediction, timesteps: Vec::new(), sigmas: Vec::new(), init_noise_sigma: 1.0, ddim: None, previous: None };
+        let mut sampler = Sampler {
+            kind,
+            prediction: config.prediction,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            init_noise_sigma: 1.0,
+            ddim: None,
+            previous: None,
+        };
         match kind {
             SamplerKind::Ddim => {
                 let ddim = Ddim::new(config.clone(), steps);

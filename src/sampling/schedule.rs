@@ -134,9 +134,7 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     }
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps)
-        .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) })
-        .collect()
+    (0..steps).map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) }).collect()
 }
 
 /// numpy-style round half to even.
@@ -210,7 +208,11 @@ mod spacing_default_tests {
     /// Euler and DPM-Solver linspace (as diffusers' `from_config` does).
     #[test]
     fn missing_spacing_takes_each_class_default() {
-        let raw = RawConfig::parse(Path::new("sd15/scheduler_config.json"), r#"{"beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": false}"#).unwrap();
+        let raw = RawConfig::parse(
+            Path::new("sd15/scheduler_config.json"),
+            r#"{"beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": false}"#,
+        )
+        .unwrap();
         let cfg = SchedulerConfig::from_raw(&raw).unwrap();
         assert!(!cfg.spacing_given);
         let ddim = Sampler::new(SamplerKind::Ddim, &cfg, 8).unwrap();

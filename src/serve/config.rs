@@ -385,15 +385,27 @@ mod tests {
         let d = ServeConfig::default();
         assert_eq!((d.listen, d.admin_listen), ("127.0.0.1:50051".parse().unwrap(), Some("127.0.0.1:9090".parse().unwrap())));
         assert_eq!((d.models.clone(), d.devices.clone()), (vec![ModelSource::Tiny], vec![DeviceSpec::Cpu]));
-        assert_eq!((d.max_queue, d.max_batch_rows, d.max_batch_delay, d.batching, d.warmup), (64, 8, Duration::from_millis(20), true, true));
-        assert_eq!((d.session_ttl, d.max_session_lifetime, d.drain_timeout), (Duration::from_secs(1800), super::super::session::DEFAULT_MAX_LIFETIME, Duration::from_secs(60)));
+        assert_eq!(
+            (d.max_queue, d.max_batch_rows, d.max_batch_delay, d.batching, d.warmup),
+            (64, 8, Duration::from_millis(20), true, true)
+        );
+        assert_eq!(
+            (d.session_ttl, d.max_session_lifetime, d.drain_timeout),
+            (Duration::from_secs(1800), super::super::session::DEFAULT_MAX_LIFETIME, Duration::from_secs(60))
+        );
         assert_eq!((d.limits.max_prompts, d.limits.max_steps, d.limits.default_steps, d.limits.default_guidance), (8, 150, 30, 7.5));
         assert!(d.auth.is_none() && d.session_secret.is_none());
         // Flags override; `off` turns the admin listener off; a bad value names its flag.
-        let a = Cli::try_parse_from(["x", "--max-queue", "3", "--admin-listen", "off", "--device", "cpu,cuda:1", "--no-batching"]).unwrap().serve.config().unwrap();
+        let a = Cli::try_parse_from(["x", "--max-queue", "3", "--admin-listen", "off", "--device", "cpu,cuda:1", "--no-batching"])
+            .unwrap()
+            .serve
+            .config()
+            .unwrap();
         assert_eq!((a.max_queue, a.admin_listen, a.batching), (3, None, false));
         assert_eq!(a.devices, vec![DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
-        assert!(Cli::try_parse_from(["x", "--device", "tpu"]).err().expect("an unknown device is refused").to_string().contains("--device"));
+        assert!(
+            Cli::try_parse_from(["x", "--device", "tpu"]).err().expect("an unknown device is refused").to_string().contains("--device")
+        );
         let e = Cli::try_parse_from(["x", "--max-steps", "4", "--default-steps", "5"]).unwrap().serve.config().unwrap_err();
         assert!(e.to_string().contains("--default-steps"), "{e}");
     }

@@ -11,8 +11,8 @@ use super::queue::Priority;
 use super::session::Session;
 use crate::pipeline::{Image, ReferenceImage, SizeConditioning};
 use crate::sampling::sampler::SamplerKind;
-use sha2::{Digest, Sha256};
 use crate::style_aligned::{AdainSite, NodeOptions, OfficialArgs, ShareAttn, ShareNorm, StyleAligned};
+use sha2::{Digest, Sha256};
 
 /// A rejected request field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +53,9 @@ pub fn share_norm_from_proto(v: i32) -> Result<ShareNorm, FieldError> {
         Ok(pb::ShareNorm::Group) => ShareNorm::Group,
         Ok(pb::ShareNorm::Layer) => ShareNorm::Layer,
         Ok(pb::ShareNorm::Disabled) => ShareNorm::Disabled,
-        Err(_) => return Err(enum_err("share_norm", v, &["SHARE_NORM_BOTH", "SHARE_NORM_GROUP", "SHARE_NORM_LAYER", "SHARE_NORM_DISABLED"])),
+        Err(_) => {
+            return Err(enum_err("share_norm", v, &["SHARE_NORM_BOTH", "SHARE_NORM_GROUP", "SHARE_NORM_LAYER", "SHARE_NORM_DISABLED"]));
+        }
     })
 }
 
@@ -275,7 +277,12 @@ pub struct ValidRequest {
 }
 
 /// Checks a Generate request against the limits and the model.
-pub fn validate_generate(req: &pb::GenerateRequest, model: &ModelFacts, limits: &Limits, random_seed: impl FnOnce() -> u64) -> Result<ValidRequest, FieldError> {
+pub fn validate_generate(
+    req: &pb::GenerateRequest,
+    model: &ModelFacts,
+    limits: &Limits,
+    random_seed: impl FnOnce() -> u64,
+) -> Result<ValidRequest, FieldError> {
     if req.prompts.is_empty() {
         return Err(FieldError::new("prompts", "at least one prompt (the first is the set's reference)"));
     }
@@ -373,7 +380,19 @@ pub fn validate_generate(req: &pb::GenerateRequest, model: &ModelFacts, limits: 
         Some(s) => s,
         None => random_seed(),
     };
-    Ok(ValidRequest { prompts, negative_prompt: req.negative_prompt.clone(), seed, steps, guidance, width, height, sampler, priority, reference, size_conditioning })
+    Ok(ValidRequest {
+        prompts,
+        negative_prompt: req.negative_prompt.clone(),
+        seed,
+        steps,
+        guidance,
+        width,
+        height,
+        sampler,
+        priority,
+        reference,
+        size_conditioning,
+    })
 }
 
 /// Everything needed to reproduce one image: the JSON in the PNG's `stylealign` text chunk (the
@@ -425,7 +444,15 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_prompts: 4, max_prompt_chars: 50, max_steps: 20, max_size: 256, max_guidance: 30.0, default_steps: 10, default_guidance: 7.5 }
+        Limits {
+            max_prompts: 4,
+            max_prompt_chars: 50,
+            max_steps: 20,
+            max_size: 256,
+            max_guidance: 30.0,
+            default_steps: 10,
+            default_guidance: 7.5,
+        }
     }
 
     fn facts() -> ModelFacts {
@@ -487,7 +514,11 @@ mod tests {
         assert_eq!(e(pb::PatchModelRequest { advanced: Some(adv), ..Default::default() }), "advanced.only_self_level");
         let adv = pb::OfficialArgs::default();
         assert_eq!(e(pb::PatchModelRequest { advanced: Some(adv), scale: Some(0.5), ..Default::default() }), "advanced");
-        let ok = patch_from_proto(&pb::PatchModelRequest { advanced: Some(pb::OfficialArgs { adain_values: Some(true), ..Default::default() }), ..Default::default() }).unwrap();
+        let ok = patch_from_proto(&pb::PatchModelRequest {
+            advanced: Some(pb::OfficialArgs { adain_values: Some(true), ..Default::default() }),
+            ..Default::default()
+        })
+        .unwrap();
         assert!(matches!(ok, StyleAligned::Official(OfficialArgs { adain_values: true, share_group_norm: true, .. })));
     }
 }

@@ -34,10 +34,10 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::Method;
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::http::Method;
 use axum::routing::{any, get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -137,14 +137,22 @@ struct ApiError {
 impl ApiError {
     fn new(http: StatusCode, code: Code, message: String, field: Option<(String, String)>) -> Self {
         let details = field
-            .map(|(field, description)| ErrorDetail { type_url: BAD_REQUEST_TYPE, field_violations: vec![FieldViolation { field, description }] })
+            .map(|(field, description)| ErrorDetail {
+                type_url: BAD_REQUEST_TYPE,
+                field_violations: vec![FieldViolation { field, description }],
+            })
             .into_iter()
             .collect();
         Self { http, body: ErrorBody { code: code as i32, status: code_name(code), message, details } }
     }
 
     fn invalid(field: &str, description: String) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, format!("invalid `{field}`: {description}"), Some((field.to_string(), description)))
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidArgument,
+            format!("invalid `{field}`: {description}"),
+            Some((field.to_string(), description)),
+        )
     }
 }
 
@@ -170,7 +178,12 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
         Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "JSON serialisation failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "application/json")], r#"{"code":13,"status":"INTERNAL","message":"JSON serialisation failed","details":[]}"#).into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "application/json")],
+                r#"{"code":13,"status":"INTERNAL","message":"JSON serialisation failed","details":[]}"#,
+            )
+                .into_response()
         }
     }
 }
@@ -187,7 +200,12 @@ fn parse_body<T: DeserializeOwned>(what: &str, body: Result<Bytes, BytesRejectio
         ApiError::new(status, Code::InvalidArgument, message, None)
     })?;
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, format!("empty request body: expected a JSON {what}"), None));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidArgument,
+            format!("empty request body: expected a JSON {what}"),
+            None,
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(&body);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -195,7 +213,12 @@ fn parse_body<T: DeserializeOwned>(what: &str, body: Result<Bytes, BytesRejectio
         let inner = e.into_inner();
         match path.as_str() {
             "." | "" => ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, format!("invalid JSON {what}: {inner}"), None),
-            _ => ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, format!("invalid JSON {what}: `{path}`: {inner}"), Some((path, inner.to_string()))),
+            _ => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                format!("invalid JSON {what}: `{path}`: {inner}"),
+                Some((path, inner.to_string())),
+            ),
         }
     })?;
     de.end().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, format!("invalid JSON {what}: {e}"), None))?;
@@ -235,7 +258,9 @@ fn grpc_request<T>(headers: &HeaderMap, msg: T) -> Result<tonic::Request<T>, Api
 }
 
 async fn unknown_route(method: Method, Path(path): Path<String>) -> ApiError {
-    let message = format!("no route {method} /v1/{path}; the routes are GET /v1/models, POST /v1/sessions, GET and DELETE /v1/sessions/{{id}}, POST /v1/generate");
+    let message = format!(
+        "no route {method} /v1/{path}; the routes are GET /v1/models, POST /v1/sessions, GET and DELETE /v1/sessions/{{id}}, POST /v1/generate"
+    );
     ApiError::new(StatusCode::NOT_FOUND, Code::Unimplemented, message, None)
 }
 
@@ -285,7 +310,9 @@ fn response_event(msg: &pb::GenerateResponse) -> Result<SseEvent, ApiError> {
 }
 
 fn json_event(name: &str, value: &impl Serialize) -> SseEvent {
-    SseEvent::default().event(name).data(serde_json::to_string(value).unwrap_or_else(|e| format!(r#"{{"message":"JSON serialisation failed: {e}"}}"#)))
+    SseEvent::default()
+        .event(name)
+        .data(serde_json::to_string(value).unwrap_or_else(|e| format!(r#"{{"message":"JSON serialisation failed: {e}"}}"#)))
 }
 
 #[derive(Serialize)]
@@ -361,7 +388,10 @@ mod tests {
         assert_eq!(r.metadata().get("x-client-id").unwrap(), "me");
         assert!(r.metadata().get("user-agent").is_none());
         h.insert("x-timeout-seconds", "1e9".parse().unwrap());
-        assert_eq!(grpc_request(&h, ()).unwrap_err().body.message, "invalid `x-timeout-seconds`: 1000000000 is over the limit of 99999999 seconds");
+        assert_eq!(
+            grpc_request(&h, ()).unwrap_err().body.message,
+            "invalid `x-timeout-seconds`: 1000000000 is over the limit of 99999999 seconds"
+        );
         h.insert("x-timeout-seconds", "200000".parse().unwrap());
         assert_eq!(grpc_request(&h, ()).unwrap().metadata().get("grpc-timeout").unwrap(), "200000S");
         for bad in ["0", "-1", "soon", "NaN"] {

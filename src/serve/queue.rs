@@ -263,11 +263,8 @@ impl<T: QueueItem> Queue<T> {
                     continue;
                 }
             }
-            let items: Vec<(T, Duration)> = chosen
-                .into_iter()
-                .filter_map(|t| s.waiting.remove(&t))
-                .map(|w| (w.item, now.duration_since(w.enqueued)))
-                .collect();
+            let items: Vec<(T, Duration)> =
+                chosen.into_iter().filter_map(|t| s.waiting.remove(&t)).map(|w| (w.item, now.duration_since(w.enqueued))).collect();
             s.running += 1;
             Self::report_positions(&mut s);
             return Some(Batch { items });

@@ -104,7 +104,8 @@ impl State {
     fn identify(&self, md: &MetadataMap) -> Result<String, Status> {
         match &self.cfg.auth {
             Some(tokens) => {
-                let header = md.get("authorization").ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+                let header =
+                    md.get("authorization").ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
                 let value = header.to_str().map_err(|_| Status::unauthenticated("`authorization` is not ASCII"))?;
                 let token = value
                     .strip_prefix("Bearer ")
@@ -242,60 +243,69 @@ impl StyleAlign for Service {
     }
 
     async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
-        counted("GetSession", (|| {
-            let st = &self.state;
-            let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
-            let s = st.sessions.get(&owner, id).map_err(session_status)?;
-            Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
-        })())
+        counted(
+            "GetSession",
+            (|| {
+                let st = &self.state;
+                let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
+                let s = st.sessions.get(&owner, id).map_err(session_status)?;
+                Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
+            })(),
+        )
     }
 
     async fn release_session(&self, request: Request<pb::ReleaseSessionRequest>) -> Result<Response<pb::ReleaseSessionResponse>, Status> {
-        counted("ReleaseSession", (|| {
-            let st = &self.state;
-            let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
-            st.sessions.release(&owner, id).map_err(session_status)?;
-            st.update_session_gauge();
-            tracing::info!(client = %owner, session = %id, "session released");
-            Ok(Response::new(pb::ReleaseSessionResponse {}))
-        })())
+        counted(
+            "ReleaseSession",
+            (|| {
+                let st = &self.state;
+                let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
+                st.sessions.release(&owner, id).map_err(session_status)?;
+                st.update_session_gauge();
+                tracing::info!(client = %owner, session = %id, "session released");
+                Ok(Response::new(pb::ReleaseSessionResponse {}))
+            })(),
+        )
     }
 
     async fn list_models(&self, request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        counted("ListModels", (|| {
-            let st = &self.state;
-            st.check_serving()?;
-            st.identify(request.metadata())?;
-            let models = st
-                .models
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .map(|e| pb::ModelInfo {
-                    name: e.name.to_string(),
-                    family: match e.family {
-                        Family::Sd1 => pb::Family::Sd1,
-                        Family::Sd2 => pb::Family::Sd2,
-                        Family::Sdxl => pb::Family::Sdxl,
-                    } as i32,
-                    hash: crate::model::hash::short_hash(&e.sha256).to_string(),
-                    native_width: e.native_size as u32,
-                    native_height: e.native_size as u32,
-                    size_multiple: e.size_multiple as u32,
-                    source: e.source.clone(),
-                })
-                .collect();
-            let l = &st.limits;
-            Ok(Response::new(pb::ListModelsResponse {
-                models,
-                samplers: SamplerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
-                max_prompts: l.max_prompts as u32,
-                max_steps: l.max_steps as u32,
-                max_size: l.max_size as u32,
-                default_steps: l.default_steps as u32,
-                default_guidance_scale: l.default_guidance,
-            }))
-        })())
+        counted(
+            "ListModels",
+            (|| {
+                let st = &self.state;
+                st.check_serving()?;
+                st.identify(request.metadata())?;
+                let models = st
+                    .models
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|e| pb::ModelInfo {
+                        name: e.name.to_string(),
+                        family: match e.family {
+                            Family::Sd1 => pb::Family::Sd1,
+                            Family::Sd2 => pb::Family::Sd2,
+                            Family::Sdxl => pb::Family::Sdxl,
+                        } as i32,
+                        hash: crate::model::hash::short_hash(&e.sha256).to_string(),
+                        native_width: e.native_size as u32,
+                        native_height: e.native_size as u32,
+                        size_multiple: e.size_multiple as u32,
+                        source: e.source.clone(),
+                    })
+                    .collect();
+                let l = &st.limits;
+                Ok(Response::new(pb::ListModelsResponse {
+                    models,
+                    samplers: SamplerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
+                    max_prompts: l.max_prompts as u32,
+                    max_steps: l.max_steps as u32,
+                    max_size: l.max_size as u32,
+                    default_steps: l.default_steps as u32,
+                    default_guidance_scale: l.default_guidance,
+                }))
+            })(),
+        )
     }
 }
 
@@ -309,7 +319,9 @@ impl Service {
             return Err(FieldError::new("model", format!("required; loaded models: {}", st.model_names().join(", "))).status());
         }
         let Some(model) = st.model(&req.model) else {
-            return Err(FieldError::new("model", format!("unknown model {:?}; loaded models: {}", req.model, st.model_names().join(", "))).status());
+            return Err(
+                FieldError::new("model", format!("unknown model {:?}; loaded models: {}", req.model, st.model_names().join(", "))).status()
+            );
         };
         let patch = convert::patch_from_proto(&req)?;
         let s = st.sessions.create(&owner, &model.name, patch).map_err(session_status)?;
@@ -324,7 +336,9 @@ impl Service {
         st.check_serving()?;
         let owner = st.identify(request.metadata())?;
         let timeout = match request.metadata().get("grpc-timeout") {
-            Some(v) => Some(v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| Status::invalid_argument("invalid `grpc-timeout` metadata"))?),
+            Some(v) => Some(
+                v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| Status::invalid_argument("invalid `grpc-timeout` metadata"))?,
+            ),
             None => None,
         };
         let deadline = timeout.map(|t| arrived + t);
@@ -333,7 +347,9 @@ impl Service {
             return Err(FieldError::new("session_id", "required (from PatchModel)").status());
         }
         let session = st.sessions.get(&owner, &req.session_id).map_err(session_status)?;
-        let model = st.model(&session.model).ok_or_else(|| Status::not_found(format!("the session's model {:?} is no longer loaded", session.model)))?;
+        let model = st
+            .model(&session.model)
+            .ok_or_else(|| Status::not_found(format!("the session's model {:?} is no longer loaded", session.model)))?;
         let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple, sdxl: model.family == Family::Sdxl };
         let v = convert::validate_generate(&req, &facts, &st.limits, random_u64)?;
         let batch = BatchSpec {
@@ -346,7 +362,13 @@ impl Service {
             size_conditioning: v.size_conditioning,
         };
         let reference_sha256 = v.reference.as_ref().map(|r| r.sha256.clone());
-        let reference = v.reference.map(|r| ReferenceImage { image: r.image, caption: r.caption, offset: r.offset, guidance: r.guidance, scope: session.id.to_string() });
+        let reference = v.reference.map(|r| ReferenceImage {
+            image: r.image,
+            caption: r.caption,
+            offset: r.offset,
+            guidance: r.guidance,
+            scope: session.id.to_string(),
+        });
         let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference };
         check_with_model(&model.pipeline, &batch, &set)?;
         if deadline.is_some_and(|d| d <= Instant::now()) {
@@ -374,7 +396,10 @@ impl Service {
         let ticket = match st.queue.push(job) {
             Ok(t) => t,
             Err(PushError::Full(_)) => {
-                return Err(Status::resource_exhausted(format!("admission queue full ({} requests waiting); retry later", st.queue.capacity())));
+                return Err(Status::resource_exhausted(format!(
+                    "admission queue full ({} requests waiting); retry later",
+                    st.queue.capacity()
+                )));
             }
             Err(PushError::Closed(_)) => return Err(Status::unavailable("server is shutting down")),
         };
@@ -438,13 +463,17 @@ async fn forward(
             _ = out.closed() => Wake::ClientGone,
         };
         let msg = match wake {
-            Wake::Event(Some(JobEvent::Queued { position, depth })) => Ok(Event::Queued(pb::Queued { position: position as u32, queue_depth: depth as u32 })),
+            Wake::Event(Some(JobEvent::Queued { position, depth })) => {
+                Ok(Event::Queued(pb::Queued { position: position as u32, queue_depth: depth as u32 }))
+            }
             Wake::Event(Some(JobEvent::Started { batch_rows, batch_sets, queue_time })) => Ok(Event::Started(pb::Started {
                 batch_rows: batch_rows as u32,
                 batch_sets: batch_sets as u32,
                 queue_seconds: queue_time.as_secs_f64(),
             })),
-            Wake::Event(Some(JobEvent::Progress { step, total })) => Ok(Event::Progress(pb::Progress { step: step as u32, total_steps: total as u32 })),
+            Wake::Event(Some(JobEvent::Progress { step, total })) => {
+                Ok(Event::Progress(pb::Progress { step: step as u32, total_steps: total as u32 }))
+            }
             Wake::Event(Some(JobEvent::Image(img))) => Ok(Event::Image(pb::GeneratedImage {
                 index: img.index as u32,
                 prompt: img.prompt,
@@ -533,7 +562,13 @@ impl Server {
         let state = Arc::new(State {
             limits: cfg.limits.clone(),
             models: RwLock::new(BTreeMap::new()),
-            sessions: SessionStore::with_secret(cfg.session_ttl, cfg.max_sessions_per_client, cfg.max_sessions, session_secret, cfg.max_session_lifetime),
+            sessions: SessionStore::with_secret(
+                cfg.session_ttl,
+                cfg.max_sessions_per_client,
+                cfg.max_sessions,
+                session_secret,
+                cfg.max_session_lifetime,
+            ),
             queue: Arc::new(Queue::new(cfg.max_queue)),
             stats: Arc::new(Stats::default()),
             health,
@@ -557,7 +592,9 @@ impl Server {
             .build_v1alpha()
             .context("reflection v1alpha")?;
 
-        let listener = tokio::net::TcpListener::bind(state.cfg.listen).await.with_context(|| format!("binding the gRPC listener {}", state.cfg.listen))?;
+        let listener = tokio::net::TcpListener::bind(state.cfg.listen)
+            .await
+            .with_context(|| format!("binding the gRPC listener {}", state.cfg.listen))?;
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let signal = |mut rx: watch::Receiver<bool>| async move {
@@ -595,7 +632,9 @@ impl Server {
             Some(a) => {
                 let listener = tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding the admin listener {a}"))?;
                 let admin_addr = listener.local_addr()?;
-                let health_svc = tonic_health::pb::health_server::HealthServer::new(tonic_health::server::HealthService::from_health_reporter(state.health.clone()));
+                let health_svc = tonic_health::pb::health_server::HealthServer::new(
+                    tonic_health::server::HealthService::from_health_reporter(state.health.clone()),
+                );
                 let handle = metrics.clone();
                 let st = state.clone();
                 let router = tonic::service::Routes::new(health_svc)
@@ -692,7 +731,8 @@ impl Server {
     pub async fn load(&self) -> anyhow::Result<()> {
         let st = self.state.clone();
         let cfg = st.cfg.clone();
-        let loaded: Vec<(DeviceSpec, Models, Vec<ModelEntry>)> = tokio::task::spawn_blocking(move || load_all(&cfg)).await.context("model loading panicked")??;
+        let loaded: Vec<(DeviceSpec, Models, Vec<ModelEntry>)> =
+            tokio::task::spawn_blocking(move || load_all(&cfg)).await.context("model loading panicked")??;
         {
             let mut models = st.models.write().unwrap_or_else(|p| p.into_inner());
             for e in &loaded[0].2 {
@@ -705,7 +745,10 @@ impl Server {
             let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
             for i in 0..n {
                 let name = format!("worker-{spec}-{i}");
-                handles.push(worker::spawn_worker(name, models.clone(), st.queue.clone(), policy, st.abort.clone(), st.stats.clone()).context("spawning a worker thread")?);
+                handles.push(
+                    worker::spawn_worker(name, models.clone(), st.queue.clone(), policy, st.abort.clone(), st.stats.clone())
+                        .context("spawning a worker thread")?,
+                );
             }
         }
         st.workers.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
@@ -841,7 +884,15 @@ fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<Mo
                 ModelSource::Tiny => "<embedded>".to_string(),
                 ModelSource::Dir(d) => d.display().to_string(),
             };
-            entries.push(ModelEntry { name: name.clone(), family: p.family(), native_size: p.native_size(), size_multiple: p.size_multiple(), source, sha256, pipeline: p.clone() });
+            entries.push(ModelEntry {
+                name: name.clone(),
+                family: p.family(),
+                native_size: p.native_size(),
+                size_multiple: p.size_multiple(),
+                source,
+                sha256,
+                pipeline: p.clone(),
+            });
             models.insert(name, p);
         }
         out.push((spec.clone(), models, entries));
@@ -852,7 +903,15 @@ fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<Mo
 /// One denoising step of a two-image patched set at the smallest size.
 fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
     let s = p.size_multiple();
-    let batch = BatchSpec { width: s, height: s, steps: 1, guidance: 5.0, sampler: SamplerKind::Ddim, patch: Some(StyleAligned::default()), size_conditioning: None };
+    let batch = BatchSpec {
+        width: s,
+        height: s,
+        steps: 1,
+        guidance: 5.0,
+        sampler: SamplerKind::Ddim,
+        patch: Some(StyleAligned::default()),
+        size_conditioning: None,
+    };
     let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, reference: None };
     p.generate(&batch, &[set], &mut |_, _| vec![true]).map(|_| ())
 }
@@ -860,7 +919,11 @@ fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
 /// Runs the server until SIGTERM / SIGINT, then drains and returns (exit 0).
 pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let server = Server::bind(cfg).await?;
-    println!("stylealign: gRPC on {}{}", server.addr(), server.admin_addr().map(|a| format!(", admin (metrics, health) on {a}")).unwrap_or_default());
+    println!(
+        "stylealign: gRPC on {}{}",
+        server.addr(),
+        server.admin_addr().map(|a| format!(", admin (metrics, health) on {a}")).unwrap_or_default()
+    );
     let signal = shutdown_signal();
     tokio::pin!(signal);
     tokio::select! {

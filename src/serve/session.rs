@@ -448,7 +448,15 @@ impl SessionStore {
             if g.revoked.contains_key(&nonce) {
                 continue;
             }
-            let claims = Claims { id: format!("{nonce:032x}"), model: model.to_string(), patch, owner: owner_tag.clone(), iat, idle_ms: self.ttl.as_millis() as u64, exp };
+            let claims = Claims {
+                id: format!("{nonce:032x}"),
+                model: model.to_string(),
+                patch,
+                owner: owner_tag.clone(),
+                iat,
+                idle_ms: self.ttl.as_millis() as u64,
+                exp,
+            };
             let id: Arc<str> = Arc::from(self.secret.sign(&claims));
             if !g.by_id.contains_key(&id) {
                 break (nonce, id);
@@ -747,7 +755,13 @@ mod tests {
         let patches = [
             StyleAligned::default(),
             StyleAligned::Node(NodeOptions { share_norm: ShareNorm::Group, share_attn: ShareAttn::QKV, scale: 0.3 }),
-            StyleAligned::Official(OfficialArgs { adain_values: true, shared_score_shift: -0.7, shared_score_scale: 0.123_456_79, only_self_level: 0.25, ..Default::default() }),
+            StyleAligned::Official(OfficialArgs {
+                adain_values: true,
+                shared_score_shift: -0.7,
+                shared_score_scale: 0.123_456_79,
+                only_self_level: 0.25,
+                ..Default::default()
+            }),
         ];
         for p in patches {
             let c = Claims { id: random_id(), model: "tiny".into(), patch: p, owner: k.owner_tag("me"), iat: 1, idle_ms: 5, exp: u64::MAX };
@@ -815,7 +829,15 @@ mod tests {
         let k = secret("shared");
         let now = unix_secs(SystemTime::now());
         let b = replica(&k);
-        let expired = Claims { id: random_id(), model: "tiny".into(), patch: StyleAligned::default(), owner: k.owner_tag("alice"), iat: now - 100, idle_ms: 60_000, exp: now - 1 };
+        let expired = Claims {
+            id: random_id(),
+            model: "tiny".into(),
+            patch: StyleAligned::default(),
+            owner: k.owner_tag("alice"),
+            iat: now - 100,
+            idle_ms: 60_000,
+            exp: now - 1,
+        };
         let t = k.sign(&expired);
         assert_eq!(k.verify_for(&t, "alice", now).unwrap_err(), TokenError::Expired);
         assert!(b.get("alice", &t).is_err());

@@ -184,7 +184,14 @@ pub type Models = HashMap<Arc<str>, Pipeline>;
 pub type AbortFlag = Arc<AtomicBool>;
 
 /// Spawns a worker thread; it ends when the queue is closed and empty.
-pub fn spawn_worker(name: String, models: Models, queue: Arc<Queue<GenJob>>, policy: BatchPolicy, abort: AbortFlag, stats: Arc<Stats>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn_worker(
+    name: String,
+    models: Models,
+    queue: Arc<Queue<GenJob>>,
+    policy: BatchPolicy,
+    abort: AbortFlag,
+    stats: Arc<Stats>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(name.clone()).spawn(move || {
         tracing::info!(worker = %name, "worker started");
         while let Some(batch) = queue.next_batch(&policy) {
@@ -302,10 +309,19 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
                                 size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
                             };
                             let parameters = serde_json::to_string(&params).expect("parameters serialize");
-                            let png = img.to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);
+                            let png = img
+                                .to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);
                             stats.images.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(m::IMAGES).increment(1);
-                            j.send(JobEvent::Image(Box::new(ImageOut { index, prompt, width: img.width, height: img.height, seed: j.set.seed, png, parameters })));
+                            j.send(JobEvent::Image(Box::new(ImageOut {
+                                index,
+                                prompt,
+                                width: img.width,
+                                height: img.height,
+                                seed: j.set.seed,
+                                png,
+                                parameters,
+                            })));
                         }
                         stats.sets_completed.fetch_add(1, Ordering::Relaxed);
                         j.send(JobEvent::Done);
@@ -330,7 +346,8 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
             }
         }
         Err(panic) => {
-            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let what =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
             tracing::error!(panic = %what, "batch panicked");
             for (j, alive) in jobs.iter().zip(live) {
                 if alive {

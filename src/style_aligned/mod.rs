@@ -64,11 +64,7 @@ impl StyleAlignedHooks {
 
 impl UNetHooks for StyleAlignedHooks {
     fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        if self.resolved.share_group_norm {
-            ops::shared_group_norm(norm, x, &self.plan.stats_reference_of)
-        } else {
-            norm.forward(x)
-        }
+        if self.resolved.share_group_norm { ops::shared_group_norm(norm, x, &self.plan.stats_reference_of) } else { norm.forward(x) }
     }
 
     fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
@@ -76,7 +72,13 @@ impl UNetHooks for StyleAlignedHooks {
             return attn.forward(x, None);
         }
         let r = &self.resolved;
-        let switches = AttnSwitches { adain_q: r.adain_q, adain_k: r.adain_k, adain_v: r.adain_v, share: r.share_attention, score_shift: r.score_shift };
+        let switches = AttnSwitches {
+            adain_q: r.adain_q,
+            adain_k: r.adain_k,
+            adain_v: r.adain_v,
+            share: r.share_attention,
+            score_shift: r.score_shift,
+        };
         match r.site {
             AdainSite::Input => ops::node_attention(attn, x, &self.plan, switches),
             AdainSite::Projected if r.full_attention_share => ops::full_share_attention(attn, x, &self.plan),

@@ -256,7 +256,10 @@ pub fn unshared_layers(level: f32, layers: usize) -> Result<Vec<bool>, OptionErr
     if k == 0 {
         return Err(opt_err(
             "only_self_level",
-            format!("{level} selects no layer out of {layers} (the official code fails here); use 0 or a level ≥ {:.4}", 1.0 / layers as f64),
+            format!(
+                "{level} selects no layer out of {layers} (the official code fails here); use 0 or a level ≥ {:.4}",
+                1.0 / layers as f64
+            ),
         ));
     }
     let step = layers / k;

@@ -75,7 +75,11 @@ impl ReferencePlan {
         if self.gain.len() != n || self.value_reference_of.len() != n || self.stats_reference_of.len() != n {
             return Err(PlanError("reference_of, gain, value_reference_of and stats_reference_of must have one entry per row".into()));
         }
-        for (name, list) in [("reference_of", &self.reference_of), ("value_reference_of", &self.value_reference_of), ("stats_reference_of", &self.stats_reference_of)] {
+        for (name, list) in [
+            ("reference_of", &self.reference_of),
+            ("value_reference_of", &self.value_reference_of),
+            ("stats_reference_of", &self.stats_reference_of),
+        ] {
             if let Some((i, r)) = list.iter().enumerate().find(|(_, r)| **r >= n) {
                 return Err(PlanError(format!("{name}[{i}] = {r} is outside the batch of {n}")));
             }

@@ -94,8 +94,12 @@ impl Golden {
             let shape = view.shape().to_vec();
             let d = view.data();
             let t = match view.dtype() {
-                Dtype::F32 => HostTensor::F32 { shape, data: d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() },
-                Dtype::I64 => HostTensor::I64 { shape, data: d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect() },
+                Dtype::F32 => {
+                    HostTensor::F32 { shape, data: d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() }
+                }
+                Dtype::I64 => {
+                    HostTensor::I64 { shape, data: d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect() }
+                }
                 other => panic!("{}: tensor {name} has dtype {other:?}", path.display()),
             };
             tensors.insert(name, t);

@@ -100,23 +100,28 @@ pub fn sampler_file(_dir: &Path, g: &Golden, unet: &UNet, clip: &ClipTextModel, 
     t.check("encoder_hidden_states", max_abs_diff(ehs.clone(), g.get("encoder_hidden_states")), TOL_MODEL);
 
     let sa = &info["stylealigned"];
-    let hooks = match options_of(sa).and_then(|o| StyleAlignedHooks::new(&o, plan_of(sa), unet.self_attention_layers(), device).map_err(|e| e.to_string())) {
+    let hooks = match options_of(sa)
+        .and_then(|o| StyleAlignedHooks::new(&o, plan_of(sa), unet.self_attention_layers(), device).map_err(|e| e.to_string()))
+    {
         Ok(h) => h,
         Err(e) => return t.fail("stylealigned", e),
     };
     let ancestral = g.tensors.get("ancestral_noise_steps");
-    let noise_at =
-        |s: &Sampler, i: usize| s.needs_noise().then(|| ancestral.expect("ancestral_noise_steps for an ancestral sampler").index(i).tensor::<4>(device));
+    let noise_at = |s: &Sampler, i: usize| {
+        s.needs_noise().then(|| ancestral.expect("ancestral_noise_steps for an ancestral sampler").index(i).tensor::<4>(device))
+    };
 
     // Teacher forcing: every step from the golden's own inputs (and conditioning).
     let golden_cond = Conditioning { encoder_hidden_states: g.get("encoder_hidden_states").tensor(device), text_time: None };
-    let (latents, model_in, eps, x0) = (g.get("latents_steps"), g.get("model_input_steps"), g.get("guided_eps_steps"), g.get("pred_x0_steps"));
+    let (latents, model_in, eps, x0) =
+        (g.get("latents_steps"), g.get("model_input_steps"), g.get("guided_eps_steps"), g.get("pred_x0_steps"));
     let mut forced = new_sampler(&config, steps).expect("sampler");
     for i in 0..steps {
         let x: Tensor<4> = latents.index(i).tensor(device);
         let tag = |name: &str| format!("teacher-forced {name}[{i}]");
         t.check(&tag("model_input_steps"), max_abs_diff(forced.scale_model_input(x.clone(), i), &model_in.index(i)), TOL_ELEMENTWISE);
-        let out = guided_output(unet, model_in.index(i).tensor(device), forced.timesteps()[i], &golden_cond, guidance, &hooks).expect("unet");
+        let out =
+            guided_output(unet, model_in.index(i).tensor(device), forced.timesteps()[i], &golden_cond, guidance, &hooks).expect("unet");
         t.check(&tag("guided_eps_steps"), max_abs_diff(out, &eps.index(i)), TOL_MODEL);
         let noise = noise_at(&forced, i);
         let (next, pred) = forced.step(eps.index(i).tensor(device), i, x, noise);
@@ -237,4 +242,3 @@ fn rel_err(got: &[f32], want: &HostTensor) -> f64 {
     }
     got.iter().zip(&want).map(|(&g, &w)| if g == w { 0.0 } else { ((g - w) as f64 / w as f64).abs() }).fold(0.0, f64::max)
 }
-
