@@ -227,10 +227,8 @@ fn main() {
             f("group_norm_ms"),
             f("group_norm_patched_ms")
         );
-        if torch {
-            if let Some(t) = torch_ms(&python, &job) {
-                println!("{}: PyTorch {:.1} ms/call; burn/PyTorch = {:.2}x", job.dir.display(), t, plain / t);
-            }
+        if torch && let Some(t) = torch_ms(&python, &job) {
+            println!("{}: PyTorch {:.1} ms/call; burn/PyTorch = {:.2}x", job.dir.display(), t, plain / t);
         }
     }
 }

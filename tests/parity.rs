@@ -178,7 +178,7 @@ fn own_plan(case: &Value, rows: usize, has_cfg: bool) -> Option<ReferencePlan> {
     let layout = case.get("layout").and_then(Value::as_str).unwrap_or("halves");
     match layout {
         "single" => ReferencePlan::from_groups(&[rows], 1, gain).ok(),
-        "halves" | "comfy" if has_cfg && rows % 2 == 0 => ReferencePlan::from_groups(&[rows / 2], 2, gain).ok(),
+        "halves" | "comfy" if has_cfg && rows.is_multiple_of(2) => ReferencePlan::from_groups(&[rows / 2], 2, gain).ok(),
         _ => None,
     }
 }
@@ -215,16 +215,12 @@ fn unet_file(dir: &Path, g: &Golden, models: &mut Models, t: &mut FileTally, dev
         };
         let plan = plan_of(case);
         let bug = node_bug(case, has_cfg);
-        if bug.is_none() {
-            if let Some(own) = own_plan(case, b, has_cfg) {
-                if own.reference_of != plan.reference_of || own.gain != plan.gain {
-                    t.fail(
-                        name,
-                        format!("own plan {:?}/{:?} != golden {:?}/{:?}", own.reference_of, own.gain, plan.reference_of, plan.gain),
-                    );
-                    continue;
-                }
-            }
+        if bug.is_none()
+            && let Some(own) = own_plan(case, b, has_cfg)
+            && (own.reference_of != plan.reference_of || own.gain != plan.gain)
+        {
+            t.fail(name, format!("own plan {:?}/{:?} != golden {:?}/{:?}", own.reference_of, own.gain, plan.reference_of, plan.gain));
+            continue;
         }
         let hooks = match StyleAlignedHooks::new(&opts, plan, unet.self_attention_layers(), device) {
             Ok(h) => h,

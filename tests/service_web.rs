@@ -150,7 +150,7 @@ fn grpc_web_over_http1_reaches_every_call() {
         };
         let session = c.patch_model(with_id(patch)).await.expect("PatchModel over gRPC-Web").into_inner();
         let node = match session.options.as_ref().and_then(|o| o.flavour.as_ref()) {
-            Some(pb::patch_options::Flavour::Node(n)) => n.clone(),
+            Some(pb::patch_options::Flavour::Node(n)) => *n,
             other => panic!("node options expected, got {other:?}"),
         };
         assert_eq!((node.share_norm, node.share_attn, node.scale), (pb::ShareNorm::Group as i32, pb::ShareAttn::QKV as i32, 0.5));

@@ -85,7 +85,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(w: &Weights, prefix: &str, groups: usize, channels: usize, eps: f64) -> Result<Self, ModelError> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(ModelError::Config {
                 file: w.path().to_path_buf(),
                 field: "norm_num_groups".into(),

@@ -159,9 +159,9 @@ impl Vae {
         let enc_conv_in = Conv2d::load(w, "encoder.conv_in", cfg.in_channels, ch[0], 3, 1, 1)?;
         let mut enc_blocks = Vec::new();
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate().take(n) {
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let p = format!("encoder.down_blocks.{i}");
             let mut resnets = Vec::new();
             for j in 0..cfg.layers_per_block {
@@ -183,9 +183,9 @@ impl Vae {
         let mut dec_blocks = Vec::new();
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut out_c = rev[0];
-        for i in 0..n {
+        for (i, &c) in rev.iter().enumerate().take(n) {
             let prev = out_c;
-            out_c = rev[i];
+            out_c = c;
             let p = format!("decoder.up_blocks.{i}");
             let mut resnets = Vec::new();
             for j in 0..cfg.layers_per_block + 1 {

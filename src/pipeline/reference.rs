@@ -77,35 +77,45 @@ impl ReferenceImage {
 /// A small LRU cache of inverted trajectories, with hit/miss counters.
 pub struct InversionCache {
     capacity: usize,
-    inner: Mutex<(HashMap<[u8; 32], Arc<Vec<Tensor<4>>>>, VecDeque<[u8; 32]>, u64, u64)>,
+    inner: Mutex<CacheState>,
+}
+
+/// Keys are SHA-256 digests of everything an inversion depends on.
+#[derive(Default)]
+struct CacheState {
+    entries: HashMap<[u8; 32], Arc<Vec<Tensor<4>>>>,
+    /// Least recently used first.
+    order: VecDeque<[u8; 32]>,
+    hits: u64,
+    misses: u64,
 }
 
 impl InversionCache {
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, inner: Mutex::new((HashMap::new(), VecDeque::new(), 0, 0)) }
+        Self { capacity, inner: Mutex::new(CacheState::default()) }
     }
 
     fn get(&self, key: &[u8; 32]) -> Option<Arc<Vec<Tensor<4>>>> {
         let mut g = self.inner.lock().expect("cache lock");
-        let hit = g.0.get(key).cloned();
+        let hit = g.entries.get(key).cloned();
         if hit.is_some() {
-            g.2 += 1;
-            g.1.retain(|k| k != key);
-            g.1.push_back(*key);
+            g.hits += 1;
+            g.order.retain(|k| k != key);
+            g.order.push_back(*key);
         } else {
-            g.3 += 1;
+            g.misses += 1;
         }
         hit
     }
 
     fn put(&self, key: [u8; 32], value: Arc<Vec<Tensor<4>>>) {
         let mut g = self.inner.lock().expect("cache lock");
-        if g.0.insert(key, value).is_none() {
-            g.1.push_back(key);
+        if g.entries.insert(key, value).is_none() {
+            g.order.push_back(key);
         }
-        while g.1.len() > self.capacity {
-            if let Some(old) = g.1.pop_front() {
-                g.0.remove(&old);
+        while g.order.len() > self.capacity {
+            if let Some(old) = g.order.pop_front() {
+                g.entries.remove(&old);
             }
         }
     }
@@ -113,7 +123,7 @@ impl InversionCache {
     /// (hits, misses) so far.
     pub fn stats(&self) -> (u64, u64) {
         let g = self.inner.lock().expect("cache lock");
-        (g.2, g.3)
+        (g.hits, g.misses)
     }
 }
 
