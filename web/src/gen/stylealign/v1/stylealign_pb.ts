@@ -652,8 +652,8 @@ export type GeneratedImage = Message<"stylealign.v1.GeneratedImage"> & {
   seed: bigint;
 
   /**
-   * PNG bytes. Its iTXt chunk `parameters` holds the JSON of everything needed to reproduce it
-   * (also in `parameters` below).
+   * PNG bytes. Its iTXt chunk `stylealign` holds the JSON of everything needed to reproduce it
+   * (also in `parameters` below); its iTXt chunk `parameters` the same as an A1111 infotext.
    *
    * @generated from field: bytes png = 6;
    */
