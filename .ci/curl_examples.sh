@@ -98,11 +98,11 @@ grep -q 'event: progress' generate.out || fail "Generate: the example printed $(
 for f in reference.png fox.png; do
     [ "$(head -c 8 "$f" | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ] || fail "$f is not a PNG"
 done
-# The same set over gRPC: the same bytes.
+# The same set over gRPC: the same bytes (`generate` names its files NNNNN-<seed>-<index>.png).
 "$bin" generate --server "127.0.0.1:$api_port" --client-id me --out grpc --share-norm group --scale 0.8 --seed 42 --steps 20 \
     --prompt "a lighthouse, linocut print" --prompt "a fox, linocut print" >grpc.log 2>&1 || { cat grpc.log >&2; fail "stylealign generate (gRPC) failed"; }
-cmp reference.png grpc/image_00.png || fail "reference.png differs from the gRPC image"
-cmp fox.png grpc/image_01.png || fail "fox.png differs from the gRPC image"
+cmp reference.png grpc/00000-42-0.png || fail "reference.png differs from the gRPC image"
+cmp fox.png grpc/00000-42-1.png || fail "fox.png differs from the gRPC image"
 
 example release-session
 [ "$(cat release-session.out)" = "{}" ] || fail "ReleaseSession: $(cat release-session.out)"
