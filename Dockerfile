@@ -32,6 +32,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY crates ./crates
 COPY proto ./proto
 COPY assets ./assets
+# The playground's page and style sheet, embedded next to the bundle in assets/.
+COPY web/src/index.html web/src/style.css ./web/src/
 # Cargo.toml declares [[bench]] unet; cargo checks that its file exists when it reads the manifest.
 COPY benches ./benches
 COPY src ./src

@@ -76,9 +76,11 @@ async fn http(method: &str, addr: SocketAddr, path: &str) -> Reply {
     Reply { status: parts.status.as_u16(), version: parts.version, headers: parts.headers, body }
 }
 
+/// A committed playground file: the bundle from `assets/playground/`, the page and style sheet
+/// from `web/src/`.
 fn committed(name: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/playground").join(name))
-        .expect("committed playground file")
+    let dir = if name == "app.js" { "assets/playground" } else { "web/src" };
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name)).expect("committed playground file")
 }
 
 #[test]

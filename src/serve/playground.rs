@@ -1,15 +1,16 @@
 //! The browser playground: one page at `/` on the API port that calls `stylealign.v1.StyleAlign`
-//! over gRPC-Web from the same origin (so no CORS). Its files are built from `web/` (generated
-//! protobuf code + connect-web, bundled by esbuild; `web/build.sh`), committed under
-//! `assets/playground/` and embedded in the binary. `--no-playground` turns it off.
+//! over gRPC-Web from the same origin (so no CORS). The page and style sheet are `web/src/`'s; the
+//! script is built from `web/` (generated protobuf code + connect-web, bundled by esbuild;
+//! `web/build.sh`) and committed as `assets/playground/app.js`. All three are embedded in the
+//! binary. `--no-playground` turns it off.
 
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-const INDEX_HTML: &str = include_str!("../../assets/playground/index.html");
+const INDEX_HTML: &str = include_str!("../../web/src/index.html");
 const APP_JS: &str = include_str!("../../assets/playground/app.js");
-const STYLE_CSS: &str = include_str!("../../assets/playground/style.css");
+const STYLE_CSS: &str = include_str!("../../web/src/style.css");
 
 /// The page only talks to its own origin; images are shown and downloaded from `blob:` URLs
 /// (which may also be fetched, e.g. to read a downloaded PNG back).
