@@ -4,11 +4,14 @@
 //!
 //! Every server process is killed when its handle drops (also when a test fails).
 
+mod service_common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use service_common::read_addresses;
 use stylealign::client::{self, Identity};
 use stylealign::serve::pb;
 use tonic::Code;
@@ -74,23 +77,8 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn stylealign serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send((line, r));
-        });
-        let Ok((line, reader)) = rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            panic!("the server printed no address within 30 s");
-        };
-        // "stylealign: gRPC on <addr>"
-        let Some(addr) = line.strip_prefix("stylealign: gRPC on ").map(|r| r.split(',').next().unwrap_or("").trim().to_string()) else {
-            let _ = child.kill();
-            panic!("unexpected first line: {line:?}");
-        };
+        let (addrs, reader) = read_addresses(&mut child);
+        let addr = addrs[0].to_string();
         let server = Server { child, addr, _stdout: reader };
         server.wait_serving();
         server

@@ -4,7 +4,6 @@
 
 mod service_common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,15 +49,9 @@ fn spawn_server(drain_timeout_secs: u64) -> Proc {
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("spawn stylealign serve");
-    let stdout = child.stdout.take().unwrap();
-    let mut p = Proc { child, api: "0.0.0.0:0".parse().unwrap(), admin: "0.0.0.0:0".parse().unwrap(), log };
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read the address line");
-    // "stylealign: gRPC on 127.0.0.1:P, admin (metrics, health) on 127.0.0.1:Q"
-    let addrs: Vec<SocketAddr> = line.split([' ', ',']).filter_map(|w| w.trim().parse().ok()).collect();
-    assert_eq!(addrs.len(), 2, "unexpected first line {line:?}");
-    (p.api, p.admin) = (addrs[0], addrs[1]);
-    p
+    let (addrs, _) = read_addresses(&mut child);
+    assert_eq!(addrs.len(), 2, "API and admin addresses: {addrs:?}");
+    Proc { child, api: addrs[0], admin: addrs[1], log }
 }
 
 fn sigterm(p: &Proc) {

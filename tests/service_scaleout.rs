@@ -6,7 +6,7 @@
 
 mod service_common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -58,27 +58,8 @@ impl Replica {
             Secret::Env(s) => cmd.env("STYLEALIGN_SESSION_SECRET", s),
         };
         let mut child = cmd.spawn().expect("spawn stylealign serve");
-        let stdout = child.stdout.take().expect("stdout");
-        // "stylealign: gRPC on <addr>, admin (metrics, health) on <addr>"
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send((line, r));
-        });
-        let (line, reader) = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("the server printed no address within 30 s");
-            }
-        };
-        let addr = line.strip_prefix("stylealign: gRPC on ").and_then(|r| r.split(',').next()).map(|a| a.trim().to_string());
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            panic!("unexpected first line: {line:?}");
-        };
+        let (addrs, reader) = read_addresses(&mut child);
+        let addr = addrs[0].to_string();
         Replica { child, addr, _stdout: reader }
     }
 

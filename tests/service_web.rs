@@ -6,7 +6,6 @@
 
 mod service_common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -342,10 +341,8 @@ fn spawn_serve(extra: &[&str], env: &[(&str, &str)]) -> Proc {
         cmd.env(k, v);
     }
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn stylealign serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the address line");
-    let api = line.split([' ', ',']).find_map(|w| w.trim().parse().ok()).unwrap_or_else(|| panic!("no address in {line:?}"));
-    Proc { child, api }
+    let (addrs, _) = read_addresses(&mut child);
+    Proc { child, api: addrs[0] }
 }
 
 async fn wait_serving(addr: SocketAddr) {

@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdout};
 use std::time::Duration;
 
 use stylealign::client::{self, Identity, SetResult};
@@ -23,6 +26,31 @@ pub fn run<F: Future<Output = ()>>(limit: Duration, body: impl FnOnce() -> F) {
         let _guard = SERIAL.lock().await;
         tokio::time::timeout(limit, body()).await.expect("test exceeded its time limit");
     });
+}
+
+/// The addresses a spawned `stylealign serve` prints on its first line ("stylealign: gRPC on
+/// ADDR, admin (metrics, health) on ADDR", or "… admin off"), read within 30 s; on a timeout or
+/// another line the child is killed and the test fails. The reader is returned so that the pipe
+/// stays open for whatever the server prints later.
+pub fn read_addresses(child: &mut Child) -> (Vec<SocketAddr>, BufReader<ChildStdout>) {
+    let stdout = child.stdout.take().expect("the server's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send((line, r));
+    });
+    let Ok((line, reader)) = rx.recv_timeout(Duration::from_secs(30)) else {
+        let _ = child.kill();
+        panic!("the server printed no address within 30 s");
+    };
+    let addrs: Vec<SocketAddr> = line.split([' ', ',']).filter_map(|w| w.trim().parse().ok()).collect();
+    if !line.starts_with("stylealign: gRPC on ") || addrs.is_empty() {
+        let _ = child.kill();
+        panic!("unexpected first line: {line:?}");
+    }
+    (addrs, reader)
 }
 
 /// A config for tests: ephemeral ports, small limits, one CPU worker.
