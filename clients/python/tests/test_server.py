@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import textwrap
 import threading
 from pathlib import Path
 
@@ -281,6 +282,18 @@ def test_readme_example_works_as_written(server, tmp_path, monkeypatch):
     assert saved == ["image_0.png", "image_1.png"]
     with Image.open(tmp_path / "image_1.png") as image:
         assert image.size == (64, 64) and "parameters" in image.info
+
+
+def test_repository_readme_shows_the_same_example():
+    # The repository's README repeats the example (indented in a list): it must stay the tested one.
+    package_readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = package_readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    repo_readme = (Path(__file__).resolve().parents[3] / "README.md")
+    if not repo_readme.exists():
+        pytest.skip("run from an installed copy outside the repository")
+    blocks = [b.split("```", 1)[0] for b in repo_readme.read_text().split("```python\n")[1:]]
+    dedented = [textwrap.dedent(b) for b in blocks]
+    assert example in dedented, "README.md's Python example differs from clients/python/README.md's"
 
 
 def test_generate_retries_a_full_admission_queue(caplog):
