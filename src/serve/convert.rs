@@ -22,13 +22,37 @@ pub struct FieldError {
 }
 
 impl FieldError {
+    /// Messages quote client input through [`bounded`]; as a backstop, the whole message is cut
+    /// at twice that.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        let message = message.into();
+        let message = match bounded_to(&message, 2 * MAX_ECHO_BYTES) {
+            std::borrow::Cow::Owned(short) => short,
+            std::borrow::Cow::Borrowed(_) => message,
+        };
+        Self { field: field.into(), message }
     }
 
     pub fn status(&self) -> Status {
         Status::invalid_argument(self.to_string())
     }
+}
+
+/// Most bytes of a status or log message that quotes client input.
+pub const MAX_ECHO_BYTES: usize = 1024;
+
+/// `text` cut to [`MAX_ECHO_BYTES`] (at a character boundary) with a note of its full length, so
+/// that no client input comes back or goes to a log unbounded.
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    bounded_to(text, MAX_ECHO_BYTES)
+}
+
+fn bounded_to(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    std::borrow::Cow::Owned(format!("{}… ({} bytes in all)", &text[..cut], text.len()))
 }
 
 impl std::fmt::Display for FieldError {

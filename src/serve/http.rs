@@ -136,10 +136,14 @@ struct ApiError {
 
 impl ApiError {
     fn new(http: StatusCode, code: Code, message: String, field: Option<(String, String)>) -> Self {
+        // JSON errors quote the offending value (e.g. an unknown enum name): bounded, as a path
+        // can be.
+        let bounded = |s: String| super::convert::bounded(&s).into_owned();
+        let message = bounded(message);
         let details = field
             .map(|(field, description)| ErrorDetail {
                 type_url: BAD_REQUEST_TYPE,
-                field_violations: vec![FieldViolation { field, description }],
+                field_violations: vec![FieldViolation { field: bounded(field), description: bounded(description) }],
             })
             .into_iter()
             .collect();

@@ -31,7 +31,7 @@ use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::{StyleAlign, StyleAlignServer};
 use super::queue::{BatchPolicy, Dropped, PushError, Queue, Ticket};
-use super::session::{SessionError, SessionSecret, SessionStore, random_u64};
+use super::session::{SessionError, SessionSecret, SessionStore, random_u64, shown};
 use super::worker::{self, AbortFlag, FailCode, GenJob, JobControl, JobEvent, Models, Provenance};
 use crate::device::{self, DeviceSpec};
 use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, ReferenceImage, SetSpec};
@@ -262,7 +262,7 @@ impl StyleAlign for Service {
                 let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
                 st.sessions.release(&owner, id).map_err(session_status)?;
                 st.update_session_gauge();
-                tracing::info!(client = %owner, session = %id, "session released");
+                tracing::info!(client = %owner, session = %shown(id), "session released");
                 Ok(Response::new(pb::ReleaseSessionResponse {}))
             })(),
         )
@@ -319,9 +319,11 @@ impl Service {
             return Err(FieldError::new("model", format!("required; loaded models: {}", st.model_names().join(", "))).status());
         }
         let Some(model) = st.model(&req.model) else {
-            return Err(
-                FieldError::new("model", format!("unknown model {:?}; loaded models: {}", req.model, st.model_names().join(", "))).status()
-            );
+            return Err(FieldError::new(
+                "model",
+                format!("unknown model {:?}; loaded models: {}", convert::bounded(&req.model), st.model_names().join(", ")),
+            )
+            .status());
         };
         let patch = convert::patch_from_proto(&req)?;
         let s = st.sessions.create(&owner, &model.name, patch).map_err(session_status)?;
@@ -404,7 +406,7 @@ impl Service {
             Err(PushError::Closed(_)) => return Err(Status::unavailable("server is shutting down")),
         };
         metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
-        tracing::info!(job = id, client = %owner, session = %session.id, rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
+        tracing::info!(job = id, client = %owner, session = %session.short_id(), rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
         let (out_tx, out_rx) = mpsc::channel(16);
         st.active_streams.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(forward(self.state.clone(), id, events_rx, out_tx, control, ticket, deadline, arrived));

@@ -98,8 +98,8 @@ pub enum SessionError {
     GlobalCap(usize),
 }
 
-/// How an id is shown in errors: tokens are long, so only their start.
-fn shown(id: &str) -> String {
+/// How an id is shown in errors and logs: tokens are long, so only their start.
+pub fn shown(id: &str) -> String {
     match id.char_indices().nth(24) {
         Some((i, _)) => format!("{}…", &id[..i]),
         None => id.to_string(),
