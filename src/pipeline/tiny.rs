@@ -67,19 +67,13 @@ fn gain(key: &str) -> f32 {
     }
 }
 
-/// Builds the embedded model on `device`.
-pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
-    build(device, false).map(|(p, _)| p)
+/// The UNet's weights: synthetic, by the recipe of [`gain`].
+fn unet_weights(device: &Device) -> Weights {
+    Weights::synthetic_with_gain("tiny/unet", SEED, gain, device)
 }
 
-/// Builds the embedded model on `device`, with its model hash: the SHA-256 of the safetensors
-/// file its UNet weights would be saved as (deterministic, like the weights).
-pub fn tiny_pipeline_with_hash(device: &Device) -> Result<(Pipeline, String), PipelineError> {
-    build(device, true).map(|(p, h)| (p, h.expect("hash requested")))
-}
-
-fn build(device: &Device, hash: bool) -> Result<(Pipeline, Option<String>), PipelineError> {
-    let unet_cfg = UNetConfig::from_raw(&raw(
+fn unet_config() -> Result<UNetConfig, PipelineError> {
+    UNetConfig::from_raw(&raw(
         "tiny/unet/config.json",
         json!({
             "block_out_channels": [32, 64, 64],
@@ -93,7 +87,20 @@ fn build(device: &Device, hash: bool) -> Result<(Pipeline, Option<String>), Pipe
             "in_channels": 4,
             "out_channels": 4
         }),
-    ))?;
+    ))
+    .map_err(PipelineError::from)
+}
+
+/// The embedded model's hash: the SHA-256 of the safetensors file its UNet weights would be saved
+/// as (deterministic, like the weights).
+pub fn unet_sha256(device: &Device) -> Result<String, PipelineError> {
+    let weights = unet_weights(device);
+    UNet::from_weights(unet_config()?, &weights)?;
+    Ok(sha256_bytes(&weights.synthetic_safetensors().expect("synthetic weights")))
+}
+
+/// Builds the embedded model on `device`.
+pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
     let clip_cfg = ClipConfig::from_raw(&raw(
         "tiny/text_encoder/config.json",
         json!({
@@ -120,12 +127,10 @@ fn build(device: &Device, hash: bool) -> Result<(Pipeline, Option<String>), Pipe
             "scaling_factor": 0.18215
         }),
     ))?;
-    let unet_weights = Weights::synthetic_with_gain("tiny/unet", SEED, gain, device);
-    let unet = UNet::from_weights(unet_cfg, &unet_weights)?;
-    let sha256 = hash.then(|| sha256_bytes(&unet_weights.synthetic_safetensors().expect("synthetic weights")));
+    let unet = UNet::from_weights(unet_config()?, &unet_weights(device))?;
     let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic_with_gain("tiny/text_encoder", SEED + 1, gain, device))?;
     let vae = Vae::from_weights(vae_cfg, &Weights::synthetic_with_gain("tiny/vae", SEED + 2, gain, device))?;
-    let pipeline = Pipeline::assemble(
+    Pipeline::assemble(
         TINY_MODEL.to_string(),
         PathBuf::from("<embedded>"),
         embedded_tokenizer()?,
@@ -137,6 +142,5 @@ fn build(device: &Device, hash: bool) -> Result<(Pipeline, Option<String>), Pipe
         SchedulerConfig::default(),
         false,
         device,
-    )?;
-    Ok((pipeline, sha256))
+    )
 }

@@ -12,7 +12,6 @@ use super::session::Session;
 use crate::pipeline::{Image, ReferenceImage, SizeConditioning};
 use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::{AdainSite, NodeOptions, OfficialArgs, ShareAttn, ShareNorm, StyleAligned};
-use sha2::{Digest, Sha256};
 
 /// A rejected request field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -385,7 +384,7 @@ pub fn validate_generate(
         if !g.is_finite() || !(0.0..=limits.max_guidance).contains(&g) {
             return Err(FieldError::new("reference_guidance_scale", format!("{g} is outside [0, {}]", limits.max_guidance)));
         }
-        let sha256 = Sha256::digest(&req.reference_image).iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = crate::model::hash::sha256_bytes(&req.reference_image);
         Some(ValidReference { image, caption: req.reference_caption.clone(), offset, guidance: g, sha256 })
     };
     let size_conditioning = match &req.size_conditioning {

@@ -845,6 +845,17 @@ async fn wait_until(end: Instant, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// SHA-256 of a model's UNet weights file (see [`crate::model::hash`]).
+fn model_sha256(src: &ModelSource, dev: &burn::tensor::Device) -> anyhow::Result<Arc<str>> {
+    let t = Instant::now();
+    let h = match src {
+        ModelSource::Tiny => crate::pipeline::tiny::unet_sha256(dev).context("hashing the embedded model")?,
+        ModelSource::Dir(d) => crate::model::hash::diffusers_unet_sha256(d).with_context(|| format!("hashing model {}", d.display()))?,
+    };
+    tracing::info!(model = ?src, sha256 = %h, elapsed_ms = t.elapsed().as_millis() as u64, "model hashed");
+    Ok(Arc::from(h))
+}
+
 /// Loads every model on every device and warms each up with one step.
 fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<ModelEntry>)>> {
     let mut out = Vec::new();
@@ -857,21 +868,14 @@ fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<Mo
         for (src, hash) in cfg.models.iter().zip(hashes.iter_mut()) {
             let t = Instant::now();
             let p = match src {
-                ModelSource::Tiny if hash.is_some() => crate::pipeline::tiny::tiny_pipeline(&dev),
-                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline_with_hash(&dev).map(|(p, h)| {
-                    *hash = Some(Arc::from(h));
-                    p
-                }),
+                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline(&dev),
                 ModelSource::Dir(d) => Pipeline::load(d, &dev),
             }
             .with_context(|| format!("loading model {src:?} on {spec}"))?;
-            if let (ModelSource::Dir(d), None) = (src, &hash) {
-                let t = Instant::now();
-                let h = crate::model::hash::diffusers_unet_sha256(d).with_context(|| format!("hashing model {}", d.display()))?;
-                tracing::info!(model = %p.name(), sha256 = %h, elapsed_ms = t.elapsed().as_millis() as u64, "model hashed");
-                *hash = Some(Arc::from(h));
-            }
-            let sha256 = hash.clone().expect("hashed above");
+            let sha256 = match hash {
+                Some(h) => h.clone(),
+                None => hash.insert(model_sha256(src, &dev)?).clone(),
+            };
             let name: Arc<str> = Arc::from(p.name());
             if models.contains_key(&name) {
                 anyhow::bail!("two models are named {name:?}; serve folders with distinct names");
