@@ -283,6 +283,24 @@ fn every_route_matches_grpc() {
     });
 }
 
+/// A huge unknown enum value is quoted by the JSON error only in part: the message and the
+/// BadRequest field violation each quote at most 1 KiB of it.
+#[test]
+fn huge_json_values_are_quoted_short() {
+    run(LIMIT, || async {
+        let server = start(test_config()).await;
+        let http = Http::new(server.addr()).with("x-client-id", "hostile");
+        let body = format!("{{\"model\":\"tiny\",\"shareNorm\":\"{}\"}}", "x".repeat(100_000));
+        let (status, reply) = http.call_raw(Method::POST, "/v1/sessions", body.into_bytes()).await;
+        let reply = reply.to_string();
+        assert_eq!(status, 400, "{}", &reply[..reply.len().min(300)]);
+        assert!(reply.contains("shareNorm"), "names the field: {}", &reply[..reply.len().min(300)]);
+        assert!(reply.len() <= 3 * 1024, "{} bytes of reply", reply.len());
+        let (status, _) = http.call(Method::GET, "/v1/models", None).await;
+        assert_eq!(status, 200, "still serving");
+    });
+}
+
 /// Bad JSON, bad fields, bad headers, unknown sessions and routes, oversized bodies: each with
 /// its HTTP status and a JSON body naming the problem; nothing is queued by any of them.
 #[test]
