@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use stylealign::client::{self, StdoutClosed};
 use stylealign::serve::config::ServeArgs;
+use stylealign::telemetry::Telemetry;
 
 #[derive(Parser)]
 #[command(name = "stylealign", version, about = "Style-aligned Stable Diffusion image sets over gRPC")]
@@ -46,15 +47,26 @@ enum Command {
     Loadtest(client::loadtest::LoadArgs),
 }
 
-fn init_logging(format: LogFormat, default: &str) {
-    use tracing_subscriber::EnvFilter;
+/// Logs to standard error; with an OTLP endpoint, spans also go to the collector (the returned
+/// handle flushes them at exit).
+fn init_logging(format: LogFormat, default: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<Option<Telemetry>> {
+    use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => b.try_init(),
-        LogFormat::Json => b.json().try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let (otel, telemetry) = match otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, telemetry) = Telemetry::otlp(endpoint, "stylealign")?;
+            (Some(layer), Some(telemetry))
+        }
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    Ok(telemetry)
 }
 
 fn main() -> ExitCode {
@@ -63,7 +75,17 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_log);
+    let otlp = match &cli.command {
+        Command::Serve(a) => a.otlp_endpoint.as_deref(),
+        _ => None,
+    };
+    let telemetry = match init_logging(cli.log_format, default_log, otlp) {
+        Ok(t) => t,
+        Err(e) => {
+            client::err_line(format_args!("stylealign: --otlp-endpoint: {e:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -81,6 +103,9 @@ fn main() -> ExitCode {
     });
     // Work still running (an in-process server, a stream) is not waited for.
     rt.shutdown_background();
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of standard output went away (`| head`): nothing more to say.
