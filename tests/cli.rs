@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use service_common::read_addresses;
+use service_common::{ServerLog, read_addresses};
 use stylealign::client::{self, Identity};
 use stylealign::serve::pb;
 use tonic::Code;
@@ -65,6 +65,7 @@ struct Server {
     child: Child,
     addr: String,
     _stdout: BufReader<ChildStdout>,
+    log: ServerLog,
 }
 
 impl Server {
@@ -74,12 +75,13 @@ impl Server {
             .args(["--default-steps", "3", "--max-size", "256", "--max-batch-delay-ms", "0", "--drain-timeout-secs", "2"])
             .env("STYLEALIGN_SESSION_SECRET", "cli-test-session-secret-0123456789abcdefghij")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn stylealign serve");
         let (addrs, reader) = read_addresses(&mut child);
+        let log = ServerLog::watch(&mut child);
         let addr = addrs[0].to_string();
-        let server = Server { child, addr, _stdout: reader };
+        let server = Server { child, addr, _stdout: reader, log };
         server.wait_serving();
         server
     }
@@ -104,6 +106,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.log.assert_no_panic();
     }
 }
 

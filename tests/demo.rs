@@ -31,7 +31,9 @@ fn demo_writes_a_labelled_sheet_and_aligned_is_closer() {
         .output()
         .expect("run stylealign demo");
     let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-    assert!(run.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "demo failed: {stdout}\n{stderr}");
+    assert!(!stderr.contains("panicked at"), "the demo's server panicked:\n{stderr}");
 
     // Layout: label column 9·8 + 2·6 = 84 px, header 6 + 10 + 3·10 + 6 = 52 px, cells of
     // 64·2 = 128 px with 6 px between them; 4 columns, 2 rows.

@@ -35,6 +35,7 @@ struct Replica {
     child: Child,
     addr: String,
     _stdout: BufReader<ChildStdout>,
+    log: ServerLog,
 }
 
 impl Replica {
@@ -52,15 +53,16 @@ impl Replica {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         match secret {
             Secret::File(p) => cmd.arg("--session-secret-file").arg(p),
             Secret::Env(s) => cmd.env("STYLEALIGN_SESSION_SECRET", s),
         };
         let mut child = cmd.spawn().expect("spawn stylealign serve");
         let (addrs, reader) = read_addresses(&mut child);
+        let log = ServerLog::watch(&mut child);
         let addr = addrs[0].to_string();
-        Replica { child, addr, _stdout: reader }
+        Replica { child, addr, _stdout: reader, log }
     }
 
     /// A client, once the server is SERVING.
@@ -80,6 +82,7 @@ impl Replica {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.log.assert_no_panic();
     }
 }
 

@@ -324,12 +324,14 @@ fn no_playground_in_config_means_404_and_grpc_web_still_works() {
 struct Proc {
     child: Child,
     api: SocketAddr,
+    log: ServerLog,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.log.assert_no_panic();
     }
 }
 
@@ -340,9 +342,10 @@ fn spawn_serve(extra: &[&str], env: &[(&str, &str)]) -> Proc {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn stylealign serve");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign serve");
     let (addrs, _) = read_addresses(&mut child);
-    Proc { child, api: addrs[0] }
+    let log = ServerLog::watch(&mut child);
+    Proc { child, api: addrs[0], log }
 }
 
 async fn wait_serving(addr: SocketAddr) {

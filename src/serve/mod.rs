@@ -17,6 +17,7 @@ pub mod playground;
 pub mod queue;
 pub mod server;
 pub mod session;
+pub mod token;
 pub mod worker;
 
 /// Code generated from `proto/stylealign/v1/stylealign.proto` (package `stylealign.v1`).

@@ -15,17 +15,78 @@ use stylealign::serve::pb::style_align_client::StyleAlignClient;
 use stylealign::serve::{ServeConfig, Server, pb};
 use tonic::transport::Channel;
 
+/// Panics seen by the panic hook of [`run`] (any thread: server tasks, workers, the test).
+static PANICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records every panic of this process in [`PANICS`] (then prints it as usual).
+fn watch_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+            PANICS.lock().unwrap_or_else(|p| p.into_inner()).push(format!("thread '{thread}': {info}"));
+            previous(info);
+        }));
+    });
+}
+
 /// Tests in one binary run one at a time: several run timing-sensitive scenarios (queue
 /// delays, deadlines) that CPU contention from a parallel test would blur.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Runs a test body serially, on a multi-threaded runtime, within `limit`.
+/// Runs a test body serially, on a multi-threaded runtime, within `limit`, and fails it when
+/// anything panicked meanwhile, even a panic that was caught (a server task, a worker): a panic
+/// in a server log is a bug even when the client got a status.
 pub fn run<F: Future<Output = ()>>(limit: Duration, body: impl FnOnce() -> F) {
+    watch_panics();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let _guard = SERIAL.lock().await;
+        PANICS.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tokio::time::timeout(limit, body()).await.expect("test exceeded its time limit");
+        let panics = std::mem::take(&mut *PANICS.lock().unwrap_or_else(|p| p.into_inner()));
+        assert!(panics.is_empty(), "panics during the test:\n{}", panics.join("\n"));
     });
+    drop(rt);
+}
+
+/// The standard error of a spawned server, copied to this process's standard error line by
+/// line and watched for panics (see [`ServerLog::assert_no_panic`]).
+pub struct ServerLog {
+    panics: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerLog {
+    /// Takes the child's piped standard error.
+    pub fn watch(child: &mut Child) -> ServerLog {
+        let stderr = child.stderr.take().expect("the server's stderr is piped");
+        let panics = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = panics.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[server] {line}");
+                if line.contains("panicked at") {
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                }
+            }
+        });
+        ServerLog { panics, reader: Some(reader) }
+    }
+
+    /// After the child has exited (or was killed): reads the rest of its log and fails when it
+    /// contains a panic. Does nothing while the test is already failing.
+    pub fn assert_no_panic(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let panics = self.panics.lock().unwrap_or_else(|p| p.into_inner());
+        if !std::thread::panicking() {
+            assert!(panics.is_empty(), "the server panicked:\n{}", panics.join("\n"));
+        }
+    }
 }
 
 /// The addresses a spawned `stylealign serve` prints on its first line ("stylealign: gRPC on
