@@ -14,10 +14,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use stylealign::client::{self, StdoutClosed};
 use stylealign::serve::config::ServeArgs;
-use stylealign::telemetry::Telemetry;
+use stylealign::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "stylealign", version, about = "Style-aligned Stable Diffusion image sets over gRPC")]
@@ -27,12 +27,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -47,28 +41,6 @@ enum Command {
     Loadtest(client::loadtest::LoadArgs),
 }
 
-/// Logs to standard error; with an OTLP endpoint, spans also go to the collector (the returned
-/// handle flushes them at exit).
-fn init_logging(format: LogFormat, default: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<Option<Telemetry>> {
-    use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
-    let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().boxed(),
-    };
-    let (otel, telemetry) = match otlp_endpoint {
-        Some(endpoint) => {
-            let (layer, telemetry) = Telemetry::otlp(endpoint, "stylealign")?;
-            (Some(layer), Some(telemetry))
-        }
-        None => (None, None),
-    };
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
-    Ok(telemetry)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
@@ -79,7 +51,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => a.otlp_endpoint.as_deref(),
         _ => None,
     };
-    let telemetry = match init_logging(cli.log_format, default_log, otlp) {
+    let traces = match telemetry::init(cli.log_format, default_log, otlp) {
         Ok(t) => t,
         Err(e) => {
             client::err_line(format_args!("stylealign: --otlp-endpoint: {e:#}"));
@@ -103,7 +75,7 @@ fn main() -> ExitCode {
     });
     // Work still running (an in-process server, a stream) is not waited for.
     rt.shutdown_background();
-    if let Some(t) = telemetry {
+    if let Some(t) = traces {
         t.shutdown();
     }
     match result {

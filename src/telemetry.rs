@@ -1,5 +1,5 @@
-//! OpenTelemetry traces over OTLP/gRPC, off unless an endpoint is configured
-//! (`--otlp-endpoint`, or `OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! The process's log (standard error, text or JSON, filtered by `RUST_LOG`) and its
+//! OpenTelemetry traces over OTLP/gRPC, off unless an endpoint is configured (`--otlp-endpoint`).
 //!
 //! The `tracing` spans of the service become OpenTelemetry spans (`tracing-opentelemetry`) and are
 //! sent in batches by the OTLP exporter. A call whose metadata carries a W3C `traceparent` (and
@@ -20,9 +20,46 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer as _;
+
+/// The target of the spans that are exported (the log's own spans are not): the RPC, and a
+/// Generate call's queue wait, batch, steps, decode and encode.
+/// Numeric fields of these spans are `i64`: the OpenTelemetry layer records unsigned integers
+/// as strings.
+pub const TARGET: &str = "stylealign::trace";
 
 /// How long shutting down waits for the last spans to leave.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the log is written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to standard error at `default_filter` unless `RUST_LOG` says otherwise; with an OTLP
+/// endpoint, spans also go to the collector (the returned handle flushes them at exit).
+pub fn init(format: LogFormat, default_filter: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<Option<Telemetry>> {
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (otel, telemetry) = match otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, telemetry) = Telemetry::otlp(endpoint, "stylealign")?;
+            (Some(layer), Some(telemetry))
+        }
+        None => (None, None),
+    };
+    // The log's filter (RUST_LOG) is the log's alone: exported spans are chosen by target.
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init();
+    Ok(telemetry)
+}
 
 /// The exporter's side of tracing: keep it alive while the process runs, then [`shutdown`]
 /// (Self::shutdown) to send what is still buffered.
@@ -60,7 +97,9 @@ impl Telemetry {
             .with_resource(Resource::builder().with_service_name(service_name.to_string()).build())
             .build();
         let tracer = provider.tracer("stylealign");
-        Ok((tracing_opentelemetry::layer().with_tracer(tracer), Telemetry { provider, runtime }))
+        let only_ours = tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO);
+        let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours);
+        Ok((layer, Telemetry { provider, runtime }))
     }
 
     /// Sends the buffered spans (bounded by a timeout) and stops the exporter.

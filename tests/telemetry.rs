@@ -16,7 +16,6 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use service_common::*;
 use stylealign::client::{self, Identity};
-use stylealign::serve::pb;
 
 /// An OTLP trace receiver that keeps every span it is sent.
 #[derive(Clone, Default)]
@@ -26,7 +25,10 @@ struct Receiver {
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let spans = request.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
         self.spans.lock().unwrap().extend(spans);
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
@@ -111,7 +113,9 @@ fn generate_is_traced_under_the_callers_trace() {
         let session = loop {
             match c.patch_model(who.request(default_patch(), None)).await {
                 Ok(s) => break s.into_inner().session_id,
-                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < end => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 Err(s) => panic!("PatchModel: {s}"),
             }
         };
@@ -167,5 +171,57 @@ fn generate_is_traced_under_the_callers_trace() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(server);
+    });
+}
+
+/// A collector that is down costs nothing but the lost spans: calls succeed, nothing panics. An
+/// endpoint that is not a URL is refused at start.
+#[test]
+fn an_unreachable_collector_does_not_hurt_and_a_bad_endpoint_is_refused() {
+    run(Duration::from_secs(120), || async {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stylealign"))
+            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
+            .args(["--otlp-endpoint", &format!("http://{closed}")])
+            .env("OTEL_BSP_SCHEDULE_DELAY", "20")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stylealign serve");
+        let (addrs, _stdout) = read_addresses(&mut child);
+        let log = ServerLog::watch(&mut child);
+        let server = Proc { child, log };
+        let mut c = client::connect(&addrs[0].to_string()).await.expect("connect");
+        let who = Identity::client("lost-spans");
+        let end = Instant::now() + Duration::from_secs(60);
+        let session = loop {
+            match c.patch_model(who.request(default_patch(), None)).await {
+                Ok(s) => break s.into_inner().session_id,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(s) => panic!("PatchModel: {s}"),
+            }
+        };
+        for seed in 0..3 {
+            let req = who.request(request(&session, &["a", "b"], 32, 2, seed), None);
+            finish(c.generate(req).await.expect("Generate").into_inner()).await.expect("images without a collector");
+        }
+        // Several export attempts have failed meanwhile.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(server);
+
+        let out = Command::new(env!("CARGO_BIN_EXE_stylealign"))
+            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--otlp-endpoint", "not a url"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stylealign serve");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a bad endpoint must stop the server: {err}");
+        assert!(err.contains("--otlp-endpoint") && !err.contains("panicked"), "{err}");
     });
 }
