@@ -6,6 +6,7 @@
 //! - [`sampling`]: schedulers and the CFG loop.
 //! - [`device`]: choosing the compute device.
 //! - [`serve`]: the gRPC service; [`client`]: the client behind `stylealign generate` / `demo` / `loadtest`.
+//! - [`telemetry`]: OpenTelemetry traces (OTLP), off unless configured.
 
 pub mod client;
 pub mod device;
@@ -14,3 +15,4 @@ pub mod pipeline;
 pub mod sampling;
 pub mod serve;
 pub mod style_aligned;
+pub mod telemetry;

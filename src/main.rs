@@ -14,9 +14,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use stylealign::client::{self, StdoutClosed};
 use stylealign::serve::config::ServeArgs;
+use stylealign::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "stylealign", version, about = "Style-aligned Stable Diffusion image sets over gRPC")]
@@ -26,12 +27,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -46,24 +41,23 @@ enum Command {
     Loadtest(client::loadtest::LoadArgs),
 }
 
-fn init_logging(format: LogFormat, default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => b.try_init(),
-        LogFormat::Json => b.json().try_init(),
-    };
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
         Command::Serve(_) => "info",
         _ => "warn",
     };
-    init_logging(cli.log_format, default_log);
+    let otlp = match &cli.command {
+        Command::Serve(a) => a.otlp_endpoint.as_deref(),
+        _ => None,
+    };
+    let traces = match telemetry::init(cli.log_format, default_log, otlp) {
+        Ok(t) => t,
+        Err(e) => {
+            client::err_line(format_args!("stylealign: --otlp-endpoint: {e:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -81,6 +75,9 @@ fn main() -> ExitCode {
     });
     // Work still running (an in-process server, a stream) is not waited for.
     rt.shutdown_background();
+    if let Some(t) = traces {
+        t.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of standard output went away (`| head`): nothing more to say.

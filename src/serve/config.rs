@@ -161,6 +161,11 @@ pub struct ServeArgs {
     /// Do not serve the browser playground at `/` on the API port.
     #[arg(long, env = "STYLEALIGN_NO_PLAYGROUND")]
     pub no_playground: bool,
+    /// Send OpenTelemetry traces over OTLP/gRPC to this collector (e.g. `http://otel-collector:4317`):
+    /// a span per RPC (continuing a W3C `traceparent`), with queue wait, batch, steps, decode and
+    /// encode as children. Off when unset.
+    #[arg(long, env = "STYLEALIGN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for ServeArgs {

@@ -24,6 +24,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tracing::Instrument as _;
 
 use super::config::{ModelSource, ServeConfig};
 use super::convert::{self, FieldError, Limits, ModelFacts};
@@ -379,6 +380,8 @@ impl Service {
         }
 
         let id = st.next_job.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "Generate", job = id as i64, rows = set.prompts.len() as i64, steps = v.steps as i64, code = tracing::field::Empty);
+        let queue_span = tracing::info_span!(target: crate::telemetry::TARGET, parent: &span, "queue");
         let control = Arc::new(JobControl::default());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let rows = set.prompts.len();
@@ -394,6 +397,8 @@ impl Service {
             control: control.clone(),
             events: events_tx,
             stats: st.stats.clone(),
+            span: span.clone(),
+            queue_span: Some(queue_span),
         };
         let ticket = match st.queue.push(job) {
             Ok(t) => t,
@@ -409,7 +414,7 @@ impl Service {
         tracing::info!(job = id, client = %owner, session = %session.short_id(), rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
         let (out_tx, out_rx) = mpsc::channel(16);
         st.active_streams.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(forward(self.state.clone(), id, events_rx, out_tx, control, ticket, deadline, arrived));
+        tokio::spawn(forward(self.state.clone(), id, events_rx, out_tx, control, ticket, deadline, arrived).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }
@@ -524,6 +529,7 @@ async fn forward(
         }
     };
     count("Generate", code);
+    tracing::Span::current().record("code", code_name(code));
     if code == tonic::Code::Ok {
         metrics::histogram!(m::GENERATE_TIME).record(arrived.elapsed().as_secs_f64());
     }
@@ -620,7 +626,11 @@ impl Server {
         }
         let api = api.fallback(api_fallback);
         let grpc = tonic::transport::Server::builder()
-            .trace_fn(|req| tracing::info_span!("rpc", path = %req.uri().path()))
+            .trace_fn(|req| {
+                let span = tracing::info_span!(target: crate::telemetry::TARGET, "rpc", path = %req.uri().path());
+                crate::telemetry::continue_trace(&span, req.headers());
+                span
+            })
             .accept_http1(true)
             .add_routes(tonic::service::Routes::from(api))
             .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));

@@ -113,6 +113,10 @@ pub struct GenJob {
     pub control: Arc<JobControl>,
     pub events: UnboundedSender<JobEvent>,
     pub stats: Arc<Stats>,
+    /// The request's span (see [`crate::telemetry`]); the worker's spans for this set go below it.
+    pub span: tracing::Span,
+    /// Open while the job waits for a worker.
+    pub queue_span: Option<tracing::Span>,
 }
 
 impl GenJob {
@@ -205,9 +209,17 @@ pub fn spawn_worker(
     })
 }
 
+/// The span of one denoising step of a set.
+fn step_span(batch: &tracing::Span, step: usize, total: usize) -> tracing::Span {
+    tracing::info_span!(target: crate::telemetry::TARGET, parent: batch, "step", step = step as i64, total = total as i64)
+}
+
 /// Runs one batch; every job gets its images or a failure, even if the model panics.
 pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &AtomicBool, stats: &Stats) {
-    let (jobs, waits): (Vec<GenJob>, Vec<Duration>) = batch.items.into_iter().unzip();
+    let (mut jobs, waits): (Vec<GenJob>, Vec<Duration>) = batch.items.into_iter().unzip();
+    for j in &mut jobs {
+        j.queue_span = None;
+    }
     let Some(first) = jobs.first() else { return };
     let Some(pipeline) = models.get(&first.model).cloned() else {
         for j in &jobs {
@@ -232,6 +244,12 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
     let started = Instant::now();
 
     let sets: Vec<SetSpec> = jobs.iter().map(|j| j.set.clone()).collect();
+    let set_spans: Vec<tracing::Span> = jobs
+        .iter()
+        .map(|j| tracing::info_span!(target: crate::telemetry::TARGET, parent: &j.span, "batch", worker, sets = jobs.len() as i64, rows = rows as i64, width = spec.width as i64, height = spec.height as i64))
+        .collect();
+    // Per set: the span of the step running now, then of the VAE decode after the last step.
+    let mut phase: Vec<Option<tracing::Span>> = set_spans.iter().map(|b| Some(step_span(b, 1, spec.steps))).collect();
     // Jobs still in the batch; the closure records who stopped when.
     let live = Mutex::new(vec![true; jobs.len()]);
     let mut last = Instant::now();
@@ -269,6 +287,10 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
                     j.send(JobEvent::Progress { step, total });
                 }
             }
+            phase[k] = live[k].then(|| match step < total {
+                true => step_span(&set_spans[k], step + 1, total),
+                false => tracing::info_span!(target: crate::telemetry::TARGET, parent: &set_spans[k], "decode"),
+            });
         }
         live.clone()
     };
@@ -276,13 +298,17 @@ pub fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, abort: &At
     let (hits, misses) = pipeline.inversion_cache_stats();
     metrics::counter!(m::INVERSION_CACHE_HITS).absolute(hits);
     metrics::counter!(m::INVERSION_CACHE_MISSES).absolute(misses);
+    drop(phase);
     let live = live.into_inner().unwrap_or_else(|p| p.into_inner());
     match result {
         Ok(Ok(outputs)) => {
-            for ((j, out), alive) in jobs.iter().zip(outputs).zip(live) {
+            for (((j, out), alive), set_span) in jobs.iter().zip(outputs).zip(live).zip(&set_spans) {
                 match out {
                     Some(images) if alive => {
                         for (index, img) in images.into_iter().enumerate() {
+                            let _encode =
+                                tracing::info_span!(target: crate::telemetry::TARGET, parent: set_span, "encode", index = index as i64)
+                                    .entered();
                             let prompt = j.set.prompts.get(index).cloned().unwrap_or_default();
                             let params = ImageParameters {
                                 generator: GENERATOR,
