@@ -1,10 +1,14 @@
 //! A set that leaves a running batch (cancelled, deadline, client gone) does not disturb the sets
 //! that stay: for every sampler, the remaining set's images equal those it gets when run alone —
-//! including the multistep DPM-Solver++ samplers, whose state carries the previous step's rows.
+//! including the multistep DPM-Solver++ samplers, whose state carries the previous step's rows —
+//! whether it leaves at a step boundary or is stopped in the middle of a step.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::Device;
 use stylealign::pipeline::tiny::tiny_pipeline;
-use stylealign::pipeline::{BatchSpec, SetSpec};
+use stylealign::pipeline::{BatchSpec, RunEvent, SetSpec, SetStop};
 use stylealign::sampling::sampler::SamplerKind;
 use stylealign::style_aligned::StyleAligned;
 
@@ -41,5 +45,116 @@ fn a_set_cancelled_mid_run_leaves_its_batch_mates_unchanged_for_every_sampler() 
         let (a, b) = (alone[0].as_ref().unwrap(), both[0].as_ref().unwrap());
         assert_eq!(a.len(), 2);
         assert!(a == b, "{sampler:?}: the kept set's images differ from running alone");
+    }
+}
+
+fn batch(sampler: SamplerKind) -> BatchSpec {
+    BatchSpec { width: 32, height: 32, steps: 5, guidance: 7.5, sampler, patch: Some(StyleAligned::default()), size_conditioning: None }
+}
+
+/// A stop check that counts its calls and stops `victims` from call number `at` on (once `at`
+/// is armed); the calls inside a step (the model's checks between blocks and attention tiles)
+/// count too, so arming it at the end of a step with a small offset stops the victims in the
+/// middle of the next step.
+struct MidStep {
+    calls: AtomicUsize,
+    at: AtomicUsize,
+    victims: Vec<usize>,
+}
+
+impl MidStep {
+    fn new(victims: &[usize]) -> Arc<Self> {
+        Arc::new(Self { calls: AtomicUsize::new(0), at: AtomicUsize::new(usize::MAX), victims: victims.to_vec() })
+    }
+
+    fn stop(self: &Arc<Self>) -> SetStop {
+        let me = self.clone();
+        Arc::new(move |set| {
+            let n = me.calls.fetch_add(1, Ordering::SeqCst);
+            me.victims.contains(&set) && n >= me.at.load(Ordering::SeqCst)
+        })
+    }
+
+    /// Arms it `offset` calls from now.
+    fn arm(&self, offset: usize) {
+        self.at.store(self.calls.load(Ordering::SeqCst) + offset, Ordering::SeqCst);
+    }
+}
+
+/// For every sampler: a batch-mate stopped in the middle of step 3 leaves the batch at the end of
+/// that step, and the set that stays gets exactly the images it gets alone (the multistep
+/// samplers' previous-step state follows the rows that stay).
+#[test]
+fn a_mate_stopped_inside_a_step_leaves_the_survivor_bit_identical_for_every_sampler() {
+    let pipeline = tiny_pipeline(&Device::flex()).unwrap();
+    let kept = set(&["a lighthouse, linocut", "a fox, linocut"], 11);
+    let mate = set(&["a boat, watercolor", "a tree, watercolor", "a house, watercolor"], 12);
+    let never: SetStop = Arc::new(|_| false);
+    for sampler in SamplerKind::ALL {
+        let b = batch(sampler);
+        let alone = pipeline.generate_until(&b, std::slice::from_ref(&kept), &never, &mut |_| {}).unwrap();
+        let check = MidStep::new(&[1]);
+        let stop = check.stop();
+        let mut dropped = Vec::new();
+        let mut steps = Vec::new();
+        let both = pipeline
+            .generate_until(&b, &[kept.clone(), mate.clone()], &stop, &mut |e| match e {
+                RunEvent::Stepped(v) => {
+                    steps.push((v.step, v.sets.iter().map(|s| s.0).collect::<Vec<_>>()));
+                    if v.step == 2 {
+                        // Three checks into step 3: set 0's and set 1's boundary checks, then the
+                        // model's first check inside the step.
+                        check.arm(3);
+                    }
+                }
+                RunEvent::Dropped { set, steps } => dropped.push((set, steps)),
+                RunEvent::Decoding { .. } => {}
+            })
+            .unwrap_or_else(|e| panic!("{sampler:?}: {e}"));
+        assert_eq!(dropped, [(1, 3)], "{sampler:?}: the mate left after step 3, the step it was stopped in");
+        assert_eq!(steps.len(), 5, "{sampler:?}: {steps:?}");
+        assert_eq!(steps[2], (3, vec![0, 1]), "{sampler:?}: step 3 ran with both sets");
+        assert_eq!(steps[3], (4, vec![0]), "{sampler:?}: step 4 without the mate");
+        assert!(both[1].is_none(), "{sampler:?}: the stopped set returns nothing");
+        let (a, b) = (alone[0].as_ref().unwrap(), both[0].as_ref().unwrap());
+        assert_eq!(a.len(), 2);
+        assert!(a == b, "{sampler:?}: the survivor's images differ from running alone");
+    }
+}
+
+/// When every set of a batch is stopped inside a step, the step is abandoned there (between UNet
+/// blocks) instead of finishing: no further step is reported and the check fires at most once
+/// more per set.
+#[test]
+fn a_batch_whose_sets_all_stop_inside_a_step_abandons_the_step() {
+    let pipeline = tiny_pipeline(&Device::flex()).unwrap();
+    let a = set(&["a lighthouse, linocut", "a fox, linocut"], 11);
+    let b = set(&["a boat, watercolor", "a tree, watercolor"], 12);
+    for sampler in [SamplerKind::Ddim, SamplerKind::DpmPp2m] {
+        let check = MidStep::new(&[0, 1]);
+        let stop = check.stop();
+        let mut dropped = Vec::new();
+        let mut last_step = 0;
+        let mut calls_at_step_2 = 0;
+        let out = pipeline
+            .generate_until(&batch(sampler), &[a.clone(), b.clone()], &stop, &mut |e| match e {
+                RunEvent::Stepped(v) => {
+                    last_step = v.step;
+                    if v.step == 2 {
+                        calls_at_step_2 = check.calls.load(Ordering::SeqCst);
+                        check.arm(4);
+                    }
+                }
+                RunEvent::Dropped { set, steps } => dropped.push((set, steps)),
+                RunEvent::Decoding { .. } => {}
+            })
+            .unwrap();
+        assert_eq!(last_step, 2, "{sampler:?}: step 3 was abandoned");
+        assert_eq!(dropped, [(0, 2), (1, 2)], "{sampler:?}: both sets left after the 2 completed steps");
+        assert!(out.iter().all(Option::is_none));
+        // A whole step asks the check dozens of times (every block); after it fired, the model
+        // stopped at its next check.
+        let after = check.calls.load(Ordering::SeqCst) - calls_at_step_2;
+        assert!(after <= 8, "{sampler:?}: {after} checks after arming: the step went on");
     }
 }

@@ -13,9 +13,9 @@ use stylealign::pipeline::image::Image;
 use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
+use stylealign::serve::cancel::StopReason;
 use stylealign::serve::metrics::Stats;
 use stylealign::serve::pb::generate_response::Event;
-use stylealign::serve::queue::Dropped;
 use stylealign::serve::{SERVICE_NAME, ServeConfig, Server, Tokens, pb};
 use stylealign::style_aligned::StyleAligned;
 use tonic::Code;
@@ -659,7 +659,7 @@ fn cancel_stops_within_a_step_and_spares_batch_mates() {
         let stops = server.stats().stops();
         assert_eq!(stops.len(), 1, "{stops:?}");
         let stop = &stops[0];
-        assert_eq!(stop.reason, Dropped::Cancelled);
+        assert_eq!(stop.reason, StopReason::ClientGone);
         assert!(stop.requested_at_step >= 3);
         assert!(stop.stopped_after_step <= stop.requested_at_step + 1, "stopped within one step: {stop:?}");
         assert!(stop.stopped_after_step < steps);
@@ -689,7 +689,7 @@ fn deadlines_in_queue_and_mid_run() {
         assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "{waited:?}");
         assert_eq!(Stats::get(&server.stats().expired_in_queue), 1);
         drop(hold);
-        eventually(Duration::from_secs(10), "idle", || server.state().queue.is_idle()).await;
+        eventually(Duration::from_secs(10), "idle", || server.engine().is_idle()).await;
         assert_eq!(Stats::get(&server.stats().batches), 1, "the expired request never ran");
 
         // Mid-run: a 150-step request with a 1.5 s deadline.
@@ -698,11 +698,9 @@ fn deadlines_in_queue_and_mid_run() {
             .await;
         assert_code(r, Code::DeadlineExceeded, "while running");
         assert!(t.elapsed() < Duration::from_secs(5));
-        eventually(Duration::from_secs(10), "stop recorded", || {
-            server.stats().stops().iter().any(|s| s.reason == Dropped::DeadlineExceeded)
-        })
-        .await;
-        let stop = server.stats().stops().into_iter().find(|s| s.reason == Dropped::DeadlineExceeded).unwrap();
+        eventually(Duration::from_secs(10), "stop recorded", || server.stats().stops().iter().any(|s| s.reason == StopReason::Deadline))
+            .await;
+        let stop = server.stats().stops().into_iter().find(|s| s.reason == StopReason::Deadline).unwrap();
         assert!(stop.stopped_after_step < 150, "{stop:?}");
         assert!(stop.stopped_after_step <= stop.requested_at_step + 1, "stopped at the next step: {stop:?}");
         server.shutdown().await;

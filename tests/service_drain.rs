@@ -1,6 +1,7 @@
 //! SIGTERM on the real binary: health turns NOT_SERVING, new calls are UNAVAILABLE, queued and
 //! running work finishes, then the process exits 0; past the drain deadline, remaining work is
-//! stopped (UNAVAILABLE) and the process still exits 0.
+//! stopped (UNAVAILABLE) and the process still exits 0 — also in the middle of a long step.
+//! Every test fails if the server's log shows a panic.
 
 mod service_common;
 
@@ -22,6 +23,15 @@ struct Proc {
     api: SocketAddr,
     admin: SocketAddr,
     log: std::path::PathBuf,
+}
+
+impl Proc {
+    /// Fails the test if the server's log (after it exited) contains a panic.
+    fn assert_no_panic(&self) {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked at")).collect();
+        assert!(panics.is_empty(), "the server panicked:\n{}", panics.join("\n"));
+    }
 }
 
 impl Drop for Proc {
@@ -116,6 +126,7 @@ fn sigterm_drains_then_exits_zero() {
         assert_eq!(finish(running).await.expect("the running request finishes").len(), 2);
         assert_eq!(finish(queued).await.expect("the queued request finishes").len(), 1);
         assert_eq!(wait_exit(&mut p, Duration::from_secs(30)).await, 0);
+        p.assert_no_panic();
     });
 }
 
@@ -136,5 +147,35 @@ fn drain_deadline_stops_remaining_work_and_exits_zero() {
         assert_eq!(finish(queued).await.unwrap_err().code(), Code::Unavailable);
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert_eq!(wait_exit(&mut p, Duration::from_secs(30)).await, 0);
+        p.assert_no_panic();
+    });
+}
+
+/// SIGTERM with a 3 s drain while a 2048² step runs (one such step takes far longer than the
+/// drain here): the running client gets UNAVAILABLE and the process exits 0 soon after the drain
+/// deadline — the step is cut off inside, between blocks or attention tiles.
+#[test]
+fn sigterm_during_a_huge_step_exits_zero_soon_after_the_drain_deadline() {
+    run(Duration::from_secs(300), || async {
+        let mut p = spawn_server(3);
+        wait_serving(&p).await;
+        let mut c = stylealign::client::connect(&p.api.to_string()).await.unwrap();
+        let me = Identity::client("huge");
+        let s = session(&mut c, &me, default_patch()).await;
+        let (running, _) = open_until(&mut c, &me, request(&s, &["a", "b"], 2048, 30, 1), None, is_started).await;
+        // Inside the first step.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        sigterm(&p);
+        let r = finish(running).await;
+        let answered = t.elapsed();
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable, "cut off at the drain deadline");
+        let code = wait_exit(&mut p, Duration::from_secs(60)).await;
+        let exited = t.elapsed();
+        eprintln!("SIGTERM with a 3 s drain during a 2048² step: client answered after {answered:?}, process exited after {exited:?}");
+        assert_eq!(code, 0);
+        // Drain (3 s) + the shutdown's bounded slack (5 s) + margin.
+        assert!(exited < Duration::from_secs(15), "exited {exited:?} after SIGTERM");
+        p.assert_no_panic();
     });
 }

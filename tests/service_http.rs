@@ -17,11 +17,11 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use service_common::*;
 use stylealign::client::Identity;
+use stylealign::serve::cancel::StopReason;
 use stylealign::serve::http::MAX_BODY_BYTES;
 use stylealign::serve::metrics::Stats;
 use stylealign::serve::pb;
 use stylealign::serve::pb::generate_response::Event;
-use stylealign::serve::queue::Dropped;
 use stylealign::serve::{ServeConfig, Server, Tokens};
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -502,7 +502,7 @@ fn queue_full_deadline_and_disconnect() {
         // Disconnecting while queued takes the request out of the queue.
         drop(waiting);
         eventually(Duration::from_secs(10), "cancelled in the queue", || Stats::get(&server.stats().cancelled_in_queue) == 1).await;
-        assert_eq!(server.state().queue.depth(), 0);
+        assert_eq!(server.engine().depth(), 0);
 
         // A deadline passing in the queue.
         let events = http.with("x-timeout-seconds", "0.3").generate(req("hurried", 2, 32)).await.unwrap().all().await;
@@ -516,7 +516,7 @@ fn queue_full_deadline_and_disconnect() {
 
         // Disconnecting while running stops the request at its next step.
         drop(holder);
-        eventually(Duration::from_secs(10), "idle", || server.state().queue.is_idle()).await;
+        eventually(Duration::from_secs(10), "idle", || server.engine().is_idle()).await;
         let steps = 120;
         let (running, _) = http
             .generate(req("running", steps, 64))
@@ -529,9 +529,9 @@ fn queue_full_deadline_and_disconnect() {
         let stops: Vec<_> = server.stats().stops().into_iter().filter(|s| s.total_steps == steps).collect();
         assert_eq!(stops.len(), 1, "{stops:?}");
         let stop = &stops[0];
-        assert_eq!(stop.reason, Dropped::Cancelled);
+        assert_eq!(stop.reason, StopReason::ClientGone);
         assert!(stop.stopped_after_step < steps && stop.stopped_after_step <= stop.requested_at_step + 1, "{stop:?}");
-        eventually(Duration::from_secs(10), "idle", || server.state().queue.is_idle()).await;
+        eventually(Duration::from_secs(10), "idle", || server.engine().is_idle()).await;
         server.shutdown().await;
     });
 }

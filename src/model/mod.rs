@@ -6,6 +6,7 @@ pub mod clip;
 pub mod config;
 pub mod hash;
 pub mod nn;
+pub mod stop;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -28,4 +29,7 @@ pub enum ModelError {
     ExtraTensors { file: PathBuf, keys: Vec<String> },
     #[error("invalid input `{field}`: {message}")]
     Input { field: String, message: String },
+    /// A stop check installed with [`stop::scoped`] fired.
+    #[error("stopped")]
+    Stopped,
 }

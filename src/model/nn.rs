@@ -150,7 +150,26 @@ impl LayerNorm {
 /// This is the one place attention is computed. On the CPU backend it runs burn-flex's fused
 /// kernel (tiled, online softmax); elsewhere the explicit softmax(QKᵀ)V, which measured faster
 /// than burn-cuda's fused attention.
+///
+/// On the CPU, the queries are computed in tiles of at most [`QUERY_TILE`] queries, fewer when the
+/// keys are many (about [`TILE_WORK`] multiply-adds per tile), with a stop check
+/// ([`super::stop`]) between tiles: a large image's first-level self-attention is then many
+/// bounded pieces (bounded memory, and a bounded time to notice a stop). Each query's result
+/// depends on its own row only, so tiling does not change it (test `tiled_attention_equals_whole`).
+/// After a stop the remaining tiles are zeros; the caller's next [`super::stop::check`] fails, so
+/// they are never used.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias: Option<Tensor<4>>) -> Tensor<3> {
+    let [b, _, c] = q.dims();
+    let tile = (TILE_WORK / (b * k.dims()[1] * c).max(1)).clamp(16, QUERY_TILE);
+    attention_tiled(q, k, v, heads, bias, tile)
+}
+
+/// Most queries per attention tile on the CPU (see [`attention`]).
+pub const QUERY_TILE: usize = 4096;
+/// Multiply-adds of `q kᵀ` per attention tile on the CPU (see [`attention`]).
+pub const TILE_WORK: usize = 1 << 29;
+
+fn attention_tiled(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias: Option<Tensor<4>>, tile: usize) -> Tensor<3> {
     let [b, nq, c] = q.dims();
     let nk = k.dims()[1];
     let d = c / heads;
@@ -162,7 +181,24 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias: O
             let [bb, bh, _, _] = bias.dims();
             bias.expand([bb, bh, nq, nk])
         });
-        burn::tensor::module::attention(q, k, v, None, bias, Default::default())
+        if nq <= tile {
+            burn::tensor::module::attention(q, k, v, None, bias, Default::default())
+        } else {
+            let mut parts = Vec::with_capacity(nq.div_ceil(tile));
+            let mut start = 0;
+            while start < nq {
+                let len = tile.min(nq - start);
+                if super::stop::should_stop() {
+                    parts.push(Tensor::zeros([b, heads, nq - start, d], &q.device()));
+                    break;
+                }
+                let qt = q.clone().narrow(2, start, len);
+                let bt = bias.as_ref().map(|bias| bias.clone().narrow(2, start, len));
+                parts.push(burn::tensor::module::attention(qt, k.clone(), v.clone(), None, bt, Default::default()));
+                start += len;
+            }
+            Tensor::cat(parts, 2)
+        }
     } else {
         let scale = 1.0 / (d as f64).sqrt();
         let mut logits = q.matmul(k.swap_dims(2, 3)) * scale;
@@ -281,4 +317,43 @@ impl TimestepEmbedding {
 pub fn join(prefix: &str, name: impl std::fmt::Display) -> String {
     let name = name.to_string();
     key(prefix, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// Query tiles give the same attention as one pass (with and without a bias), and a stop
+    /// between tiles zeroes the rest.
+    #[test]
+    fn tiled_attention_equals_whole() {
+        let dev = burn::tensor::Device::flex();
+        let q = Tensor::<3>::random([2, 70, 16], Distribution::Default, &dev);
+        let k = Tensor::<3>::random([2, 90, 16], Distribution::Default, &dev);
+        let v = Tensor::<3>::random([2, 90, 16], Distribution::Default, &dev);
+        let bias = Tensor::<4>::random([2, 1, 70, 90], Distribution::Default, &dev);
+        for bias in [None, Some(bias)] {
+            let whole = attention_tiled(q.clone(), k.clone(), v.clone(), 2, bias.clone(), 4096).into_data();
+            let tiled = attention_tiled(q.clone(), k.clone(), v.clone(), 2, bias, 16).into_data();
+            assert_eq!(whole.shape, tiled.shape);
+            let (a, b) = (whole.convert::<f32>().to_vec::<f32>().unwrap(), tiled.convert::<f32>().to_vec::<f32>().unwrap());
+            let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(max <= 1e-6, "tiled attention differs by {max}");
+        }
+        let stopped = std::rc::Rc::new(std::cell::Cell::new(0usize));
+        let calls = stopped.clone();
+        // Fires from the second tile on: tile 1 computed, the rest zeros.
+        let out = super::super::stop::scoped(
+            std::rc::Rc::new(move || {
+                calls.set(calls.get() + 1);
+                calls.get() > 1
+            }),
+            || attention_tiled(q.clone(), k.clone(), v.clone(), 2, None, 16),
+        );
+        assert_eq!(out.dims(), [2, 70, 16]);
+        let rest = out.narrow(1, 16, 54).into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        assert!(rest.iter().all(|x| *x == 0.0));
+        assert_eq!(stopped.get(), 2, "checked before each tile until it fired");
+    }
 }

@@ -12,10 +12,10 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 use serde_json::json;
 
-use super::ModelError;
 use super::config::RawConfig;
 use super::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, TimestepEmbedding, join, timestep_embedding};
 use super::weights::{Weights, weight_file};
+use super::{ModelError, stop};
 
 /// The UNet's interface to a patch: every GroupNorm and every self-attention (`attn1`) layer
 /// goes through these two methods. Defaults compute the plain layer.
@@ -622,10 +622,13 @@ impl UNet {
         let ctx = encoder_hidden_states;
         let mut x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];
+        // Between blocks: a stop check (see [`super::stop`]), so a long step ends early.
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
+                stop::check()?;
                 x = resnet.forward(x, Some(&emb), hooks);
                 if let Some(attn) = block.attentions.get(j) {
+                    stop::check()?;
                     x = attn.forward(x, ctx, hooks);
                 }
                 skips.push(x.clone());
@@ -636,9 +639,12 @@ impl UNet {
             }
         }
 
+        stop::check()?;
         x = self.mid.resnets[0].forward(x, Some(&emb), hooks);
         for (attn, resnet) in self.mid.attentions.iter().zip(&self.mid.resnets[1..]) {
+            stop::check()?;
             x = attn.forward(x, ctx, hooks);
+            stop::check()?;
             x = resnet.forward(x, Some(&emb), hooks);
         }
 
@@ -646,8 +652,10 @@ impl UNet {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("skip connection per up resnet");
                 x = Tensor::cat(vec![x, skip], 1);
+                stop::check()?;
                 x = resnet.forward(x, Some(&emb), hooks);
                 if let Some(attn) = block.attentions.get(j) {
+                    stop::check()?;
                     x = attn.forward(x, ctx, hooks);
                 }
             }
@@ -658,7 +666,11 @@ impl UNet {
             }
         }
 
+        stop::check()?;
         let x = silu(hooks.group_norm(&self.conv_norm_out, x));
-        Ok(self.conv_out.forward(x))
+        let out = self.conv_out.forward(x);
+        // Attention tiles skipped after a stop leave garbage: never return it.
+        stop::check()?;
+        Ok(out)
     }
 }

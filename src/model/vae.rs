@@ -8,11 +8,11 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 use serde_json::json;
 
-use super::ModelError;
 use super::config::RawConfig;
 use super::nn::{Attention, Conv2d, GroupNorm, join};
 use super::unet::{NoHooks, ResnetBlock};
 use super::weights::{Weights, weight_file};
+use super::{ModelError, stop};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct VaeConfig {
@@ -262,17 +262,24 @@ impl Vae {
             Some(p) => p.forward(z),
             None => z,
         };
+        // Between blocks: a stop check (see [`super::stop`]).
         x = self.dec_conv_in.forward(x);
+        stop::check()?;
         x = self.dec_mid.forward(x);
         for (resnets, us) in &self.dec_blocks {
             for r in resnets {
+                stop::check()?;
                 x = r.forward(x, None, &NoHooks);
             }
             if let Some(conv) = us {
+                stop::check()?;
                 x = interpolate(x, InterpolateOptions::new(InterpolateMode::Nearest).with_scale_factor([2.0, 2.0]));
                 x = conv.forward(x);
             }
         }
-        Ok(self.dec_conv_out.forward(silu(self.dec_norm_out.forward(x))))
+        stop::check()?;
+        let out = self.dec_conv_out.forward(silu(self.dec_norm_out.forward(x)));
+        stop::check()?;
+        Ok(out)
     }
 }

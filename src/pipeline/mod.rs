@@ -11,7 +11,8 @@ pub mod reference;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -461,15 +462,52 @@ impl Pipeline {
         sets: &[SetSpec],
         on_step: &mut dyn FnMut(usize, usize) -> Vec<bool>,
     ) -> Result<Vec<Option<Vec<Image>>>, PipelineError> {
+        let (stop, wanted) = wanted_flags(sets.len());
+        self.generate_until(batch, sets, &stop, &mut |e| {
+            if let RunEvent::Stepped(v) = e {
+                record_wanted(&wanted, on_step(v.step, v.total));
+            }
+        })
+    }
+
+    /// Generates every set of the batch until its stop check says otherwise.
+    ///
+    /// `stop(set)` (monotonic: once true, always true) is asked before each set is prepared,
+    /// between steps, and before and during each set's decode; a set it stops leaves the batch
+    /// there (its rows take no part in later steps, the sampler's state follows) and comes back
+    /// as `None`. Inside a step, the model asks whether *every* set of the step is stopped (see
+    /// [`crate::model::stop`]): then the step is abandoned between UNet blocks or attention
+    /// tiles. Stopping some sets never changes the others' images. `on_event` hears every step,
+    /// every set dropped and every decode starting.
+    pub fn generate_until(
+        &self,
+        batch: &BatchSpec,
+        sets: &[SetSpec],
+        stop: &SetStop,
+        on_event: &mut dyn FnMut(RunEvent),
+    ) -> Result<Vec<Option<Vec<Image>>>, PipelineError> {
         self.validate(batch, sets)?;
         let mut sampler = Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps)?;
-        let states = sets.iter().enumerate().map(|(i, s)| self.prepare_set(i, s, batch, &sampler)).collect::<Result<Vec<_>, _>>()?;
-        let finals = self.denoise(batch, &mut sampler, states, &mut |v: &StepView| on_step(v.step, v.total))?;
+        let n = sampler.timesteps().len();
+        let mut states = Vec::with_capacity(sets.len());
+        for (i, s) in sets.iter().enumerate() {
+            match scoped_set(stop, i, || self.prepare_set(i, s, batch, &sampler)) {
+                Ok(st) => states.push(st),
+                Err(e) if is_stopped(&e) => on_event(RunEvent::Dropped { set: i, steps: 0 }),
+                Err(e) => return Err(e),
+            }
+        }
+        let finals = self.denoise_until(batch, &mut sampler, states, stop, on_event)?;
         let mut out: Vec<Option<Vec<Image>>> = vec![None; sets.len()];
         for (set, latents) in finals {
             let skip = usize::from(sets[set].reference.is_some());
             let rows = latents.dims()[0];
-            out[set] = Some(self.decode_images(latents.narrow(0, skip, rows - skip))?);
+            on_event(RunEvent::Decoding { set });
+            match scoped_set(stop, set, || self.decode_images(latents.narrow(0, skip, rows - skip))) {
+                Ok(images) => out[set] = Some(images),
+                Err(e) if is_stopped(&e) => on_event(RunEvent::Dropped { set, steps: n }),
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -500,22 +538,43 @@ impl Pipeline {
     }
 
     /// Runs the sampler over the live sets (one UNet batch per step: all sets' unconditional rows,
-    /// then all conditional rows; one style group per set per half). Returns the final latents
-    /// of the sets still wanted at the end.
+    /// then all conditional rows; one style group per set per half). `on_step` returns which sets
+    /// are still wanted. Returns the final latents of the sets still wanted at the end.
     pub fn denoise(
         &self,
         batch: &BatchSpec,
         sampler: &mut Sampler,
-        mut live: Vec<SetState>,
+        live: Vec<SetState>,
         on_step: &mut dyn FnMut(&StepView) -> Vec<bool>,
+    ) -> Result<Vec<(usize, Tensor<4>)>, PipelineError> {
+        let count = live.iter().map(|l| l.set + 1).max().unwrap_or(0);
+        let (stop, wanted) = wanted_flags(count);
+        self.denoise_until(batch, sampler, live, &stop, &mut |e| {
+            if let RunEvent::Stepped(v) = e {
+                record_wanted(&wanted, on_step(v));
+            }
+        })
+    }
+
+    /// [`denoise`](Self::denoise) driven by a stop check (see [`generate_until`](Self::generate_until)).
+    /// The StyleAligned plan and hooks are built once, and again only when the batch's sets change.
+    pub fn denoise_until(
+        &self,
+        batch: &BatchSpec,
+        sampler: &mut Sampler,
+        mut live: Vec<SetState>,
+        stop: &SetStop,
+        on_event: &mut dyn FnMut(RunEvent),
     ) -> Result<Vec<(usize, Tensor<4>)>, PipelineError> {
         let dev = &self.inner.device;
         let sdxl = self.inner.family == Family::Sdxl;
         let n = sampler.timesteps().len();
-        let mut results = Vec::new();
+        // The hooks and the set sizes they were planned for.
+        let mut hooks: Option<(Vec<usize>, Box<dyn UNetHooks>)> = None;
         for i in 0..n {
+            drop_stopped(&mut live, sampler, stop, i, on_event);
             if live.is_empty() {
-                break;
+                return Ok(Vec::new());
             }
             let sizes: Vec<usize> = live.iter().map(|l| l.rows()).collect();
             let x = Tensor::cat(live.iter().map(|l| l.x.clone()).collect(), 0);
@@ -537,16 +596,36 @@ impl Pipeline {
                 None
             };
             let cond = Conditioning { encoder_hidden_states: hidden, text_time };
-            let hooks: Box<dyn UNetHooks> = match &batch.patch {
-                Some(p) => {
-                    let gain = p.resolve().map_err(PatchError::from)?.gain;
-                    let plan = ReferencePlan::from_groups(&sizes, 2, gain).map_err(PatchError::from)?;
-                    Box::new(StyleAlignedHooks::new(p, plan, self.inner.unet.self_attention_layers(), dev)?)
-                }
-                None => Box::new(NoHooks),
-            };
+            if hooks.as_ref().is_none_or(|(planned, _)| *planned != sizes) {
+                let h: Box<dyn UNetHooks> = match &batch.patch {
+                    Some(p) => {
+                        let gain = p.resolve().map_err(PatchError::from)?.gain;
+                        let plan = ReferencePlan::from_groups(&sizes, 2, gain).map_err(PatchError::from)?;
+                        Box::new(StyleAlignedHooks::new(p, plan, self.inner.unet.self_attention_layers(), dev)?)
+                    }
+                    None => Box::new(NoHooks),
+                };
+                hooks = Some((sizes.clone(), h));
+            }
+            let step_hooks = hooks.as_ref().map(|(_, h)| h.as_ref()).expect("hooks were just built");
             let x_in = sampler.scale_model_input(x.clone(), i);
-            let eps = guided_output(&self.inner.unet, x_in, sampler.timesteps()[i], &cond, batch.guidance, hooks.as_ref())?;
+            let t = sampler.timesteps()[i];
+            // Inside the step: give up when every set of it is stopped.
+            let ids: Vec<usize> = live.iter().map(|l| l.set).collect();
+            let all_stopped = stop.clone();
+            let eps = crate::model::stop::scoped(Rc::new(move || ids.iter().all(|&s| all_stopped(s))), || {
+                guided_output(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks)
+            });
+            let eps = match eps {
+                Ok(eps) => eps,
+                Err(ModelError::Stopped) => {
+                    for l in live.drain(..) {
+                        on_event(RunEvent::Dropped { set: l.set, steps: i });
+                    }
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(e.into()),
+            };
             let noise = sampler.needs_noise().then(|| {
                 // Each set's rows draw from its own seed, so batching does not change them.
                 let [_, ch, h, w] = x.dims();
@@ -564,24 +643,10 @@ impl Pipeline {
                 }
             }
             let view = StepView { step: i + 1, total: n, sets: live.iter().map(|l| (l.set, &l.x)).collect() };
-            let wanted = on_step(&view);
-            let keep = |set: usize| wanted.get(set).copied().unwrap_or(true);
-            if i + 1 == n {
-                results.extend(live.drain(..).filter(|l| keep(l.set)).map(|l| (l.set, l.x)));
-            } else if live.iter().any(|l| !keep(l.set)) {
-                let mut first = 0;
-                let mut kept = Vec::new();
-                for l in &live {
-                    if keep(l.set) {
-                        kept.push((first, l.rows()));
-                    }
-                    first += l.rows();
-                }
-                sampler.keep_rows(&kept);
-                live.retain(|l| keep(l.set));
-            }
+            on_event(RunEvent::Stepped(&view));
         }
-        Ok(results)
+        drop_stopped(&mut live, sampler, stop, n, on_event);
+        Ok(live.into_iter().map(|l| (l.set, l.x)).collect())
     }
 
     /// Decodes latents to 8-bit RGB images.
@@ -593,6 +658,70 @@ impl Pipeline {
         };
         let img = vae.decode(z)?;
         Ok(Image::from_tensor(img))
+    }
+}
+
+/// Which sets must stop, by index in the request list (see [`Pipeline::generate_until`]).
+pub type SetStop = Arc<dyn Fn(usize) -> bool + Send + Sync>;
+
+/// What [`Pipeline::generate_until`] reports as it runs.
+pub enum RunEvent<'a, 'b> {
+    /// A step of the live sets is done.
+    Stepped(&'a StepView<'b>),
+    /// A set's stop check fired: it left the batch after `steps` completed steps.
+    Dropped { set: usize, steps: usize },
+    /// The set's decode starts.
+    Decoding { set: usize },
+}
+
+/// Whether an error is a stop (a stop check fired), not a failure.
+pub fn is_stopped(e: &PipelineError) -> bool {
+    matches!(e, PipelineError::Model(ModelError::Stopped) | PipelineError::Stopped(_))
+}
+
+/// Runs `f` with `stop(set)` as the model's stop check.
+fn scoped_set<R>(stop: &SetStop, set: usize, f: impl FnOnce() -> Result<R, PipelineError>) -> Result<R, PipelineError> {
+    let stop = stop.clone();
+    crate::model::stop::scoped(Rc::new(move || stop(set)), f)
+}
+
+/// Drops the stopped sets at a step boundary (`steps` completed); the sampler keeps the rest.
+fn drop_stopped(live: &mut Vec<SetState>, sampler: &mut Sampler, stop: &SetStop, steps: usize, on_event: &mut dyn FnMut(RunEvent)) {
+    let stopped: Vec<bool> = live.iter().map(|l| stop(l.set)).collect();
+    if !stopped.contains(&true) {
+        return;
+    }
+    let mut first = 0;
+    let mut kept = Vec::new();
+    for (l, &gone) in live.iter().zip(&stopped) {
+        if gone {
+            on_event(RunEvent::Dropped { set: l.set, steps });
+        } else {
+            kept.push((first, l.rows()));
+        }
+        first += l.rows();
+    }
+    sampler.keep_rows(&kept);
+    let mut k = 0;
+    live.retain(|_| {
+        k += 1;
+        !stopped[k - 1]
+    });
+}
+
+/// A stop check from "wanted" flags that a step callback clears (for the `Vec<bool>` callbacks).
+fn wanted_flags(n: usize) -> (SetStop, Arc<Mutex<Vec<bool>>>) {
+    let wanted = Arc::new(Mutex::new(vec![true; n]));
+    let w = wanted.clone();
+    let stop: SetStop = Arc::new(move |s| !w.lock().unwrap_or_else(|p| p.into_inner()).get(s).copied().unwrap_or(true));
+    (stop, wanted)
+}
+
+/// Clears the flags of the sets no longer wanted (never sets one again).
+fn record_wanted(wanted: &Mutex<Vec<bool>>, now: Vec<bool>) {
+    let mut w = wanted.lock().unwrap_or_else(|p| p.into_inner());
+    for (flag, keep) in w.iter_mut().zip(now) {
+        *flag &= keep;
     }
 }
 

@@ -13,6 +13,7 @@
 //! | `stylealign_dropped_total` | counter | `reason` (`deadline_exceeded`, `cancelled`, `shutting_down`), `stage` (`queued`, `running`) |
 //! | `stylealign_sessions` | gauge | |
 //! | `stylealign_running_batches` | gauge | |
+//! | `stylealign_stop_seconds` | histogram | `reason` (as `stylealign_dropped_total`): a running set's stop request (for a deadline: the deadline) → the set stopped |
 //! | `process_resident_memory_bytes` | gauge | (Linux: `VmRSS`, read when `/metrics` is scraped) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +21,7 @@ use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use super::queue::Dropped;
+use super::cancel::StopReason;
 
 pub const REQUESTS: &str = "stylealign_requests_total";
 pub const QUEUE_DEPTH: &str = "stylealign_queue_depth";
@@ -33,6 +34,7 @@ pub const IMAGES: &str = "stylealign_images_total";
 pub const DROPPED: &str = "stylealign_dropped_total";
 pub const SESSIONS: &str = "stylealign_sessions";
 pub const RUNNING: &str = "stylealign_running_batches";
+pub const STOP_TIME: &str = "stylealign_stop_seconds";
 /// The Prometheus client libraries' standard name.
 pub const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 pub const INVERSION_CACHE_HITS: &str = "stylealign_inversion_cache_hits_total";
@@ -75,6 +77,11 @@ fn describe() {
     metrics::describe_counter!(DROPPED, "Requests stopped before completion, by reason and stage");
     metrics::describe_gauge!(SESSIONS, "Live sessions");
     metrics::describe_gauge!(RUNNING, "UNet batches running");
+    metrics::describe_histogram!(
+        STOP_TIME,
+        metrics::Unit::Seconds,
+        "Running sets: time from the stop request (or deadline) to the set stopped"
+    );
     metrics::describe_gauge!(RESIDENT_MEMORY, metrics::Unit::Bytes, "Resident memory size of the server process");
 }
 
@@ -93,20 +100,14 @@ pub fn resident_memory_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn dropped_label(reason: Dropped) -> &'static str {
-    match reason {
-        Dropped::DeadlineExceeded => "deadline_exceeded",
-        Dropped::Cancelled => "cancelled",
-        Dropped::ShuttingDown => "shutting_down",
-    }
-}
-
 /// A stopped running request: when the stop was asked for and after which step its rows left
 /// the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StopRecord {
     pub job: u64,
-    pub reason: Dropped,
+    pub reason: StopReason,
+    /// From the stop request (for a deadline: the deadline) to the set leaving its batch.
+    pub latency: std::time::Duration,
     /// Steps completed when the stop was requested.
     pub requested_at_step: u32,
     /// The last step its rows took part in.
@@ -132,16 +133,17 @@ pub struct Stats {
 
 impl Stats {
     pub fn record_stop(&self, r: StopRecord) {
-        metrics::counter!(DROPPED, "reason" => dropped_label(r.reason), "stage" => "running").increment(1);
+        metrics::counter!(DROPPED, "reason" => r.reason.label(), "stage" => "running").increment(1);
+        metrics::histogram!(STOP_TIME, "reason" => r.reason.label()).record(r.latency.as_secs_f64());
         self.stops.lock().unwrap_or_else(|p| p.into_inner()).push(r);
     }
 
-    pub fn record_dropped_in_queue(&self, reason: Dropped) {
-        metrics::counter!(DROPPED, "reason" => dropped_label(reason), "stage" => "queued").increment(1);
+    pub fn record_dropped_in_queue(&self, reason: StopReason) {
+        metrics::counter!(DROPPED, "reason" => reason.label(), "stage" => "queued").increment(1);
         let c = match reason {
-            Dropped::DeadlineExceeded => &self.expired_in_queue,
-            Dropped::Cancelled => &self.cancelled_in_queue,
-            Dropped::ShuttingDown => &self.aborted_in_queue,
+            StopReason::Deadline => &self.expired_in_queue,
+            StopReason::ClientGone => &self.cancelled_in_queue,
+            StopReason::Shutdown => &self.aborted_in_queue,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }

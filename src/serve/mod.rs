@@ -1,17 +1,21 @@
 //! The gRPC service: `stylealign serve`.
 //!
 //! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
-//! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
-//! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
-//! batches), [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
+//! naming fields), [`session`] (the per-client session store), [`engine`] (the serving core: it
+//! owns the [`queue`] (bounded admission queue with priorities and the batcher), the [`worker`]
+//! threads that run batches, and the jobs' [`cancel`] tokens; [`job`] describes a job),
+//! [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
 //! [`http`] (the same RPCs as JSON over HTTP), [`playground`] (the browser page), [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
+pub mod cancel;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod http;
 pub mod infotext;
+pub mod job;
 pub mod metrics;
 pub mod playground;
 pub mod queue;

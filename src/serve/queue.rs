@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::cancel::StopReason;
+
 /// Scheduling priority; higher runs first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, clap::ValueEnum)]
 pub enum Priority {
@@ -36,17 +38,6 @@ impl Priority {
     }
 }
 
-/// Why an item left the queue without running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dropped {
-    /// Its deadline passed while it waited.
-    DeadlineExceeded,
-    /// Its client went away.
-    Cancelled,
-    /// The server shut down before it ran.
-    ShuttingDown,
-}
-
 /// What the queue needs from an item.
 pub trait QueueItem: Send {
     fn priority(&self) -> Priority;
@@ -55,11 +46,11 @@ pub trait QueueItem: Send {
     /// Whether the two may run in one batch.
     fn compatible(&self, other: &Self) -> bool;
     /// `Some` when it should not run any more.
-    fn stopped(&self, now: Instant) -> Option<Dropped>;
+    fn stopped(&self, now: Instant) -> Option<StopReason>;
     /// Its position changed: `position` requests run before it; `depth` wait in all.
     fn on_position(&mut self, position: usize, depth: usize);
     /// It left the queue without running.
-    fn on_dropped(self, reason: Dropped);
+    fn on_dropped(self, reason: StopReason);
 }
 
 /// Batching policy.
@@ -192,7 +183,7 @@ impl<T: QueueItem> Queue<T> {
         };
         let n = items.len();
         for it in items {
-            it.on_dropped(Dropped::ShuttingDown);
+            it.on_dropped(StopReason::Shutdown);
         }
         self.cond.notify_all();
         n
@@ -216,8 +207,8 @@ impl<T: QueueItem> Queue<T> {
         }
     }
 
-    fn purge(&self, s: &mut State<T>, now: Instant) -> Vec<(T, Dropped)> {
-        let dead: Vec<(Ticket, Dropped)> = s.waiting.iter().filter_map(|(t, w)| w.item.stopped(now).map(|r| (*t, r))).collect();
+    fn purge(&self, s: &mut State<T>, now: Instant) -> Vec<(T, StopReason)> {
+        let dead: Vec<(Ticket, StopReason)> = s.waiting.iter().filter_map(|(t, w)| w.item.stopped(now).map(|r| (*t, r))).collect();
         dead.into_iter().filter_map(|(t, r)| s.waiting.remove(&t).map(|w| (w.item, r))).collect()
     }
 
@@ -316,11 +307,11 @@ mod tests {
         fn compatible(&self, other: &Self) -> bool {
             self.key == other.key
         }
-        fn stopped(&self, now: Instant) -> Option<Dropped> {
+        fn stopped(&self, now: Instant) -> Option<StopReason> {
             if self.cancelled.load(Ordering::SeqCst) {
-                Some(Dropped::Cancelled)
+                Some(StopReason::ClientGone)
             } else if self.deadline.is_some_and(|d| now >= d) {
-                Some(Dropped::DeadlineExceeded)
+                Some(StopReason::Deadline)
             } else {
                 None
             }
@@ -328,7 +319,7 @@ mod tests {
         fn on_position(&mut self, position: usize, depth: usize) {
             let _ = self.log.send(format!("{} at {position}/{depth}", self.name));
         }
-        fn on_dropped(self, reason: Dropped) {
+        fn on_dropped(self, reason: StopReason) {
             let _ = self.log.send(format!("{} dropped {reason:?}", self.name));
         }
     }
@@ -433,8 +424,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(names(&q.next_batch(&NO_BATCH).unwrap()), ["kept"]);
         let log: Vec<String> = rx.try_iter().collect();
-        assert!(log.contains(&"late dropped DeadlineExceeded".to_string()), "{log:?}");
-        assert!(log.contains(&"gone dropped Cancelled".to_string()), "{log:?}");
+        assert!(log.contains(&"late dropped Deadline".to_string()), "{log:?}");
+        assert!(log.contains(&"gone dropped ClientGone".to_string()), "{log:?}");
         assert!(log.contains(&"last at 3/4".to_string()), "{log:?}");
         assert!(log.contains(&"last at 0/1".to_string()), "{log:?}");
         assert!(q.remove(t).is_none(), "already taken");
@@ -448,7 +439,7 @@ mod tests {
         q.push(item("b", Priority::Normal, 1, 0, &tx)).unwrap();
         assert_eq!(q.abort_waiting(), 2);
         let log: Vec<String> = rx.try_iter().collect();
-        assert!(log.contains(&"b dropped ShuttingDown".to_string()));
+        assert!(log.contains(&"b dropped Shutdown".to_string()));
         assert_eq!(q.depth(), 0);
     }
 }

@@ -6,14 +6,16 @@
 //! 1. [`Server::bind`]: listeners up, health NOT_SERVING, every StyleAlign call UNAVAILABLE.
 //! 2. [`Server::load`]: models loaded on blocking threads, one warm-up step per model and device,
 //!    workers started; health SERVING.
-//! 3. [`Server::drain`] (SIGTERM): health NOT_SERVING, new calls UNAVAILABLE, queued and running
-//!    work finishes (up to the drain timeout, then it is stopped at its next step with
-//!    UNAVAILABLE), then the listeners close.
+//! 3. [`Server::shutdown`] (SIGTERM): health NOT_SERVING, new calls UNAVAILABLE, queued and
+//!    running work finishes up to the drain timeout; then the [`Engine`] cuts it off (stopped
+//!    within a step, or inside it: UNAVAILABLE), the listeners close and the workers are joined,
+//!    each wait bounded, so the process exits soon after the drain deadline whatever a worker
+//!    is doing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,12 +30,14 @@ use tracing::Instrument as _;
 
 use super::config::{ModelSource, ServeConfig};
 use super::convert::{self, FieldError, Limits, ModelFacts};
+use super::engine::{Engine, JobStream, SubmitError};
+use super::job::{FailCode, JobEvent, JobSpec, Provenance};
 use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::{StyleAlign, StyleAlignServer};
-use super::queue::{BatchPolicy, Dropped, PushError, Queue, Ticket};
+use super::queue::BatchPolicy;
 use super::session::{SessionError, SessionSecret, SessionStore, random_u64, shown};
-use super::worker::{self, AbortFlag, FailCode, GenJob, JobControl, JobEvent, Models, Provenance};
+use super::worker::Models;
 use crate::device::{self, DeviceSpec};
 use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, ReferenceImage, SetSpec};
 use crate::sampling::sampler::SamplerKind;
@@ -67,14 +71,12 @@ pub struct State {
     limits: Limits,
     models: RwLock<BTreeMap<Arc<str>, ModelEntry>>,
     pub sessions: SessionStore,
-    pub queue: Arc<Queue<GenJob>>,
+    /// The queue, the workers and the jobs' stop tokens.
+    pub engine: Engine,
     pub stats: Arc<Stats>,
     health: HealthReporter,
     phase: AtomicU8,
-    abort: AbortFlag,
-    next_job: AtomicU64,
     active_streams: AtomicUsize,
-    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl State {
@@ -374,18 +376,11 @@ impl Service {
         });
         let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference };
         check_with_model(&model.pipeline, &batch, &set)?;
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            st.stats.record_dropped_in_queue(Dropped::DeadlineExceeded);
-            return Err(Status::deadline_exceeded("deadline exceeded before the request was queued"));
-        }
 
-        let id = st.next_job.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = st.engine.next_id();
         let span = tracing::info_span!(target: crate::telemetry::TARGET, "Generate", job = id as i64, rows = set.prompts.len() as i64, steps = v.steps as i64, code = tracing::field::Empty);
-        let queue_span = tracing::info_span!(target: crate::telemetry::TARGET, parent: &span, "queue");
-        let control = Arc::new(JobControl::default());
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let rows = set.prompts.len();
-        let job = GenJob {
+        let spec = JobSpec {
             id,
             priority: v.priority,
             model: model.name.clone(),
@@ -394,27 +389,17 @@ impl Service {
             set,
             reference_sha256,
             deadline,
-            control: control.clone(),
-            events: events_tx,
-            stats: st.stats.clone(),
             span: span.clone(),
-            queue_span: Some(queue_span),
         };
-        let ticket = match st.queue.push(job) {
-            Ok(t) => t,
-            Err(PushError::Full(_)) => {
-                return Err(Status::resource_exhausted(format!(
-                    "admission queue full ({} requests waiting); retry later",
-                    st.queue.capacity()
-                )));
-            }
-            Err(PushError::Closed(_)) => return Err(Status::unavailable("server is shutting down")),
-        };
-        metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
+        let job = st.engine.submit(spec).map_err(|e| match e {
+            SubmitError::Full { .. } => Status::resource_exhausted(e.to_string()),
+            SubmitError::Closed => Status::unavailable(e.to_string()),
+            SubmitError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+        })?;
         tracing::info!(job = id, client = %owner, session = %session.short_id(), rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
         let (out_tx, out_rx) = mpsc::channel(16);
         st.active_streams.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(forward(self.state.clone(), id, events_rx, out_tx, control, ticket, deadline, arrived).instrument(span));
+        tokio::spawn(forward(self.state.clone(), job, out_tx, arrived).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 }
@@ -427,61 +412,28 @@ fn check_with_model(pipeline: &Pipeline, batch: &BatchSpec, set: &SetSpec) -> Re
     })
 }
 
-enum Wake {
-    Event(Option<JobEvent>),
-    Deadline,
-    ClientGone,
-}
-
-/// Relays a job's events to its response stream; enforces the deadline and notices the client
-/// leaving (then stops the job: taken out of the queue, or dropped from its batch at the next
-/// step).
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    st: Arc<State>,
-    job: u64,
-    mut events: mpsc::UnboundedReceiver<JobEvent>,
-    out: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
-    control: Arc<JobControl>,
-    ticket: Ticket,
-    deadline: Option<Instant>,
-    arrived: Instant,
-) {
+/// Translates a job's events into its response stream. The client leaving (or the stream's
+/// end) drops the [`JobStream`], which cancels the job.
+async fn forward(st: Arc<State>, mut job: JobStream, out: mpsc::Sender<Result<pb::GenerateResponse, Status>>, arrived: Instant) {
     use pb::generate_response::Event;
-    let sleep = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d.into()).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(sleep);
-    let stop = |reason: Dropped| {
-        control.request_stop(reason);
-        if st.queue.remove(ticket).is_some() {
-            st.stats.record_dropped_in_queue(reason);
-            metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
-        }
-    };
+    let id = job.id();
     let code = loop {
-        let wake = tokio::select! {
+        let event = tokio::select! {
             biased;
-            e = events.recv() => Wake::Event(e),
-            _ = &mut sleep => Wake::Deadline,
-            _ = out.closed() => Wake::ClientGone,
+            e = job.next() => e,
+            _ = out.closed() => break tonic::Code::Cancelled,
         };
-        let msg = match wake {
-            Wake::Event(Some(JobEvent::Queued { position, depth })) => {
+        let msg = match event {
+            Some(JobEvent::Queued { position, depth }) => {
                 Ok(Event::Queued(pb::Queued { position: position as u32, queue_depth: depth as u32 }))
             }
-            Wake::Event(Some(JobEvent::Started { batch_rows, batch_sets, queue_time })) => Ok(Event::Started(pb::Started {
+            Some(JobEvent::Started { batch_rows, batch_sets, queue_time }) => Ok(Event::Started(pb::Started {
                 batch_rows: batch_rows as u32,
                 batch_sets: batch_sets as u32,
                 queue_seconds: queue_time.as_secs_f64(),
             })),
-            Wake::Event(Some(JobEvent::Progress { step, total })) => {
-                Ok(Event::Progress(pb::Progress { step: step as u32, total_steps: total as u32 }))
-            }
-            Wake::Event(Some(JobEvent::Image(img))) => Ok(Event::Image(pb::GeneratedImage {
+            Some(JobEvent::Progress { step, total }) => Ok(Event::Progress(pb::Progress { step: step as u32, total_steps: total as u32 })),
+            Some(JobEvent::Image(img)) => Ok(Event::Image(pb::GeneratedImage {
                 index: img.index as u32,
                 prompt: img.prompt,
                 width: img.width as u32,
@@ -490,34 +442,19 @@ async fn forward(
                 png: img.png,
                 parameters: img.parameters,
             })),
-            Wake::Event(Some(JobEvent::Done)) => break tonic::Code::Ok,
-            Wake::Event(Some(JobEvent::Failed { code, message })) => Err(match code {
+            Some(JobEvent::Done) => break tonic::Code::Ok,
+            Some(JobEvent::Failed { code, message }) => Err(match code {
                 FailCode::InvalidArgument => Status::invalid_argument(message),
                 FailCode::DeadlineExceeded => Status::deadline_exceeded(message),
                 FailCode::Cancelled => Status::cancelled(message),
                 FailCode::Unavailable => Status::unavailable(message),
                 FailCode::Internal => Status::internal(message),
             }),
-            Wake::Event(None) => Err(Status::internal("the job ended without a result")),
-            Wake::Deadline => {
-                let queued = st.queue.remove(ticket).is_some();
-                control.request_stop(Dropped::DeadlineExceeded);
-                if queued {
-                    st.stats.record_dropped_in_queue(Dropped::DeadlineExceeded);
-                    metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
-                }
-                let when = if queued { "while queued (never ran)" } else { "while running" };
-                Err(Status::deadline_exceeded(format!("deadline exceeded {when}")))
-            }
-            Wake::ClientGone => {
-                stop(Dropped::Cancelled);
-                break tonic::Code::Cancelled;
-            }
+            None => Err(Status::internal("the job ended without a result")),
         };
         match msg {
             Ok(event) => {
                 if out.send(Ok(pb::GenerateResponse { event: Some(event) })).await.is_err() {
-                    stop(Dropped::Cancelled);
                     break tonic::Code::Cancelled;
                 }
             }
@@ -528,6 +465,9 @@ async fn forward(
             }
         }
     };
+    // A job that has not ended (client gone) is cancelled here.
+    drop(job);
+    let job = id;
     count("Generate", code);
     tracing::Span::current().record("code", code_name(code));
     if code == tonic::Code::Ok {
@@ -567,6 +507,7 @@ impl Server {
                 s
             }
         };
+        let stats = Arc::new(Stats::default());
         let state = Arc::new(State {
             limits: cfg.limits.clone(),
             models: RwLock::new(BTreeMap::new()),
@@ -577,14 +518,15 @@ impl Server {
                 session_secret,
                 cfg.max_session_lifetime,
             ),
-            queue: Arc::new(Queue::new(cfg.max_queue)),
-            stats: Arc::new(Stats::default()),
+            engine: Engine::new(
+                cfg.max_queue,
+                BatchPolicy { batching: cfg.batching, max_rows: cfg.max_batch_rows, max_delay: cfg.max_batch_delay },
+                stats.clone(),
+            ),
+            stats,
             health,
             phase: AtomicU8::new(LOADING),
-            abort: Arc::new(AtomicBool::new(false)),
-            next_job: AtomicU64::new(0),
             active_streams: AtomicUsize::new(0),
-            workers: Mutex::new(Vec::new()),
             cfg,
         });
         state.set_health(ServingStatus::NotServing).await;
@@ -705,7 +647,7 @@ impl Server {
                     }
                 }
                 st.update_session_gauge();
-                metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
+                metrics::gauge!(m::QUEUE_DEPTH).set(st.engine.depth() as f64);
             }
         }));
         let playground = if state.cfg.playground { format!("http://{addr}/") } else { "off".into() };
@@ -727,6 +669,11 @@ impl Server {
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.state.stats
+    }
+
+    /// The serving core: queue, workers, stop tokens.
+    pub fn engine(&self) -> &Engine {
+        &self.state.engine
     }
 
     /// The Prometheus text exposition.
@@ -751,19 +698,12 @@ impl Server {
                 models.insert(e.name.clone(), e.clone());
             }
         }
-        let policy = BatchPolicy { batching: st.cfg.batching, max_rows: st.cfg.max_batch_rows, max_delay: st.cfg.max_batch_delay };
-        let mut handles = Vec::new();
         for (spec, models, _) in loaded {
             let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
             for i in 0..n {
-                let name = format!("worker-{spec}-{i}");
-                handles.push(
-                    worker::spawn_worker(name, models.clone(), st.queue.clone(), policy, st.abort.clone(), st.stats.clone())
-                        .context("spawning a worker thread")?,
-                );
+                st.engine.start_worker(format!("worker-{spec}-{i}"), models.clone()).context("spawning a worker thread")?;
             }
         }
-        st.workers.lock().unwrap_or_else(|p| p.into_inner()).extend(handles);
         if st.phase.compare_exchange(LOADING, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             st.set_health(ServingStatus::Serving).await;
             tracing::info!(models = ?st.model_names(), "SERVING");
@@ -778,45 +718,63 @@ impl Server {
             return;
         }
         st.set_health(ServingStatus::NotServing).await;
-        st.queue.close();
-        tracing::info!(queued = st.queue.depth(), running = st.queue.running(), timeout_s = st.cfg.drain_timeout.as_secs_f64(), "draining");
+        st.engine.close();
+        tracing::info!(
+            queued = st.engine.depth(),
+            running = st.engine.running(),
+            timeout_s = st.cfg.drain_timeout.as_secs_f64(),
+            "draining"
+        );
     }
 
     /// Drains (see [`begin_drain`](Self::begin_drain)), waits for queued and running work up to
-    /// the drain timeout (then stops it at its next step), and closes the listeners.
+    /// the drain timeout, then cuts it off, and closes the listeners. Every wait after the drain
+    /// deadline is bounded: it returns within [`SHUTDOWN_SLACK`] of it, whatever a worker does.
     pub async fn shutdown(&self) {
         self.begin_drain().await;
         let st = self.state.clone();
-        let end = Instant::now() + st.cfg.drain_timeout;
-        let idle = wait_until(end, || st.queue.is_idle()).await;
-        if !idle {
-            tracing::warn!(queued = st.queue.depth(), running = st.queue.running(), "drain timeout: stopping the remaining work");
-            st.abort.store(true, Ordering::SeqCst);
-            st.queue.abort_waiting();
-            wait_until(Instant::now() + Duration::from_secs(30), || st.queue.is_idle()).await;
+        let drain_end = Instant::now() + st.cfg.drain_timeout;
+        let hard_end = drain_end + SHUTDOWN_SLACK;
+        // The slack is shared out: cut-off work stopping, streams' last messages, listeners, workers.
+        let part = |share: u32| (Instant::now() + SHUTDOWN_SLACK * share / 8).min(hard_end);
+        if !st.engine.drain(drain_end).await {
+            let stopped = st.engine.cut_off();
+            tracing::warn!(
+                stopped,
+                queued = st.engine.depth(),
+                running = st.engine.running(),
+                "drain timeout: cutting off the remaining work"
+            );
+            if !st.engine.drain(part(3)).await {
+                let n = st.engine.abandon();
+                tracing::warn!(jobs = n, "work still running after the cut-off (a step that cannot be interrupted): answered UNAVAILABLE");
+            }
         }
         // Let the streams deliver their last messages.
-        wait_until(Instant::now() + Duration::from_secs(5), || st.active_streams.load(Ordering::SeqCst) == 0).await;
+        wait_until(part(2), || st.active_streams.load(Ordering::SeqCst) == 0).await;
         st.phase.store(STOPPED, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks_end = part(2);
         for t in tasks {
             // Long-lived calls (health Watch) would hold a graceful shutdown forever.
             let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(3), t).await.is_err() {
+            if tokio::time::timeout_at(tasks_end.into(), t).await.is_err() {
                 abort.abort();
             }
         }
-        let workers: Vec<_> = std::mem::take(&mut *st.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        let _ = tokio::task::spawn_blocking(move || {
-            for w in workers {
-                let _ = w.join();
-            }
-        })
-        .await;
+        let engine = st.engine.clone();
+        let left = hard_end.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        let joined = tokio::task::spawn_blocking(move || engine.join_workers(left)).await.unwrap_or(false);
+        if !joined {
+            tracing::warn!("a worker is still inside an operation that cannot be interrupted: exiting without it");
+        }
         tracing::info!("stopped");
     }
 }
+
+/// How long [`Server::shutdown`] may take after the drain deadline.
+pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 
 /// Unknown paths on the API port: UNIMPLEMENTED for gRPC and gRPC-Web calls (in the caller's
 /// content type), 404 for plain HTTP.
