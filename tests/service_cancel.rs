@@ -10,7 +10,6 @@ use service_common::*;
 use stylealign::client::Identity;
 use stylealign::serve::cancel::StopReason;
 use stylealign::serve::metrics::Stats;
-use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::{ServeConfig, Server};
 use tonic::Code;
 
