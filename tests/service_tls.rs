@@ -279,3 +279,58 @@ fn the_cli_speaks_tls() {
         server.shutdown().await;
     });
 }
+
+/// One HTTP/1.1 request over TLS with a client certificate: (status code, body).
+async fn https(server: &Server, ca: &Ca, client: &(String, String), method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::ring::default_provider};
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(client.0.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(client.1.as_bytes()).unwrap();
+    let cfg = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[test]
+fn http_json_over_mtls_takes_the_identity_from_the_certificate() {
+    run(Duration::from_secs(60), || async {
+        let d = dir("mtls-http");
+        let (ca, clients) = (ca("server CA"), ca("client CA"));
+        let server = tls_server(server_files(&d, &leaf(&ca, &["localhost"], "server", false), Some(&clients)), None).await;
+        let a = leaf(&clients, &["spiffe://example.org/a"], "a", false);
+        let b = leaf(&clients, &[], "client-b", false);
+        let (code, body) = https(&server, &ca, &a, "POST", "/v1/sessions", r#"{"model":"tiny"}"#).await;
+        assert_eq!(code, 200, "{body}");
+        let session: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let id = session["sessionId"].as_str().unwrap().to_string();
+        let path = format!("/v1/sessions/{id}");
+        assert_eq!(https(&server, &ca, &a, "GET", &path, "").await.0, 200, "A reads its session over HTTP");
+        let (code, body) = https(&server, &ca, &b, "GET", &path, "").await;
+        assert_eq!(code, 404, "B cannot: {body}");
+        assert!(body.contains("NOT_FOUND"), "{body}");
+        // The same session over gRPC with A's certificate: one identity for both protocols.
+        let mut grpc = connect_tls(&server, &client_args(&d, &ca, Some(("a", &a)))).await.unwrap();
+        grpc.get_session(pb::GetSessionRequest { session_id: id }).await.expect("A's session over gRPC");
+        server.shutdown().await;
+    });
+}
