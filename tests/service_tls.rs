@@ -334,3 +334,25 @@ fn http_json_over_mtls_takes_the_identity_from_the_certificate() {
         server.shutdown().await;
     });
 }
+
+#[test]
+fn the_load_generator_speaks_tls() {
+    use stylealign::client::loadtest::{LoadConfig, Mix, load_test};
+    use stylealign::sampling::sampler::SamplerKind;
+    run(Duration::from_secs(120), || async {
+        let d = dir("loadtest");
+        let ca = ca("test CA");
+        let server = tls_server(server_files(&d, &leaf(&ca, &["localhost"], "server", false), None), None).await;
+        let cfg = LoadConfig {
+            requests_per_client: Some(2),
+            tls: client_args(&d, &ca, None),
+            ..LoadConfig::new(vec![format!("https://{}", server.addr())], 2, Mix::fixed(SamplerKind::Ddim, 1, 2, 64))
+        };
+        let r = load_test(&cfg).await.expect("load over TLS");
+        assert_eq!((r.requests, r.ok), (4, 4), "{:?}", r.codes);
+        // Without the CA the servers' certificate is not trusted.
+        let untrusted = LoadConfig { tls: TlsArgs::default(), ..cfg.clone() };
+        assert!(load_test(&untrusted).await.is_err());
+        server.shutdown().await;
+    });
+}
