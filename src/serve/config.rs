@@ -291,6 +291,7 @@ impl ServeConfig {
         if self.max_session_lifetime < Duration::from_secs(1) {
             return Err("--max-session-lifetime-secs must be at least 1".into());
         }
+        self.transport.check()?;
         Ok(())
     }
 }

@@ -109,30 +109,7 @@ impl From<Transport> for TransportArgs {
 impl TransportArgs {
     /// The settings; errors name the flag.
     pub fn transport(&self) -> anyhow::Result<Transport> {
-        let positive = [
-            ("unary-timeout-secs", self.unary_timeout_secs as usize),
-            ("max-concurrent-unary", self.max_concurrent_unary),
-            ("max-message-bytes", self.max_message_bytes),
-            ("idle-timeout-secs", self.idle_timeout_secs as usize),
-            ("http2-keepalive-timeout-secs", self.http2_keepalive_timeout_secs as usize),
-            ("max-concurrent-streams", self.max_concurrent_streams as usize),
-        ];
-        for (name, v) in positive {
-            if v == 0 {
-                anyhow::bail!("--{name} must be at least 1");
-            }
-        }
-        // Beyond what a request needs (the body limit is 4/3 of it) and a usize on 32-bit targets.
-        if self.max_message_bytes > 1 << 30 {
-            anyhow::bail!("--max-message-bytes must be at most 1 GiB");
-        }
-        const WEEK: u64 = 7 * 86400;
-        for (name, v) in [("unary-timeout-secs", self.unary_timeout_secs), ("idle-timeout-secs", self.idle_timeout_secs)] {
-            if v > WEEK {
-                anyhow::bail!("--{name} must be at most {WEEK} (7 days)");
-            }
-        }
-        Ok(Transport {
+        let t = Transport {
             unary_timeout: Duration::from_secs(self.unary_timeout_secs),
             max_concurrent_unary: self.max_concurrent_unary,
             max_message_bytes: self.max_message_bytes,
@@ -141,7 +118,41 @@ impl TransportArgs {
                 .then(|| Duration::from_secs(self.http2_keepalive_interval_secs.min(WEEK))),
             http2_keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_secs.min(WEEK)),
             max_concurrent_streams: self.max_concurrent_streams,
-        })
+        };
+        t.check().map_err(anyhow::Error::msg)?;
+        Ok(t)
+    }
+}
+
+/// The longest timeout accepted (seconds).
+const WEEK: u64 = 7 * 86400;
+
+impl Transport {
+    /// Checks the numbers; the message names the flag.
+    pub fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("unary-timeout-secs", self.unary_timeout.as_secs() as usize),
+            ("max-concurrent-unary", self.max_concurrent_unary),
+            ("max-message-bytes", self.max_message_bytes),
+            ("idle-timeout-secs", self.idle_timeout.as_secs() as usize),
+            ("http2-keepalive-timeout-secs", self.http2_keepalive_timeout.as_secs() as usize),
+            ("max-concurrent-streams", self.max_concurrent_streams as usize),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("--{name} must be at least 1"));
+            }
+        }
+        // Beyond what a request needs (the body limit is 4/3 of it).
+        if self.max_message_bytes > 1 << 30 {
+            return Err("--max-message-bytes must be at most 1 GiB".into());
+        }
+        for (name, v) in [("unary-timeout-secs", self.unary_timeout), ("idle-timeout-secs", self.idle_timeout)] {
+            if v > Duration::from_secs(WEEK) {
+                return Err(format!("--{name} must be at most {WEEK} (7 days)"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -372,4 +383,23 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_bad_values_name_their_flag() {
+        assert_eq!(TransportArgs::default().transport().unwrap(), Transport::default());
+        let d = Transport::default();
+        assert_eq!((d.unary_timeout, d.max_concurrent_unary, d.idle_timeout), (Duration::from_secs(30), 1024, Duration::from_secs(300)));
+        assert_eq!(d.max_message_bytes, 24 << 20);
+        let e = Transport { max_concurrent_unary: 0, ..d.clone() }.check().unwrap_err();
+        assert!(e.contains("--max-concurrent-unary"), "{e}");
+        let e = Transport { idle_timeout: Duration::from_secs(8 * 86400), ..d.clone() }.check().unwrap_err();
+        assert!(e.contains("--idle-timeout-secs"), "{e}");
+        let off = TransportArgs { http2_keepalive_interval_secs: 0, ..TransportArgs::default() }.transport().unwrap();
+        assert_eq!(off.http2_keepalive_interval, None);
+    }
 }
