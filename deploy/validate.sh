@@ -9,7 +9,8 @@
 #
 # What it checks:
 #   1. hadolint --failure-threshold error Dockerfile
-#   2. every overlay (deploy/overlays/*) renders, and every rendered object validates with
+#   2. every overlay (deploy/overlays/*: cpu, gpu, and cpu-tls / cpu-mtls with the components in
+#      deploy/components) renders, and every rendered object validates with
 #      kubernetes-validate --strict against each version in $K8S_VERSIONS (default: 1.30.0, the
 #      oldest with the preStop `sleep` action enabled by default, and 1.37.0, the newest schema
 #      kubernetes-validate 1.37 bundles); a kind without a schema is a failure too
@@ -20,7 +21,8 @@
 #   5. consistency of the rendered objects (scripted below): grace period vs drain deadline,
 #      probes and ports vs the listen addresses, Service/PDB/HPA targets, referenced ConfigMap,
 #      Secret and PVC exist, security context, GPU request in the gpu overlay, and that every
-#      STYLEALIGN_* variable the ConfigMap sets is one the server reads (src/)
+#      STYLEALIGN_* variable the ConfigMap sets is one the server reads (src/), and the TLS files
+#      (STYLEALIGN_TLS_*) are keys of Secrets mounted as directories
 #
 # Usage: deploy/validate.sh            (from anywhere)
 #        K8S_VERSIONS="1.31.0 1.37.0" deploy/validate.sh
@@ -363,6 +365,25 @@ for overlay in overlays:
                         entries = [x.strip() for x in re.split(r"[\n,]", text)]
                         entries = [x for x in entries if x and not x.startswith("#")]
                         check(entries and all(" " not in x for x in entries), f"{p} token file parses ({len(entries)} entries)")
+    # TLS (deploy/components/tls, mtls): the PEM files are keys of rendered Secrets mounted as
+    # directories (no subPath, so that rotated files reach the server), cert and key together,
+    # the client CA only with them; the probes stay on the plaintext admin port (checked above).
+    tls_files = {k: env.get(k) for k in ("STYLEALIGN_TLS_CERT", "STYLEALIGN_TLS_KEY", "STYLEALIGN_TLS_CLIENT_CA")}
+    if any(tls_files.values()):
+        check(bool(tls_files["STYLEALIGN_TLS_CERT"]) == bool(tls_files["STYLEALIGN_TLS_KEY"]),
+              f"{p} STYLEALIGN_TLS_CERT and STYLEALIGN_TLS_KEY are set together")
+        check(not tls_files["STYLEALIGN_TLS_CLIENT_CA"] or bool(tls_files["STYLEALIGN_TLS_CERT"]),
+              f"{p} STYLEALIGN_TLS_CLIENT_CA only with STYLEALIGN_TLS_CERT")
+        for var, file in tls_files.items():
+            if not file:
+                continue
+            m = mounts.get(os.path.dirname(file))
+            sec = vols.get(m["name"], {}).get("secret") if m else None
+            check(sec is not None and "subPath" not in m, f"{p} {var} {file} is on a Secret volume mounted as a directory")
+            if sec:
+                keys = [set(d.get("data", {})) | set(d.get("stringData", {}))
+                        for d in by_kind.get("Secret", []) if d["metadata"]["name"] == sec["secretName"]]
+                check(any(os.path.basename(file) in k for k in keys), f"{p} Secret {sec['secretName']} has the key {os.path.basename(file)}")
     model = env.get("STYLEALIGN_MODEL", "tiny")
     for m_ in model.split(","):
         if m_ != "tiny":

@@ -403,7 +403,7 @@ fn errors_have_http_statuses_and_json_bodies() {
         huge.resize(MAX_BODY_BYTES - 1, b'a');
         huge.extend(br#""}"#);
         assert_eq!(huge.len(), MAX_BODY_BYTES + 1);
-        assert_error(http.call_raw(Method::POST, "/v1/generate", huge).await, 413, "INVALID_ARGUMENT", "request body over the limit");
+        assert_error(http.call_raw(Method::POST, "/v1/generate", huge).await, 413, "RESOURCE_EXHAUSTED", "request body over the limit");
 
         // Nothing was queued; the good request works.
         assert_eq!(Stats::get(&server.stats().batches), 0);

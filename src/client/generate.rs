@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{Identity, StatusError, connect, err_line, format_duration, generate, out, parse_duration};
+use super::{Identity, StatusError, err_line, format_duration, generate, out, parse_duration};
 use crate::sampling::sampler::SamplerKind;
 use crate::serve::convert::{priority_to_proto, sampler_to_proto, share_attn_to_proto, share_norm_to_proto};
 use crate::serve::pb;
@@ -107,9 +107,11 @@ impl SetArgs {
 /// `stylealign generate` flags.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// `host:port` or `http://host:port`.
+    /// `host:port`, `http://host:port` or `https://host:port`.
     #[arg(long, env = "STYLEALIGN_SERVER", default_value = "127.0.0.1:50051")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     /// Output folder; images are written as `NNNNN-<seed>-<index>.png`, NNNNN one more than the
     /// highest number already there (existing files are never overwritten).
     #[arg(long)]
@@ -139,7 +141,7 @@ pub async fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let who = Identity { token: a.token.clone(), client_id: a.client_id.clone() };
     // Read the reference image before anything goes over the wire.
     let mut req = a.set.generate(String::new())?;
-    let mut c = connect(&a.server).await?;
+    let mut c = super::tls::connect_with(&a.server, &a.tls).await?;
     let session = c
         .patch_model(who.request(a.set.patch(), Some(SESSION_CALL_DEADLINE)))
         .await

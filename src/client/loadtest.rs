@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
 
-use super::{Identity, StatusError, connect, generate, out, parse_duration};
+use super::{Identity, StatusError, generate, out, parse_duration};
 use crate::sampling::sampler::SamplerKind;
 use crate::serve::pb;
 use crate::serve::session::SessionSecret;
@@ -203,6 +203,8 @@ pub struct LoadConfig {
     /// Bearer token for every client (servers with auth); else each client is `x-client-id:
     /// load-<n>`.
     pub token: Option<String>,
+    /// TLS towards the servers (`--tls-ca`, …; `https://` servers).
+    pub tls: super::tls::TlsArgs,
     pub seed: u64,
 }
 
@@ -217,6 +219,7 @@ impl LoadConfig {
             patch: pb::PatchModelRequest { model: "tiny".into(), ..Default::default() },
             timeout: Duration::from_secs(120),
             token: None,
+            tls: super::tls::TlsArgs::default(),
             seed: 0,
         }
     }
@@ -329,7 +332,7 @@ pub async fn load_test(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     for c in 0..cfg.clients {
         let mut conns = Vec::with_capacity(n);
         for s in &cfg.servers {
-            conns.push(connect(s).await?);
+            conns.push(super::tls::connect_with(s, &cfg.tls).await?);
         }
         let who = match &cfg.token {
             Some(t) => Identity { token: Some(t.clone()), client_id: None },
@@ -576,6 +579,9 @@ pub struct LoadArgs {
     /// model (see --batching).
     #[arg(long, value_delimiter = ',')]
     pub server: Vec<String>,
+    /// TLS towards --server (not the in-process server).
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     /// Concurrent clients (closed loop: each sends its next request when the last one ended). A
     /// list runs one measurement per count.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
@@ -717,6 +723,7 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
             requests_per_client: requests,
             timeout: a.timeout,
             token: a.token.clone(),
+            tls: if a.server.is_empty() { super::tls::TlsArgs::default() } else { a.tls.clone() },
             seed: a.seed,
             ..LoadConfig::new(servers, clients, mix.clone())
         };

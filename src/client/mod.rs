@@ -8,6 +8,7 @@ pub mod demo;
 pub mod generate;
 pub mod loadtest;
 pub mod status;
+pub mod tls;
 
 pub use status::StatusError;
 
@@ -58,15 +59,10 @@ pub fn endpoint_url(server: &str) -> String {
     if server.contains("://") { server.to_string() } else { format!("http://{server}") }
 }
 
+/// Connects to `server` (`host:port`, `http://…`, or `https://…` verified against the public web
+/// roots); see [`tls::connect_with`] for the TLS options.
 pub async fn connect(server: &str) -> anyhow::Result<StyleAlignClient<Channel>> {
-    let url = endpoint_url(server);
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad server address {server:?}"))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    Ok(StyleAlignClient::new(channel).max_decoding_message_size(256 << 20))
+    tls::connect_with(server, &tls::TlsArgs::default()).await
 }
 
 /// Everything one Generate call streamed.

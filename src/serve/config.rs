@@ -70,6 +70,10 @@ pub struct ServeConfig {
     pub warmup: bool,
     /// Serve the browser playground at `/` on the API port.
     pub playground: bool,
+    /// TLS (and mTLS) on the API port; `None`: plaintext.
+    pub tls: Option<super::tls::TlsFiles>,
+    /// Timeouts, limits and HTTP/2 settings of the API port.
+    pub transport: super::conn::Transport,
 }
 
 impl Default for ServeConfig {
@@ -166,6 +170,10 @@ pub struct ServeArgs {
     /// encode as children. Off when unset.
     #[arg(long, env = "STYLEALIGN_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
+    #[command(flatten)]
+    pub transport: super::conn::TransportArgs,
 }
 
 impl Default for ServeArgs {
@@ -234,6 +242,8 @@ impl ServeArgs {
             auth,
             warmup: !self.no_warmup,
             playground: !self.no_playground,
+            tls: self.tls.files()?,
+            transport: self.transport.transport()?,
         };
         cfg.check().map_err(anyhow::Error::msg)?;
         Ok(cfg)
@@ -281,6 +291,7 @@ impl ServeConfig {
         if self.max_session_lifetime < Duration::from_secs(1) {
             return Err("--max-session-lifetime-secs must be at least 1".into());
         }
+        self.transport.check()?;
         Ok(())
     }
 }

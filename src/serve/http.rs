@@ -47,14 +47,20 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
+use super::layers::Identified;
 use super::pb;
 use super::pb::style_align_server::StyleAlign;
 use super::server::{Service, code_name, parse_grpc_timeout};
 use crate::pipeline::reference::MAX_REFERENCE_BYTES;
 
-/// The largest request body: a reference image at its limit (20 MiB) in base64, plus 1 MiB for
-/// the rest of the request. Larger bodies are refused with 413.
-pub const MAX_BODY_BYTES: usize = MAX_REFERENCE_BYTES.div_ceil(3) * 4 + (1 << 20);
+/// The largest request body at the default `--max-message-bytes` (see [`max_body_bytes`]).
+pub const MAX_BODY_BYTES: usize = max_body_bytes(super::conn::DEFAULT_MAX_MESSAGE_BYTES);
+
+/// The largest request body for a gRPC message limit: its base64 size (JSON carries bytes in
+/// base64). Larger bodies are refused with 413 and RESOURCE_EXHAUSTED.
+pub const fn max_body_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.div_ceil(3) * 4
+}
 
 /// Interval of the SSE keep-alive comments.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -63,14 +69,14 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const METADATA_HEADERS: [&str; 3] = ["authorization", "x-client-id", "grpc-timeout"];
 
 /// The HTTP/JSON routes, calling `service`.
-pub fn router(service: Service) -> Router {
+pub fn router(service: Service, max_body: usize) -> Router {
     Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/sessions", post(patch_model))
         .route("/v1/sessions/{id}", get(get_session).delete(release_session))
         .route("/v1/generate", post(generate))
         .route("/v1/{*path}", any(unknown_route))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body))
         .with_state(service)
 }
 
@@ -171,6 +177,11 @@ impl From<Status> for ApiError {
     }
 }
 
+/// A failed call's HTTP/JSON answer (used by the middleware layers).
+pub fn status_response(status: Status) -> Response {
+    ApiError::from(status).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         json_response(self.http, &self.body)
@@ -196,12 +207,14 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
 fn parse_body<T: DeserializeOwned>(what: &str, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|r| {
         let status = r.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body over the limit of {MAX_BODY_BYTES} bytes (a 20 MiB `reference_image` in base64 fits)")
-        } else {
-            format!("cannot read the request body: {}", r.body_text())
-        };
-        ApiError::new(status, Code::InvalidArgument, message, None)
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            let message = format!(
+                "request body over the limit (the base64 size of --max-message-bytes; a {} MiB `reference_image` fits at the default)",
+                MAX_REFERENCE_BYTES >> 20
+            );
+            return ApiError::new(status, Code::ResourceExhausted, message, None);
+        }
+        ApiError::new(status, Code::InvalidArgument, format!("cannot read the request body: {}", r.body_text()), None)
     })?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::new(
@@ -230,7 +243,8 @@ fn parse_body<T: DeserializeOwned>(what: &str, body: Result<Bytes, BytesRejectio
 }
 
 /// A `tonic::Request` carrying `msg` and the HTTP request's metadata headers.
-fn grpc_request<T>(headers: &HeaderMap, msg: T) -> Result<tonic::Request<T>, ApiError> {
+/// The caller the identity layer found travels along ([`Identified`]).
+fn grpc_request<T>(headers: &HeaderMap, caller: Identified, msg: T) -> Result<tonic::Request<T>, ApiError> {
     let mut md = HeaderMap::new();
     for name in METADATA_HEADERS {
         for v in headers.get_all(name) {
@@ -258,6 +272,7 @@ fn grpc_request<T>(headers: &HeaderMap, msg: T) -> Result<tonic::Request<T>, Api
     }
     let mut request = tonic::Request::new(msg);
     *request.metadata_mut() = MetadataMap::from_headers(md);
+    caller.attach(&mut request);
     Ok(request)
 }
 
@@ -268,30 +283,50 @@ async fn unknown_route(method: Method, Path(path): Path<String>) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, Code::Unimplemented, message, None)
 }
 
-async fn list_models(State(svc): State<Service>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let r = svc.list_models(grpc_request(&headers, pb::ListModelsRequest {})?).await?;
+async fn list_models(State(svc): State<Service>, headers: HeaderMap, caller: Identified) -> Result<Response, ApiError> {
+    let r = svc.list_models(grpc_request(&headers, caller, pb::ListModelsRequest {})?).await?;
     Ok(json_response(StatusCode::OK, r.get_ref()))
 }
 
-async fn patch_model(State(svc): State<Service>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn patch_model(
+    State(svc): State<Service>,
+    headers: HeaderMap,
+    caller: Identified,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: pb::PatchModelRequest = parse_body("PatchModelRequest", body)?;
-    let r = svc.patch_model(grpc_request(&headers, req)?).await?;
+    let r = svc.patch_model(grpc_request(&headers, caller, req)?).await?;
     Ok(json_response(StatusCode::OK, r.get_ref()))
 }
 
-async fn get_session(State(svc): State<Service>, Path(session_id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let r = svc.get_session(grpc_request(&headers, pb::GetSessionRequest { session_id })?).await?;
+async fn get_session(
+    State(svc): State<Service>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    caller: Identified,
+) -> Result<Response, ApiError> {
+    let r = svc.get_session(grpc_request(&headers, caller, pb::GetSessionRequest { session_id })?).await?;
     Ok(json_response(StatusCode::OK, r.get_ref()))
 }
 
-async fn release_session(State(svc): State<Service>, Path(session_id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let r = svc.release_session(grpc_request(&headers, pb::ReleaseSessionRequest { session_id })?).await?;
+async fn release_session(
+    State(svc): State<Service>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    caller: Identified,
+) -> Result<Response, ApiError> {
+    let r = svc.release_session(grpc_request(&headers, caller, pb::ReleaseSessionRequest { session_id })?).await?;
     Ok(json_response(StatusCode::OK, r.get_ref()))
 }
 
-async fn generate(State(svc): State<Service>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn generate(
+    State(svc): State<Service>,
+    headers: HeaderMap,
+    caller: Identified,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: pb::GenerateRequest = parse_body("GenerateRequest", body)?;
-    let stream = svc.generate(grpc_request(&headers, req)?).await?.into_inner();
+    let stream = svc.generate(grpc_request(&headers, caller, req)?).await?.into_inner();
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(relay(stream, tx));
     Ok(Sse::new(ReceiverStream::new(rx)).into_response())
@@ -387,23 +422,33 @@ mod tests {
         h.insert("x-timeout-seconds", "2.5".parse().unwrap());
         h.insert("x-client-id", "me".parse().unwrap());
         h.insert("user-agent", "curl".parse().unwrap());
-        let r = grpc_request(&h, ()).unwrap();
+        let r = grpc_request(&h, Identified::new(Err(Status::internal("no layer"))), ()).unwrap();
         assert_eq!(r.metadata().get("grpc-timeout").unwrap(), "2500m");
         assert_eq!(r.metadata().get("x-client-id").unwrap(), "me");
         assert!(r.metadata().get("user-agent").is_none());
         h.insert("x-timeout-seconds", "1e9".parse().unwrap());
         assert_eq!(
-            grpc_request(&h, ()).unwrap_err().body.message,
+            grpc_request(&h, Identified::new(Err(Status::internal("no layer"))), ()).unwrap_err().body.message,
             "invalid `x-timeout-seconds`: 1000000000 is over the limit of 99999999 seconds"
         );
         h.insert("x-timeout-seconds", "200000".parse().unwrap());
-        assert_eq!(grpc_request(&h, ()).unwrap().metadata().get("grpc-timeout").unwrap(), "200000S");
+        assert_eq!(
+            grpc_request(&h, Identified::new(Err(Status::internal("no layer"))), ()).unwrap().metadata().get("grpc-timeout").unwrap(),
+            "200000S"
+        );
         for bad in ["0", "-1", "soon", "NaN"] {
             h.insert("x-timeout-seconds", bad.parse().unwrap());
-            assert!(grpc_request(&h, ()).unwrap_err().body.message.contains("`x-timeout-seconds`"), "{bad}");
+            assert!(
+                grpc_request(&h, Identified::new(Err(Status::internal("no layer"))), ())
+                    .unwrap_err()
+                    .body
+                    .message
+                    .contains("`x-timeout-seconds`"),
+                "{bad}"
+            );
         }
         h.insert("x-timeout-seconds", "1".parse().unwrap());
         h.insert("grpc-timeout", "1S".parse().unwrap());
-        assert!(grpc_request(&h, ()).unwrap_err().body.message.contains("not both"));
+        assert!(grpc_request(&h, Identified::new(Err(Status::internal("no layer"))), ()).unwrap_err().body.message.contains("not both"));
     }
 }

@@ -5,22 +5,27 @@
 //! owns the [`queue`] (bounded admission queue with priorities and the batcher), the [`worker`]
 //! threads that run batches, and the jobs' [`cancel`] tokens; [`job`] describes a job),
 //! [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
-//! [`http`] (the same RPCs as JSON over HTTP), [`playground`] (the browser page), [`metrics`].
+//! [`http`] (the same RPCs as JSON over HTTP), [`conn`], [`tls`] and [`layers`] (connections, TLS
+//! and mTLS, the tower middleware: identity, limits, tracing), [`playground`] (the browser page),
+//! [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
 pub mod cancel;
 pub mod config;
+pub mod conn;
 pub mod convert;
 pub mod engine;
 pub mod http;
 pub mod infotext;
 pub mod job;
+pub mod layers;
 pub mod metrics;
 pub mod playground;
 pub mod queue;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod token;
 pub mod worker;
 

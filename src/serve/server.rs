@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -32,6 +31,7 @@ use super::config::{ModelSource, ServeConfig};
 use super::convert::{self, FieldError, Limits, ModelFacts};
 use super::engine::{Engine, JobStream, SubmitError};
 use super::job::{FailCode, JobEvent, JobSpec, Provenance};
+use super::layers::{self, Caller};
 use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::{StyleAlign, StyleAlignServer};
@@ -92,41 +92,15 @@ impl State {
         }
     }
 
-    /// The common checks of a call on one session: serving, the caller's identity, a session id.
-    fn session_call<'a>(&self, md: &MetadataMap, id: &'a str) -> Result<(String, &'a str), Status> {
+    /// The common checks of a call on one session: serving, the caller's identity (from the
+    /// identity layer), a session id.
+    fn session_call<'a, T>(&self, request: &Request<T>, id: &'a str) -> Result<(String, &'a str), Status> {
         self.check_serving()?;
-        let owner = self.identify(md)?;
+        let owner = Caller::of(request)?.id;
         if id.is_empty() {
             return Err(FieldError::new("session_id", "required").status());
         }
         Ok((owner, id))
-    }
-
-    /// The calling client: the bearer token's client when auth is on, else `x-client-id`
-    /// (default `anonymous`).
-    fn identify(&self, md: &MetadataMap) -> Result<String, Status> {
-        match &self.cfg.auth {
-            Some(tokens) => {
-                let header =
-                    md.get("authorization").ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
-                let value = header.to_str().map_err(|_| Status::unauthenticated("`authorization` is not ASCII"))?;
-                let token = value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-                    .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <token>`"))?;
-                tokens.client(token.trim()).map(str::to_string).ok_or_else(|| Status::unauthenticated("unknown token"))
-            }
-            None => match md.get("x-client-id") {
-                None => Ok("anonymous".to_string()),
-                Some(v) => {
-                    let id = v.to_str().map_err(|_| Status::invalid_argument("invalid `x-client-id`: not ASCII"))?.trim();
-                    if id.is_empty() || id.len() > 128 {
-                        return Err(Status::invalid_argument("invalid `x-client-id`: 1 to 128 characters"));
-                    }
-                    Ok(id.to_string())
-                }
-            },
-        }
     }
 
     fn model(&self, name: &str) -> Option<ModelEntry> {
@@ -250,7 +224,7 @@ impl StyleAlign for Service {
             "GetSession",
             (|| {
                 let st = &self.state;
-                let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
+                let (owner, id) = st.session_call(&request, &request.get_ref().session_id)?;
                 let s = st.sessions.get(&owner, id).map_err(session_status)?;
                 Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
             })(),
@@ -262,7 +236,7 @@ impl StyleAlign for Service {
             "ReleaseSession",
             (|| {
                 let st = &self.state;
-                let (owner, id) = st.session_call(request.metadata(), &request.get_ref().session_id)?;
+                let (owner, id) = st.session_call(&request, &request.get_ref().session_id)?;
                 st.sessions.release(&owner, id).map_err(session_status)?;
                 st.update_session_gauge();
                 tracing::info!(client = %owner, session = %shown(id), "session released");
@@ -277,7 +251,7 @@ impl StyleAlign for Service {
             (|| {
                 let st = &self.state;
                 st.check_serving()?;
-                st.identify(request.metadata())?;
+                Caller::of(&request)?;
                 let models = st
                     .models
                     .read()
@@ -316,7 +290,7 @@ impl Service {
     fn patch_model_inner(&self, request: Request<pb::PatchModelRequest>) -> Result<Response<pb::Session>, Status> {
         let st = &self.state;
         st.check_serving()?;
-        let owner = st.identify(request.metadata())?;
+        let owner = Caller::of(&request)?.id;
         let req = request.into_inner();
         if req.model.is_empty() {
             return Err(FieldError::new("model", format!("required; loaded models: {}", st.model_names().join(", "))).status());
@@ -339,7 +313,7 @@ impl Service {
         let arrived = Instant::now();
         let st = &self.state;
         st.check_serving()?;
-        let owner = st.identify(request.metadata())?;
+        let owner = Caller::of(&request)?.id;
         let timeout = match request.metadata().get("grpc-timeout") {
             Some(v) => Some(
                 v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| Status::invalid_argument("invalid `grpc-timeout` metadata"))?,
@@ -546,36 +520,50 @@ impl Server {
             .await
             .with_context(|| format!("binding the gRPC listener {}", state.cfg.listen))?;
         let addr = listener.local_addr()?;
+        let tls = match &state.cfg.tls {
+            Some(files) => Some(Arc::new(super::tls::TlsReloader::new(files.clone())?)),
+            None => None,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let signal = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
         };
         let mut tasks = Vec::new();
         let svc = Service { state: state.clone() };
+        let t = state.cfg.transport.clone();
         // One router on the API port: the gRPC services (HTTP/2 gRPC, and gRPC-Web over HTTP/1.1
         // or HTTP/2 for browsers) merged with plain HTTP routes (JSON, the playground). The
         // gRPC-Web layer wraps the gRPC services only: it refuses every plain HTTP/1.1 request.
-        let grpc_services = tonic::service::Routes::new(StyleAlignServer::new(svc.clone()))
+        let grpc_services = tonic::service::Routes::new(StyleAlignServer::new(svc.clone()).max_decoding_message_size(t.max_message_bytes))
             .add_service(health_svc)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .into_axum_router()
             .reset_fallback()
             .layer(tonic_web::GrpcWebLayer::new());
-        let mut api = grpc_services.merge(super::http::router(svc));
+        let mut api = grpc_services.merge(super::http::router(svc, super::http::max_body_bytes(t.max_message_bytes)));
         if state.cfg.playground {
             api = api.merge(super::playground::router());
         }
-        let api = api.fallback(api_fallback);
+        // The middleware (src/serve/layers.rs), outermost last.
+        let limits = layers::UnaryLimits::new(t.max_concurrent_unary, t.unary_timeout, t.max_message_bytes);
+        let auth = state.cfg.auth.clone().map(Arc::new);
+        let api = api
+            .fallback(api_fallback)
+            .layer(axum::middleware::from_fn_with_state(limits, layers::limit_unary))
+            .layer(axum::middleware::from_fn_with_state(auth, layers::identify))
+            .layer(axum::middleware::from_fn(layers::track))
+            .layer(axum::middleware::from_fn(layers::trace));
         let grpc = tonic::transport::Server::builder()
-            .trace_fn(|req| {
-                let span = tracing::info_span!(target: crate::telemetry::TARGET, "rpc", path = %req.uri().path());
-                crate::telemetry::continue_trace(&span, req.headers());
-                span
-            })
+            .http2_keepalive_interval(t.http2_keepalive_interval)
+            .http2_keepalive_timeout(Some(t.http2_keepalive_timeout))
+            .max_concurrent_streams(t.max_concurrent_streams)
             .accept_http1(true)
             .add_routes(tonic::service::Routes::from(api))
-            .serve_with_incoming_shutdown(incoming(listener), signal(shutdown_rx.clone()));
+            .serve_with_incoming_shutdown(
+                super::conn::incoming(listener, tls, t.idle_timeout, shutdown_rx.clone()),
+                signal(shutdown_rx.clone()),
+            );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
                 tracing::error!(error = %e, "gRPC server failed");
@@ -591,7 +579,18 @@ impl Server {
                 );
                 let handle = metrics.clone();
                 let st = state.clone();
+                // Reflection lists the health service (`grpcurl … list`, `describe`).
+                let admin_reflection = tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .build_v1()
+                    .context("admin reflection v1")?;
+                let admin_reflection_v1alpha = tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .build_v1alpha()
+                    .context("admin reflection v1alpha")?;
                 let router = tonic::service::Routes::new(health_svc)
+                    .add_service(admin_reflection)
+                    .add_service(admin_reflection_v1alpha)
                     .into_axum_router()
                     .route(
                         "/metrics",
@@ -650,8 +649,14 @@ impl Server {
                 metrics::gauge!(m::QUEUE_DEPTH).set(st.engine.depth() as f64);
             }
         }));
-        let playground = if state.cfg.playground { format!("http://{addr}/") } else { "off".into() };
-        tracing::info!(%addr, admin = ?admin_addr, %playground, "listening (NOT_SERVING until the models are loaded and warm)");
+        let scheme = if state.cfg.tls.is_some() { "https" } else { "http" };
+        let playground = if state.cfg.playground { format!("{scheme}://{addr}/") } else { "off".into() };
+        let tls = match &state.cfg.tls {
+            Some(f) if f.client_ca.is_some() => "mTLS",
+            Some(_) => "TLS",
+            None => "off",
+        };
+        tracing::info!(%addr, admin = ?admin_addr, %playground, tls, "listening (NOT_SERVING until the models are loaded and warm)");
         Ok(Self { state, addr, admin_addr, shutdown, tasks: Mutex::new(tasks), metrics })
     }
 

@@ -60,3 +60,57 @@ def test_tls_failures_are_unavailable(tls_server):
             with pytest.raises(StyleAlignError) as e:
                 client.list_models()
             assert e.value.code == grpc.StatusCode.UNAVAILABLE, kwargs
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A server CA and a client CA (openssl CLI): the server's certificate for localhost /
+    127.0.0.1, and a client certificate whose SAN is `py-client.example`."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("server-ca", "client-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+                "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.crt"))
+    for leaf, ca, san in (("server", "server-ca", "IP:127.0.0.1,DNS:localhost"), ("client", "client-ca", "DNS:py-client.example")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={leaf}", "-keyout", str(d / f"{leaf}.key"), "-out", str(d / f"{leaf}.csr"))
+        (d / f"{leaf}.ext").write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
+        openssl("x509", "-req", "-in", str(d / f"{leaf}.csr"), "-CA", str(d / f"{ca}.crt"), "-CAkey", str(d / f"{ca}.key"),
+                "-CAcreateserial", "-days", "2", "-extfile", str(d / f"{leaf}.ext"), "-out", str(d / f"{leaf}.crt"))
+    return d
+
+
+def test_real_server_over_tls(pki):
+    from conftest import running_server
+
+    with running_server("--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"), "--no-warmup") as addr:
+        with Client(addr, root_certificates=pki / "server-ca.crt", client_id="py-tls", timeout=60) as client:
+            client.wait_ready(timeout=120)
+            assert "tiny" in client.list_models().names
+            session = client.patch_model("tiny")
+            assert session.session_id
+        # Plaintext to the TLS port fails as UNAVAILABLE.
+        with Client(addr, max_attempts=1, timeout=10) as client:
+            with pytest.raises(StyleAlignError) as e:
+                client.list_models()
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_real_server_over_mtls(pki):
+    from conftest import running_server
+
+    args = ("--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "client-ca.crt"), "--no-warmup")
+    with running_server(*args) as addr:
+        roots = (pki / "server-ca.crt").read_bytes()
+        mutual = grpc.ssl_channel_credentials(roots, (pki / "client.key").read_bytes(), (pki / "client.crt").read_bytes())
+        with Client(addr, credentials=mutual, timeout=60) as client:
+            client.wait_ready(timeout=120)
+            session = client.patch_model("tiny")
+            assert client.get_session(session.session_id).session_id == session.session_id
+        # Without a client certificate the handshake is refused.
+        with Client(addr, root_certificates=roots, max_attempts=1, timeout=10) as client:
+            with pytest.raises(StyleAlignError) as e:
+                client.list_models()
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
