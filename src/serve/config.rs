@@ -70,6 +70,9 @@ pub struct ServeConfig {
     pub warmup: bool,
     /// Serve the browser playground at `/` on the API port.
     pub playground: bool,
+    /// Memory budget per device for the requests (`None`: derived after loading, see
+    /// [`super::admission`]).
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -166,6 +169,8 @@ pub struct ServeArgs {
     /// encode as children. Off when unset.
     #[arg(long, env = "STYLEALIGN_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub memory: super::admission::MemoryArgs,
 }
 
 impl Default for ServeArgs {
@@ -234,6 +239,7 @@ impl ServeArgs {
             auth,
             warmup: !self.no_warmup,
             playground: !self.no_playground,
+            memory_budget: self.memory.memory_budget,
         };
         cfg.check().map_err(anyhow::Error::msg)?;
         Ok(cfg)

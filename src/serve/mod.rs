@@ -1,15 +1,18 @@
 //! The gRPC service: `stylealign serve`.
 //!
-//! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
-//! naming fields), [`session`] (the per-client session store), [`queue`] (bounded admission
+//! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain),
+//! [`validate`] (every request check, once), [`errors`] (statuses with `google.rpc` details),
+//! [`admission`] (the memory budget), [`session`] (the per-client session store), [`queue`] (bounded admission
 //! queue with priorities and the batcher), [`worker`] (jobs and the worker threads that run
 //! batches), [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
 //! [`http`] (the same RPCs as JSON over HTTP), [`playground`] (the browser page), [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
+pub mod admission;
 pub mod config;
 pub mod convert;
+pub mod errors;
 pub mod http;
 pub mod infotext;
 pub mod metrics;
@@ -18,6 +21,7 @@ pub mod queue;
 pub mod server;
 pub mod session;
 pub mod token;
+pub mod validate;
 pub mod worker;
 
 /// Code generated from `proto/stylealign/v1/stylealign.proto` (package `stylealign.v1`).

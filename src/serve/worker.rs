@@ -117,6 +117,8 @@ pub struct GenJob {
     pub span: tracing::Span,
     /// Open while the job waits for a worker.
     pub queue_span: Option<tracing::Span>,
+    /// What admission granted: the reference pixels it holds until it ends, its batch row cap.
+    pub admitted: super::admission::Admitted,
 }
 
 impl GenJob {
@@ -160,6 +162,10 @@ impl QueueItem for GenJob {
 
     fn rows(&self) -> usize {
         self.set.prompts.len()
+    }
+
+    fn max_rows(&self) -> usize {
+        self.admitted.max_rows
     }
 
     fn compatible(&self, other: &Self) -> bool {
