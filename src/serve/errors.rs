@@ -146,7 +146,7 @@ pub fn invalid_fields_with(reason: Reason, errors: &[FieldError]) -> Status {
     let Some(first) = errors.first() else {
         return error(Reason::Internal, "a request was refused without a reason");
     };
-    let mut message = first.to_string();
+    let mut message = bounded(&first.to_string()).into_owned();
     if errors.len() > 1 {
         message += &format!(" (and {} more invalid field{})", errors.len() - 1, if errors.len() == 2 { "" } else { "s" });
     }
@@ -159,10 +159,6 @@ pub fn invalid_fields_with(reason: Reason, errors: &[FieldError]) -> Status {
         meta.push(("fields_listed", MAX_VIOLATIONS.to_string()));
     }
     add_info(&mut d, reason, &meta);
-    let message = match bounded(&message) {
-        std::borrow::Cow::Owned(s) => s,
-        std::borrow::Cow::Borrowed(_) => message,
-    };
     Status::with_error_details(Code::InvalidArgument, message, d)
 }
 

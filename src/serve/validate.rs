@@ -366,17 +366,22 @@ mod tests {
         !c
     }
 
-    /// A PNG signature and a valid IHDR declaring `w`×`h`, then garbage.
+    /// About 15 KiB: a PNG signature, a valid IHDR declaring `w`×`h` RGB, an IDAT of junk.
     fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+        let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut body = kind.to_vec();
+            body.extend_from_slice(data);
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+        };
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = b"IHDR".to_vec();
-        ihdr.extend_from_slice(&w.to_be_bytes());
+        let mut ihdr = w.to_be_bytes().to_vec();
         ihdr.extend_from_slice(&h.to_be_bytes());
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        out.extend_from_slice(&13u32.to_be_bytes());
-        out.extend_from_slice(&ihdr);
-        out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
-        out.extend(std::iter::repeat_n(0xAB, 15 * 1024));
+        chunk(&mut out, b"IHDR", &ihdr);
+        chunk(&mut out, b"IDAT", &vec![0x5A; 15 * 1024]);
+        chunk(&mut out, b"IEND", &[]);
         out
     }
 
