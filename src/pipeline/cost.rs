@@ -22,12 +22,17 @@
 //!   and the inversion's UNet steps (one row pair).
 //! - **Always**: the latents, text conditioning and sampler history; the decoded reference
 //!   image's pixels (RGB, its copy while it is fitted, and the fitted float image) and its
-//!   inverted trajectory (`steps + 1` latents).
+//!   inverted trajectory (`steps + 1` latents); and [`FIXED_BYTES`].
 
 use crate::model::unet::UNetConfig;
 use crate::model::vae::VaeConfig;
 
 const F32: u64 = 4;
+
+/// What a request costs beyond its tensors, whatever its size: the runtime's per-call buffers,
+/// allocator slack, the images' conversion and PNG encoding. Measured on the CPU backend: about
+/// 17 MiB at 256² and 512² (docs/limits.md); counted with room to spare.
+pub const FIXED_BYTES: u64 = 32 << 20;
 
 /// The model facts the estimate needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -164,7 +169,7 @@ impl CostModel {
             let (l1, q1) = self.unet_floats(h, w, 1, false);
             reference_encode = encode.max(2 * (l1 + q1) * F32);
         }
-        let total = unet.max(vae).max(reference_encode) + resident;
+        let total = unet.max(vae).max(reference_encode) + resident + FIXED_BYTES;
         Estimate { unet, vae, reference_encode, resident, reference_pixels, total }
     }
 

@@ -63,7 +63,7 @@ impl ReferenceImage {
         // RGBA16 of the declared size, plus room for the decoder's own buffers.
         limits.max_alloc = Some(width as u64 * height as u64 * 8 + (64 << 20));
         reader.limits(limits);
-        let img = reader.decode().map_err(|e| format!("cannot be decoded: {e}"))?.to_rgb8();
+        let img = reader.decode().map_err(|e| format!("cannot be decoded: {e}"))?.into_rgb8();
         Ok(Image { width: img.width() as usize, height: img.height() as usize, rgb: img.into_raw() })
     }
 
