@@ -146,7 +146,8 @@ pub fn invalid_fields_with(reason: Reason, errors: &[FieldError]) -> Status {
     let Some(first) = errors.first() else {
         return error(Reason::Internal, "a request was refused without a reason");
     };
-    let mut message = bounded(&first.to_string()).into_owned();
+    // The message is already bounded (`FieldError::new`); the field name is cut here.
+    let mut message = format!("invalid `{}`: {}", bounded(&first.field), first.message);
     if errors.len() > 1 {
         message += &format!(" (and {} more invalid field{})", errors.len() - 1, if errors.len() == 2 { "" } else { "s" });
     }
@@ -208,6 +209,7 @@ mod tests {
         assert_eq!(info.metadata["fields"], "40");
         assert!(d.retry_info().is_none());
         assert!(s.message().contains("and 39 more invalid fields"));
+        assert!(s.message().len() <= 2 * MAX_ECHO_BYTES + 128, "{}", s.message().len());
     }
 
     #[test]
