@@ -31,7 +31,7 @@ const F32: u64 = 4;
 
 /// What a request costs beyond its tensors, whatever its size: the runtime's per-call buffers,
 /// allocator slack, the images' conversion and PNG encoding. Measured on the CPU backend: about
-/// 17 MiB at 256² and 512² (docs/limits.md); counted with room to spare.
+/// 17 MiB, fitted from requests at 256² and 512² (docs/limits.md); counted with room to spare.
 pub const FIXED_BYTES: u64 = 32 << 20;
 
 /// The model facts the estimate needs.
