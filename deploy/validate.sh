@@ -411,6 +411,34 @@ for overlay in overlays:
         check(gpus in ("", "0"), f"{p} STYLEALIGN_DEVICE={device} requests no GPU")
         check(not str(c.get("image", "")).endswith("gpu"), f"{p} uses a non-gpu image tag ({c.get('image')})")
 
+    # Memory budget (docs/limits.md): the server derives it from the cgroup limit, which says
+    # nothing about a GPU's memory, so a cuda overlay sets it; a budget set for the CPU must fit
+    # the container's memory limit less 10 % headroom.
+    def k8s_bytes(v):
+        m = re.fullmatch(r"(\d+)([KMGT]i?)?", str(v))
+        if not m:
+            return None
+        mult = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+        return int(m.group(1)) * mult.get(m.group(2) or "", 1)
+    def budget_bytes(v):
+        m = re.fullmatch(r"(\d+)\s*(B|K|KiB|Ki|M|MiB|Mi|G|GiB|Gi|T|TiB|Ti|kB|KB|MB|GB|TB)?", str(v).strip())
+        if not m:
+            return None
+        unit = m.group(2) or "B"
+        binary = {"B": 1, "K": 1 << 10, "KiB": 1 << 10, "Ki": 1 << 10, "M": 1 << 20, "MiB": 1 << 20, "Mi": 1 << 20,
+                  "G": 1 << 30, "GiB": 1 << 30, "Gi": 1 << 30, "T": 1 << 40, "TiB": 1 << 40, "Ti": 1 << 40,
+                  "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        return int(m.group(1)) * binary[unit]
+    budget = env.get("STYLEALIGN_MEMORY_BUDGET")
+    if device.startswith("cuda"):
+        check(budget is not None and budget_bytes(budget), f"{p} STYLEALIGN_MEMORY_BUDGET is set for the GPU ({budget})")
+    elif budget is not None:
+        limit = k8s_bytes(res.get("limits", {}).get("memory", ""))
+        b = budget_bytes(budget)
+        check(b is not None and limit is not None and b <= limit * 0.9, f"{p} STYLEALIGN_MEMORY_BUDGET {budget} fits 90 % of the memory limit")
+    else:
+        check(k8s_bytes(res.get("limits", {}).get("memory", "")) is not None, f"{p} memory budget derived from the memory limit (cgroup)")
+
 with open(os.path.join(work, "consistency.counts"), "w") as fh:
     fh.write(f"{successes} {failures}\n")
 sys.exit(1 if failures else 0)

@@ -70,9 +70,15 @@ struct Server {
 
 impl Server {
     fn spawn() -> Server {
+        Self::spawn_with(&[])
+    }
+
+    /// [`Server::spawn`] with more `serve` flags.
+    fn spawn_with(extra: &[&str]) -> Server {
         let mut child = stylealign()
             .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
             .args(["--default-steps", "3", "--max-size", "256", "--max-batch-delay-ms", "0", "--drain-timeout-secs", "2"])
+            .args(extra)
             .env("STYLEALIGN_SESSION_SECRET", "cli-test-session-secret-0123456789abcdefghij")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -319,6 +325,38 @@ fn error_details_are_decoded() {
         "retry after 2s",
         "reason QUEUE_FULL from stylealign (queue_depth=64)",
         "field `prompts[0]`: must not be empty",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from {err}");
+    }
+}
+
+/// The real server's refusals as the CLI prints them: every invalid field, the ErrorInfo reason
+/// with its metadata, the RetryInfo delay.
+#[test]
+fn server_error_details_read_well() {
+    let server = Server::spawn_with(&["--memory-budget", "1MiB"]);
+    let dir = temp_dir("server-details");
+    let o = generate(&server, &dir, &["--width", "65", "--steps", "9999"]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    let err = text(&o.stderr);
+    for want in [
+        "INVALID_ARGUMENT: invalid `steps`",
+        "field `steps`: 9999 exceeds the limit of 150",
+        "field `width`: 65 is not a multiple of 16",
+        "reason INVALID_FIELD from stylealign.v1 (fields=2)",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from {err}");
+    }
+    // Two 32×32 images do not fit a 1 MiB budget.
+    let o = generate(&server, &dir, &[]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    let err = text(&o.stderr);
+    for want in [
+        "RESOURCE_EXHAUSTED: the request's estimated peak memory",
+        "reason OVER_MEMORY_BUDGET from stylealign.v1 (budget_bytes=1048576, estimate_bytes=",
+        "retry after 1m",
     ] {
         assert!(err.contains(want), "{want:?} missing from {err}");
     }

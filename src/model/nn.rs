@@ -212,7 +212,7 @@ fn attention_tiled(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias:
 
 /// Whether `device` has a fused attention kernel worth using (burn-flex on CPU). The environment
 /// variable `STYLEALIGN_ATTENTION=explicit` forces the explicit form (for benchmarks).
-fn fused_attention(device: &burn::tensor::Device) -> bool {
+pub fn fused_attention(device: &burn::tensor::Device) -> bool {
     static EXPLICIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *EXPLICIT.get_or_init(|| std::env::var("STYLEALIGN_ATTENTION").is_ok_and(|v| v == "explicit")) {
         return false;

@@ -6,6 +6,7 @@
 //! noise comes from its set's seed and its index in the set, so a set's images do not depend on
 //! what it is batched with.
 
+pub mod cost;
 pub mod image;
 pub mod reference;
 pub mod tiny;
@@ -411,7 +412,9 @@ impl Pipeline {
         Ok(one.repeat(rows))
     }
 
-    /// Checks a batch against the model.
+    /// Checks a batch against the model: sizes are multiples of its size multiple, the sampler
+    /// has a schedule at these steps, the patch resolves. The request's own limits are checked
+    /// before (`serve::validate`); [`generate`](Self::generate) expects a batch checked here.
     pub fn validate(&self, batch: &BatchSpec, sets: &[SetSpec]) -> Result<(), PipelineError> {
         let m = self.size_multiple();
         for (field, v) in [("width", batch.width), ("height", batch.height)] {
@@ -419,30 +422,8 @@ impl Pipeline {
                 return Err(invalid(field, format!("{v} must be a positive multiple of {m}")));
             }
         }
-        if batch.steps == 0 {
-            return Err(invalid("steps", "must be at least 1"));
-        }
-        if !batch.guidance.is_finite() {
-            return Err(invalid("guidance_scale", "must be finite"));
-        }
-        if sets.is_empty() {
-            return Err(invalid("prompts", "no set to generate"));
-        }
-        for s in sets {
-            if s.prompts.is_empty() {
-                return Err(invalid("prompts", format!("a set (seed {}) has no prompt", s.seed)));
-            }
-            if let Some(r) = &s.reference {
-                if batch.sampler != SamplerKind::Ddim {
-                    return Err(invalid("sampler", "a reference image needs the ddim sampler (its inversion is DDIM)"));
-                }
-                if r.offset >= batch.steps {
-                    return Err(invalid("reference_offset", format!("{} must be below steps ({})", r.offset, batch.steps)));
-                }
-                if !r.guidance.is_finite() {
-                    return Err(invalid("reference_guidance_scale", "must be finite"));
-                }
-            }
+        if sets.is_empty() || sets.iter().any(|s| s.prompts.is_empty()) {
+            return Err(invalid("prompts", "no prompt to generate"));
         }
         if let Some(p) = &batch.patch {
             p.resolve().map_err(PatchError::from)?;
@@ -486,7 +467,6 @@ impl Pipeline {
         stop: &SetStop,
         on_event: &mut dyn FnMut(RunEvent),
     ) -> Result<Vec<Option<Vec<Image>>>, PipelineError> {
-        self.validate(batch, sets)?;
         let mut sampler = Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps)?;
         let n = sampler.timesteps().len();
         let mut states = Vec::with_capacity(sets.len());

@@ -9,14 +9,16 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{Tensor, TensorData};
 use sha2::{Digest, Sha256};
 
-use super::{BatchSpec, Image, Pipeline, PipelineError, TextCond, invalid};
+use super::{BatchSpec, Image, Pipeline, PipelineError, TextCond};
 use crate::model::unet::NoHooks;
 use crate::sampling::{Conditioning, Ddim, guided_output};
 
 /// Largest accepted encoded reference image.
 pub const MAX_REFERENCE_BYTES: usize = 20 * 1024 * 1024;
-/// Largest accepted decoded reference image (pixels).
-pub const MAX_REFERENCE_PIXELS: u64 = 4096 * 4096;
+/// Largest accepted decoded reference image (pixels): 12 Mi (e.g. 4096×3072).
+pub const MAX_REFERENCE_PIXELS: u64 = 12 * 1024 * 1024;
+/// Largest accepted width or height of a reference image.
+pub const MAX_REFERENCE_SIDE: usize = 8192;
 
 /// A reference image and how to use it.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,13 +36,11 @@ pub struct ReferenceImage {
 }
 
 impl ReferenceImage {
-    /// Decodes PNG or JPEG bytes; errors say what is wrong (not decodable, too big).
-    pub fn decode(bytes: &[u8]) -> Result<Image, String> {
+    /// The dimensions a PNG or JPEG declares in its header; nothing is decoded. Errors say what
+    /// is wrong (empty, not PNG or JPEG, unreadable header).
+    pub fn header(bytes: &[u8]) -> Result<(u32, u32), String> {
         if bytes.is_empty() {
             return Err("is empty".into());
-        }
-        if bytes.len() > MAX_REFERENCE_BYTES {
-            return Err(format!("is {} bytes, the limit is {MAX_REFERENCE_BYTES}", bytes.len()));
         }
         let reader =
             image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot be read: {e}"))?;
@@ -49,12 +49,35 @@ impl ReferenceImage {
             Some(other) => return Err(format!("is {other:?}; PNG or JPEG expected")),
             None => return Err("is not a PNG or JPEG image".into()),
         }
-        let (w, h) = reader.into_dimensions().map_err(|e| format!("cannot be decoded: {e}"))?;
+        reader.into_dimensions().map_err(|e| format!("cannot be decoded: {e}"))
+    }
+
+    /// Decodes PNG or JPEG bytes whose header declared `width`×`height` (see [`Self::header`]);
+    /// the decoder may allocate no more than that image needs.
+    pub fn decode_within(bytes: &[u8], width: u32, height: u32) -> Result<Image, String> {
+        let mut reader =
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot be read: {e}"))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(width);
+        limits.max_image_height = Some(height);
+        // RGBA16 of the declared size, plus room for the decoder's own buffers.
+        limits.max_alloc = Some(width as u64 * height as u64 * 8 + (64 << 20));
+        reader.limits(limits);
+        let img = reader.decode().map_err(|e| format!("cannot be decoded: {e}"))?.into_rgb8();
+        Ok(Image { width: img.width() as usize, height: img.height() as usize, rgb: img.into_raw() })
+    }
+
+    /// Decodes PNG or JPEG bytes, checking the header first ([`MAX_REFERENCE_BYTES`],
+    /// [`MAX_REFERENCE_PIXELS`]); errors say what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Image, String> {
+        if bytes.len() > MAX_REFERENCE_BYTES {
+            return Err(format!("is {} bytes, the limit is {MAX_REFERENCE_BYTES}", bytes.len()));
+        }
+        let (w, h) = Self::header(bytes)?;
         if w == 0 || h == 0 || (w as u64) * (h as u64) > MAX_REFERENCE_PIXELS {
             return Err(format!("is {w}x{h}; at most {MAX_REFERENCE_PIXELS} pixels are accepted"));
         }
-        let img = image::load_from_memory(bytes).map_err(|e| format!("cannot be decoded: {e}"))?.to_rgb8();
-        Ok(Image { width: img.width() as usize, height: img.height() as usize, rgb: img.into_raw() })
+        Self::decode_within(bytes, w, h)
     }
 
     /// Fits an image to `width`×`height`: centre crop to the target aspect ratio, then a
@@ -204,9 +227,6 @@ impl Pipeline {
         let z0 = self.encode_image(&fitted)?;
         let caption = self.encode_prompts(&[r.caption.as_str()], false)?;
         let uncond = self.encode_negative("", 1)?;
-        if r.offset >= batch.steps {
-            return Err(invalid("reference_offset", format!("{} must be below steps ({})", r.offset, batch.steps)));
-        }
         let zts = self.invert(z0, &caption, &uncond, batch.steps, r.guidance, (batch.width, batch.height))?;
         self.inner.inversions.put(key, Arc::new(zts.clone()));
         Ok(zts)

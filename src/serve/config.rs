@@ -74,6 +74,9 @@ pub struct ServeConfig {
     pub tls: Option<super::tls::TlsFiles>,
     /// Timeouts, limits and HTTP/2 settings of the API port.
     pub transport: super::conn::Transport,
+    /// Memory budget per device for the requests (`None`: derived after loading, see
+    /// [`super::admission`]).
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -174,6 +177,8 @@ pub struct ServeArgs {
     pub tls: super::tls::TlsArgs,
     #[command(flatten)]
     pub transport: super::conn::TransportArgs,
+    #[command(flatten)]
+    pub memory: super::admission::MemoryArgs,
 }
 
 impl Default for ServeArgs {
@@ -244,6 +249,7 @@ impl ServeArgs {
             playground: !self.no_playground,
             tls: self.tls.files()?,
             transport: self.transport.transport()?,
+            memory_budget: self.memory.memory_budget,
         };
         cfg.check().map_err(anyhow::Error::msg)?;
         Ok(cfg)

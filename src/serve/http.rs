@@ -99,13 +99,16 @@ pub fn http_status(code: Code) -> StatusCode {
 }
 
 /// The JSON body of a failed call (and the data of the SSE `error` event), after
-/// `google.rpc.Status`; `details` names the offending field when there is one (else it is
-/// empty):
+/// `google.rpc.Status`: `details` carries the status's `google.rpc` details in their canonical
+/// JSON (`BadRequest` with every invalid field, `ErrorInfo` with the reason, `RetryInfo`):
 ///
 /// ```text
 /// {"code":3,"status":"INVALID_ARGUMENT","message":"invalid `width`: 40 is not a multiple of 16 …",
-///  "details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"width","description":"40 is not …"}]}]}
+///  "details":[{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"width","description":"40 is not …"}]},
+///             {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INVALID_FIELD","domain":"stylealign.v1","metadata":{"fields":"1"}}]}
 /// ```
+///
+/// A failure with `RetryInfo` also answers a `Retry-After` header (whole seconds, rounded up).
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrorBody {
     /// The gRPC status code, as a number.
@@ -113,47 +116,46 @@ pub struct ErrorBody {
     /// Its canonical name.
     pub status: &'static str,
     pub message: String,
-    pub details: Vec<ErrorDetail>,
-}
-
-/// A `google.rpc.BadRequest` detail.
-#[derive(Clone, Debug, Serialize)]
-pub struct ErrorDetail {
-    #[serde(rename = "@type")]
-    pub type_url: &'static str,
-    #[serde(rename = "fieldViolations")]
-    pub field_violations: Vec<FieldViolation>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct FieldViolation {
-    pub field: String,
-    pub description: String,
+    pub details: Vec<serde_json::Value>,
 }
 
 const BAD_REQUEST_TYPE: &str = "type.googleapis.com/google.rpc.BadRequest";
+const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
 
-/// A failed HTTP call: its HTTP status and body.
+/// A failed HTTP call: its HTTP status, body and `Retry-After`.
 #[derive(Debug)]
 struct ApiError {
     http: StatusCode,
     body: ErrorBody,
+    retry_after: Option<Duration>,
+}
+
+/// A protobuf `Duration` in its canonical JSON (`"1.500s"`).
+fn json_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 { format!("{}s", d.as_secs()) } else { format!("{}.{:03}s", d.as_secs(), d.subsec_millis()) }
 }
 
 impl ApiError {
+    /// An error of the HTTP layer itself (body, route): the field, if any, in `BadRequest`, and
+    /// `ErrorInfo` with the reason of its code.
     fn new(http: StatusCode, code: Code, message: String, field: Option<(String, String)>) -> Self {
         // JSON errors quote the offending value (e.g. an unknown enum name): bounded, as a path
         // can be.
-        let bounded = |s: String| super::convert::bounded(&s).into_owned();
-        let message = bounded(message);
-        let details = field
-            .map(|(field, description)| ErrorDetail {
-                type_url: BAD_REQUEST_TYPE,
-                field_violations: vec![FieldViolation { field: bounded(field), description: bounded(description) }],
-            })
-            .into_iter()
-            .collect();
-        Self { http, body: ErrorBody { code: code as i32, status: code_name(code), message, details } }
+        let status = match field {
+            Some((field, description)) => super::errors::invalid_field(field, description),
+            None => {
+                let reason =
+                    if code == Code::Unimplemented { super::errors::Reason::UnknownMethod } else { super::errors::Reason::InvalidField };
+                super::errors::error(reason, message.clone())
+            }
+        };
+        let mut e = Self::from(status);
+        e.http = http;
+        e.body.code = code as i32;
+        e.body.status = code_name(code);
+        e.body.message = super::convert::bounded(&message).into_owned();
+        e
     }
 
     fn invalid(field: &str, description: String) -> Self {
@@ -168,12 +170,28 @@ impl ApiError {
 
 impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
-        // The service's field errors read "invalid `field`: description".
-        let field = (s.code() == Code::InvalidArgument)
-            .then(|| s.message().strip_prefix("invalid `")?.split_once("`: "))
-            .flatten()
-            .map(|(f, d)| (f.to_string(), d.to_string()));
-        Self::new(http_status(s.code()), s.code(), s.message().to_string(), field)
+        use tonic_types::StatusExt as _;
+        let s = super::errors::with_info(s);
+        let d = s.get_error_details();
+        let mut details = Vec::new();
+        if let Some(b) = d.bad_request() {
+            let violations: Vec<serde_json::Value> =
+                b.field_violations.iter().map(|v| serde_json::json!({"field": v.field, "description": v.description})).collect();
+            details.push(serde_json::json!({"@type": BAD_REQUEST_TYPE, "fieldViolations": violations}));
+        }
+        if let Some(i) = d.error_info() {
+            details.push(serde_json::json!({"@type": ERROR_INFO_TYPE, "reason": i.reason, "domain": i.domain, "metadata": i.metadata}));
+        }
+        let retry_after = d.retry_info().and_then(|r| r.retry_delay);
+        if let Some(delay) = retry_after {
+            details.push(serde_json::json!({"@type": RETRY_INFO_TYPE, "retryDelay": json_duration(delay)}));
+        }
+        let message = super::convert::bounded(s.message()).into_owned();
+        Self {
+            http: http_status(s.code()),
+            body: ErrorBody { code: s.code() as i32, status: code_name(s.code()), message, details },
+            retry_after,
+        }
     }
 }
 
@@ -184,7 +202,14 @@ pub fn status_response(status: Status) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(self.http, &self.body)
+        let mut res = json_response(self.http, &self.body);
+        if let Some(d) = self.retry_after {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            if let Ok(v) = secs.to_string().parse() {
+                res.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        res
     }
 }
 

@@ -38,6 +38,8 @@ pub struct JobSpec {
     pub deadline: Option<Instant>,
     /// The request's span (see [`crate::telemetry`]); the worker's spans for this set go below it.
     pub span: tracing::Span,
+    /// What admission granted: the reference pixels it holds until it ends, its batch row cap.
+    pub admitted: super::admission::Admitted,
 }
 
 /// A generated image, ready to send.
@@ -134,6 +136,10 @@ impl QueueItem for GenJob {
 
     fn rows(&self) -> usize {
         self.spec.set.prompts.len()
+    }
+
+    fn max_rows(&self) -> usize {
+        self.spec.admitted.max_rows
     }
 
     fn compatible(&self, other: &Self) -> bool {

@@ -34,6 +34,8 @@ use tracing::Instrument as _;
 
 use super::config::Tokens;
 use super::conn::{ConnInfo, RequestGuard};
+use super::convert::FieldError;
+use super::errors::{self, Reason};
 
 /// The paths whose calls stream (exempt from the unary timeout and concurrency limit).
 const STREAMING: [&str; 5] = [
@@ -101,34 +103,39 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Identified {
     }
 }
 
+/// INVALID_ARGUMENT naming the `x-client-id` metadata.
+fn bad_client_id(message: &str) -> Status {
+    errors::invalid_fields_with(Reason::InvalidMetadata, &[FieldError::new("x-client-id", message)])
+}
+
 /// Decides who calls (see the module docs).
 pub fn identify_caller(auth: Option<&Tokens>, headers: &HeaderMap, peer: Option<&str>) -> Result<Caller, Status> {
     let bearer = headers.get("authorization");
     if let Some(tokens) = auth
         && let Some(header) = bearer
     {
-        let value = header.to_str().map_err(|_| Status::unauthenticated("`authorization` is not ASCII"))?;
+        let value = header.to_str().map_err(|_| errors::error(Reason::Unauthenticated, "`authorization` is not ASCII"))?;
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <token>`"))?;
+            .ok_or_else(|| errors::error(Reason::Unauthenticated, "`authorization` must be `Bearer <token>`"))?;
         return match tokens.client(token.trim()) {
             Some(c) => Ok(Caller { id: c.to_string(), source: CallerSource::Token }),
-            None => Err(Status::unauthenticated("unknown token")),
+            None => Err(errors::error(Reason::Unauthenticated, "unknown token")),
         };
     }
     if let Some(peer) = peer {
         return Ok(Caller { id: peer.to_string(), source: CallerSource::Certificate });
     }
     if auth.is_some() {
-        return Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata"));
+        return Err(errors::error(Reason::Unauthenticated, "missing `authorization: Bearer <token>` metadata"));
     }
     match headers.get("x-client-id") {
         None => Ok(Caller { id: "anonymous".to_string(), source: CallerSource::Anonymous }),
         Some(v) => {
-            let id = v.to_str().map_err(|_| Status::invalid_argument("invalid `x-client-id`: not ASCII"))?.trim();
+            let id = v.to_str().map_err(|_| bad_client_id("not ASCII"))?.trim();
             if id.is_empty() || id.len() > 128 {
-                return Err(Status::invalid_argument("invalid `x-client-id`: 1 to 128 characters"));
+                return Err(bad_client_id("1 to 128 characters"));
             }
             Ok(Caller { id: id.to_string(), source: CallerSource::ClientId })
         }
@@ -205,17 +212,22 @@ pub async fn limit_unary(State(limits): State<UnaryLimits>, req: Request, next: 
         next.run(req).await
     } else {
         let Ok(_permit) = limits.slots.clone().try_acquire_owned() else {
-            let status =
-                Status::resource_exhausted(format!("too many calls in progress (--max-concurrent-unary {}); retry later", limits.max));
+            let status = errors::error(
+                Reason::TooManyCalls,
+                format!("too many calls in progress (--max-concurrent-unary {}); retry later", limits.max),
+            );
             return status_response(status, grpc.as_ref());
         };
         match tokio::time::timeout(limits.timeout, next.run(req)).await {
             Ok(res) => res,
             Err(_) => {
-                let status = Status::deadline_exceeded(format!(
-                    "the call was not answered within {} s (--unary-timeout-secs), reading the request included",
-                    limits.timeout.as_secs()
-                ));
+                let status = errors::error(
+                    Reason::Deadline,
+                    format!(
+                        "the call was not answered within {} s (--unary-timeout-secs), reading the request included",
+                        limits.timeout.as_secs()
+                    ),
+                );
                 return status_response(status, grpc.as_ref());
             }
         }
@@ -251,14 +263,17 @@ fn oversize_is_resource_exhausted(mut res: Response, limit: usize) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|m| m.contains("message length too large") || m.contains("message%20length%20too%20large"));
     if out_of_range && too_large {
-        let fresh = Status::resource_exhausted(format!("request message over the limit of {limit} bytes (--max-message-bytes)"))
-            .into_http::<Body>();
+        let fresh =
+            errors::error(Reason::MessageTooLarge, format!("request message over the limit of {limit} bytes (--max-message-bytes)"))
+                .into_http::<Body>();
         let h = res.headers_mut();
         h.insert("grpc-status", HeaderValue::from_static("8"));
-        match fresh.headers().get("grpc-message") {
-            Some(m) => h.insert("grpc-message", m.clone()),
-            None => h.remove("grpc-message"),
-        };
+        for key in ["grpc-message", "grpc-status-details-bin"] {
+            match fresh.headers().get(key) {
+                Some(m) => h.insert(key, m.clone()),
+                None => h.remove(key),
+            };
+        }
     }
     res
 }

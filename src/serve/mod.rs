@@ -1,21 +1,24 @@
 //! The gRPC service: `stylealign serve`.
 //!
-//! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain, validation
-//! naming fields), [`session`] (the per-client session store), [`engine`] (the serving core: it
-//! owns the [`queue`] (bounded admission queue with priorities and the batcher), the [`worker`]
-//! threads that run batches, and the jobs' [`cancel`] tokens; [`job`] describes a job),
-//! [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
+//! Seams (after text-generation-inference's router): [`convert`] (protocol ↔ domain),
+//! [`validate`] (every request check, once), [`errors`] (statuses with `google.rpc` details),
+//! [`admission`] (the memory budget), [`session`] (the per-client session store), [`engine`] (the
+//! serving core: it owns the [`queue`] (bounded admission queue with priorities and the batcher),
+//! the [`worker`] threads that run batches, and the jobs' [`cancel`] tokens; [`job`] describes a
+//! job), [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
 //! [`http`] (the same RPCs as JSON over HTTP), [`conn`], [`tls`] and [`layers`] (connections, TLS
 //! and mTLS, the tower middleware: identity, limits, tracing), [`playground`] (the browser page),
 //! [`metrics`].
 //!
 //! The API is `proto/stylealign/v1/stylealign.proto`; `docs/api.md` documents it.
 
+pub mod admission;
 pub mod cancel;
 pub mod config;
 pub mod conn;
 pub mod convert;
 pub mod engine;
+pub mod errors;
 pub mod http;
 pub mod infotext;
 pub mod job;
@@ -27,6 +30,7 @@ pub mod server;
 pub mod session;
 pub mod tls;
 pub mod token;
+pub mod validate;
 pub mod worker;
 
 /// Code generated from `proto/stylealign/v1/stylealign.proto` (package `stylealign.v1`).

@@ -43,6 +43,10 @@ pub trait QueueItem: Send {
     fn priority(&self) -> Priority;
     /// Images it adds to a batch.
     fn rows(&self) -> usize;
+    /// Most rows of a batch it heads (e.g. what the memory budget allows at its size).
+    fn max_rows(&self) -> usize {
+        usize::MAX
+    }
     /// Whether the two may run in one batch.
     fn compatible(&self, other: &Self) -> bool;
     /// `Some` when it should not run any more.
@@ -236,6 +240,7 @@ impl<T: QueueItem> Queue<T> {
             };
             let mut chosen = vec![head_ticket];
             let mut rows = head.item.rows();
+            let policy = &BatchPolicy { max_rows: policy.max_rows.min(head.item.max_rows()), ..*policy };
             if policy.batching {
                 for (t, w) in s.waiting.iter().skip(1) {
                     if rows >= policy.max_rows {

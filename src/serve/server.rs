@@ -27,9 +27,11 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument as _;
 
+use super::admission::{self, Admission, Admitted};
 use super::config::{ModelSource, ServeConfig};
-use super::convert::{self, FieldError, Limits, ModelFacts};
+use super::convert::{self, FieldError, Limits};
 use super::engine::{Engine, JobStream, SubmitError};
+use super::errors::{self, Reason};
 use super::job::{FailCode, JobEvent, JobSpec, Provenance};
 use super::layers::{self, Caller};
 use super::metrics::{self as m, Stats};
@@ -37,6 +39,7 @@ use super::pb;
 use super::pb::style_align_server::{StyleAlign, StyleAlignServer};
 use super::queue::BatchPolicy;
 use super::session::{SessionError, SessionSecret, SessionStore, random_u64, shown};
+use super::validate::{self, ModelFacts};
 use super::worker::Models;
 use crate::device::{self, DeviceSpec};
 use crate::pipeline::{BatchSpec, Family, Pipeline, PipelineError, ReferenceImage, SetSpec};
@@ -77,6 +80,8 @@ pub struct State {
     health: HealthReporter,
     phase: AtomicU8,
     active_streams: AtomicUsize,
+    /// The memory budget, set once the models are loaded.
+    admission: std::sync::OnceLock<Arc<Admission>>,
 }
 
 impl State {
@@ -87,8 +92,8 @@ impl State {
     fn check_serving(&self) -> Result<(), Status> {
         match self.phase() {
             SERVING => Ok(()),
-            LOADING => Err(Status::unavailable("warming up: models are loading; retry shortly")),
-            _ => Err(Status::unavailable("server is shutting down")),
+            LOADING => Err(errors::error(Reason::WarmingUp, "warming up: models are loading; retry shortly")),
+            _ => Err(errors::error(Reason::ShuttingDown, "server is shutting down")),
         }
     }
 
@@ -119,6 +124,48 @@ impl State {
     fn update_session_gauge(&self) {
         metrics::gauge!(m::SESSIONS).set(self.sessions.len() as f64);
     }
+
+    /// The memory budget (set by [`Server::load`], before SERVING).
+    pub fn admission(&self) -> Option<&Arc<Admission>> {
+        self.admission.get()
+    }
+
+    /// Admits a validated request: its estimated peak against the request limit, its reference
+    /// pixels against the pool; the job carries the result.
+    fn admit(&self, model: &ModelEntry, v: &validate::ValidRequest, patch: &StyleAligned) -> Result<Admitted, Status> {
+        let Some(adm) = self.admission.get() else {
+            return Err(errors::error(Reason::WarmingUp, "warming up: models are loading; retry shortly"));
+        };
+        let cost = model.pipeline.cost_model();
+        let shape = admission::shape_of(v, patch);
+        let estimate = cost.estimate(&shape);
+        let reservation = adm.admit(&estimate)?;
+        let max_rows = adm.max_rows(&cost, v.width, v.height, v.steps, self.cfg.max_batch_rows).max(shape.images);
+        tracing::debug!(estimate_bytes = estimate.total, reference_bytes = estimate.reference_pixels, max_rows, "admitted");
+        Ok(Admitted { reservation, max_rows })
+    }
+
+    /// The largest square size a one-image request of this model may ask for.
+    fn model_max_size(&self, e: &ModelEntry) -> usize {
+        match self.admission.get() {
+            Some(a) => a.max_size(&e.pipeline.cost_model(), e.size_multiple, self.limits.max_size, self.limits.default_steps),
+            None => self.limits.max_size,
+        }
+    }
+
+    /// Most rows of a batch at the model's native size.
+    fn model_max_rows(&self, e: &ModelEntry) -> usize {
+        match self.admission.get() {
+            Some(a) => {
+                a.max_rows(&e.pipeline.cost_model(), e.native_size, e.native_size, self.limits.default_steps, self.cfg.max_batch_rows)
+            }
+            None => self.cfg.max_batch_rows,
+        }
+    }
+}
+
+fn invalid_metadata(key: &str, message: &str) -> Status {
+    errors::invalid_fields_with(Reason::InvalidMetadata, &[FieldError::new(key, message)])
 }
 
 fn count(method: &'static str, code: tonic::Code) {
@@ -162,16 +209,8 @@ fn counted<T>(method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
 
 fn session_status(e: SessionError) -> Status {
     match e {
-        SessionError::NotFound(_) => Status::not_found(e.to_string()),
-        SessionError::GlobalCap(_) => Status::resource_exhausted(e.to_string()),
-    }
-}
-
-fn pipeline_field_error(e: PipelineError) -> Result<FieldError, PipelineError> {
-    match e {
-        PipelineError::Invalid { field, message } => Ok(FieldError::new(field, message)),
-        PipelineError::Patch(crate::style_aligned::PatchError::Option(o)) => Ok(FieldError::new(o.field, o.message)),
-        other => Err(other),
+        SessionError::NotFound(_) => errors::error(Reason::SessionNotFound, e.to_string()),
+        SessionError::GlobalCap(_) => errors::error(Reason::SessionLimit, e.to_string()),
     }
 }
 
@@ -210,7 +249,7 @@ impl StyleAlign for Service {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let r = self.generate_inner(request);
+        let r = self.generate_inner(request).await;
         // Successful streams are counted when they end (with their final code).
         if let Err(s) = &r {
             count("Generate", s.code());
@@ -252,6 +291,7 @@ impl StyleAlign for Service {
                 let st = &self.state;
                 st.check_serving()?;
                 Caller::of(&request)?;
+                let admission = st.admission.get();
                 let models = st
                     .models
                     .read()
@@ -269,6 +309,8 @@ impl StyleAlign for Service {
                         native_height: e.native_size as u32,
                         size_multiple: e.size_multiple as u32,
                         source: e.source.clone(),
+                        max_size: st.model_max_size(e) as u32,
+                        max_batch_rows: st.model_max_rows(e) as u32,
                     })
                     .collect();
                 let l = &st.limits;
@@ -280,6 +322,7 @@ impl StyleAlign for Service {
                     max_size: l.max_size as u32,
                     default_steps: l.default_steps as u32,
                     default_guidance_scale: l.default_guidance,
+                    memory_budget_bytes: admission.map_or(0, |a| a.budget()),
                 }))
             })(),
         )
@@ -296,27 +339,30 @@ impl Service {
             return Err(FieldError::new("model", format!("required; loaded models: {}", st.model_names().join(", "))).status());
         }
         let Some(model) = st.model(&req.model) else {
-            return Err(FieldError::new(
+            let e = FieldError::new(
                 "model",
                 format!("unknown model {:?}; loaded models: {}", convert::bounded(&req.model), st.model_names().join(", ")),
-            )
-            .status());
+            );
+            return Err(errors::invalid_fields_with(Reason::UnknownModel, &[e]));
         };
-        let patch = convert::patch_from_proto(&req)?;
+        let patch = validate::patch(&req).map_err(|e| errors::invalid_fields(&e))?;
         let s = st.sessions.create(&owner, &model.name, patch).map_err(session_status)?;
         st.update_session_gauge();
         tracing::info!(client = %owner, session = %s.short_id(), model = %s.model, options = ?s.patch, "session created");
         Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
     }
 
-    fn generate_inner(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+    async fn generate_inner(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
         let st = &self.state;
         st.check_serving()?;
         let owner = Caller::of(&request)?.id;
         let timeout = match request.metadata().get("grpc-timeout") {
             Some(v) => Some(
-                v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| Status::invalid_argument("invalid `grpc-timeout` metadata"))?,
+                v.to_str()
+                    .ok()
+                    .and_then(parse_grpc_timeout)
+                    .ok_or_else(|| invalid_metadata("grpc-timeout", "not a timeout (1 to 8 digits and a unit: H, M, S, m, u, n)"))?,
             ),
             None => None,
         };
@@ -328,9 +374,15 @@ impl Service {
         let session = st.sessions.get(&owner, &req.session_id).map_err(session_status)?;
         let model = st
             .model(&session.model)
-            .ok_or_else(|| Status::not_found(format!("the session's model {:?} is no longer loaded", session.model)))?;
+            .ok_or_else(|| errors::error(Reason::ModelNotLoaded, format!("the session's model {:?} is no longer loaded", session.model)))?;
         let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple, sdxl: model.family == Family::Sdxl };
-        let v = convert::validate_generate(&req, &facts, &st.limits, random_u64)?;
+        let mut v = validate::generate(req, &facts, &st.limits, random_u64).map_err(|e| errors::invalid_fields(&e))?;
+        // Admission before the reference image is decoded: its pixels are reserved first.
+        let admitted = st.admit(&model, &v, &session.patch)?;
+        let reference = match v.reference.take() {
+            Some(r) => Some(validate::decode_reference(r).await.map_err(|e| e.status())?),
+            None => None,
+        };
         let batch = BatchSpec {
             width: v.width,
             height: v.height,
@@ -340,8 +392,8 @@ impl Service {
             patch: Some(session.patch),
             size_conditioning: v.size_conditioning,
         };
-        let reference_sha256 = v.reference.as_ref().map(|r| r.sha256.clone());
-        let reference = v.reference.map(|r| ReferenceImage {
+        let reference_sha256 = reference.as_ref().map(|r| r.sha256.clone());
+        let reference = reference.map(|r| ReferenceImage {
             image: r.image,
             caption: r.caption,
             offset: r.offset,
@@ -349,7 +401,7 @@ impl Service {
             scope: session.id.to_string(),
         });
         let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference };
-        check_with_model(&model.pipeline, &batch, &set)?;
+        validate::with_model(&model.pipeline, &batch, &set).map_err(|e| errors::invalid_fields(&e))?;
 
         let id = st.engine.next_id();
         let span = tracing::info_span!(target: crate::telemetry::TARGET, "Generate", job = id as i64, rows = set.prompts.len() as i64, steps = v.steps as i64, code = tracing::field::Empty);
@@ -364,11 +416,16 @@ impl Service {
             reference_sha256,
             deadline,
             span: span.clone(),
+            admitted,
         };
         let job = st.engine.submit(spec).map_err(|e| match e {
-            SubmitError::Full { .. } => Status::resource_exhausted(e.to_string()),
-            SubmitError::Closed => Status::unavailable(e.to_string()),
-            SubmitError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+            SubmitError::Full { capacity } => errors::error_with(
+                Reason::QueueFull,
+                format!("admission queue full ({capacity} requests waiting); retry later"),
+                &[("queue_capacity", capacity.to_string())],
+            ),
+            SubmitError::Closed => errors::error(Reason::ShuttingDown, "server is shutting down"),
+            SubmitError::DeadlineExceeded => errors::error(Reason::Deadline, "deadline exceeded before the request was queued"),
         })?;
         tracing::info!(job = id, client = %owner, session = %session.short_id(), rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
         let (out_tx, out_rx) = mpsc::channel(16);
@@ -376,14 +433,6 @@ impl Service {
         tokio::spawn(forward(self.state.clone(), job, out_tx, arrived).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
-}
-
-/// Checks what only the model knows (pipeline validation, including the sampler schedule).
-fn check_with_model(pipeline: &Pipeline, batch: &BatchSpec, set: &SetSpec) -> Result<(), Status> {
-    pipeline.validate(batch, std::slice::from_ref(set)).map_err(|e| match pipeline_field_error(e) {
-        Ok(f) => f.status(),
-        Err(e) => Status::internal(e.to_string()),
-    })
 }
 
 /// Translates a job's events into its response stream. The client leaving (or the stream's
@@ -418,13 +467,13 @@ async fn forward(st: Arc<State>, mut job: JobStream, out: mpsc::Sender<Result<pb
             })),
             Some(JobEvent::Done) => break tonic::Code::Ok,
             Some(JobEvent::Failed { code, message }) => Err(match code {
-                FailCode::InvalidArgument => Status::invalid_argument(message),
-                FailCode::DeadlineExceeded => Status::deadline_exceeded(message),
-                FailCode::Cancelled => Status::cancelled(message),
-                FailCode::Unavailable => Status::unavailable(message),
-                FailCode::Internal => Status::internal(message),
+                FailCode::InvalidArgument => errors::error(Reason::InvalidField, message),
+                FailCode::DeadlineExceeded => errors::error(Reason::Deadline, message),
+                FailCode::Cancelled => errors::error(Reason::Cancelled, message),
+                FailCode::Unavailable => errors::error(Reason::ShuttingDown, message),
+                FailCode::Internal => errors::error(Reason::Internal, message),
             }),
-            None => Err(Status::internal("the job ended without a result")),
+            None => Err(errors::error(Reason::Internal, "the job ended without a result")),
         };
         match msg {
             Ok(event) => {
@@ -501,6 +550,7 @@ impl Server {
             health,
             phase: AtomicU8::new(LOADING),
             active_streams: AtomicUsize::new(0),
+            admission: std::sync::OnceLock::new(),
             cfg,
         });
         state.set_health(ServingStatus::NotServing).await;
@@ -703,6 +753,16 @@ impl Server {
                 models.insert(e.name.clone(), e.clone());
             }
         }
+        // The memory budget, now that the models are resident (a CPU's workers share it).
+        let workers = if st.cfg.devices.contains(&DeviceSpec::Cpu) { st.cfg.cpu_workers } else { 1 };
+        let adm = st.admission.get_or_init(|| Arc::new(Admission::configure(st.cfg.memory_budget, workers)));
+        tracing::info!(
+            budget_bytes = adm.budget(),
+            request_limit_bytes = adm.request_limit(),
+            reference_pool_bytes = adm.reference_pool(),
+            source = adm.source(),
+            "memory budget"
+        );
         for (spec, models, _) in loaded {
             let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
             for i in 0..n {
@@ -790,7 +850,8 @@ async fn api_fallback(req: axum::extract::Request) -> axum::response::Response {
     if !content_type.starts_with("application/grpc") {
         return (StatusCode::NOT_FOUND, "not found\n").into_response();
     }
-    let mut res = Status::unimplemented(format!("unknown method {}", req.uri().path())).into_http::<axum::body::Body>();
+    let path = convert::bounded(req.uri().path()).into_owned();
+    let mut res = errors::error(Reason::UnknownMethod, format!("unknown method {path}")).into_http::<axum::body::Body>();
     if content_type.starts_with("application/grpc-web")
         && let Ok(v) = HeaderValue::from_str(content_type)
     {

@@ -25,6 +25,8 @@ def test_list_models(client):
     assert (tiny.family, tiny.native_width, tiny.native_height, tiny.size_multiple, tiny.source) == ("SD1", 64, 64, 16, "<embedded>")
     assert set(models.samplers) == {"ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"}
     assert (models.max_steps, models.max_prompts, models.default_steps) == (150, 8, 30)
+    # The limits the memory budget allows (derived from this machine's memory).
+    assert models.memory_budget_bytes > 0 and 0 < tiny.max_size <= models.max_size and 1 <= tiny.max_batch_rows <= 8
     with pytest.raises(KeyError, match="nope"):
         models["nope"]
 
@@ -168,6 +170,36 @@ def test_bad_generate_values_are_invalid_argument_naming_the_field(client, kwarg
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT, str(err)
     assert err.fields == [field] and f"`{field}`" in str(err) and str(err).startswith("INVALID_ARGUMENT: ")
     assert err.attempts == 1  # not retried
+
+
+def test_every_invalid_field_and_the_reason_read_well(client):
+    session = client.patch_model("tiny")
+    with pytest.raises(StyleAlignError) as e:
+        list(client.generate(session, ["a cat"], width=33, steps=1000, guidance_scale=-1.0))
+    err = e.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "INVALID_FIELD"
+    assert sorted(err.fields) == ["guidance_scale", "steps", "width"]
+    text = str(err)
+    for line in ["  field `width`: 33 is not a multiple of 16", "  field `steps`: 1000 exceeds the limit", "  reason INVALID_FIELD (domain stylealign.v1): fields=3"]:
+        assert line in text, text
+    assert err.retry_delay is None and err.attempts == 1
+
+
+def test_over_the_memory_budget_is_not_retried():
+    with running_server("--memory-budget", "1MiB") as addr, Client(addr, client_id="budget-test") as client:
+        client.wait_ready(timeout=120)
+        session = client.patch_model("tiny")
+        with pytest.raises(StyleAlignError) as e:
+            list(client.generate(session, ["a cat", "a dog"], width=64, height=64, steps=1))
+        err = e.value
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == "OVER_MEMORY_BUDGET", str(err)
+        assert err.retry_delay == 60 and err.attempts == 1  # RetryInfo, but the reason says a retry cannot help
+        meta = err.error_info.metadata
+        assert int(meta["estimate_bytes"]) > int(meta["limit_bytes"]) and meta["budget_bytes"] == str(1 << 20)
+        assert "retry after 60s" in str(err) and "reason OVER_MEMORY_BUDGET (domain stylealign.v1): budget_bytes=1048576" in str(err)
+        models = client.list_models()
+        assert models.memory_budget_bytes == 1 << 20
+        assert models["tiny"].max_size < models.max_size and models["tiny"].max_batch_rows < 2
 
 
 def test_bad_patch_values_and_unknown_session(client):

@@ -81,6 +81,13 @@ class StyleAlignError(Exception):
         return infos[0] if infos else None
 
     @property
+    def reason(self) -> str | None:
+        """``ErrorInfo.reason`` (e.g. ``"INVALID_FIELD"``, ``"OVER_MEMORY_BUDGET"``), when the server
+        sent one."""
+        info = self.error_info
+        return info.reason if info is not None else None
+
+    @property
     def retry_delay(self) -> float | None:
         """``RetryInfo.retry_delay`` in seconds, when the server sent one."""
         infos = self._of(error_details_pb2.RetryInfo)

@@ -15,7 +15,8 @@ class RetryPolicy:
     """Retries of calls that failed with a transient status.
 
     A call is tried at most `max_attempts` times (1: no retry), and only while its status code is
-    in `retry_codes` (default ``UNAVAILABLE`` and ``RESOURCE_EXHAUSTED``). `Generate` is retried
+    in `retry_codes` (default ``UNAVAILABLE`` and ``RESOURCE_EXHAUSTED``) and its ``ErrorInfo``
+    reason is not in `no_retry_reasons` (default ``OVER_MEMORY_BUDGET``). `Generate` is retried
     only when it failed before any event arrived.
 
     The wait before attempt *n + 1*: when the error carries ``google.rpc.RetryInfo``, its
@@ -32,6 +33,9 @@ class RetryPolicy:
     jitter: float = 0.5
     retry_info_jitter: float = 0.1
     retry_codes: frozenset = field(default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}))
+    # ``ErrorInfo`` reasons that the same request meets again however long it waits: a request
+    # over the server's memory budget needs fewer images or a smaller size, not a retry.
+    no_retry_reasons: frozenset = field(default_factory=lambda: frozenset({"OVER_MEMORY_BUDGET"}))
 
     def __post_init__(self):
         if not isinstance(self.max_attempts, int) or isinstance(self.max_attempts, bool) or self.max_attempts < 1:
@@ -49,6 +53,8 @@ class RetryPolicy:
         """Seconds to wait after failed attempt number `attempt` (1-based) before the next one, or
         None when the call must not be tried again."""
         if error.code not in self.retry_codes or attempt >= self.max_attempts:
+            return None
+        if error.reason is not None and error.reason in self.no_retry_reasons:
             return None
         rng = rng or random
         hinted = error.retry_delay

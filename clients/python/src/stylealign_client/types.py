@@ -41,11 +41,15 @@ class ModelInfo:
     size_multiple: int
     source: str
     hash: str  # A1111-style short hash ("" from servers that do not report one)
+    # The largest width and height, and the most images of a request, that the server's memory
+    # budget admits for this model (0 from servers that do not report them).
+    max_size: int = 0
+    max_batch_rows: int = 0
 
     @classmethod
     def _from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
         family = pb.Family.Name(m.family).removeprefix("FAMILY_") if m.family in pb.Family.values() else str(m.family)
-        return cls(m.name, family, m.native_width, m.native_height, m.size_multiple, m.source, m.hash)
+        return cls(m.name, family, m.native_width, m.native_height, m.size_multiple, m.source, m.hash, m.max_size, m.max_batch_rows)
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,21 @@ class Models:
     max_size: int
     default_steps: int
     default_guidance_scale: float
+    # The server's memory budget for requests, in bytes (0 from servers that do not report it).
+    memory_budget_bytes: int = 0
 
     @classmethod
     def _from_pb(cls, r: pb.ListModelsResponse) -> "Models":
-        return cls([ModelInfo._from_pb(m) for m in r.models], list(r.samplers), r.max_prompts, r.max_steps, r.max_size, r.default_steps, r.default_guidance_scale)
+        return cls(
+            [ModelInfo._from_pb(m) for m in r.models],
+            list(r.samplers),
+            r.max_prompts,
+            r.max_steps,
+            r.max_size,
+            r.default_steps,
+            r.default_guidance_scale,
+            r.memory_budget_bytes,
+        )
 
     @property
     def names(self) -> list[str]:

@@ -324,7 +324,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "native_width", "native_height", "size_multiple", "source", "hash")
+    __slots__ = ("name", "family", "native_width", "native_height", "size_multiple", "source", "hash", "max_size", "max_batch_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NATIVE_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,8 @@ class ModelInfo(_message.Message):
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: Family
     native_width: int
@@ -339,10 +341,12 @@ class ModelInfo(_message.Message):
     size_multiple: int
     source: str
     hash: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., native_width: _Optional[int] = ..., native_height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., source: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+    max_size: int
+    max_batch_rows: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., native_width: _Optional[int] = ..., native_height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., source: _Optional[str] = ..., hash: _Optional[str] = ..., max_size: _Optional[int] = ..., max_batch_rows: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "samplers", "max_prompts", "max_steps", "max_size", "default_steps", "default_guidance_scale")
+    __slots__ = ("models", "samplers", "max_prompts", "max_steps", "max_size", "default_steps", "default_guidance_scale", "memory_budget_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLERS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +354,7 @@ class ListModelsResponse(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     samplers: _containers.RepeatedScalarFieldContainer[str]
     max_prompts: int
@@ -357,4 +362,5 @@ class ListModelsResponse(_message.Message):
     max_size: int
     default_steps: int
     default_guidance_scale: float
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_prompts: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_size: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ...) -> None: ...
+    memory_budget_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_prompts: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_size: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
