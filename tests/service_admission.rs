@@ -14,7 +14,7 @@ use service_common::*;
 use stylealign::client::Identity;
 use stylealign::pipeline::cost::{CostModel, SetShape};
 use stylealign::pipeline::tiny::tiny_pipeline;
-use stylealign::serve::admission::{self, request_limit_of};
+use stylealign::serve::admission::request_limit_of;
 use stylealign::serve::errors::{DOMAIN, MAX_VIOLATIONS};
 use stylealign::serve::{ServeConfig, pb};
 use tonic::Code;
@@ -245,9 +245,12 @@ fn vm_rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Twenty requests with a 2048×2048 reference behind a long job, on a spawned server with a
-/// 512 MiB budget: the pool admits what it can hold (the rest RESOURCE_EXHAUSTED with
-/// RetryInfo), and the server's RSS grows by less than the budget.
+/// Requests with a 2048×2048 reference behind a long job, on a spawned server with a 512 MiB
+/// budget. Twenty sent one after another are all queued: once decoded, a queued request keeps
+/// only the reference fitted to its size (64×64), not the upload's 12 MiB of pixels, and returns
+/// the rest of its reservation. Twenty more sent at once: decoding reserves the upload's pixels
+/// in the pool, so what does not fit is RESOURCE_EXHAUSTED REFERENCE_POOL_FULL with RetryInfo;
+/// RSS stays within the budget throughout.
 #[test]
 fn queued_references_stay_within_the_budget() {
     run(Duration::from_secs(600), || async {
@@ -281,9 +284,23 @@ fn queued_references_stay_within_the_budget() {
         // A long job holds the worker.
         let (long, _) = open_until(&mut c, &me, request(&s, &["busy"], 256, 900, 1), None, is_started).await;
         let mut queued = Vec::new();
-        let mut refused = 0;
+        for i in 0..20 {
+            let stream = c.generate(me.request(reference_request(&s, png.clone()), None)).await;
+            queued.push(stream.unwrap_or_else(|e| panic!("request {i} refused: {e:?}")).into_inner());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let one_by_one = vm_rss(pid).saturating_sub(idle);
+        eprintln!("RSS idle {idle} B; 20 reference requests queued one by one: +{one_by_one} B ({} B per request)", one_by_one / 20);
+        assert!(one_by_one < budget, "RSS grew by {one_by_one} B, over the budget {budget} B");
+
+        let mut sends = Vec::new();
         for _ in 0..20 {
-            match c.generate(me.request(reference_request(&s, png.clone()), None)).await {
+            let (mut c, me, req) = (c.clone(), me.clone(), reference_request(&s, png.clone()));
+            sends.push(tokio::spawn(async move { c.generate(me.request(req, None)).await }));
+        }
+        let mut refused = 0;
+        for send in sends {
+            match send.await.expect("send task") {
                 Ok(stream) => queued.push(stream.into_inner()),
                 Err(e) => {
                     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
@@ -294,19 +311,10 @@ fn queued_references_stay_within_the_budget() {
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let busy = vm_rss(pid);
-        let pool = budget * admission::REFERENCE_POOL_PERCENT / 100;
-        let hold = 6 * 2048 * 2048;
-        assert!(!queued.is_empty(), "the pool admits some");
-        assert!(queued.len() as u64 <= pool / hold, "{} queued with a pool of {pool}", queued.len());
-        assert_eq!(queued.len() + refused, 20);
-        let growth = busy.saturating_sub(idle);
-        eprintln!(
-            "RSS idle {idle} B, with {} reference requests queued {busy} B: +{growth} B ({} B per queued request; {refused} refused)",
-            queued.len(),
-            growth / queued.len() as u64
-        );
-        assert!(growth < budget, "RSS grew by {growth} B, over the budget {budget}");
+        let growth = vm_rss(pid).saturating_sub(idle);
+        assert_eq!(queued.len() + refused, 40);
+        eprintln!("20 more at once: {} queued, {refused} refused; RSS +{growth} B over idle", queued.len() - 20);
+        assert!(growth < budget, "RSS grew by {growth} B with {} requests queued, over the budget {budget} B", queued.len());
         drop(queued);
         drop(long);
         let _ = child.kill();

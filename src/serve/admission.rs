@@ -270,6 +270,16 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Keeps only `bytes` of it: once the reference is decoded and fitted to the request's size,
+    /// a queued request holds just those pixels.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let release = self.bytes.saturating_sub(bytes);
+        if release > 0 {
+            self.admission.held.fetch_sub(release, Ordering::SeqCst);
+            self.bytes -= release;
+        }
+    }
 }
 
 impl Drop for Reservation {
@@ -315,6 +325,13 @@ mod tests {
         drop(r1);
         let _r3 = a.admit(&e).unwrap();
         drop(r2);
+        assert_eq!(a.held(), 400);
+        let mut r4 = a.admit(&e).unwrap();
+        r4.shrink_to(100);
+        assert_eq!(a.held(), 500);
+        r4.shrink_to(300);
+        assert_eq!(a.held(), 500, "a reservation never grows");
+        drop(r4);
         assert_eq!(a.held(), 400);
         let over = a.admit(&Estimate { total: 3001, ..Default::default() }).unwrap_err();
         assert!(over.message().contains("exceeds"), "{}", over.message());

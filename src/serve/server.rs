@@ -378,9 +378,13 @@ impl Service {
         let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple, sdxl: model.family == Family::Sdxl };
         let mut v = validate::generate(req, &facts, &st.limits, random_u64).map_err(|e| errors::invalid_fields(&e))?;
         // Admission before the reference image is decoded: its pixels are reserved first.
-        let admitted = st.admit(&model, &v, &session.patch)?;
+        let mut admitted = st.admit(&model, &v, &session.patch)?;
         let reference = match v.reference.take() {
-            Some(r) => Some(validate::decode_reference(r).await.map_err(|e| e.status())?),
+            Some(r) => {
+                let r = validate::decode_reference(r, (v.width, v.height)).await.map_err(|e| e.status())?;
+                admitted.reservation.shrink_to(r.image.rgb.len() as u64);
+                Some(r)
+            }
             None => None,
         };
         let batch = BatchSpec {

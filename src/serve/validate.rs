@@ -254,13 +254,16 @@ pub fn reference_header(bytes: &[u8]) -> Result<(u32, u32), FieldError> {
 }
 
 /// Decodes a checked reference image on a blocking thread (the decoder is held to the
-/// dimensions its header declared).
-pub async fn decode_reference(r: CheckedReference) -> Result<ValidReference, FieldError> {
+/// dimensions its header declared) and fits it to the request's `size` (width, height), so a
+/// queued request holds the pixels it will use, not the upload's.
+pub async fn decode_reference(r: CheckedReference, size: (usize, usize)) -> Result<ValidReference, FieldError> {
     let CheckedReference { encoded, width, height, caption, offset, guidance, sha256 } = r;
-    let image = tokio::task::spawn_blocking(move || ReferenceImage::decode_within(&encoded, width, height))
-        .await
-        .map_err(|_| FieldError::new("reference_image", "cannot be decoded (the decoder failed)"))?
-        .map_err(|m| FieldError::new("reference_image", m))?;
+    let image = tokio::task::spawn_blocking(move || {
+        ReferenceImage::decode_within(&encoded, width, height).map(|full| ReferenceImage::fit(&full, size.0, size.1))
+    })
+    .await
+    .map_err(|_| FieldError::new("reference_image", "cannot be decoded (the decoder failed)"))?
+    .map_err(|m| FieldError::new("reference_image", m))?;
     Ok(ValidReference { image, caption, offset, guidance, sha256 })
 }
 
