@@ -5,7 +5,8 @@
 //! [`admission`] (the memory budget), [`session`] (the per-client session store), [`engine`] (the
 //! serving core: it owns the [`queue`] (bounded admission queue with priorities and the batcher),
 //! the [`worker`] threads that run batches, and the jobs' [`cancel`] tokens; [`job`] describes a
-//! job), [`server`] (the tonic services, health, reflection, gRPC-Web, admin HTTP, drain),
+//! job), [`service`] (the StyleAlign handlers: translation only), [`server`] (listeners, health,
+//! reflection, gRPC-Web, admin HTTP, model loading, drain),
 //! [`http`] (the same RPCs as JSON over HTTP), [`conn`], [`tls`] and [`layers`] (connections, TLS
 //! and mTLS, the tower middleware: identity, limits, tracing), [`playground`] (the browser page),
 //! [`metrics`].
@@ -23,10 +24,12 @@ pub mod http;
 pub mod infotext;
 pub mod job;
 pub mod layers;
+mod loading;
 pub mod metrics;
 pub mod playground;
 pub mod queue;
 pub mod server;
+pub mod service;
 pub mod session;
 pub mod tls;
 pub mod token;
