@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use service_common::{ServerLog, read_addresses};
+use service_common::{ServerLog, spawn_server, stylealign_command};
 use stylealign::client::{self, Identity};
 use stylealign::serve::pb;
 use tonic::Code;
 
 /// The binary, with a clean `STYLEALIGN_*` environment.
 fn stylealign() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stylealign"));
+    let mut cmd = stylealign_command();
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("STYLEALIGN_") {
             cmd.env_remove(k);
@@ -75,17 +75,13 @@ impl Server {
 
     /// [`Server::spawn`] with more `serve` flags.
     fn spawn_with(extra: &[&str]) -> Server {
-        let mut child = stylealign()
-            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
-            .args(["--default-steps", "3", "--max-size", "256", "--max-batch-delay-ms", "0", "--drain-timeout-secs", "2"])
-            .args(extra)
-            .env("STYLEALIGN_SESSION_SECRET", "cli-test-session-secret-0123456789abcdefghij")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stylealign serve");
-        let (addrs, reader) = read_addresses(&mut child);
-        let log = ServerLog::watch(&mut child);
+        let (child, addrs, log, reader) = spawn_server(
+            stylealign()
+                .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
+                .args(["--default-steps", "3", "--max-size", "256", "--max-batch-delay-ms", "0", "--drain-timeout-secs", "2"])
+                .args(extra)
+                .env("STYLEALIGN_SESSION_SECRET", "cli-test-session-secret-0123456789abcdefghij"),
+        );
         let addr = addrs[0].to_string();
         let server = Server { child, addr, _stdout: reader, log };
         server.wait_serving();

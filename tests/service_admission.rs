@@ -6,7 +6,6 @@
 
 mod service_common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
@@ -236,16 +235,12 @@ fn vm_rss(pid: u32) -> u64 {
 fn queued_references_stay_within_the_budget() {
     run(Duration::from_secs(600), || async {
         let budget: u64 = 512 << 20;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stylealign"))
-            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--max-size", "256"])
-            .args(["--memory-budget", "512MiB", "--max-queue", "64", "--max-steps", "1000", "--drain-timeout-secs", "1"])
-            .env_remove("STYLEALIGN_MEMORY_BUDGET")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the server");
-        let mut log = ServerLog::watch(&mut child);
-        let (addrs, _out) = read_addresses(&mut child);
+        let (mut child, addrs, mut log, _out) = spawn_server(
+            stylealign_command()
+                .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--max-size", "256"])
+                .args(["--memory-budget", "512MiB", "--max-queue", "64", "--max-steps", "1000", "--drain-timeout-secs", "1"])
+                .env_remove("STYLEALIGN_MEMORY_BUDGET"),
+        );
         let addr = addrs[0].to_string();
         let me = Identity::client("rss");
         let mut c = loop {

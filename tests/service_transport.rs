@@ -7,7 +7,7 @@
 mod service_common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use service_common::*;
@@ -205,15 +205,11 @@ struct Spawned {
 
 impl Spawned {
     fn start(extra: &[&str]) -> Spawned {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stylealign"))
-            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-warmup"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stylealign serve");
-        let (addrs, reader) = read_addresses(&mut child);
-        let log = ServerLog::watch(&mut child);
+        let (child, addrs, log, reader) = spawn_server(
+            stylealign_command()
+                .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-warmup"])
+                .args(extra),
+        );
         Spawned { child, addr: addrs[0], admin: addrs[1], log, _stdout: reader }
     }
 
@@ -312,10 +308,10 @@ fn an_open_stream_keeps_its_connection_past_the_idle_timeout() {
 
 #[test]
 fn http2_flags_are_accepted_and_checked() {
-    let o = Command::new(env!("CARGO_BIN_EXE_stylealign")).args(["serve", "--max-concurrent-streams", "0"]).output().unwrap();
+    let o = stylealign_command().args(["serve", "--max-concurrent-streams", "0"]).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--max-concurrent-streams"), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(env!("CARGO_BIN_EXE_stylealign")).args(["serve", "--unary-timeout-secs", "0"]).output().unwrap();
+    let o = stylealign_command().args(["serve", "--unary-timeout-secs", "0"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--unary-timeout-secs"));
     run(Duration::from_secs(60), || async {
         let server = Spawned::start(&[

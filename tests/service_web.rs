@@ -7,7 +7,7 @@
 mod service_common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -336,15 +336,13 @@ impl Drop for Proc {
 }
 
 fn spawn_serve(extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stylealign"));
+    let mut cmd = stylealign_command();
     cmd.args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"]).args(extra);
     cmd.env_remove("STYLEALIGN_NO_PLAYGROUND");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign serve");
-    let (addrs, _) = read_addresses(&mut child);
-    let log = ServerLog::watch(&mut child);
+    let (child, addrs, log, _) = spawn_server(cmd.stdin(Stdio::null()));
     Proc { child, api: addrs[0], log }
 }
 

@@ -93,18 +93,14 @@ fn generate_is_traced_under_the_callers_trace() {
     run(Duration::from_secs(180), || async {
         let receiver = Receiver::default();
         let endpoint = receiver.start().await;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stylealign"))
-            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
-            .args(["--max-batch-delay-ms", "0", "--otlp-endpoint", &endpoint])
-            .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stylealign serve");
-        let (addrs, _stdout) = read_addresses(&mut child);
-        let log = ServerLog::watch(&mut child);
+        let (child, addrs, log, _stdout) = spawn_server(
+            stylealign_command()
+                .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
+                .args(["--max-batch-delay-ms", "0", "--otlp-endpoint", &endpoint])
+                .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null()),
+        );
         let server = Proc { child, log };
 
         let mut c = client::connect(&addrs[0].to_string()).await.expect("connect");
@@ -183,17 +179,13 @@ fn an_unreachable_collector_does_not_hurt_and_a_bad_endpoint_is_refused() {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stylealign"))
-            .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
-            .args(["--otlp-endpoint", &format!("http://{closed}")])
-            .env("OTEL_BSP_SCHEDULE_DELAY", "20")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stylealign serve");
-        let (addrs, _stdout) = read_addresses(&mut child);
-        let log = ServerLog::watch(&mut child);
+        let (child, addrs, log, _stdout) = spawn_server(
+            stylealign_command()
+                .args(["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
+                .args(["--otlp-endpoint", &format!("http://{closed}")])
+                .env("OTEL_BSP_SCHEDULE_DELAY", "20")
+                .stdin(Stdio::null()),
+        );
         let server = Proc { child, log };
         let mut c = client::connect(&addrs[0].to_string()).await.expect("connect");
         let who = Identity::client("lost-spans");

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStdout};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use stylealign::client::{self, Identity, SetResult};
@@ -112,6 +112,21 @@ pub fn read_addresses(child: &mut Child) -> (Vec<SocketAddr>, BufReader<ChildStd
         panic!("unexpected first line: {line:?}");
     }
     (addrs, reader)
+}
+
+/// The `stylealign` binary under test, as a command to add `serve` flags to.
+pub fn stylealign_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_stylealign"))
+}
+
+/// Starts `cmd` (a `stylealign serve` with its flags and environment) with standard output and
+/// error piped: its log watched for panics, the addresses it prints read. The reader is returned
+/// so that the pipe stays open.
+pub fn spawn_server(cmd: &mut Command) -> (Child, Vec<SocketAddr>, ServerLog, BufReader<ChildStdout>) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign serve");
+    let log = ServerLog::watch(&mut child);
+    let (addrs, stdout) = read_addresses(&mut child);
+    (child, addrs, log, stdout)
 }
 
 /// A config for tests: ephemeral ports, small limits, one CPU worker.
