@@ -358,12 +358,12 @@ mod tests {
         out
     }
 
-    /// A PNG signature and an IHDR declaring `w`×`h` RGB; no pixels follow.
+    /// A PNG signature, an IHDR declaring `w`×`h` RGB and a one-byte IDAT of junk.
     fn png_declaring(w: u32, h: u32) -> Vec<u8> {
         let mut out = Vec::new();
         let mut enc = png::Encoder::new(&mut out, w, h);
         enc.set_color(png::ColorType::Rgb);
-        drop(enc.write_header().unwrap());
+        enc.write_header().unwrap().write_chunk(png::chunk::IDAT, &[0x5A]).unwrap();
         out
     }
 
