@@ -180,6 +180,11 @@ pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> St
     invalid_fields(&[FieldError::new(field, message)])
 }
 
+/// INVALID_ARGUMENT naming a bad metadata entry (`x-client-id`, `grpc-timeout`).
+pub fn invalid_metadata(key: &str, message: &str) -> Status {
+    invalid_fields_with(Reason::InvalidMetadata, &[FieldError::new(key, message)])
+}
+
 /// A status with `ErrorInfo` added when it has none (statuses made elsewhere, e.g. by tonic):
 /// the reason is derived from the code.
 pub fn with_info(s: Status) -> Status {

@@ -34,7 +34,6 @@ use tracing::Instrument as _;
 
 use super::config::Tokens;
 use super::conn::{ConnInfo, RequestGuard};
-use super::convert::FieldError;
 use super::errors::{self, Reason};
 
 /// The paths whose calls stream (exempt from the unary timeout and concurrency limit).
@@ -103,11 +102,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Identified {
     }
 }
 
-/// INVALID_ARGUMENT naming the `x-client-id` metadata.
-fn bad_client_id(message: &str) -> Status {
-    errors::invalid_fields_with(Reason::InvalidMetadata, &[FieldError::new("x-client-id", message)])
-}
-
 /// Decides who calls (see the module docs).
 pub fn identify_caller(auth: Option<&Tokens>, headers: &HeaderMap, peer: Option<&str>) -> Result<Caller, Status> {
     let bearer = headers.get("authorization");
@@ -133,9 +127,9 @@ pub fn identify_caller(auth: Option<&Tokens>, headers: &HeaderMap, peer: Option<
     match headers.get("x-client-id") {
         None => Ok(Caller { id: "anonymous".to_string(), source: CallerSource::Anonymous }),
         Some(v) => {
-            let id = v.to_str().map_err(|_| bad_client_id("not ASCII"))?.trim();
+            let id = v.to_str().map_err(|_| errors::invalid_metadata("x-client-id", "not ASCII"))?.trim();
             if id.is_empty() || id.len() > 128 {
-                return Err(bad_client_id("1 to 128 characters"));
+                return Err(errors::invalid_metadata("x-client-id", "1 to 128 characters"));
             }
             Ok(Caller { id: id.to_string(), source: CallerSource::ClientId })
         }
@@ -236,13 +230,13 @@ pub async fn limit_unary(State(limits): State<UnaryLimits>, req: Request, next: 
 }
 
 /// The content type of a gRPC or gRPC-Web request; `None` for plain HTTP.
-fn grpc_content_type(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(super) fn grpc_content_type(headers: &HeaderMap) -> Option<HeaderValue> {
     headers.get(header::CONTENT_TYPE).filter(|v| v.as_bytes().starts_with(b"application/grpc")).cloned()
 }
 
 /// `status` in the caller's protocol: a trailers-only gRPC (or gRPC-Web) answer, or the HTTP/JSON
 /// error body.
-fn status_response(status: Status, grpc: Option<&HeaderValue>) -> Response {
+pub(super) fn status_response(status: Status, grpc: Option<&HeaderValue>) -> Response {
     match grpc {
         Some(content_type) => {
             let mut res = status.into_http::<Body>();

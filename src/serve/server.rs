@@ -27,7 +27,7 @@ use super::config::ServeConfig;
 use super::convert::{self};
 use super::engine::Engine;
 use super::errors::{self, Reason};
-use super::layers::{self};
+use super::layers;
 use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::StyleAlignServer;
@@ -384,20 +384,12 @@ pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 /// Unknown paths on the API port: UNIMPLEMENTED for gRPC and gRPC-Web calls (in the caller's
 /// content type), 404 for plain HTTP.
 async fn api_fallback(req: axum::extract::Request) -> axum::response::Response {
-    use axum::http::{HeaderValue, StatusCode, header};
     use axum::response::IntoResponse as _;
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.starts_with("application/grpc") {
-        return (StatusCode::NOT_FOUND, "not found\n").into_response();
-    }
+    let Some(content_type) = layers::grpc_content_type(req.headers()) else {
+        return (axum::http::StatusCode::NOT_FOUND, "not found\n").into_response();
+    };
     let path = convert::bounded(req.uri().path()).into_owned();
-    let mut res = errors::error(Reason::UnknownMethod, format!("unknown method {path}")).into_http::<axum::body::Body>();
-    if content_type.starts_with("application/grpc-web")
-        && let Ok(v) = HeaderValue::from_str(content_type)
-    {
-        res.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    res
+    layers::status_response(errors::error(Reason::UnknownMethod, format!("unknown method {path}")), Some(&content_type))
 }
 
 /// Accepted connections with TCP_NODELAY: without it, a response whose message exceeds h2's

@@ -150,10 +150,6 @@ impl State {
     }
 }
 
-fn invalid_metadata(key: &str, message: &str) -> Status {
-    errors::invalid_fields_with(Reason::InvalidMetadata, &[FieldError::new(key, message)])
-}
-
 fn count(method: &'static str, code: tonic::Code) {
     metrics::counter!(m::REQUESTS, "method" => method, "code" => code_name(code)).increment(1);
 }
@@ -343,15 +339,13 @@ impl Service {
         let st = &self.state;
         st.check_serving()?;
         let owner = Caller::of(&request)?.id;
-        let timeout = match request.metadata().get("grpc-timeout") {
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(parse_grpc_timeout)
-                    .ok_or_else(|| invalid_metadata("grpc-timeout", "not a timeout (1 to 8 digits and a unit: H, M, S, m, u, n)"))?,
-            ),
-            None => None,
-        };
+        let timeout =
+            match request.metadata().get("grpc-timeout") {
+                Some(v) => Some(v.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| {
+                    errors::invalid_metadata("grpc-timeout", "not a timeout (1 to 8 digits and a unit: H, M, S, m, u, n)")
+                })?),
+                None => None,
+            };
         let deadline = timeout.map(|t| arrived + t);
         let req = request.into_inner();
         if req.session_id.is_empty() {
