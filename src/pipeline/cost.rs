@@ -190,11 +190,6 @@ impl super::Pipeline {
     }
 }
 
-/// The decoded pixels' bytes a reference image of `pixels` holds while its request is queued.
-pub fn reference_hold_bytes(pixels: u64) -> u64 {
-    3 * pixels
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

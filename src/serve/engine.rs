@@ -1,7 +1,7 @@
 //! The serving core: one [`Engine`] owns the admission queue, the workers (one thread per device;
 //! for the CPU a configurable number), the jobs' stop tokens and the queue/worker metrics.
 //!
-//! The protocol layers (gRPC in [`super::server`], HTTP/JSON through it) only validate requests
+//! The protocol layers (gRPC in [`super::service`], HTTP/JSON through it) only validate requests
 //! into a [`JobSpec`], [`submit`](Engine::submit) it, and translate the [`JobEvent`]s of the
 //! returned [`JobStream`] into their messages (in the spirit of text-generation-inference's
 //! router `Infer`).

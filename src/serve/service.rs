@@ -403,13 +403,11 @@ impl Service {
             admitted,
         };
         let job = st.engine.submit(spec).map_err(|e| match e {
-            SubmitError::Full { capacity } => errors::error_with(
-                Reason::QueueFull,
-                format!("admission queue full ({capacity} requests waiting); retry later"),
-                &[("queue_capacity", capacity.to_string())],
-            ),
-            SubmitError::Closed => errors::error(Reason::ShuttingDown, "server is shutting down"),
-            SubmitError::DeadlineExceeded => errors::error(Reason::Deadline, "deadline exceeded before the request was queued"),
+            SubmitError::Full { capacity } => {
+                errors::error_with(Reason::QueueFull, e.to_string(), &[("queue_capacity", capacity.to_string())])
+            }
+            SubmitError::Closed => errors::error(Reason::ShuttingDown, e.to_string()),
+            SubmitError::DeadlineExceeded => errors::error(Reason::Deadline, e.to_string()),
         })?;
         tracing::info!(job = id, client = %owner, session = %session.short_id(), rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");
         let (out_tx, out_rx) = mpsc::channel(16);
