@@ -486,7 +486,7 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             continue;
         }
         let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
-        let state = || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None };
+        let state = || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None, entries: Vec::new() };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
         for (k, x) in steps_x.into_iter().enumerate() {
@@ -558,6 +558,7 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             uncond: uncond.clone(),
             cond: cond.clone(),
             replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
+            entries: Vec::new(),
         };
         let batch =
             BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };

@@ -24,7 +24,7 @@ fn tiny_cost() -> CostModel {
 }
 
 fn shape(images: usize, size: usize) -> SetShape {
-    SetShape { images, width: size, height: size, steps: 3, reference_pixels: None, full_share: false }
+    SetShape { images, width: size, height: size, steps: 3, ..Default::default() }
 }
 
 /// A budget whose request limit (one worker) is exactly `limit`.

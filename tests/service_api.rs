@@ -85,7 +85,7 @@ fn patch_generate_matches_library_and_reproduces() {
             prompts: prompts.iter().map(|s| s.to_string()).collect(),
             negative_prompt: String::new(),
             seed: 1234,
-            reference: None,
+            ..Default::default()
         };
         let direct = p.generate(&batch, &[set], &mut |_, _| vec![true]).unwrap().remove(0).unwrap();
         for (img, want) in r1.images.iter().zip(&direct) {

@@ -64,6 +64,34 @@ pub struct SetArgs {
     /// Noise levels the reference starts ahead of the batch (below steps).
     #[arg(long, default_value_t = 0)]
     pub reference_offset: u32,
+    /// img2img: a PNG or JPEG a target starts from, as `PATH` (the next target in order: from the
+    /// second prompt, or the first with --reference-image) or `INDEX=PATH`. Repeatable.
+    #[arg(long = "init-image", value_name = "[INDEX=]PATH")]
+    pub init_images: Vec<String>,
+    /// img2img strength of every --init-image, in (0, 1] (unset: the server's default, 0.8).
+    #[arg(long)]
+    pub strength: Option<f32>,
+}
+
+/// The img2img targets of `--init-image` values: `(index, path)`, unindexed values taking the
+/// targets in order from `first`.
+fn init_image_targets(values: &[String], first: u32) -> anyhow::Result<Vec<(u32, PathBuf)>> {
+    let mut next = first;
+    let mut out: Vec<(u32, PathBuf)> = Vec::new();
+    for v in values {
+        let (index, path) = match v.split_once('=') {
+            Some((i, p)) if !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()) => {
+                (i.parse::<u32>().with_context(|| format!("--init-image {v}: index {i} is too large"))?, p)
+            }
+            _ => (next, v.as_str()),
+        };
+        if out.iter().any(|(i, _)| *i == index) {
+            anyhow::bail!("--init-image {v}: image {index} already has an init image");
+        }
+        next = index + 1;
+        out.push((index, PathBuf::from(path)));
+    }
+    Ok(out)
 }
 
 impl SetArgs {
@@ -84,7 +112,14 @@ impl SetArgs {
             Some(p) => std::fs::read(p).with_context(|| format!("reading --reference-image {}", p.display()))?,
             None => Vec::new(),
         };
+        let first = u32::from(self.reference_image.is_none());
+        let mut init_images = Vec::new();
+        for (index, path) in init_image_targets(&self.init_images, first)? {
+            let image = std::fs::read(&path).with_context(|| format!("reading --init-image {}", path.display()))?;
+            init_images.push(pb::InitImage { index, image, strength: self.strength });
+        }
         Ok(pb::GenerateRequest {
+            init_images,
             reference_image,
             reference_caption: self.reference_caption.clone(),
             reference_offset: self.reference_offset,
@@ -311,6 +346,17 @@ mod tests {
 
     fn image(index: u32, seed: u64, png: &[u8]) -> pb::GeneratedImage {
         pb::GeneratedImage { index, seed, png: png.to_vec(), ..Default::default() }
+    }
+
+    #[test]
+    fn init_images_take_targets_in_order_or_by_index() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let got = init_image_targets(&v(&["a.png", "3=b.png", "c.png"]), 1).unwrap();
+        assert_eq!(got, [(1, "a.png".into()), (3, "b.png".into()), (4, "c.png".into())]);
+        // With a reference image every prompt is a target; a path holding '=' stays a path.
+        assert_eq!(init_image_targets(&v(&["x=y.png"]), 0).unwrap(), [(0, PathBuf::from("x=y.png"))]);
+        let err = init_image_targets(&v(&["2=a.png", "1=b.png", "c.png"]), 1).unwrap_err().to_string();
+        assert!(err.contains("image 2 already has an init image"), "{err}");
     }
 
     #[test]

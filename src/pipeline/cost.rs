@@ -51,7 +51,7 @@ pub struct CostModel {
 }
 
 /// What one set asks for.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SetShape {
     /// Images of the set (prompts; a reference image adds its own row on top).
     pub images: usize,
@@ -62,6 +62,12 @@ pub struct SetShape {
     pub reference_pixels: Option<u64>,
     /// The session's patch attends over the whole group (`full_attention_share`).
     pub full_share: bool,
+    /// Other images of the request (img2img init images, control images): how many, and their
+    /// pixels as decoded, in all.
+    pub input_images: usize,
+    pub input_pixels: u64,
+    /// Of those, the init images (each VAE-encoded, one at a time).
+    pub init_images: usize,
 }
 
 /// A peak-memory estimate in bytes, by phase.
@@ -72,7 +78,8 @@ pub struct Estimate {
     pub reference_encode: u64,
     /// Lives through every phase (latents, conditioning, reference pixels, trajectory).
     pub resident: u64,
-    /// Of `resident`: the decoded reference image's pixels (what a queued request holds).
+    /// Of `resident`: the decoded pixels of the reference and input images (what a queued
+    /// request holds).
     pub reference_pixels: u64,
     pub total: u64,
 }
@@ -169,6 +176,17 @@ impl CostModel {
             let (l1, q1) = self.unet_floats(h, w, 1, false);
             reference_encode = encode.max(2 * (l1 + q1) * F32);
         }
+        if s.input_images > 0 {
+            // Each decoded image and its copy while fitted; the fitted image as bytes and floats.
+            let held = 3 * s.input_pixels * 2 + s.input_images as u64 * 3 * (s.width * s.height) as u64 * (1 + F32);
+            reference_pixels += held;
+            // An init image's latent and its noise row until it enters.
+            resident += held + s.init_images as u64 * 2 * latent * F32;
+        }
+        if s.init_images > 0 {
+            let c0 = self.vae_channels.first().copied().unwrap_or(128) as u64;
+            reference_encode = reference_encode.max(5 * c0 * (s.width * s.height) as u64 * F32);
+        }
         let total = unet.max(vae).max(reference_encode) + resident + FIXED_BYTES;
         Estimate { unet, vae, reference_encode, resident, reference_pixels, total }
     }
@@ -209,7 +227,7 @@ mod tests {
     }
 
     fn shape(images: usize, size: usize) -> SetShape {
-        SetShape { images, width: size, height: size, steps: 30, reference_pixels: None, full_share: false }
+        SetShape { images, width: size, height: size, steps: 30, ..Default::default() }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod cost;
 pub mod image;
+pub mod img2img;
 pub mod reference;
 pub mod tiny;
 
@@ -98,12 +99,15 @@ impl std::fmt::Debug for Pipeline {
 
 /// One style-aligned set: the first prompt is the set's reference, unless a reference image is
 /// given (then every prompt is a target and the image, inverted, is the reference).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SetSpec {
     pub prompts: Vec<String>,
     pub negative_prompt: String,
     pub seed: u64,
     pub reference: Option<reference::ReferenceImage>,
+    /// img2img targets: `(prompt index, init image)`, prompt indices distinct and not the
+    /// reference's (the first prompt, unless a reference image is given).
+    pub init_images: Vec<(usize, img2img::InitImage)>,
 }
 
 /// What the sets of one batch share.
@@ -176,6 +180,8 @@ pub struct SetState {
     pub cond: TextCond,
     /// Real-image reference: row 0 follows this trajectory.
     pub replay: Option<ReferenceReplay>,
+    /// img2img rows, entering the batch at their start step.
+    pub entries: Vec<img2img::Entry>,
 }
 
 impl SetState {
@@ -425,6 +431,9 @@ impl Pipeline {
         if sets.is_empty() || sets.iter().any(|s| s.prompts.is_empty()) {
             return Err(invalid("prompts", "no prompt to generate"));
         }
+        for set in sets {
+            check_init_images(set, batch)?;
+        }
         if let Some(p) = &batch.patch {
             p.resolve().map_err(PatchError::from)?;
         }
@@ -505,7 +514,11 @@ impl Pipeline {
         let rows = prompts.len();
         let cond = self.encode_prompts(&prompts, false)?;
         let uncond = self.encode_negative(&set.negative_prompt, rows)?;
-        let mut x = gaussian_tensor(set.seed, INITIAL, [rows, c, h, w], &self.inner.device) * sampler.init_noise_sigma();
+        let noise = gaussian_tensor(set.seed, INITIAL, [rows, c, h, w], &self.inner.device);
+        let skip = usize::from(set.reference.is_some());
+        let inits: Vec<(usize, &img2img::InitImage)> = set.init_images.iter().map(|(p, init)| (p + skip, init)).collect();
+        let entries = self.img2img_entries(&inits, &noise, sampler.timesteps().len())?;
+        let mut x = noise * sampler.init_noise_sigma();
         let replay = match &set.reference {
             Some(r) => {
                 let zts = self.inverted_trajectory(r, batch)?;
@@ -514,7 +527,7 @@ impl Pipeline {
             }
             None => None,
         };
-        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay })
+        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay, entries })
     }
 
     /// Runs the sampler over the live sets (one UNet batch per step: all sets' unconditional rows,
@@ -556,6 +569,7 @@ impl Pipeline {
             if live.is_empty() {
                 return Ok(Vec::new());
             }
+            enter_rows(&mut live, sampler, i);
             let sizes: Vec<usize> = live.iter().map(|l| l.rows()).collect();
             let x = Tensor::cat(live.iter().map(|l| l.x.clone()).collect(), 0);
             let hidden =
@@ -666,6 +680,38 @@ fn scoped_set<R>(stop: &SetStop, set: usize, f: impl FnOnce() -> Result<R, Pipel
 }
 
 /// Drops the stopped sets at a step boundary (`steps` completed); the sampler keeps the rest.
+/// A set's img2img targets: distinct prompts that are not the reference, checked images.
+fn check_init_images(set: &SetSpec, batch: &BatchSpec) -> Result<(), PipelineError> {
+    let first_target = usize::from(set.reference.is_none());
+    let mut seen = Vec::new();
+    for (k, (p, init)) in set.init_images.iter().enumerate() {
+        let field = format!("init_images[{k}]");
+        if *p >= set.prompts.len() {
+            return Err(invalid(&format!("{field}.index"), format!("{p} is not a prompt of the set (it has {})", set.prompts.len())));
+        }
+        if *p < first_target {
+            return Err(invalid(&format!("{field}.index"), "0 is the set's reference (its first prompt); init images are for targets"));
+        }
+        if seen.contains(p) {
+            return Err(invalid(&format!("{field}.index"), format!("{p} has two init images")));
+        }
+        seen.push(*p);
+        img2img::check(&field, init, batch.steps, batch.width, batch.height)?;
+    }
+    Ok(())
+}
+
+/// Puts the img2img rows that enter at step `i` into their sets' latents and tells the sampler.
+fn enter_rows(live: &mut [SetState], sampler: &mut Sampler, i: usize) {
+    let mut offset = 0;
+    for l in live.iter_mut() {
+        let (x, rows) = img2img::enter(&l.entries, sampler, i, l.x.clone());
+        l.x = x;
+        sampler.enter_rows(&rows.iter().map(|r| offset + r).collect::<Vec<_>>());
+        offset += l.rows();
+    }
+}
+
 fn drop_stopped(live: &mut Vec<SetState>, sampler: &mut Sampler, stop: &SetStop, steps: usize, on_event: &mut dyn FnMut(RunEvent)) {
     let stopped: Vec<bool> = live.iter().map(|l| stop(l.set)).collect();
     if !stopped.contains(&true) {

@@ -82,6 +82,17 @@ pub struct Sampler {
     ddim: Option<Ddim>,
     /// DPM-Solver++: the step index and data prediction of the last step.
     previous: Option<(usize, Tensor<4>)>,
+    /// Rows that entered the batch at the coming step (img2img): their first update is first
+    /// order, as a scheduler started there would make it.
+    entering: Vec<usize>,
+}
+
+/// `t` with the batch rows `rows` set to zero.
+fn zero_rows(t: Tensor<4>, rows: &[usize]) -> Tensor<4> {
+    let [b, ..] = t.dims();
+    let keep: Vec<f32> = (0..b).map(|r| if rows.contains(&r) { 0.0 } else { 1.0 }).collect();
+    let mask = Tensor::<1>::from_data(burn::tensor::TensorData::new(keep, [b]), &t.device()).reshape([b, 1, 1, 1]);
+    t * mask
 }
 
 impl Sampler {
@@ -109,6 +120,7 @@ impl Sampler {
             init_noise_sigma: 1.0,
             ddim: None,
             previous: None,
+            entering: Vec::new(),
         };
         match kind {
             SamplerKind::Ddim => {
@@ -176,6 +188,31 @@ impl Sampler {
         self.kind == SamplerKind::EulerAncestral
     }
 
+    /// `x0` noised to the level of step `i`, as diffusers' `add_noise` does for a schedule that
+    /// starts there (img2img): `√ᾱ_t·x0 + √(1−ᾱ_t)·noise` for DDIM, `x0 + σ_i·noise` for Euler and
+    /// Euler ancestral, `α_i·x0 + α_i·σ_i·noise` with `α_i = 1/√(σ_i² + 1)` for DPM-Solver++.
+    pub fn add_noise(&self, x0: Tensor<4>, noise: Tensor<4>, i: usize) -> Tensor<4> {
+        match self.kind {
+            SamplerKind::Ddim => {
+                let ddim = self.ddim.as_ref().expect("DDIM schedule");
+                let (a, _) = ddim.alphas(ddim.timesteps[i]);
+                x0 * a.sqrt() + noise * (1.0 - a).sqrt()
+            }
+            SamplerKind::Euler | SamplerKind::EulerAncestral => x0 + noise * self.sigmas[i],
+            SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras => {
+                let sigma = self.sigmas[i];
+                let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+                x0 * alpha + noise * (sigma * alpha)
+            }
+        }
+    }
+
+    /// Marks batch `rows` as entering at the next [`step`](Self::step): DPM-Solver++ makes their
+    /// update first order (no history of theirs exists); the other samplers keep no history.
+    pub fn enter_rows(&mut self, rows: &[usize]) {
+        self.entering.extend_from_slice(rows);
+    }
+
     /// Keeps only the batch rows `ranges` (`(first row, rows)`, in order) of the state carried
     /// from one step to the next: call it when sets leave a running batch, so the remaining rows
     /// continue exactly as before.
@@ -200,6 +237,9 @@ impl Sampler {
     /// `noise` is `None`.
     pub fn step(&mut self, model_output: Tensor<4>, i: usize, x: Tensor<4>, noise: Option<Tensor<4>>) -> (Tensor<4>, Tensor<4>) {
         assert!(i < self.timesteps.len(), "step {i} of a {}-step sampler", self.timesteps.len());
+        if self.kind != SamplerKind::DpmPp2m && self.kind != SamplerKind::DpmPp2mKarras {
+            self.entering.clear();
+        }
         match self.kind {
             SamplerKind::Ddim => {
                 let ddim = self.ddim.as_ref().expect("DDIM schedule");
@@ -243,12 +283,14 @@ impl Sampler {
                 let c = alpha_t * ((-h).exp() - 1.0);
                 let mut prev = x * (s_t / s_s) - x0.clone() * c;
                 let last = i + 1 == self.timesteps.len();
+                let entering = std::mem::take(&mut self.entering);
                 if let Some((j, d_prev)) = self.previous.take()
                     && j + 1 == i
                     && !last
                 {
                     let r = (lambda_s - at(j).2) / h;
                     let d1 = (x0.clone() - d_prev) * (1.0 / r);
+                    let d1 = if entering.is_empty() { d1 } else { zero_rows(d1, &entering) };
                     prev = prev - d1 * (0.5 * c);
                 }
                 self.previous = Some((i, x0.clone()));

@@ -6,8 +6,8 @@
 //! `MemTotal`), less 10 % headroom, less the process's resident memory at that point, less a
 //! [`MARGIN`] (allocator slack, gRPC buffers, PNG encoding).
 //!
-//! A quarter of it is the **reference pool**: a request with a reference image holds the decoded
-//! image's bytes (a [`Reservation`]) from before it is decoded until its job ends, and is refused
+//! A quarter of it is the **reference pool**: a request with a reference image (or img2img init
+//! images) holds the decoded images' bytes (a [`Reservation`]) from before it is decoded until its job ends, and is refused
 //! (RESOURCE_EXHAUSTED, reason `REFERENCE_POOL_FULL`) when the pool cannot take it. The rest,
 //! shared by the device's workers (the CPU's `--cpu-workers` run batches side by side), is the
 //! **request limit**: a request whose estimated peak ([`crate::pipeline::cost`]) exceeds it is
@@ -206,7 +206,7 @@ impl Admission {
                 return Err(errors::error_with(
                     Reason::ReferencePoolFull,
                     format!(
-                        "queued reference images hold {} of their {} pool; this one needs {}; retry later",
+                        "queued requests' images (references, init images) hold {} of their {} pool; this one needs {}; retry later",
                         show_bytes(held),
                         show_bytes(self.pool),
                         show_bytes(bytes)
@@ -221,7 +221,7 @@ impl Admission {
     /// Most rows (images without a reference) a batch may hold at `width`×`height`, up to `cap`.
     pub fn max_rows(&self, cost: &CostModel, width: usize, height: usize, steps: usize, cap: usize) -> usize {
         let fits = |r: usize| {
-            let shape = SetShape { images: r, width, height, steps, reference_pixels: None, full_share: false };
+            let shape = SetShape { images: r, width, height, steps, ..Default::default() };
             cost.estimate(&shape).total <= self.request_limit
         };
         (1..=cap).take_while(|&r| fits(r)).last().unwrap_or(0)
@@ -231,7 +231,7 @@ impl Admission {
     pub fn max_size(&self, cost: &CostModel, multiple: usize, cap: usize, steps: usize) -> usize {
         let m = multiple.max(1);
         let fits = |s: usize| {
-            let shape = SetShape { images: 1, width: s, height: s, steps, reference_pixels: None, full_share: false };
+            let shape = SetShape { images: 1, width: s, height: s, steps, ..Default::default() };
             cost.estimate(&shape).total <= self.request_limit
         };
         (1..=cap / m).map(|k| k * m).take_while(|&s| fits(s)).last().unwrap_or(0)
@@ -247,6 +247,9 @@ pub fn shape_of(v: &ValidRequest, patch: &StyleAligned) -> SetShape {
         steps: v.steps,
         reference_pixels: v.reference.as_ref().map(|r| r.pixels()),
         full_share: patch.resolve().is_ok_and(|r| r.share_attention && r.full_attention_share),
+        input_images: v.init_images.len(),
+        input_pixels: v.init_images.iter().map(|i| i.image.pixels()).sum(),
+        init_images: v.init_images.len(),
     }
 }
 

@@ -250,6 +250,18 @@ pub struct ImageParameters<'a> {
     /// SDXL size conditioning `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`, if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size_conditioning: Option<[f32; 6]>,
+    /// The set's img2img targets.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub init_images: &'a [InitParameters],
+}
+
+/// An img2img target of an image's set, as recorded in its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InitParameters {
+    /// The target's index in the set.
+    pub index: usize,
+    pub image_sha256: String,
+    pub strength: f32,
 }
 
 /// The reference image of an image's set, as recorded in its parameters.

@@ -91,6 +91,10 @@ pub fn infotext(p: &ImageParameters) -> String {
             fields.push(("StyleAligned reference CFG scale", num(r.guidance_scale)));
         }
     }
+    if let Some(init) = p.init_images.iter().find(|i| i.index == p.index) {
+        fields.push(("Denoising strength", num(init.strength)));
+        fields.push(("Init image sha256", init.image_sha256.clone()));
+    }
     if let Some(s) = p.size_conditioning {
         fields.push(("Size conditioning", s.iter().map(|v| num(*v)).collect::<Vec<_>>().join(", ")));
     }

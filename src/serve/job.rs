@@ -34,6 +34,8 @@ pub struct JobSpec {
     pub set: SetSpec,
     /// SHA-256 of the encoded reference image, recorded in the images' parameters.
     pub reference_sha256: Option<String>,
+    /// The set's img2img targets as recorded in the images' parameters.
+    pub init_images: Vec<super::convert::InitParameters>,
     /// Past it, the job stops wherever it is (queued, or running: within a step).
     pub deadline: Option<Instant>,
     /// The request's span (see [`crate::telemetry`]); the worker's spans for this set go below it.

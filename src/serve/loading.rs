@@ -86,6 +86,6 @@ fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
         patch: Some(StyleAligned::default()),
         size_conditioning: None,
     };
-    let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, reference: None };
+    let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, ..Default::default() };
     p.generate(&batch, &[set], &mut |_, _| vec![true]).map(|_| ())
 }

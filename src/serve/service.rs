@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use super::admission::{self, Admission, Admitted};
 use super::config::ServeConfig;
-use super::convert::{self, FieldError, Limits};
+use super::convert::{self, FieldError, InitParameters, Limits};
 use super::engine::{Engine, JobStream, SubmitError};
 use super::errors::{self, Reason};
 use super::job::{FailCode, JobEvent, JobSpec, Provenance};
@@ -28,6 +28,7 @@ use super::pb;
 use super::pb::style_align_server::StyleAlign;
 use super::session::{SessionError, SessionStore, random_u64, shown};
 use super::validate::{self, ModelFacts};
+use crate::pipeline::img2img::InitImage;
 use crate::pipeline::{BatchSpec, Family, Pipeline, ReferenceImage, SetSpec};
 use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::StyleAligned;
@@ -359,14 +360,20 @@ impl Service {
         let mut v = validate::generate(req, &facts, &st.limits, random_u64).map_err(|e| errors::invalid_fields(&e))?;
         // Admission before the reference image is decoded: its pixels are reserved first.
         let mut admitted = st.admit(&model, &v, &session.patch)?;
+        let size = (v.width, v.height);
         let reference = match v.reference.take() {
-            Some(r) => {
-                let r = validate::decode_reference(r, (v.width, v.height)).await.map_err(|e| e.status())?;
-                admitted.reservation.shrink_to(r.image.rgb.len() as u64);
-                Some(r)
-            }
+            Some(r) => Some(validate::decode_reference(r, size).await.map_err(|e| e.status())?),
             None => None,
         };
+        let mut init_images = Vec::with_capacity(v.init_images.len());
+        let mut init_recorded = Vec::with_capacity(v.init_images.len());
+        for init in std::mem::take(&mut v.init_images) {
+            init_recorded.push(InitParameters { index: init.index, image_sha256: init.image.sha256.clone(), strength: init.strength });
+            let image = init.image.decode(size).await.map_err(|e| e.status())?;
+            init_images.push((init.index, InitImage { image, strength: init.strength }));
+        }
+        let held = reference.iter().map(|r| r.image.rgb.len()).chain(init_images.iter().map(|(_, i)| i.image.rgb.len())).sum::<usize>();
+        admitted.reservation.shrink_to(held as u64);
         let batch = BatchSpec {
             width: v.width,
             height: v.height,
@@ -384,7 +391,7 @@ impl Service {
             guidance: r.guidance,
             scope: session.id.to_string(),
         });
-        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference };
+        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images };
         validate::with_model(&model.pipeline, &batch, &set).map_err(|e| errors::invalid_fields(&e))?;
 
         let id = st.engine.next_id();
@@ -398,6 +405,7 @@ impl Service {
             batch,
             set,
             reference_sha256,
+            init_images: init_recorded,
             deadline,
             span: span.clone(),
             admitted,

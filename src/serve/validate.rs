@@ -51,6 +51,57 @@ impl CheckedReference {
     }
 }
 
+/// An image of a request checked from its header (not decoded yet).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckedImage {
+    /// The field it came in (e.g. `init_images[0].image`), for errors.
+    pub field: String,
+    /// The encoded PNG or JPEG.
+    pub encoded: Vec<u8>,
+    /// Dimensions declared by its header.
+    pub width: u32,
+    pub height: u32,
+    /// SHA-256 of the encoded image, recorded in the images' parameters.
+    pub sha256: String,
+}
+
+impl CheckedImage {
+    /// Checks `bytes` from their header (see [`reference_header`]).
+    fn check(field: String, bytes: Vec<u8>) -> Result<Self, FieldError> {
+        let (width, height) = image_header(&field, &bytes)?;
+        Ok(CheckedImage { sha256: crate::model::hash::sha256_bytes(&bytes), encoded: bytes, width, height, field })
+    }
+
+    /// Pixels of the decoded image.
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+
+    /// Decodes it on a blocking thread, held to the dimensions its header declared, and fits it to
+    /// `size` (width, height).
+    pub async fn decode(self, size: (usize, usize)) -> Result<Image, FieldError> {
+        let CheckedImage { field, encoded, width, height, .. } = self;
+        let fit = move || ReferenceImage::decode_within(&encoded, width, height).map(|full| ReferenceImage::fit(&full, size.0, size.1));
+        match tokio::task::spawn_blocking(fit).await {
+            Ok(Ok(image)) => Ok(image),
+            Ok(Err(m)) => Err(FieldError::new(field, m)),
+            Err(_) => Err(FieldError::new(field, "cannot be decoded (the decoder failed)")),
+        }
+    }
+}
+
+/// An img2img target of a request, its image not decoded yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckedInit {
+    /// The target's index in the set (its prompt).
+    pub index: usize,
+    pub image: CheckedImage,
+    pub strength: f32,
+}
+
+/// Strength of an init image whose request leaves it unset (diffusers' img2img default).
+pub const DEFAULT_STRENGTH: f32 = 0.8;
+
 /// A decoded real-image reference.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidReference {
@@ -78,6 +129,8 @@ pub struct ValidRequest {
     pub priority: Priority,
     pub reference: Option<CheckedReference>,
     pub size_conditioning: Option<SizeConditioning>,
+    /// img2img targets, by index.
+    pub init_images: Vec<CheckedInit>,
 }
 
 impl ValidRequest {
@@ -165,6 +218,7 @@ pub fn generate(
     let height = size("height", req.height);
     let sampler = e.take(sampler_from_proto(req.sampler)).unwrap_or(SamplerKind::Ddim);
     let priority = e.take(priority_from_proto(req.priority)).unwrap_or(Priority::Normal);
+    let has_reference = !req.reference_image.is_empty();
     let reference = if req.reference_image.is_empty() {
         for (field, set) in [
             ("reference_caption", !req.reference_caption.is_empty()),
@@ -219,6 +273,8 @@ pub fn generate(
             })
         }
     };
+    let targets = (usize::from(!has_reference), prompts.len());
+    let init_images = init_images(&mut e, req.init_images, targets, steps);
     let seed = req.seed;
     e.finish(move || ValidRequest {
         prompts,
@@ -232,14 +288,49 @@ pub fn generate(
         priority,
         reference,
         size_conditioning,
+        init_images,
     })
+}
+
+/// The img2img targets of a request: each index a target of the set (`targets` = first target
+/// index, images in the set), once; strength in (0, 1] leaving at least one of `steps`; images
+/// checked from their headers.
+fn init_images(e: &mut Errors, inits: Vec<pb::InitImage>, targets: (usize, usize), steps: usize) -> Vec<CheckedInit> {
+    let (first, images) = targets;
+    let mut out: Vec<CheckedInit> = Vec::new();
+    for (k, init) in inits.into_iter().enumerate() {
+        let field = |name: &str| format!("init_images[{k}].{name}");
+        let index = init.index as usize;
+        if index >= images {
+            e.add(field("index"), format!("{index} is not an image of the set (it has {images})"));
+        } else if index < first {
+            e.add(field("index"), "0 is the set's reference (its first prompt); init images are for targets");
+        } else if out.iter().any(|o| o.index == index) {
+            e.add(field("index"), format!("{index} already has an init image"));
+        }
+        let strength = init.strength.unwrap_or(DEFAULT_STRENGTH);
+        if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+            e.add(field("strength"), format!("{strength} is outside (0, 1]"));
+        } else if crate::pipeline::img2img::start_step(steps, strength) >= steps {
+            e.add(field("strength"), format!("{strength} × {steps} steps leaves no step to run"));
+        }
+        if let Some(image) = e.take(CheckedImage::check(field("image"), init.image)) {
+            out.push(CheckedInit { index, image, strength });
+        }
+    }
+    out
 }
 
 /// A reference image's format and dimensions, from its header only (nothing is decoded): PNG or
 /// JPEG, at most [`MAX_REFERENCE_BYTES`] encoded, [`MAX_REFERENCE_SIDE`] per side and
 /// [`MAX_REFERENCE_PIXELS`] in all.
 pub fn reference_header(bytes: &[u8]) -> Result<(u32, u32), FieldError> {
-    let err = |m: String| FieldError::new("reference_image", m);
+    image_header("reference_image", bytes)
+}
+
+/// [`reference_header`] for the image in `field`.
+fn image_header(field: &str, bytes: &[u8]) -> Result<(u32, u32), FieldError> {
+    let err = |m: String| FieldError::new(field, m);
     if bytes.len() > MAX_REFERENCE_BYTES {
         return Err(err(format!("is {} bytes, the limit is {MAX_REFERENCE_BYTES}", bytes.len())));
     }
@@ -258,12 +349,9 @@ pub fn reference_header(bytes: &[u8]) -> Result<(u32, u32), FieldError> {
 /// queued request holds the pixels it will use, not the upload's.
 pub async fn decode_reference(r: CheckedReference, size: (usize, usize)) -> Result<ValidReference, FieldError> {
     let CheckedReference { encoded, width, height, caption, offset, guidance, sha256 } = r;
-    let image = tokio::task::spawn_blocking(move || {
-        ReferenceImage::decode_within(&encoded, width, height).map(|full| ReferenceImage::fit(&full, size.0, size.1))
-    })
-    .await
-    .map_err(|_| FieldError::new("reference_image", "cannot be decoded (the decoder failed)"))?
-    .map_err(|m| FieldError::new("reference_image", m))?;
+    let checked = CheckedImage { field: "reference_image".into(), encoded, width, height, sha256 };
+    let sha256 = checked.sha256.clone();
+    let image = checked.decode(size).await?;
     Ok(ValidReference { image, caption, offset, guidance, sha256 })
 }
 

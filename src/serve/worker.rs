@@ -215,6 +215,7 @@ fn send_images(
                 guidance_scale: r.guidance,
             }),
             size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
+            init_images: &js.init_images,
         };
         let parameters = serde_json::to_string(&params).expect("parameters serialize");
         let png = img.to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);
