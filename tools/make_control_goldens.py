@@ -5,8 +5,10 @@ Usage (from the repository root):
     <venv>/bin/python tools/make_control_goldens.py            # writes into tests/fixtures/goldens/
     <venv>/bin/python tools/make_control_goldens.py --check    # regenerates in memory, compares bitwise
     <venv>/bin/python tools/make_control_goldens.py --out DIR  # writes the same files into DIR (no manifest)
-    [--refharness DIR]   optional: the folder that holds sa_ref.py; the StyleAligned patch used here is
-                         then also compared with sa_ref.apply_comfy (recorded in info, not needed)
+    <venv>/bin/python tools/make_control_goldens.py --refharness DIR
+                         writes nothing: compares this script's StyleAligned patch (all levels) with the
+                         team's reference sa_ref.apply_comfy (DIR holds sa_ref.py) and checks that the
+                         levels partition the UNet's GroupNorms and attn1 layers
 
 Inputs (already committed): tests/fixtures/goldens/tiny_sd15/{unet,vae,text_encoder,scheduler} and
 tests/fixtures/goldens/tiny_sdxl_pipe/. Outputs (see tools/README.md for what each file holds):
@@ -442,12 +444,421 @@ def controlnet_unet_golden(out: Out, tag: str, unet, cn, cn_rel: str, unet_rel: 
 
 
 # ------------------------------------------------------------------------------------------
+# StyleAligned (ComfyUI node math with an explicit per-row plan), restricted to UNet levels
+# ------------------------------------------------------------------------------------------
+ADAIN_EPS = 1e-5
+SA_OPTIONS = {"flavour": "comfy", "share_norm": "both", "share_attn": "q+k", "scale": 1.0, "layout": "halves"}
+
+
+def set_plan(n_images: int, gain: float = 1.0) -> dict:
+    """The service's plan for one StyleAligned set of n images in a CFG batch [uncond x n | cond x n]:
+    row 0 of each half is the reference; gain 1 for reference rows, `gain` for the others."""
+    src = [0 if i < n_images else n_images for i in range(2 * n_images)]
+    gains = [1.0 if src[i] == i else float(gain) for i in range(2 * n_images)]
+    return {"reference_of": src, "gain": gains, "value_reference_of": list(src), "stats_reference_of": list(src)}
+
+
+def _ref(x: torch.Tensor, src: list, gains: list | None = None) -> torch.Tensor:
+    out = x[torch.tensor(src)]
+    if gains is not None and any(g != 1.0 for g in gains):
+        out = out * torch.tensor(gains, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return out
+
+
+def _adain(x: torch.Tensor, src: list) -> torch.Tensor:
+    mean = x.mean(dim=-2, keepdim=True)
+    std = torch.sqrt(x.var(dim=-2, keepdim=True, unbiased=True) + ADAIN_EPS)
+    return (x - mean) / std * _ref(std, src) + _ref(mean, src)
+
+
+def _mha(q, k, v, heads: int, scale: float):
+    b, nq, c = q.shape
+    nk = k.shape[1]
+    d = c // heads
+    qh = q.reshape(b, nq, heads, d).transpose(1, 2)
+    kh = k.reshape(b, nk, heads, d).transpose(1, 2)
+    vh = v.reshape(b, nk, heads, d).transpose(1, 2)
+    probs = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(probs, vh).transpose(1, 2).reshape(b, nq, c)
+
+
+class NodeProcessor:
+    """attn1 processor, ComfyUI node math (see the refharness README): AdaIN on the attn1 INPUT for
+    q / k ('q' / 'k' / 'v' in share_attn), keys and values extended with the reference row's tokens
+    (keys times gain)."""
+
+    def __init__(self, opts: dict, plan: dict):
+        self.opts, self.plan = opts, plan
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        assert encoder_hidden_states is None and attention_mask is None and hidden_states.ndim == 3
+        x, sa, p = hidden_states, self.opts["share_attn"], self.plan
+        if x.shape[0] != len(p["reference_of"]):
+            raise ValueError("plan does not match the batch")
+        q_in = _adain(x, p["stats_reference_of"]) if "q" in sa else x
+        k_in = _adain(x, p["stats_reference_of"]) if "k" in sa else x
+        v_in = _adain(x, p["stats_reference_of"]) if "v" in sa else x
+        k_in = torch.cat([k_in, _ref(k_in, p["reference_of"], p["gain"])], dim=-2)
+        v_in = torch.cat([v_in, _ref(v_in, p["value_reference_of"])], dim=-2)
+        out = _mha(attn.to_q(q_in), attn.to_k(k_in), attn.to_v(v_in), attn.heads, attn.scale)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def unet_levels(unet) -> dict:
+    """level name -> module: down.k = down_blocks[k], mid = mid_block, up.k = up_blocks[k],
+    out = conv_norm_out (the UNet's last GroupNorm)."""
+    lv = {f"down.{k}": b for k, b in enumerate(unet.down_blocks)}
+    lv["mid"] = unet.mid_block
+    lv.update({f"up.{k}": b for k, b in enumerate(unet.up_blocks)})
+    lv["out"] = unet.conv_norm_out
+    return lv
+
+
+class SAPatch:
+    """StyleAligned on a diffusers UNet, limited to chosen levels: every attn1 and every GroupNorm inside
+    a chosen level is patched (shared GroupNorm: statistics over the row and its reference row together).
+    Shared LayerNorm is a no-op (LayerNorm normalises each token alone), so it is not installed.
+    on()/off() swap the processors and norm forwards (used per step for step windows)."""
+
+    def __init__(self, unet, opts: dict, plan: dict, levels: list | None = None):
+        self.unet, self.opts, self.plan = unet, opts, plan
+        lv = unet_levels(unet)
+        self.levels = list(lv) if levels is None else list(levels)
+        assert all(name in lv for name in self.levels), self.levels
+        names = {}
+        for name in self.levels:
+            m = lv[name]
+            for sub_name, sub in ([("", m)] + list(m.named_modules()) if name == "out" else m.named_modules()):
+                names[id(sub)] = sub
+        self.groupnorms = [m for m in names.values() if isinstance(m, nn.GroupNorm)]
+        self.attn1 = [m for n, m in unet.named_modules() if n.endswith(".attn1") and id(m) in names]
+        self.active = False
+        self._old = {}
+
+    def set_plan(self, plan: dict):
+        self.plan = plan
+        if self.active:
+            self.off()
+            self.on()
+
+    def on(self):
+        if self.active:
+            return
+        share_gn = self.opts["share_norm"] in ("both", "group")
+        for a in self.attn1:
+            self._old[id(a)] = a.processor
+            a.set_processor(NodeProcessor(self.opts, self.plan))
+        if share_gn:
+            src = self.plan["stats_reference_of"]
+            for g in self.groupnorms:
+                orig = type(g).forward.__get__(g)
+
+                def fwd(x, orig=orig, src=src):
+                    n = x.shape[-2]
+                    return orig(torch.cat([x, _ref(x, src)], dim=-2))[..., :n, :]
+                g.forward = fwd
+        self.active = True
+
+    def off(self):
+        if not self.active:
+            return
+        for a in self.attn1:
+            a.set_processor(self._old.pop(id(a)))
+        for g in self.groupnorms:
+            g.__dict__.pop("forward", None)
+        self.active = False
+
+
+def window_active(i: int, n: int, start: float, end: float) -> bool:
+    """diffusers' control_guidance_start/end rule: active at step i of n iff not (i/n < start or (i+1)/n > end)."""
+    return not (i / n < start or (i + 1) / n > end)
+
+
+def crosscheck(refharness: Path) -> int:
+    """This script's patch (all levels) vs the refharness sa_ref.apply_comfy on one CFG UNet call per
+    option set, for both tiny UNets; and the level partition. Prints, returns 0 if all equal."""
+    sys.path.insert(0, str(refharness))
+    import sa_ref  # our team's reference StyleAligned implementation
+    bad = 0
+    for name, comps in (("tiny_sd15", load_sd15(GOLDENS)), ("tiny_sdxl_pipe", load_sdxl(GOLDENS))):
+        unet = comps["unet"]
+        lv = unet_levels(unet)
+        gn_all = {id(m) for m in unet.modules() if isinstance(m, nn.GroupNorm)}
+        a1_all = {id(m) for n, m in unet.named_modules() if n.endswith(".attn1")}
+        per = [SAPatch(unet, SA_OPTIONS, set_plan(3), [lname]) for lname in lv]
+        gn_cnt = sum(len(p.groupnorms) for p in per)
+        a1_cnt = sum(len(p.attn1) for p in per)
+        part_ok = (gn_cnt == len(gn_all) and a1_cnt == len(a1_all)
+                   and set().union(*[{id(m) for m in p.groupnorms} for p in per]) == gn_all
+                   and set().union(*[{id(m) for m in p.attn1} for p in per]) == a1_all)
+        print(f"{name}: levels {list(lv)}: GroupNorms {gn_cnt}/{len(gn_all)}, attn1 {a1_cnt}/{len(a1_all)}, "
+              f"partition {'OK' if part_ok else 'BROKEN'}")
+        bad += not part_ok
+        hw = unet.config.sample_size
+        x = randn(1, 3, 4, hw, hw)
+        x = torch.cat([x, x])
+        ehs = randn(2, 6, 8, unet.config.cross_attention_dim)
+        kw = {}
+        if unet.config.addition_embed_type == "text_time":
+            kw["added_cond_kwargs"] = {"text_embeds": randn(3, 6, unet.config.projection_class_embeddings_input_dim
+                                                            - 6 * unet.config.addition_time_embed_dim),
+                                       "time_ids": torch.tensor([[64.0, 64.0, 0, 0, 64, 64]]).expand(6, 6)}
+        for sn, sa, sc in (("both", "q+k", 1.0), ("both", "q+k+v", 0.5), ("disabled", "disabled", 0.0),
+                           ("group", "q+k", 0.7)):
+            opts = dict(SA_OPTIONS, share_norm=sn, share_attn=sa, scale=sc)
+            p = SAPatch(unet, opts, set_plan(3, sc))
+            p.on()
+            with torch.no_grad():
+                a = unet(x, 501, encoder_hidden_states=ehs, **kw).sample
+            p.off()
+            h = sa_ref.apply_comfy(unet, sn, sa, sc, layout="halves")
+            with torch.no_grad():
+                b = unet(x, 501, encoder_hidden_states=ehs, **kw).sample
+            h.remove()
+            d = mad(a, b)
+            print(f"{name}: share_norm={sn} share_attn={sa} scale={sc}: this patch vs sa_ref.apply_comfy "
+                  f"max abs {d:.3g}")
+            bad += d != 0.0
+    print("CROSSCHECK OK" if not bad else f"CROSSCHECK FAILED ({bad})")
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------------------------
+# the manual set loop (shared by the pipe goldens)
+# ------------------------------------------------------------------------------------------
+def make_scheduler(kind: str, config: dict):
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    if kind == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if kind == "euler":
+        return EulerDiscreteScheduler.from_config(cfg)
+    raise ValueError(kind)
+
+
+def scheduler_info(s) -> dict:
+    return {"class": type(s).__name__, "config": {k: v for k, v in dict(s.config).items() if not k.startswith("_")}}
+
+
+def token_ids(seed: int, n: int, seq: int, bos: int, eos: int, lengths) -> torch.Tensor:
+    g = gen(seed)
+    rows = []
+    for ln in lengths:
+        ids = [bos] + torch.randint(1, bos, (ln,), generator=g).tolist() + [eos]
+        rows.append((ids + [eos] * seq)[:seq])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def set_loop(unet, sched, steps: int, entry: list, cfg: float, ehs_u, ehs_c, patch: SAPatch | None,
+             sa_on=lambda i: True, control=None, added_u=None, added_c=None, on_step=None):
+    """One StyleAligned set through a CFG loop, rows entering at their own step.
+
+    entry[r] = (step, latent (C,H,W)): row r joins the batch at that step with that latent. The loop starts
+    at the smallest entry step s0 (the scheduler's begin index set to s0 as diffusers' img2img does).
+    At step i the UNet batch is [x_present | x_present] with [ehs_u_present | ehs_c_present] (SDXL: the
+    added_cond_kwargs the same way); the plan is the service's plan over the present rows (row 0 of each
+    half = reference). The patch is on at step i iff sa_on(i). control(i, t, x_in, ehs, rows, added) ->
+    (downs, mid) or None adds ControlNet residuals. Returns latents_steps (n+1, B, ...) (index k = the
+    latents entering step k, joined rows included; n = after the last step) and noise_pred_steps
+    (n, B, ...) (guided eps), both with zeros for rows not yet present."""
+    sched.set_timesteps(steps)
+    s0 = min(st for st, _ in entry)
+    if s0 > 0 and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(s0 * sched.order)
+    b = len(entry)
+    shape = entry[0][1].shape
+    x = torch.zeros(b, *shape)
+    present = [False] * b
+    lat_steps = [torch.zeros(b, *shape) for _ in range(s0)]
+    eps_steps = [torch.zeros(b, *shape) for _ in range(s0)]
+    for i in range(s0, steps):
+        t = sched.timesteps[i]
+        for r, (st, lat) in enumerate(entry):
+            if st == i:
+                x[r] = lat
+                present[r] = True
+        lat_steps.append(x.clone())
+        rows = [r for r in range(b) if present[r]]
+        xp = x[rows]
+        x_in = sched.scale_model_input(torch.cat([xp, xp]), t)
+        e = torch.cat([ehs_u[rows], ehs_c[rows]])
+        kw = {}
+        if added_u is not None:
+            kw["added_cond_kwargs"] = {k: torch.cat([added_u[k][rows], added_c[k][rows]]) for k in added_u}
+        if control is not None:
+            res = control(i, t, x_in, e, rows, kw.get("added_cond_kwargs"))
+            if res is not None:
+                kw["down_block_additional_residuals"], kw["mid_block_additional_residual"] = res
+        if patch is not None:
+            patch.set_plan(set_plan(len(rows), patch.opts["scale"]))
+            (patch.on if sa_on(i) else patch.off)()
+        with torch.no_grad():
+            out = unet(x_in, t, encoder_hidden_states=e, **kw).sample
+        if patch is not None:
+            patch.off()
+        eu, ec = out.chunk(2)
+        eps = eu + cfg * (ec - eu)
+        xp = sched.step(eps, t, xp).prev_sample
+        full_eps = torch.zeros(b, *shape)
+        full_eps[rows] = eps
+        x[rows] = xp
+        eps_steps.append(full_eps)
+    lat_steps.append(x.clone())
+    return torch.stack(lat_steps), torch.stack(eps_steps)
+
+
+def sched_tensors(sched, steps: int, prefix: str) -> dict:
+    s = copy.deepcopy(sched)
+    s.set_timesteps(steps)
+    t = {prefix + "timesteps": s.timesteps.to(torch.int64), prefix + "timesteps_f32": s.timesteps.to(torch.float32)}
+    if isinstance(s, DDIMScheduler):
+        step = s.config.num_train_timesteps // steps
+        acp = s.alphas_cumprod
+        t[prefix + "alpha_prod_t"] = torch.stack([acp[int(x)] for x in s.timesteps]).to(torch.float32)
+        t[prefix + "alpha_prod_t_prev"] = torch.stack(
+            [acp[int(x) - step] if int(x) - step >= 0 else s.final_alpha_cumprod for x in s.timesteps]).to(torch.float32)
+    else:
+        t[prefix + "sigmas"] = s.sigmas.to(torch.float32)
+    return t
+
+
+def sd15_text(te, seed: int, n: int) -> tuple:
+    """[uncond x n | cond x n] token ids (16 positions, BOS 998, EOS = pad 999) and CLIP embeddings."""
+    cfg = te.config
+    seq = cfg.max_position_embeddings
+    ids = token_ids(seed, 2 * n, seq, cfg.bos_token_id, cfg.eos_token_id, [0] * n + [4 + 3 * k for k in range(n)])
+    with torch.no_grad():
+        ehs = te(ids).last_hidden_state
+    return ids, ehs
+
+
+def sd15_pipe_kwargs(c: dict, sched) -> dict:
+    return dict(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=None, unet=c["unet"], scheduler=sched,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def capture_steps():
+    got = []
+
+    def cb(pipe, i, t, kw):
+        got.append(kw["latents"].clone())
+        return kw
+    return got, cb
+
+
+# ------------------------------------------------------------------------------------------
+# img2img targets
+# ------------------------------------------------------------------------------------------
+IMG2IMG_CASES = [("ddim", 8, 0.6), ("euler", 8, 0.75)]
+CFG_SD15 = 7.0
+
+
+def img2img_golden(out: Out, c: dict):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    seed = SEEDS["img2img"]
+    unet, vae = c["unet"], c["vae"]
+    n = 3
+    ids, ehs = sd15_text(c["text_encoder"], seed, n)
+    ehs_u, ehs_c = ehs[:n], ehs[n:]
+    lat_hw = unet.config.sample_size
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    noise_ref = randn(seed + 1, 1, 4, lat_hw, lat_hw)
+    noise_tg = randn(seed + 2, n - 1, 4, lat_hw, lat_hw)   # = what the img2img pipeline draws with gen(seed+2)
+    noise = torch.cat([noise_ref, noise_tg])
+    # smooth-ish init images in [0,1]: upsampled random colours plus fine noise
+    img = (torch.nn.functional.interpolate(rand(seed + 3, n - 1, 3, 4, 4), scale_factor=lat_hw * f // 4,
+                                           mode="bilinear", align_corners=False)
+           * 0.8 + 0.2 * rand(seed + 4, n - 1, 3, lat_hw * f, lat_hw * f)).clamp(0, 1)
+    with torch.no_grad():
+        # contiguous: the VAE's conv output has channels-last strides, which would make later UNet calls on
+        # it take other kernels (last-bit differences)
+        init_lat = (vae.encode(img * 2 - 1).latent_dist.mean * vae.config.scaling_factor).contiguous()
+    t = {"input_ids": ids, "encoder_hidden_states": ehs, "noise": noise, "init_image": img, "init_latents": init_lat}
+    cases = []
+    for ci, (kind, steps, strength) in enumerate(IMG2IMG_CASES):
+        p = f"case{ci}."
+        base = make_scheduler(kind, c["scheduler_config"])
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        s = copy.deepcopy(base)
+        s.set_timesteps(steps)
+        ts = s.timesteps
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(t_start * s.order)
+        entry_lat = s.add_noise(init_lat, noise_tg, ts[t_start:t_start + 1].repeat(n - 1))
+        ref_init = noise_ref[0] * base.init_noise_sigma
+        entry = [(0, ref_init)] + [(t_start, entry_lat[k]) for k in range(n - 1)]
+        patch = SAPatch(unet, SA_OPTIONS, set_plan(n))
+        xs, eps = set_loop(unet, copy.deepcopy(base), steps, entry, CFG_SD15, ehs_u, ehs_c, patch)
+        xs_plain, _ = set_loop(unet, copy.deepcopy(base), steps, entry, CFG_SD15, ehs_u, ehs_c, None)
+        # diffusers' StableDiffusionImg2ImgPipeline on the two target rows, no StyleAligned, same noise
+        pipe = StableDiffusionImg2ImgPipeline(**sd15_pipe_kwargs(c, copy.deepcopy(base)))
+        pipe.set_progress_bar_config(disable=True)
+        got, cb = capture_steps()
+        with torch.no_grad():
+            lat_pipe = pipe(prompt_embeds=ehs_c[1:], negative_prompt_embeds=ehs_u[1:], image=init_lat,
+                            strength=strength, num_inference_steps=steps, guidance_scale=CFG_SD15,
+                            generator=gen(seed + 2), output_type="latent", callback_on_step_end=cb).images
+        tg_only, _ = set_loop(unet, copy.deepcopy(base), steps, [(t_start, entry_lat[k]) for k in range(n - 1)],
+                              CFG_SD15, ehs_u[1:], ehs_c[1:], None)
+        pipe_diff = max([mad(lat_pipe, tg_only[-1])] + [mad(g, tg_only[t_start + 1 + k]) for k, g in enumerate(got)])
+        final = xs[-1]
+        with torch.no_grad():
+            image = vae.decode(final / vae.config.scaling_factor).sample
+        t.update(sched_tensors(base, steps, p))
+        t.update({p + "entry_latents": entry_lat, p + "latents_init_reference": ref_init[None],
+                  p + "latents_steps": xs, p + "noise_pred_steps": eps, p + "latents_final": final.clone(),
+                  p + "latents_final_unpatched": xs_plain[-1], p + "image_decoded": image})
+        cases.append({
+            "tensor_prefix": p, "scheduler": scheduler_info(base), "scheduler_kind": kind, "steps": steps,
+            "strength": strength, "init_timestep": init_timestep, "t_start": t_start,
+            "entry_timestep": int(ts[t_start]), "init_noise_sigma": float(base.init_noise_sigma),
+            "target_rows": list(range(1, n)), "reference_rows": [0],
+            "manual_vs_diffusers_img2img_pipeline_targets_only_max_abs": pipe_diff,
+            "reference_alone_patched_vs_unpatched_max_abs":
+                (mad(xs[t_start][0], xs_plain[t_start][0]) if t_start else None),
+            "max_abs_patched_vs_unpatched_final": mad(final, xs_plain[-1]),
+            "latents_final_std": float(final.std()),
+        })
+        print(f"img2img case{ci} {kind}: t_start {t_start} pipe diff {pipe_diff:.3g} "
+              f"vs unpatched {cases[-1]['max_abs_patched_vs_unpatched_final']:.3g}", flush=True)
+    info = {
+        "kind": "img2img_pipe", "models": {"unet": f"{SD15}/unet", "vae": f"{SD15}/vae",
+                                           "text_encoder": f"{SD15}/text_encoder"},
+        "n_images": n, "cfg_batch": 2 * n, "guidance_scale": CFG_SD15, "eta": 0.0,
+        "stylealigned": dict(SA_OPTIONS, **set_plan(n)), "cases": cases,
+        "vae_scaling_factor": vae.config.scaling_factor,
+        "note": ("One StyleAligned set of 3 images: row 0 = reference, generated from pure noise over the full "
+                 "schedule (latents_init_reference = noise[0] * init_noise_sigma); rows 1, 2 = img2img targets. "
+                 "init_latents = vae.encode(init_image * 2 - 1).latent_dist.mean * scaling_factor (deterministic, no "
+                 "sampling). Schedule cut as StableDiffusionImg2ImgPipeline.get_timesteps: init_timestep = "
+                 "min(int(steps*strength), steps), t_start = steps - init_timestep; targets enter at step t_start "
+                 "with entry_latents = scheduler.add_noise(init_latents, noise[1:], timesteps[t_start]) (DDIM: "
+                 "sqrt(a)x + sqrt(1-a)n; Euler: x + sigmas[t_start] n). Steps 0..t_start-1 run the reference row "
+                 "alone: UNet batch [ref_u | ref_c], plan reference_of [0, 1] (itself; equals unpatched up to "
+                 "rounding, see reference_alone_patched_vs_unpatched_max_abs). From t_start on the batch is "
+                 "[uncond x3 | cond x3] with the plan in `stylealigned` (reference rows 0 and 3). ehs rows = "
+                 "[uncond x3 | cond x3] = CLIP(input_ids).last_hidden_state. Per case (prefix caseN.): timesteps "
+                 "(int64, the full n-step schedule), timesteps_f32, alpha_prod_t/alpha_prod_t_prev (DDIM) or sigmas "
+                 "(Euler, n+1); latents_steps (n+1, 3, 4, 16, 16): index k = latents entering step k (the target rows "
+                 "are ZERO for k < t_start and = entry_latents at k = t_start), index n = after the last step; "
+                 "noise_pred_steps (n, 3, ...) guided eps (zero rows where absent); latents_final; "
+                 "latents_final_unpatched (same loop without StyleAligned); image_decoded = "
+                 "vae.decode(latents_final / scaling_factor) raw (before /2+0.5 clamp). UNet input per step = "
+                 "scheduler.scale_model_input(cat[x, x], t) (Euler: / sqrt(sigma^2+1))."),
+    }
+    out.tensors("img2img_sd15.safetensors", t, info)
+
+
+# ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
 PARTS = ("controlnet", "img2img", "window", "cnpipe")
 
 
-def generate(root: Path, parts: tuple, refharness: Path | None) -> Out:
+def generate(root: Path, parts: tuple) -> Out:
     out = Out(root)
     sd15 = load_sd15(GOLDENS)
     sdxl = load_sdxl(GOLDENS)
@@ -459,17 +870,13 @@ def generate(root: Path, parts: tuple, refharness: Path | None) -> Out:
                                SEEDS["cn_unet_sd15"])
         controlnet_unet_golden(out, "sdxl", sdxl["unet"], nets["sdxl"]["model"], CN_SDXL, f"{SDXL_PIPE}/unet",
                                SEEDS["cn_unet_sdxl"])
-    sa_ref = None
-    if refharness is not None:
-        sys.path.insert(0, str(refharness))
-        import sa_ref  # noqa: F811  (our team's reference StyleAligned; optional cross-check)
     if "img2img" in parts:
-        img2img_golden(out, sd15, sa_ref)
+        img2img_golden(out, sd15)
     if "window" in parts:
-        style_window_golden(out, sd15, sa_ref)
+        style_window_golden(out, sd15)
     if "cnpipe" in parts:
-        controlnet_pipe_sd15_golden(out, sd15, nets["sd15"]["model"], sa_ref)
-        controlnet_pipe_sdxl_golden(out, sdxl, nets["sdxl"]["model"], sa_ref)
+        controlnet_pipe_sd15_golden(out, sd15, nets["sd15"]["model"])
+        controlnet_pipe_sdxl_golden(out, sdxl, nets["sdxl"]["model"])
     return out
 
 
@@ -519,14 +926,16 @@ def main():
     g.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
     g.add_argument("--out", type=Path, help="write into this folder instead (no manifest update)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list out of {PARTS} (default: all)")
-    ap.add_argument("--refharness", type=Path, default=None,
-                    help="folder with sa_ref.py: also compare this script's StyleAligned patch with it")
+    g.add_argument("--refharness", type=Path, default=None,
+                   help="folder with sa_ref.py: compare this script's StyleAligned patch with it (writes nothing)")
     args = ap.parse_args()
+    if args.refharness is not None:
+        return crosscheck(args.refharness)
     parts = tuple(p for p in args.parts.split(",") if p)
     assert all(p in PARTS for p in parts), parts
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            out = generate(Path(tmp), parts, args.refharness)
+            out = generate(Path(tmp), parts)
             fails = compare(out, GOLDENS)
         if fails:
             print("\n".join(fails))
@@ -536,7 +945,7 @@ def main():
         return 0
     root = args.out if args.out else GOLDENS
     root.mkdir(parents=True, exist_ok=True)
-    out = generate(root, parts, args.refharness)
+    out = generate(root, parts)
     if args.out is None:
         merge_manifest(GOLDENS / "manifest.json", out.entries)
     print(f"wrote {len(out.files)} files")
