@@ -853,6 +853,122 @@ def img2img_golden(out: Out, c: dict):
 
 
 # ------------------------------------------------------------------------------------------
+# StyleAligned per step window and per UNet level
+# ------------------------------------------------------------------------------------------
+WINDOW_STEPS = 8
+WINDOW_CASES = [  # (window start, end, levels or None = all)
+    (0.25, 0.75, None),
+    (0.0, 0.5, None),
+    (0.0, 1.0, ["up.1", "up.2", "out"]),
+    (0.0, 1.0, ["down.0", "down.1", "mid"]),
+    (0.3, 1.0, ["down.2", "mid", "up.0"]),
+]
+
+
+def run_sd15_pipeline(c: dict, sched, lat0, ehs_u, ehs_c, steps: int, patch: SAPatch | None, sa_on):
+    """diffusers' StableDiffusionPipeline.__call__ with the same latents and embeddings; the patch is
+    switched per step from callback_on_step_end (the state for step i+1 is set at the end of step i)."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(**sd15_pipe_kwargs(c, sched))
+    pipe.set_progress_bar_config(disable=True)
+    got = []
+
+    def cb(p, i, t, kw):
+        got.append(kw["latents"].clone())
+        if patch is not None:
+            patch.off()
+            if i + 1 < steps and sa_on(i + 1):
+                patch.on()
+        return kw
+    if patch is not None and sa_on(0):
+        patch.on()
+    with torch.no_grad():
+        lat = pipe(prompt_embeds=ehs_c, negative_prompt_embeds=ehs_u, latents=lat0.clone(), num_inference_steps=steps,
+                   guidance_scale=CFG_SD15, output_type="latent", callback_on_step_end=cb).images
+    if patch is not None:
+        patch.off()
+    return lat, got
+
+
+def style_window_golden(out: Out, c: dict):
+    seed = SEEDS["window"]
+    unet, vae = c["unet"], c["vae"]
+    n = 3
+    steps = WINDOW_STEPS
+    ids, ehs = sd15_text(c["text_encoder"], seed, n)
+    ehs_u, ehs_c = ehs[:n], ehs[n:]
+    hw = unet.config.sample_size
+    base = make_scheduler("ddim", c["scheduler_config"])
+    noise = randn(seed + 1, n, 4, hw, hw)
+    lat0 = noise * base.init_noise_sigma
+    entry = [(0, lat0[r]) for r in range(n)]
+    t = {"input_ids": ids, "encoder_hidden_states": ehs, "latents_init": lat0}
+    t.update(sched_tensors(base, steps, ""))
+    all_levels = list(unet_levels(unet))
+
+    def run(levels, start, end, prefix):
+        patch = SAPatch(unet, SA_OPTIONS, set_plan(n), levels) if levels != "none" else None
+        on = (lambda i: window_active(i, steps, start, end))
+        xs, eps = set_loop(unet, copy.deepcopy(base), steps, entry, CFG_SD15, ehs_u, ehs_c, patch, sa_on=on)
+        lat_pipe, got = run_sd15_pipeline(c, copy.deepcopy(base), lat0, ehs_u, ehs_c, steps, patch, on)
+        pipe_diff = max([mad(lat_pipe, xs[-1])] + [mad(g, xs[k + 1]) for k, g in enumerate(got)])
+        with torch.no_grad():
+            image = vae.decode(xs[-1] / vae.config.scaling_factor).sample
+        t.update({prefix + "latents_steps": xs, prefix + "noise_pred_steps": eps,
+                  prefix + "latents_final": xs[-1].clone(), prefix + "image_decoded": image})
+        return xs, patch, pipe_diff
+
+    xs_full, _, d_full = run(None, 0.0, 1.0, "full.")
+    xs_none, _, d_none = run("none", 0.0, 1.0, "unpatched.")
+    cases = []
+    for ci, (start, end, levels) in enumerate(WINDOW_CASES):
+        p = f"case{ci}."
+        xs, patch, pipe_diff = run(levels, start, end, p)
+        active = [window_active(i, steps, start, end) for i in range(steps)]
+        cases.append({
+            "tensor_prefix": p, "window": [start, end], "levels": list(patch.levels),
+            "levels_all": levels is None, "active_steps": active,
+            "patched_groupnorms": len(patch.groupnorms), "patched_attn1": len(patch.attn1),
+            "manual_vs_diffusers_pipeline_max_abs": pipe_diff,
+            "max_abs_vs_full_patch_final": mad(xs[-1], xs_full[-1]),
+            "max_abs_vs_unpatched_final": mad(xs[-1], xs_none[-1]),
+        })
+        print(f"window case{ci} [{start},{end}] {levels}: active {sum(active)} pipe diff {pipe_diff:.3g} "
+              f"vs full {cases[-1]['max_abs_vs_full_patch_final']:.3g} "
+              f"vs unpatched {cases[-1]['max_abs_vs_unpatched_final']:.3g}", flush=True)
+    lv_members = {}
+    for name in all_levels:
+        pp = SAPatch(unet, SA_OPTIONS, set_plan(n), [name])
+        lv_members[name] = {"groupnorms": len(pp.groupnorms), "attn1": len(pp.attn1)}
+    info = {
+        "kind": "style_window_pipe", "models": {"unet": f"{SD15}/unet", "vae": f"{SD15}/vae",
+                                                "text_encoder": f"{SD15}/text_encoder"},
+        "n_images": n, "cfg_batch": 2 * n, "guidance_scale": CFG_SD15, "eta": 0.0, "steps": steps,
+        "scheduler": scheduler_info(base), "stylealigned": dict(SA_OPTIONS, **set_plan(n)),
+        "level_names": all_levels, "level_members": lv_members, "cases": cases,
+        "full": {"tensor_prefix": "full.", "window": [0.0, 1.0], "levels": all_levels,
+                 "manual_vs_diffusers_pipeline_max_abs": d_full},
+        "unpatched": {"tensor_prefix": "unpatched.", "manual_vs_diffusers_pipeline_max_abs": d_none},
+        "window_rule": "patch active at step i (0-based, n steps) iff not (i/n < start or (i+1)/n > end)",
+        "level_rule": ("level 'down.k' = unet.down_blocks[k], 'mid' = unet.mid_block, 'up.k' = unet.up_blocks[k]: "
+                       "every GroupNorm and every attn1 inside that block belongs to it; 'out' = unet.conv_norm_out. "
+                       "A patched level gets the StyleAligned attn1 processor on its attn1 layers and the shared "
+                       "GroupNorm on its GroupNorms; all other layers run plain."),
+        "note": ("DDIM (eta 0) CFG loop of one StyleAligned set of 3 images (row 0 reference) from latents_init "
+                 "(noise, init_noise_sigma 1). UNet batch [uncond x3 | cond x3] with encoder_hidden_states = "
+                 "CLIP(input_ids).last_hidden_state (rows in that order); eps = eps_u + 7 (eps_c - eps_u). At step i "
+                 "the patch (options and plan in `stylealigned`) is on iff window_rule holds, on the case's levels "
+                 "only. Shared tensors: timesteps (8,) int64, timesteps_f32, alpha_prod_t, alpha_prod_t_prev. Per "
+                 "prefix (caseN., full. = window [0,1] all levels, unpatched. = no patch): latents_steps (9,3,4,16,16) "
+                 "([0] = latents_init, [k+1] after step k), noise_pred_steps (8,3,4,16,16) guided eps, latents_final, "
+                 "image_decoded = vae.decode(latents_final / 0.18215) raw. manual_vs_diffusers_pipeline_max_abs: "
+                 "StableDiffusionPipeline.__call__ with the same latents/embeddings and the patch switched per step "
+                 "from callback_on_step_end."),
+    }
+    out.tensors("style_window_sd15.safetensors", t, info)
+
+
+# ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
 PARTS = ("controlnet", "img2img", "window", "cnpipe")
