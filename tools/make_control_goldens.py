@@ -969,6 +969,233 @@ def style_window_golden(out: Out, c: dict):
 
 
 # ------------------------------------------------------------------------------------------
+# ControlNet on the target rows of a StyleAligned set
+# ------------------------------------------------------------------------------------------
+CN_PIPE_STEPS = 8
+CN_PIPE_CASES = [(1.0, 0.0, 1.0), (0.8, 0.2, 0.8)]   # (conditioning_scale, control_guidance_start, end)
+CFG_SDXL = 5.0
+
+
+def reference_rows(batch: int) -> list:
+    """Rows of a CFG batch [uncond x n | cond x n] of one set that are references (0 and n)."""
+    return [0, batch // 2]
+
+
+def zero_rows(downs, mid, rows):
+    idx = torch.tensor(rows)
+    downs = [d.index_fill(0, idx, 0.0) for d in downs]
+    return downs, mid.index_fill(0, idx, 0.0)
+
+
+def make_control(cn, control_full, steps: int, scale: float, start: float, end: float, record=None):
+    """The ControlNet as the set loop calls it: on the whole CFG batch (control_full[r] per image row,
+    zeros for the reference row), conditioning_scale * keep(i) as diffusers, then the reference rows'
+    residuals set to zero (the ControlNet acts on the targets only)."""
+    def control(i, t, x_in, e, rows, added):
+        keep = 1.0 - float(i / steps < start or (i + 1) / steps > end)
+        cond = torch.cat([control_full[rows], control_full[rows]])
+        kw = {"added_cond_kwargs": added} if added is not None else {}
+        with torch.no_grad():
+            downs, mid = cn(x_in, t, encoder_hidden_states=e, controlnet_cond=cond, conditioning_scale=scale * keep,
+                            guess_mode=False, return_dict=False, **kw)
+        downs, mid = zero_rows(list(downs), mid, reference_rows(x_in.shape[0]))
+        if record is not None and i == 0:
+            record["downs"], record["mid"] = downs, mid
+            # the same step with the ControlNet run on the target rows alone
+            b = x_in.shape[0]
+            tg = [r for r in range(b) if r not in reference_rows(b)]
+            kt = {"added_cond_kwargs": {k: v[tg] for k, v in added.items()}} if added is not None else {}
+            with torch.no_grad():
+                dt, mt = cn(x_in[tg], t, encoder_hidden_states=e[tg], controlnet_cond=cond[tg],
+                            conditioning_scale=scale * keep, guess_mode=False, return_dict=False, **kt)
+            record["targets_only_vs_full_batch_max_abs"] = max(mad(a[tg], bb) for a, bb in zip(downs + [mid],
+                                                                                             list(dt) + [mt]))
+        return downs, mid
+    return control
+
+
+class TargetsOnlyControlNet:
+    """Context manager: the pipeline's ControlNet returns zero residuals for the reference rows."""
+
+    def __init__(self, cn):
+        self.cn = cn
+
+    def __enter__(self):
+        orig = type(self.cn).forward.__get__(self.cn)
+
+        def fwd(sample, *a, **k):
+            downs, mid = orig(sample, *a, **dict(k, return_dict=False))
+            return zero_rows(list(downs), mid, reference_rows(sample.shape[0]))
+        self.cn.forward = fwd
+        return self.cn
+
+    def __exit__(self, *exc):
+        self.cn.__dict__.pop("forward", None)
+
+
+def control_images(seed: int, n: int, size: int) -> torch.Tensor:
+    """n control images in [0,1]: blocky edge-map-like patterns (thresholded upsampled noise)."""
+    base = torch.nn.functional.interpolate(rand(seed, n, 1, 8, 8), size=(size, size), mode="nearest")
+    edges = (base > 0.5).float()
+    return (edges.expand(n, 3, size, size) * 0.9 + 0.1 * rand(seed + 1, n, 3, size, size)).contiguous()
+
+
+def controlnet_pipe_golden(out: Out, tag: str, c: dict, cn, cn_rel: str, text: dict, pipe_cls, pipe_kwargs: dict,
+                           call_kwargs: dict, cfg: float, models: dict, seed: int, sched_kind: str):
+    unet, vae = c["unet"], c["vae"]
+    n = 3
+    steps = CN_PIPE_STEPS
+    ehs_u, ehs_c = text["ehs_u"], text["ehs_c"]
+    added_u, added_c = text.get("added_u"), text.get("added_c")
+    hw = unet.config.sample_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    base = make_scheduler(sched_kind, c["scheduler_config"])
+    lat0 = randn(seed + 1, n, 4, hw, hw) * base.init_noise_sigma
+    cimg = control_images(seed + 2, n - 1, hw * factor)
+    control_full = torch.cat([torch.zeros(1, 3, hw * factor, hw * factor), cimg])
+    entry = [(0, lat0[r]) for r in range(n)]
+    t = dict(text["tensors"])
+    t.update({"latents_init": lat0, "control_images": cimg})
+    t.update(sched_tensors(base, steps, ""))
+    patch = SAPatch(unet, SA_OPTIONS, set_plan(n))
+    xs_nc, _ = set_loop(unet, copy.deepcopy(base), steps, entry, cfg, ehs_u, ehs_c, patch,
+                        added_u=added_u, added_c=added_c)
+    cases = []
+    for ci, (scale, start, end) in enumerate(CN_PIPE_CASES):
+        p = f"case{ci}."
+        rec = {}
+        control = make_control(cn, control_full, steps, scale, start, end, rec if ci == 0 else None)
+        xs, eps = set_loop(unet, copy.deepcopy(base), steps, entry, cfg, ehs_u, ehs_c, patch, control=control,
+                           added_u=added_u, added_c=added_c)
+        # diffusers' own ControlNet pipeline: same latents / embeddings / control images, the UNet patched for the
+        # whole loop, the ControlNet's reference-row residuals zeroed
+        pipe = pipe_cls(**pipe_kwargs, scheduler=copy.deepcopy(base))
+        pipe.set_progress_bar_config(disable=True)
+        got, cb = capture_steps()
+        patch.set_plan(set_plan(n))
+        patch.on()
+        with TargetsOnlyControlNet(cn), torch.no_grad():
+            lat_pipe = pipe(image=control_full, latents=lat0.clone() / base.init_noise_sigma, num_inference_steps=steps,
+                            guidance_scale=cfg, controlnet_conditioning_scale=scale, control_guidance_start=start,
+                            control_guidance_end=end, output_type="latent", callback_on_step_end=cb,
+                            height=hw * factor, width=hw * factor, **call_kwargs).images
+        patch.off()
+        pipe_diff = max([mad(lat_pipe, xs[-1])] + [mad(g, xs[k + 1]) for k, g in enumerate(got)])
+        with torch.no_grad():
+            image = vae.decode(xs[-1] / vae.config.scaling_factor).sample
+        t.update({p + "latents_steps": xs, p + "noise_pred_steps": eps, p + "latents_final": xs[-1].clone(),
+                  p + "image_decoded": image})
+        if ci == 0:
+            for k, d in enumerate(rec["downs"]):
+                t[p + f"step0.down.{k}"] = d
+            t[p + "step0.mid"] = rec["mid"]
+        active = [window_active(i, steps, start, end) for i in range(steps)]
+        cases.append({
+            "tensor_prefix": p, "conditioning_scale": scale, "control_guidance_start": start,
+            "control_guidance_end": end, "control_active_steps": active,
+            "step0_residuals_stored": ci == 0, "num_down_residuals": len(rec["downs"]) if ci == 0 else None,
+            "step0_controlnet_on_targets_alone_vs_full_batch_max_abs": rec.get("targets_only_vs_full_batch_max_abs"),
+            "manual_vs_diffusers_pipeline_max_abs": pipe_diff,
+            "max_abs_vs_no_control_final": mad(xs[-1], xs_nc[-1]),
+            "max_abs_reference_row_vs_no_control_final": mad(xs[-1][0], xs_nc[-1][0]),
+        })
+        print(f"controlnet_pipe_{tag} case{ci} scale {scale} [{start},{end}]: pipe diff {pipe_diff:.3g} vs no "
+              f"control {cases[-1]['max_abs_vs_no_control_final']:.3g} (reference row "
+              f"{cases[-1]['max_abs_reference_row_vs_no_control_final']:.3g})", flush=True)
+    t["latents_final_no_control"] = xs_nc[-1]
+    info = {
+        "kind": "controlnet_pipe", "models": dict(models, controlnet=cn_rel), "sdxl": tag == "sdxl",
+        "n_images": n, "cfg_batch": 2 * n, "guidance_scale": cfg, "eta": 0.0, "steps": steps,
+        "scheduler": scheduler_info(base), "init_noise_sigma": float(base.init_noise_sigma),
+        "stylealigned": dict(SA_OPTIONS, **set_plan(n)), "stylealigned_levels": "all", "stylealigned_window": [0.0, 1.0],
+        "control_rows": {"targets": list(range(1, n)), "reference": [0],
+                         "cfg_rows_with_zero_residuals": reference_rows(2 * n)},
+        "control_image_size": [hw * factor, hw * factor], "controlnet_conditioning_downsampling": factor,
+        "guess_mode": False, "cases": cases, "pipeline": pipe_cls.__name__,
+        **text["info"],
+        "note": ("One StyleAligned set of 3 images (row 0 reference, rows 1, 2 targets) from latents_init (= noise * "
+                 "init_noise_sigma), DDIM (eta 0) CFG loop, UNet batch [uncond x3 | cond x3], StyleAligned (options and "
+                 "plan in `stylealigned`) on all levels at every step. The ControlNet runs on the CFG batch with "
+                 "x_in = scale_model_input(cat[x, x], t), the same t and encoder_hidden_states"
+                 + (" and added_cond_kwargs" if tag == "sdxl" else "")
+                 + ", controlnet_cond = control image of each row (control_images[r-1] for target r, in [0,1], no "
+                 "normalisation; both CFG halves get the same image), conditioning_scale = scale * keep(i), keep(i) = "
+                 "1 - float(i/n < start or (i+1)/n > end) (diffusers' control_guidance_start/end); the residuals of the "
+                 "reference rows (0 and 3) are ZERO (the ControlNet acts on the targets only; running it on the targets "
+                 "alone gives the same target residuals). The UNet adds down residual k to skip k and the mid residual "
+                 "to the mid block output. Tensors: shared as listed in text_tensors plus latents_init (3,4,h,w), "
+                 "control_images (2,3,H,W), timesteps (8,) int64, timesteps_f32, alpha_prod_t, alpha_prod_t_prev, "
+                 "latents_final_no_control (same loop, StyleAligned on, no ControlNet). Per case (prefix caseN.): "
+                 "latents_steps (9,3,4,h,w) ([0] = init, [k+1] after step k), noise_pred_steps (8,3,4,h,w) guided eps, "
+                 "latents_final, image_decoded = vae.decode(latents_final / scaling_factor) raw; case0 also "
+                 "step0.down.k / step0.mid = the residuals of step 0 for the CFG batch of 6 (already times the scale, "
+                 "zero rows 0 and 3). manual_vs_diffusers_pipeline_max_abs: " + pipe_cls.__name__ + ".__call__ with "
+                 "the same inputs, the UNet patched and the ControlNet's reference-row residuals zeroed."),
+    }
+    out.tensors(f"controlnet_pipe_{tag}.safetensors", t, info)
+
+
+def controlnet_pipe_sd15_golden(out: Out, c: dict, cn):
+    from diffusers import StableDiffusionControlNetPipeline
+    seed = SEEDS["cn_pipe_sd15"]
+    ids, ehs = sd15_text(c["text_encoder"], seed, 3)
+    text = {"ehs_u": ehs[:3], "ehs_c": ehs[3:], "tensors": {"input_ids": ids, "encoder_hidden_states": ehs},
+            "info": {"text_tensors": "input_ids (6,16) int64 [uncond x3 | cond x3]; encoder_hidden_states (6,16,32) "
+                                     "= CLIP(input_ids).last_hidden_state"}}
+    kw = sd15_pipe_kwargs(c, None)
+    kw.pop("scheduler")
+    kw["controlnet"] = cn
+    controlnet_pipe_golden(out, "sd15", c, cn, CN_SD15, text, StableDiffusionControlNetPipeline, kw,
+                           {"prompt_embeds": ehs[3:], "negative_prompt_embeds": ehs[:3]}, CFG_SD15,
+                           {"unet": f"{SD15}/unet", "vae": f"{SD15}/vae", "text_encoder": f"{SD15}/text_encoder"},
+                           seed, "ddim")
+
+
+def controlnet_pipe_sdxl_golden(out: Out, c: dict, cn):
+    from diffusers import StableDiffusionXLControlNetPipeline
+    seed = SEEDS["cn_pipe_sdxl"]
+    n = 3
+    te1, te2 = c["text_encoder"], c["text_encoder_2"]
+    seq = te1.config.max_position_embeddings
+    bos, eos = te1.config.bos_token_id, te1.config.eos_token_id
+    ids = token_ids(seed, n, seq, bos, eos, [5, 9, 14])
+    ids2 = ids.clone()
+    for r in range(n):   # tokenizer_2 pads with 0 after the first EOS (as SDXL's)
+        first = int((ids[r] == eos).nonzero()[0])
+        ids2[r, first + 1:] = 0
+    with torch.no_grad():
+        o1 = te1(ids, output_hidden_states=True)
+        o2 = te2(ids2, output_hidden_states=True)
+    pe = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+    pooled = o2.text_embeds
+    neg, neg_pooled = torch.zeros_like(pe), torch.zeros_like(pooled)
+    hw = c["unet"].config.sample_size
+    size = hw * 2 ** (len(c["vae"].config.block_out_channels) - 1)
+    tid = torch.tensor([[float(size), float(size), 0.0, 0.0, float(size), float(size)]]).repeat(n, 1)
+    text = {"ehs_u": neg, "ehs_c": pe, "added_u": {"text_embeds": neg_pooled, "time_ids": tid},
+            "added_c": {"text_embeds": pooled, "time_ids": tid},
+            "tensors": {"input_ids": ids, "input_ids_2": ids2, "prompt_embeds": pe, "pooled_prompt_embeds": pooled,
+                        "negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled, "add_time_ids": tid},
+            "info": {"text_tensors": ("input_ids (3,77) (text_encoder, EOS-padded), input_ids_2 (3,77) (text_encoder_2, "
+                                      "0-padded after EOS); prompt_embeds (3,77,80) = cat[te1.hidden_states[-2], "
+                                      "te2.hidden_states[-2]]; pooled_prompt_embeds (3,40) = te2 text_embeds; "
+                                      "negative_prompt_embeds / negative_pooled_prompt_embeds = zeros "
+                                      "(force_zeros_for_empty_prompt); add_time_ids (3,6) = [H,W,0,0,H,W] per image "
+                                      "(pixels); the UNet and ControlNet get encoder_hidden_states = cat[negative, "
+                                      "prompt], text_embeds = cat[negative_pooled, pooled], time_ids = cat[add_time_ids, "
+                                      "add_time_ids]. See README 'SDXL pipeline golden' for the text side."),
+                     "original_size": [size, size], "crops_coords_top_left": [0, 0], "target_size": [size, size]}}
+    kw = {"vae": c["vae"], "text_encoder": te1, "text_encoder_2": te2, "tokenizer": None, "tokenizer_2": None,
+          "unet": c["unet"], "controlnet": cn, "force_zeros_for_empty_prompt": True, "add_watermarker": False}
+    controlnet_pipe_golden(out, "sdxl", c, cn, CN_SDXL, text, StableDiffusionXLControlNetPipeline, kw,
+                           {"prompt_embeds": pe, "negative_prompt_embeds": neg, "pooled_prompt_embeds": pooled,
+                            "negative_pooled_prompt_embeds": neg_pooled}, CFG_SDXL,
+                           {"pipeline_folder": SDXL_PIPE, "unet": f"{SDXL_PIPE}/unet", "vae": f"{SDXL_PIPE}/vae",
+                            "text_encoder": f"{SDXL_PIPE}/text_encoder", "text_encoder_2": f"{SDXL_PIPE}/text_encoder_2"},
+                           seed, "ddim")
+
+
+# ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
 PARTS = ("controlnet", "img2img", "window", "cnpipe")
