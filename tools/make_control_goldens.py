@@ -208,6 +208,14 @@ _RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", 
                   ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 
 
+def hint_conv_out_index(n_blocks: int) -> int:
+    """Index of the conditioning embedding's conv_out in `input_hint_block`. The original ControlNet's
+    hint block is a fixed nn.Sequential of 15 modules (conv, SiLU, ... 7 convs) with conv_out at 14, and
+    diffusers' converter reads conv_out from index 14 whatever the block count; so a hint block with
+    fewer convs keeps conv_out at 14 (blocks at 2, 4, ...), and only a longer one moves it past."""
+    return max(14, 2 * (n_blocks + 1))
+
+
 def controlnet_to_ldm(sd: dict, config) -> dict:
     """diffusers ControlNetModel state dict -> the original ControlNet checkpoint layout
     (`control_model.` + time_embed, label_emb, input_blocks, middle_block, input_hint_block,
@@ -237,7 +245,7 @@ def controlnet_to_ldm(sd: dict, config) -> dict:
         elif k.startswith("controlnet_cond_embedding.blocks."):
             new = f"input_hint_block.{2 * (int(p[2]) + 1)}." + p[-1]
         elif k.startswith("controlnet_cond_embedding.conv_out."):
-            new = f"input_hint_block.{2 * (n_hint_blocks + 1)}." + p[-1]
+            new = f"input_hint_block.{hint_conv_out_index(n_hint_blocks)}." + p[-1]
         elif k.startswith("down_blocks."):
             b, kind = int(p[1]), p[2]
             rest = ".".join(p[4:])
@@ -268,10 +276,7 @@ def single_file_check(single: Path, folder: Path, cn: ControlNetModel) -> dict:
     """Read the single file back through diffusers' own converter (convert_controlnet_checkpoint, what
     ControlNetModel.from_single_file uses) and compare with the folder's weights bitwise.
 
-    Two places where that converter cannot read a tiny file are bridged explicitly and recorded:
-    * it takes the conditioning embedding's conv_out from `input_hint_block.14` (the index in real
-      ControlNets: 3 stride-2 convs, 8x); in a tiny file with fewer hint convs conv_out is the LAST
-      index (the layout nn.Sequential gives), which the converter files as one more `blocks.N`;
+    One place where that converter cannot read the SDXL file is bridged explicitly and recorded:
     * it never maps `label_emb` (SDXL's add_embedding), although diffusers' own table
       DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"] lists it: that table is applied.
     The full from_single_file call is tried too and its outcome recorded."""
@@ -280,11 +285,6 @@ def single_file_check(single: Path, folder: Path, cn: ControlNetModel) -> dict:
     cfg = json.loads((folder / "config.json").read_text())
     conv = convert_controlnet_checkpoint(dict(ckpt), cfg)
     fixups = []
-    nb = 2 * (len(cfg["conditioning_embedding_out_channels"]) - 1)
-    if "controlnet_cond_embedding.conv_out.weight" not in conv or conv["controlnet_cond_embedding.conv_out.weight"] is None:
-        for suffix in ("weight", "bias"):
-            conv[f"controlnet_cond_embedding.conv_out.{suffix}"] = conv.pop(f"controlnet_cond_embedding.blocks.{nb}.{suffix}")
-        fixups.append(f"controlnet_cond_embedding.conv_out <- input_hint_block.{2 * (nb + 1)} (converter expects 14)")
     if cfg.get("addition_embed_type") == "text_time":
         for dk, lk in DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
             conv[dk] = ckpt["control_model." + lk]
@@ -301,9 +301,10 @@ def single_file_check(single: Path, folder: Path, cn: ControlNetModel) -> dict:
     try:
         loaded = ControlNetModel.from_single_file(str(single), config=str(folder))
         la = loaded.state_dict()
-        res["from_single_file"] = "loads, identical" if all(torch.equal(a[k], la[k]) for k in a) else "loads, differs"
+        same = set(a) == set(la) and all(torch.equal(a[k], la[k]) for k in a)
+        res["from_single_file"] = "loads, identical" if same else "loads, differs"
     except Exception as e:  # noqa: BLE001 - recorded, not hidden
-        res["from_single_file"] = f"fails ({type(e).__name__}), because of the fixups above"
+        res["from_single_file"] = f"fails ({type(e).__name__}), because of the fixup above"
     return res
 
 
@@ -359,9 +360,10 @@ def controlnet_folders(out: Out, sd15: dict, sdxl: dict) -> dict:
                        "(down_blocks.b.downsamplers.0.conv), middle_block.{0,1,2} (mid_block.resnets.0, "
                        "attentions.0, resnets.1), zero_convs.i.0 (controlnet_down_blocks.i), middle_block_out.0 "
                        "(controlnet_mid_block), input_hint_block.0 (controlnet_cond_embedding.conv_in), "
-                       "input_hint_block.2(j+1) (controlnet_cond_embedding.blocks.j), input_hint_block.<last, "
-                       "= 2(nblocks+1)> (controlnet_cond_embedding.conv_out; 14 in real SD ControlNets, "
-                       f"{2 * (2 * (len(cn.config.conditioning_embedding_out_channels) - 1) + 1)} here)."),
+                       "input_hint_block.2(j+1) (controlnet_cond_embedding.blocks.j), input_hint_block.14 "
+                       "(controlnet_cond_embedding.conv_out; 14 as in the original ControlNet's fixed hint "
+                       "Sequential and as diffusers' converter reads it, also when there are fewer hint convs: "
+                       "in the SD1.5 file the blocks are at 2 and 4 and conv_out at 14)."),
             "verification": chk,
         }
     return nets
