@@ -671,10 +671,11 @@ def set_loop(unet, sched, steps: int, entry: list, cfg: float, ehs_u, ehs_c, pat
         sched.set_begin_index(s0 * sched.order)
     b = len(entry)
     shape = entry[0][1].shape
-    x = torch.zeros(b, *shape)
+    dt = entry[0][1].dtype
+    x = torch.zeros(b, *shape, dtype=dt)
     present = [False] * b
-    lat_steps = [torch.zeros(b, *shape) for _ in range(s0)]
-    eps_steps = [torch.zeros(b, *shape) for _ in range(s0)]
+    lat_steps = [torch.zeros(b, *shape, dtype=dt) for _ in range(s0)]
+    eps_steps = [torch.zeros(b, *shape, dtype=dt) for _ in range(s0)]
     for i in range(s0, steps):
         t = sched.timesteps[i]
         for r, (st, lat) in enumerate(entry):
@@ -703,12 +704,30 @@ def set_loop(unet, sched, steps: int, entry: list, cfg: float, ehs_u, ehs_c, pat
         eu, ec = out.chunk(2)
         eps = eu + cfg * (ec - eu)
         xp = sched.step(eps, t, xp).prev_sample
-        full_eps = torch.zeros(b, *shape)
+        full_eps = torch.zeros(b, *shape, dtype=dt)
         full_eps[rows] = eps
         x[rows] = xp
         eps_steps.append(full_eps)
     lat_steps.append(x.clone())
     return torch.stack(lat_steps), torch.stack(eps_steps)
+
+
+def f64(m):
+    """A float64 copy of a module (for the f32-vs-f64 noise floor)."""
+    return copy.deepcopy(m).double()
+
+
+def d64(x):
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: v.double() for k, v in x.items()}
+    return x.double()
+
+
+def f64_floor(xs: torch.Tensor, xs64: torch.Tensor) -> dict:
+    return {"f64_max_abs_diff_latents_steps": [mad(a, b) for a, b in zip(xs, xs64)],
+            "f64_max_abs_diff_latents_final": mad(xs[-1], xs64[-1])}
 
 
 def sched_tensors(sched, steps: int, prefix: str) -> dict:
@@ -778,6 +797,7 @@ def img2img_golden(out: Out, c: dict):
         # it take other kernels (last-bit differences)
         init_lat = (vae.encode(img * 2 - 1).latent_dist.mean * vae.config.scaling_factor).contiguous()
     t = {"input_ids": ids, "encoder_hidden_states": ehs, "noise": noise, "init_image": img, "init_latents": init_lat}
+    unet64 = f64(unet)
     cases = []
     for ci, (kind, steps, strength) in enumerate(IMG2IMG_CASES):
         p = f"case{ci}."
@@ -795,6 +815,15 @@ def img2img_golden(out: Out, c: dict):
         patch = SAPatch(unet, SA_OPTIONS, set_plan(n))
         xs, eps = set_loop(unet, copy.deepcopy(base), steps, entry, CFG_SD15, ehs_u, ehs_c, patch)
         xs_plain, _ = set_loop(unet, copy.deepcopy(base), steps, entry, CFG_SD15, ehs_u, ehs_c, None)
+        floor = {"f64_max_abs_diff_latents_steps": None, "f64_max_abs_diff_latents_final": None}
+        if kind == "ddim":   # diffusers' Euler step computes in float32 internally: no f64 reference for it
+            s64 = copy.deepcopy(base)
+            s64.set_timesteps(steps)
+            e64 = s64.add_noise(init_lat.double(), noise_tg.double(), ts[t_start:t_start + 1].repeat(n - 1))
+            entry64 = [(0, ref_init.double())] + [(t_start, e64[k]) for k in range(n - 1)]
+            xs64, _ = set_loop(unet64, copy.deepcopy(base), steps, entry64, CFG_SD15, ehs_u.double(), ehs_c.double(),
+                               SAPatch(unet64, SA_OPTIONS, set_plan(n)))
+            floor = f64_floor(xs, xs64)
         # diffusers' StableDiffusionImg2ImgPipeline on the two target rows, no StyleAligned, same noise
         pipe = StableDiffusionImg2ImgPipeline(**sd15_pipe_kwargs(c, copy.deepcopy(base)))
         pipe.set_progress_bar_config(disable=True)
@@ -814,6 +843,7 @@ def img2img_golden(out: Out, c: dict):
                   p + "latents_steps": xs, p + "noise_pred_steps": eps, p + "latents_final": final.clone(),
                   p + "latents_final_unpatched": xs_plain[-1], p + "image_decoded": image})
         cases.append({
+            **floor,
             "tensor_prefix": p, "scheduler": scheduler_info(base), "scheduler_kind": kind, "steps": steps,
             "strength": strength, "init_timestep": init_timestep, "t_start": t_start,
             "entry_timestep": int(ts[t_start]), "init_noise_sigma": float(base.init_noise_sigma),
@@ -920,6 +950,15 @@ def style_window_golden(out: Out, c: dict):
                   prefix + "latents_final": xs[-1].clone(), prefix + "image_decoded": image})
         return xs, patch, pipe_diff
 
+    unet64 = f64(unet)
+    entry64 = [(0, lat0[r].double()) for r in range(n)]
+
+    def floor_of(levels, start, end):
+        patch = SAPatch(unet64, SA_OPTIONS, set_plan(n), levels)
+        xs64, _ = set_loop(unet64, copy.deepcopy(base), steps, entry64, CFG_SD15, ehs_u.double(), ehs_c.double(), patch,
+                           sa_on=lambda i: window_active(i, steps, start, end))
+        return xs64
+
     xs_full, _, d_full = run(None, 0.0, 1.0, "full.")
     xs_none, _, d_none = run("none", 0.0, 1.0, "unpatched.")
     cases = []
@@ -928,6 +967,7 @@ def style_window_golden(out: Out, c: dict):
         xs, patch, pipe_diff = run(levels, start, end, p)
         active = [window_active(i, steps, start, end) for i in range(steps)]
         cases.append({
+            **f64_floor(xs, floor_of(levels, start, end)),
             "tensor_prefix": p, "window": [start, end], "levels": list(patch.levels),
             "levels_all": levels is None, "active_steps": active,
             "patched_groupnorms": len(patch.groupnorms), "patched_attn1": len(patch.attn1),
@@ -1063,6 +1103,8 @@ def controlnet_pipe_golden(out: Out, tag: str, c: dict, cn, cn_rel: str, text: d
     xs_nc, _ = set_loop(unet, copy.deepcopy(base), steps, entry, cfg, ehs_u, ehs_c, patch,
                         added_u=added_u, added_c=added_c)
     cases = []
+    unet64, cn64 = f64(unet), f64(cn)
+    entry64 = [(0, lat0[r].double()) for r in range(n)]
     for ci, (scale, start, end) in enumerate(CN_PIPE_CASES):
         p = f"case{ci}."
         rec = {}
@@ -1083,6 +1125,10 @@ def controlnet_pipe_golden(out: Out, tag: str, c: dict, cn, cn_rel: str, text: d
                             height=hw * factor, width=hw * factor, **call_kwargs).images
         patch.off()
         pipe_diff = max([mad(lat_pipe, xs[-1])] + [mad(g, xs[k + 1]) for k, g in enumerate(got)])
+        xs64, _ = set_loop(unet64, copy.deepcopy(base), steps, entry64, cfg, ehs_u.double(), ehs_c.double(),
+                           SAPatch(unet64, SA_OPTIONS, set_plan(n)),
+                           control=make_control(cn64, control_full.double(), steps, scale, start, end),
+                           added_u=d64(added_u), added_c=d64(added_c))
         with torch.no_grad():
             image = vae.decode(xs[-1] / vae.config.scaling_factor).sample
         t.update({p + "latents_steps": xs, p + "noise_pred_steps": eps, p + "latents_final": xs[-1].clone(),
@@ -1093,6 +1139,7 @@ def controlnet_pipe_golden(out: Out, tag: str, c: dict, cn, cn_rel: str, text: d
             t[p + "step0.mid"] = rec["mid"]
         active = [window_active(i, steps, start, end) for i in range(steps)]
         cases.append({
+            **f64_floor(xs, xs64),
             "tensor_prefix": p, "conditioning_scale": scale, "control_guidance_start": start,
             "control_guidance_end": end, "control_active_steps": active,
             "step0_residuals_stored": ci == 0, "num_down_residuals": len(rec["downs"]) if ci == 0 else None,
