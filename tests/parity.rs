@@ -4,6 +4,8 @@
 //! `parity: P passed, F failed, S skipped, D intentionally-different`; fails when F > 0.
 
 mod common;
+#[path = "parity/img2img.rs"]
+mod parity_img2img;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
 
@@ -603,6 +605,7 @@ fn parity() {
             }
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
             "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
+            "img2img_pipe" => parity_img2img::img2img_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

@@ -810,7 +810,8 @@ def img2img_golden(out: Out, c: dict):
         if hasattr(s, "set_begin_index"):
             s.set_begin_index(t_start * s.order)
         entry_lat = s.add_noise(init_lat, noise_tg, ts[t_start:t_start + 1].repeat(n - 1))
-        ref_init = noise_ref[0] * base.init_noise_sigma
+        # After set_timesteps, as diffusers' pipelines scale their initial noise (Euler's depends on it).
+        ref_init = noise_ref[0] * s.init_noise_sigma
         entry = [(0, ref_init)] + [(t_start, entry_lat[k]) for k in range(n - 1)]
         patch = SAPatch(unet, SA_OPTIONS, set_plan(n))
         xs, eps = set_loop(unet, copy.deepcopy(base), steps, entry, CFG_SD15, ehs_u, ehs_c, patch)
@@ -846,7 +847,7 @@ def img2img_golden(out: Out, c: dict):
             **floor,
             "tensor_prefix": p, "scheduler": scheduler_info(base), "scheduler_kind": kind, "steps": steps,
             "strength": strength, "init_timestep": init_timestep, "t_start": t_start,
-            "entry_timestep": int(ts[t_start]), "init_noise_sigma": float(base.init_noise_sigma),
+            "entry_timestep": int(ts[t_start]), "init_noise_sigma": float(s.init_noise_sigma),
             "target_rows": list(range(1, n)), "reference_rows": [0],
             "manual_vs_diffusers_img2img_pipeline_targets_only_max_abs": pipe_diff,
             "reference_alone_patched_vs_unpatched_max_abs":
