@@ -178,6 +178,40 @@ fn samplers_by_their_api_names_and_old_spellings() {
 }
 
 #[test]
+fn init_image_makes_a_target_img2img() {
+    let server = Server::spawn();
+    let dir = temp_dir("img2img");
+    std::fs::create_dir_all(&dir).unwrap();
+    let picture = dir.join("init.png");
+    let rgb: Vec<u8> = (0..24 * 20 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&picture, stylealign::pipeline::Image { width: 24, height: 20, rgb }.to_png(&[])).unwrap();
+    let init = picture.to_str().unwrap();
+    let o = generate(&server, &dir.join("out"), &["--seed", "5", "--init-image", init, "--strength", "0.5"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_clean(&o);
+    let infotext = |p: &Path| {
+        let (_, meta) = stylealign::pipeline::image::Image::from_png(&std::fs::read(p).unwrap()).unwrap();
+        meta.into_iter().find(|(k, _)| k == "parameters").map(|(_, v)| v).unwrap()
+    };
+    let files = written(&o);
+    assert_eq!(files.len(), 2);
+    assert!(!infotext(&files[0].0).contains("Denoising strength"), "the reference is generated");
+    assert!(infotext(&files[1].0).contains("Denoising strength: 0.5"), "{}", infotext(&files[1].0));
+    // A strength outside (0, 1] is the server's INVALID_ARGUMENT naming the field.
+    let o = generate(&server, &dir.join("bad"), &["--init-image", init, "--strength", "2"]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    let err = text(&o.stderr);
+    assert!(err.contains("INVALID_ARGUMENT") || err.contains("invalid"), "{err}");
+    assert!(err.contains("init_images[0].strength"), "{err}");
+    // A missing file is the client's own readable error.
+    let o = generate(&server, &dir.join("bad"), &["--init-image", "/nonexistent/init.png"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--init-image /nonexistent/init.png"), "{}", text(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn runs_into_one_folder_keep_every_file() {
     let server = Server::spawn();
     let dir = temp_dir("numbering");
