@@ -27,6 +27,7 @@ records how far the manual loop is from diffusers' own pipeline run with the sam
 from __future__ import annotations
 
 import argparse
+import math
 import copy
 import json
 import os
@@ -637,11 +638,18 @@ def make_scheduler(kind: str, config: dict):
         return DDIMScheduler.from_config(cfg)
     if kind == "euler":
         return EulerDiscreteScheduler.from_config(cfg)
+    if kind == "dpmpp_2m_karras":
+        from diffusers import DPMSolverMultistepScheduler
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=True)
     raise ValueError(kind)
 
 
 def scheduler_info(s) -> dict:
-    return {"class": type(s).__name__, "config": {k: v for k, v in dict(s.config).items() if not k.startswith("_")}}
+    # JSON has no infinities (DPMSolverMultistep's lambda_min_clipped is -inf): those become strings.
+    def js(v):
+        return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+    return {"class": type(s).__name__, "config": {k: js(v) for k, v in dict(s.config).items() if not k.startswith("_")}}
 
 
 def token_ids(seed: int, n: int, seq: int, bos: int, eos: int, lengths) -> torch.Tensor:
@@ -669,6 +677,14 @@ def set_loop(unet, sched, steps: int, entry: list, cfg: float, ehs_u, ehs_c, pat
     s0 = min(st for st, _ in entry)
     if s0 > 0 and hasattr(sched, "set_begin_index"):
         sched.set_begin_index(s0 * sched.order)
+    multistep = hasattr(sched, "model_outputs")
+    group_scheds = {}
+    for st in sorted({st for st, _ in entry}):
+        gs = copy.deepcopy(sched)
+        gs.set_timesteps(steps)
+        if st > 0 and hasattr(gs, "set_begin_index"):
+            gs.set_begin_index(st * gs.order)
+        group_scheds[st] = gs
     b = len(entry)
     shape = entry[0][1].shape
     dt = entry[0][1].dtype
@@ -703,7 +719,17 @@ def set_loop(unet, sched, steps: int, entry: list, cfg: float, ehs_u, ehs_c, pat
             patch.off()
         eu, ec = out.chunk(2)
         eps = eu + cfg * (ec - eu)
-        xp = sched.step(eps, t, xp).prev_sample
+        if multistep:
+            # A multistep scheduler keeps a history per row group: each entry step's rows are
+            # stepped by their own scheduler, begun at that step (as an img2img pipeline begins
+            # there); stepping the present rows together would mix histories of different lengths.
+            xp = xp.clone()
+            for st, gs in group_scheds.items():
+                idx = [k for k, r in enumerate(rows) if entry[r][0] == st]
+                if idx:
+                    xp[idx] = gs.step(eps[idx], t, xp[idx]).prev_sample
+        else:
+            xp = sched.step(eps, t, xp).prev_sample
         full_eps = torch.zeros(b, *shape, dtype=dt)
         full_eps[rows] = eps
         x[rows] = xp
@@ -772,7 +798,7 @@ def capture_steps():
 # ------------------------------------------------------------------------------------------
 # img2img targets
 # ------------------------------------------------------------------------------------------
-IMG2IMG_CASES = [("ddim", 8, 0.6), ("euler", 8, 0.75)]
+IMG2IMG_CASES = [("ddim", 8, 0.6), ("euler", 8, 0.75), ("dpmpp_2m_karras", 8, 0.5)]
 CFG_SD15 = 7.0
 
 

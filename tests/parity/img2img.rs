@@ -48,6 +48,7 @@ pub fn img2img_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Device)
         let kind = match case["scheduler_kind"].as_str() {
             Some("ddim") => SamplerKind::Ddim,
             Some("euler") => SamplerKind::Euler,
+            Some("dpmpp_2m_karras") => SamplerKind::DpmPp2mKarras,
             other => {
                 t.skip(p, &format!("scheduler {other:?}"));
                 continue;
