@@ -104,10 +104,7 @@ fn img2img_sets_batched_give_their_images_alone() {
     let img2img = SetSpec {
         prompts: vec!["a house".into(), "a tree".into(), "a boat".into()],
         seed: 11,
-        init_images: vec![
-            (1, InitImage { image: fitted.clone(), strength: 0.6 }),
-            (2, InitImage { image: fitted.clone(), strength: 0.3 }),
-        ],
+        init_images: vec![(1, InitImage { image: fitted.clone(), strength: 0.6 }), (2, InitImage { image: fitted.clone(), strength: 0.3 })],
         ..Default::default()
     };
     let plain = SetSpec { prompts: vec!["a hill".into(), "a cat".into()], seed: 12, ..Default::default() };
