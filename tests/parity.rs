@@ -4,6 +4,8 @@
 //! `parity: P passed, F failed, S skipped, D intentionally-different`; fails when F > 0.
 
 mod common;
+#[path = "parity/controlnet.rs"]
+mod parity_controlnet;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
 
@@ -602,6 +604,10 @@ fn parity() {
             }
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
             "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
+            "controlnet_unet" => {
+                let unet = models.unet(&dir, g.info["models"]["unet"].as_str().expect("info.models.unet"), &device);
+                parity_controlnet::controlnet_unet_file(&dir, &g, &unet, &mut t, &device)
+            }
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

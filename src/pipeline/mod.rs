@@ -31,23 +31,7 @@ pub use reference::ReferenceImage;
 
 pub use image::Image;
 
-/// Model family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Family {
-    Sd1,
-    Sd2,
-    Sdxl,
-}
-
-impl Family {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Sd1 => "SD1",
-            Family::Sd2 => "SD2",
-            Family::Sdxl => "SDXL",
-        }
-    }
-}
+pub use crate::model::Family;
 
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]
