@@ -13,7 +13,13 @@ use stylealign::sampling::sampler::SamplerKind;
 use stylealign::style_aligned::StyleAligned;
 
 fn set(prompts: &[&str], seed: u64) -> SetSpec {
-    SetSpec { prompts: prompts.iter().map(|p| p.to_string()).collect(), negative_prompt: String::new(), seed, reference: None }
+    SetSpec {
+        prompts: prompts.iter().map(|p| p.to_string()).collect(),
+        negative_prompt: String::new(),
+        seed,
+        reference: None,
+        controls: Vec::new(),
+    }
 }
 
 #[test]

@@ -488,7 +488,8 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             continue;
         }
         let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
-        let state = || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None };
+        let state =
+            || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None, controls: Vec::new() };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
         for (k, x) in steps_x.into_iter().enumerate() {
@@ -560,6 +561,7 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             uncond: uncond.clone(),
             cond: cond.clone(),
             replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
+            controls: Vec::new(),
         };
         let batch =
             BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
@@ -608,6 +610,7 @@ fn parity() {
                 let unet = models.unet(&dir, g.info["models"]["unet"].as_str().expect("info.models.unet"), &device);
                 parity_controlnet::controlnet_unet_file(&dir, &g, &unet, &mut t, &device)
             }
+            "controlnet_pipe" => parity_controlnet::controlnet_pipe_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

@@ -86,6 +86,7 @@ fn patch_generate_matches_library_and_reproduces() {
             negative_prompt: String::new(),
             seed: 1234,
             reference: None,
+            controls: Vec::new(),
         };
         let direct = p.generate(&batch, &[set], &mut |_, _| vec![true]).unwrap().remove(0).unwrap();
         for (img, want) in r1.images.iter().zip(&direct) {

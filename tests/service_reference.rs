@@ -85,6 +85,7 @@ fn reference_image_matches_library_and_is_cached() {
                 guidance: 2.0,
                 scope: "library".into(),
             }),
+            controls: Vec::new(),
         };
         let lib = pipe.generate(&batch, &[set], &mut |_, _| vec![true]).unwrap().pop().unwrap().unwrap();
         for (img, want) in first.images.iter().zip(&lib) {

@@ -232,8 +232,13 @@ impl ControlNet {
         let weights = match format {
             ControlNetFormat::Original => {
                 let layers = config.unet.layers_per_block.clone();
-                let hint_blocks = 2 * (config.conditioning_embedding_out_channels.len() - 1);
-                weights.with_names(Box::new(move |k| format!("{prefix}{}", original_key(k, &layers, hint_blocks))))
+                // conv_out is the highest `input_hint_block` index (14 in real files).
+                let hint_out = weights
+                    .keys()
+                    .filter_map(|k| k.strip_prefix(prefix)?.strip_prefix("input_hint_block.")?.split('.').next()?.parse::<usize>().ok())
+                    .max()
+                    .unwrap_or(0);
+                weights.with_names(Box::new(move |k| format!("{prefix}{}", original_key(k, &layers, hint_out))))
             }
             _ => weights,
         };
@@ -392,9 +397,9 @@ fn detect_family(w: &Weights, prefix: &str, format: ControlNetFormat) -> Result<
 /// by rule: `layers_per_block` gives the `input_blocks` numbering (block i's layer j is
 /// `input_blocks.{1 + Σ_{b<i}(layers_b + 1) + j}`, its downsampler the next index, as `.0.op`);
 /// the conditioning embedding's convolutions are every other `input_hint_block` entry (SiLUs
-/// between them), so with `hint_blocks` middle convolutions `conv_out` is
-/// `input_hint_block.{2 (hint_blocks + 1)}`. Keys without a rule are returned unchanged.
-pub fn original_key(key: &str, layers_per_block: &[usize], hint_blocks: usize) -> String {
+/// between them): `conv_in` is entry 0, block j entry 2 (j + 1), `conv_out` the entry `hint_out`
+/// (the file's highest index: 14 in real files). Keys without a rule are returned unchanged.
+pub fn original_key(key: &str, layers_per_block: &[usize], hint_out: usize) -> String {
     let parts: Vec<&str> = key.split('.').collect();
     let rest = |n: usize| parts[n.min(parts.len())..].join(".");
     let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok());
@@ -406,7 +411,7 @@ pub fn original_key(key: &str, layers_per_block: &[usize], hint_blocks: usize) -
         ["add_embedding", "linear_2", ..] => with("label_emb.0.2".into(), rest(2)),
         ["conv_in", ..] => with("input_blocks.0.0".into(), rest(1)),
         ["controlnet_cond_embedding", "conv_in", ..] => with("input_hint_block.0".into(), rest(2)),
-        ["controlnet_cond_embedding", "conv_out", ..] => with(format!("input_hint_block.{}", 2 * (hint_blocks + 1)), rest(2)),
+        ["controlnet_cond_embedding", "conv_out", ..] => with(format!("input_hint_block.{hint_out}"), rest(2)),
         ["controlnet_cond_embedding", "blocks", _, ..] if num(2).is_some() => {
             with(format!("input_hint_block.{}", 2 * (num(2).unwrap_or(0) + 1)), rest(3))
         }
@@ -455,9 +460,9 @@ mod tests {
 
     #[test]
     fn original_keys_follow_the_ldm_numbering() {
-        // SD1.5: 4 blocks of 2 layers; 6 middle hint convolutions → conv_out at input_hint_block.14.
+        // SD1.5: 4 blocks of 2 layers; conv_out at input_hint_block.14.
         let l = [2, 2, 2, 2];
-        let k = |s: &str| original_key(s, &l, 6);
+        let k = |s: &str| original_key(s, &l, 14);
         assert_eq!(k("time_embedding.linear_1.weight"), "time_embed.0.weight");
         assert_eq!(k("time_embedding.linear_2.bias"), "time_embed.2.bias");
         assert_eq!(k("add_embedding.linear_2.weight"), "label_emb.0.2.weight");
@@ -485,7 +490,7 @@ mod tests {
         // Unequal layers per block.
         assert_eq!(original_key("down_blocks.1.resnets.0.conv1.weight", &[1, 2, 1], 4), "input_blocks.3.0.in_layers.2.weight");
         assert_eq!(original_key("down_blocks.1.downsamplers.0.conv.weight", &[1, 2, 1], 4), "input_blocks.5.0.op.weight");
-        assert_eq!(original_key("controlnet_cond_embedding.conv_out.weight", &[1], 2), "input_hint_block.6.weight");
+        assert_eq!(original_key("controlnet_cond_embedding.conv_out.weight", &[1], 6), "input_hint_block.6.weight");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! noise comes from its set's seed and its index in the set, so a set's images do not depend on
 //! what it is batched with.
 
+pub mod control;
 pub mod cost;
 pub mod image;
 pub mod reference;
@@ -24,9 +25,10 @@ use crate::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
 use crate::model::vae::Vae;
 use crate::sampling::noise::{INITIAL, gaussian_tensor, step_stream};
 use crate::sampling::sampler::{Sampler, SamplerKind};
-use crate::sampling::{Conditioning, SchedulerConfig, guided_output};
+use crate::sampling::{Conditioning, SchedulerConfig, guided_output_with};
 
 use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks};
+pub use control::{ControlSpec, SetControl};
 pub use reference::ReferenceImage;
 
 pub use image::Image;
@@ -88,6 +90,8 @@ pub struct SetSpec {
     pub negative_prompt: String,
     pub seed: u64,
     pub reference: Option<reference::ReferenceImage>,
+    /// ControlNets on the set's targets (none: plain generation); see [`ControlSpec`].
+    pub controls: Vec<ControlSpec>,
 }
 
 /// What the sets of one batch share.
@@ -160,6 +164,8 @@ pub struct SetState {
     pub cond: TextCond,
     /// Real-image reference: row 0 follows this trajectory.
     pub replay: Option<ReferenceReplay>,
+    /// ControlNets on the target rows (every row but row 0).
+    pub controls: Vec<SetControl>,
 }
 
 impl SetState {
@@ -412,6 +418,9 @@ impl Pipeline {
         if let Some(p) = &batch.patch {
             p.resolve().map_err(PatchError::from)?;
         }
+        for set in sets {
+            self.validate_controls(batch, set)?;
+        }
         Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps).map_err(|e| match e {
             ModelError::Input { field, message } => invalid(&field, message),
             other => PipelineError::Model(other),
@@ -498,7 +507,8 @@ impl Pipeline {
             }
             None => None,
         };
-        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay })
+        let controls = self.prepare_controls(set, batch)?;
+        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay, controls })
     }
 
     /// Runs the sampler over the live sets (one UNet batch per step: all sets' unconditional rows,
@@ -578,7 +588,8 @@ impl Pipeline {
             let ids: Vec<usize> = live.iter().map(|l| l.set).collect();
             let all_stopped = stop.clone();
             let eps = crate::model::stop::scoped(Rc::new(move || ids.iter().all(|&s| all_stopped(s))), || {
-                guided_output(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks)
+                let residuals = self.control_residuals(&live, &x_in, t, &cond, i, n)?;
+                guided_output_with(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks, residuals.as_ref())
             });
             let eps = match eps {
                 Ok(eps) => eps,

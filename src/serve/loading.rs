@@ -86,6 +86,12 @@ fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
         patch: Some(StyleAligned::default()),
         size_conditioning: None,
     };
-    let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, reference: None };
+    let set = SetSpec {
+        prompts: vec!["warm-up".into(), "warm-up".into()],
+        negative_prompt: String::new(),
+        seed: 0,
+        reference: None,
+        controls: Vec::new(),
+    };
     p.generate(&batch, &[set], &mut |_, _| vec![true]).map(|_| ())
 }
