@@ -415,9 +415,10 @@ pub struct AdditionalResiduals {
     pub mid: Tensor<4>,
 }
 
-impl AdditionalResiduals {
-    /// The sum of two residual sets of the same shapes.
-    pub fn add(self, other: AdditionalResiduals) -> AdditionalResiduals {
+/// The sum of two residual sets of the same shapes (MultiControlNet).
+impl std::ops::Add for AdditionalResiduals {
+    type Output = AdditionalResiduals;
+    fn add(self, other: AdditionalResiduals) -> AdditionalResiduals {
         AdditionalResiduals { down: self.down.into_iter().zip(other.down).map(|(a, b)| a + b).collect(), mid: self.mid + other.mid }
     }
 }

@@ -82,7 +82,7 @@ struct Pass {
 impl Pipeline {
     /// Checks a set's controls against the model and the batch; errors name the field
     /// (`controls[j].…`).
-    pub fn validate_controls(&self, batch: &BatchSpec, set: &SetSpec) -> Result<(), PipelineError> {
+    pub fn validate_controls(&self, set: &SetSpec) -> Result<(), PipelineError> {
         let targets = target_count(set);
         for (j, c) in set.controls.iter().enumerate() {
             let field = |name: &str| format!("controls[{j}].{name}");
@@ -116,13 +116,12 @@ impl Pipeline {
                 return Err(invalid(&field("start"), format!("window [{}, {}] must satisfy 0 <= start < end <= 1", c.start, c.end)));
             }
         }
-        let _ = batch;
         Ok(())
     }
 
     /// The controls of a set, images fitted to the batch size (see [`ControlSpec`]).
     pub(super) fn prepare_controls(&self, set: &SetSpec, batch: &BatchSpec) -> Result<Vec<SetControl>, PipelineError> {
-        self.validate_controls(batch, set)?;
+        self.validate_controls(set)?;
         let targets = target_count(set);
         let dev = &self.inner.device;
         let mut out = Vec::with_capacity(set.controls.len());
@@ -215,7 +214,7 @@ impl Pipeline {
             let r = AdditionalResiduals { down: r.down.into_iter().map(spread).collect(), mid: spread(r.mid) };
             total = Some(match total {
                 None => r,
-                Some(acc) => acc.add(r),
+                Some(acc) => acc + r,
             });
         }
         Ok(total)

@@ -419,7 +419,7 @@ impl Pipeline {
             p.resolve().map_err(PatchError::from)?;
         }
         for set in sets {
-            self.validate_controls(batch, set)?;
+            self.validate_controls(set)?;
         }
         Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps).map_err(|e| match e {
             ModelError::Input { field, message } => invalid(&field, message),
