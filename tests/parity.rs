@@ -6,6 +6,8 @@
 mod common;
 #[path = "parity/img2img.rs"]
 mod parity_img2img;
+#[path = "parity/controlnet.rs"]
+mod parity_controlnet;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
 
@@ -489,7 +491,7 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
         }
         let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
         let state =
-            || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None, entries: Vec::new() };
+            || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None, entries: Vec::new(), controls: Vec::new() };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
         for (k, x) in steps_x.into_iter().enumerate() {
@@ -562,6 +564,7 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             cond: cond.clone(),
             replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
             entries: Vec::new(),
+            controls: Vec::new(),
         };
         let batch =
             BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
@@ -607,6 +610,11 @@ fn parity() {
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
             "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
             "img2img_pipe" => parity_img2img::img2img_file(&dir, &g, &mut t, &device),
+            "controlnet_unet" => {
+                let unet = models.unet(&dir, g.info["models"]["unet"].as_str().expect("info.models.unet"), &device);
+                parity_controlnet::controlnet_unet_file(&dir, &g, &unet, &mut t, &device)
+            }
+            "controlnet_pipe" => parity_controlnet::controlnet_pipe_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod controlnet;
 pub mod hash;
 pub mod nn;
 pub mod stop;
@@ -13,6 +14,24 @@ pub mod vae;
 pub mod weights;
 
 use std::path::PathBuf;
+
+/// Model family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD1",
+            Family::Sd2 => "SD2",
+            Family::Sdxl => "SDXL",
+        }
+    }
+}
 
 /// Errors of model loading and configuration.
 #[derive(Debug, thiserror::Error)]

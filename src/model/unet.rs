@@ -71,6 +71,12 @@ impl UNetConfig {
     }
 
     pub fn from_raw(c: &RawConfig) -> Result<Self, ModelError> {
+        Self::parse(c, true)
+    }
+
+    /// Reads the fields of a UNet config; `with_up: false` for a ControlNet config, which has
+    /// down and mid blocks only (the up fields then mirror the down ones and are not used).
+    pub(crate) fn parse(c: &RawConfig, with_up: bool) -> Result<Self, ModelError> {
         c.require("time_embedding_type", &[json!("positional")])?;
         c.require("class_embed_type", &[])?;
         c.require("num_class_embeds", &[])?;
@@ -103,7 +109,8 @@ impl UNetConfig {
             return Err(c.err("block_out_channels", "must not be empty"));
         }
         let down_types = c.strings("down_block_types")?;
-        let up_types = c.strings("up_block_types")?;
+        let up_types =
+            if with_up { c.strings("up_block_types")? } else { down_types.iter().rev().map(|t| t.replace("Down", "Up")).collect() };
         if down_types.len() != n {
             return Err(c.err("down_block_types", format!("{} entries for {n} blocks", down_types.len())));
         }
@@ -398,39 +405,60 @@ pub struct TextTime {
     pub time_ids: Tensor<2>,
 }
 
-/// A loaded UNet. Cloning shares the weight tensors.
+/// Residuals added inside the UNet (diffusers' `down_block_additional_residuals` and
+/// `mid_block_additional_residual`): `down[k]` is added to skip connection k (in the order the
+/// down half produces them: `conv_in`'s output, then each down resnet/attention pair, then each
+/// downsampler), `mid` to the mid block's output. A ControlNet's output.
 #[derive(Clone, Debug)]
-pub struct UNet {
-    pub config: UNetConfig,
+pub struct AdditionalResiduals {
+    pub down: Vec<Tensor<4>>,
+    pub mid: Tensor<4>,
+}
+
+/// The sum of two residual sets of the same shapes (MultiControlNet).
+impl std::ops::Add for AdditionalResiduals {
+    type Output = AdditionalResiduals;
+    fn add(self, other: AdditionalResiduals) -> AdditionalResiduals {
+        AdditionalResiduals { down: self.down.into_iter().zip(other.down).map(|(a, b)| a + b).collect(), mid: self.mid + other.mid }
+    }
+}
+
+/// Channels of each skip connection of the down half (the shapes of
+/// [`AdditionalResiduals::down`]): `conv_in`, every down resnet, every downsampler.
+pub fn skip_channels(cfg: &UNetConfig) -> Vec<usize> {
+    let n = cfg.block_out_channels.len();
+    let mut out = vec![cfg.block_out_channels[0]];
+    for i in 0..n {
+        out.extend(std::iter::repeat_n(cfg.block_out_channels[i], cfg.layers_per_block[i]));
+        if i + 1 < n {
+            out.push(cfg.block_out_channels[i]);
+        }
+    }
+    out
+}
+
+/// The half of the UNet a ControlNet copies: input conv, time (and SDXL `text_time`) embedding,
+/// down blocks and mid block. [`UNet`] and [`super::controlnet::ControlNet`] are both built on it,
+/// so the two run the same code for these layers.
+#[derive(Clone, Debug)]
+pub(crate) struct DownHalf {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
     down: Vec<DownBlock>,
     mid: MidBlock,
-    up: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
-    self_attention_layers: usize,
-    group_norms: usize,
 }
 
-impl UNet {
-    /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let weights = Weights::open(&weight_file(dir, "diffusion_pytorch_model")?, device)?;
-        Self::from_weights(config, &weights)
-    }
-
-    /// Builds the UNet of `config` from `weights`; every tensor of the file must be used.
-    pub fn from_weights(config: UNetConfig, w: &Weights) -> Result<Self, ModelError> {
-        let cfg = &config;
+impl DownHalf {
+    /// Loads the down half. Self-attention layers are numbered from `*layer_counter` on for the
+    /// down blocks (the counter advances) and from `mid_first_layer` for the mid block (diffusers'
+    /// processor order puts the up blocks between them).
+    pub(crate) fn load(w: &Weights, cfg: &UNetConfig, layer_counter: &mut usize, mid_first_layer: usize) -> Result<Self, ModelError> {
         let n = cfg.block_out_channels.len();
         let c0 = cfg.block_out_channels[0];
         let temb = c0 * 4;
         let groups = cfg.norm_num_groups;
         let eps = cfg.norm_eps;
-        let mut layer_counter = 0usize;
 
         let conv_in = Conv2d::load(w, "conv_in", cfg.in_channels, c0, 3, 1, 1)?;
         let time_embedding = TimestepEmbedding::load(w, "time_embedding", c0, temb)?;
@@ -459,7 +487,7 @@ impl UNet {
                         cfg.transformer_layers_per_block[i],
                         cfg.cross_attention_dim[i],
                         cfg,
-                        &mut layer_counter,
+                        layer_counter,
                     )?);
                 }
             }
@@ -471,10 +499,193 @@ impl UNet {
             down.push(DownBlock { resnets, attentions, downsampler });
         }
 
+        let c_last = cfg.block_out_channels[n - 1];
+        let mut mid_layer = mid_first_layer;
+        let mid = MidBlock {
+            resnets: vec![
+                ResnetBlock::load(w, "mid_block.resnets.0", c_last, c_last, Some(temb), groups, eps)?,
+                ResnetBlock::load(w, "mid_block.resnets.1", c_last, c_last, Some(temb), groups, eps)?,
+            ],
+            attentions: vec![Transformer2D::load(
+                w,
+                "mid_block.attentions.0",
+                c_last,
+                cfg.num_attention_heads[n - 1],
+                cfg.transformer_layers_per_block[n - 1],
+                cfg.cross_attention_dim[n - 1],
+                cfg,
+                &mut mid_layer,
+            )?],
+        };
+        Ok(Self { conv_in, time_embedding, add_embedding, down, mid })
+    }
+
+    /// Self-attention layers of the mid block.
+    fn mid_self_attention_layers(cfg: &UNetConfig) -> usize {
+        cfg.transformer_layers_per_block[cfg.block_out_channels.len() - 1]
+    }
+
+    /// Checks the inputs' shapes against the config (errors name the input).
+    pub(crate) fn check_inputs(
+        cfg: &UNetConfig,
+        sample: &Tensor<4>,
+        timesteps: &Tensor<1>,
+        encoder_hidden_states: &Tensor<3>,
+    ) -> Result<(), ModelError> {
+        let [b, c, h, w] = sample.dims();
+        if c != cfg.in_channels {
+            return Err(input("sample", format!("has {c} channels, the model takes {}", cfg.in_channels)));
+        }
+        let m = cfg.latent_multiple();
+        if h % m != 0 || w % m != 0 || h == 0 || w == 0 {
+            return Err(input("sample", format!("latent size {h}x{w} must be a positive multiple of {m}")));
+        }
+        if timesteps.dims()[0] != b {
+            return Err(input("timesteps", format!("{} values for a batch of {b}", timesteps.dims()[0])));
+        }
+        let [eb, _, ed] = encoder_hidden_states.dims();
+        if eb != b || ed != cfg.cross_attention_dim[0] {
+            return Err(input(
+                "encoder_hidden_states",
+                format!(
+                    "shape {:?} does not fit batch {b} and cross_attention_dim {}",
+                    encoder_hidden_states.dims(),
+                    cfg.cross_attention_dim[0]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The time embedding (plus SDXL's `text_time` embedding) of a batch of `b`.
+    pub(crate) fn embedding(
+        &self,
+        cfg: &UNetConfig,
+        timesteps: Tensor<1>,
+        text_time: Option<&TextTime>,
+        b: usize,
+    ) -> Result<Tensor<2>, ModelError> {
+        let c0 = cfg.block_out_channels[0];
+        let t_emb = timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift);
+        let mut emb = self.time_embedding.forward(t_emb);
+        if let (Some(add), Some((d, _))) = (&self.add_embedding, cfg.text_time) {
+            let tt = text_time
+                .ok_or_else(|| input("text_time", "this model (addition_embed_type text_time) needs text_embeds and time_ids".into()))?;
+            let td = cfg.text_embeds_dim().expect("text_time");
+            if tt.text_embeds.dims() != [b, td] {
+                return Err(input("text_embeds", format!("shape {:?}, expected [{b}, {td}]", tt.text_embeds.dims())));
+            }
+            if tt.time_ids.dims() != [b, 6] {
+                return Err(input("time_ids", format!("shape {:?}, expected [{b}, 6]", tt.time_ids.dims())));
+            }
+            let time_embeds =
+                timestep_embedding(tt.time_ids.clone().reshape([b * 6]), d, cfg.flip_sin_to_cos, cfg.freq_shift).reshape([b, 6 * d]);
+            let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
+            emb = emb + add.forward(add_in);
+        }
+        Ok(emb)
+    }
+
+    /// `conv_in` of the sample.
+    pub(crate) fn conv_in(&self, sample: Tensor<4>) -> Tensor<4> {
+        self.conv_in.forward(sample)
+    }
+
+    /// The down blocks from `conv_in`'s output `x` (plus, for a ControlNet, the conditioning
+    /// embedding), then the mid block. Returns the mid block's output and the skip connections
+    /// (`x` first). Stop checks ([`super::stop`]) between blocks.
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<4>,
+        emb: &Tensor<2>,
+        ctx: &Tensor<3>,
+        hooks: &dyn UNetHooks,
+    ) -> Result<(Tensor<4>, Vec<Tensor<4>>), ModelError> {
+        let mut x = x;
+        let mut skips = vec![x.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                stop::check()?;
+                x = resnet.forward(x, Some(emb), hooks);
+                if let Some(attn) = block.attentions.get(j) {
+                    stop::check()?;
+                    x = attn.forward(x, ctx, hooks);
+                }
+                skips.push(x.clone());
+            }
+            if let Some(ds) = &block.downsampler {
+                x = ds.forward(x);
+                skips.push(x.clone());
+            }
+        }
+
+        stop::check()?;
+        x = self.mid.resnets[0].forward(x, Some(emb), hooks);
+        for (attn, resnet) in self.mid.attentions.iter().zip(&self.mid.resnets[1..]) {
+            stop::check()?;
+            x = attn.forward(x, ctx, hooks);
+            stop::check()?;
+            x = resnet.forward(x, Some(emb), hooks);
+        }
+        Ok((x, skips))
+    }
+
+    fn resnets(&self) -> usize {
+        self.down.iter().map(|b| b.resnets.len()).sum::<usize>() + self.mid.resnets.len()
+    }
+
+    fn transformers(&self) -> usize {
+        self.down.iter().map(|b| b.attentions.len()).sum::<usize>() + self.mid.attentions.len()
+    }
+}
+
+fn input(field: &str, message: String) -> ModelError {
+    ModelError::Input { field: field.into(), message }
+}
+
+/// A loaded UNet. Cloning shares the weight tensors.
+#[derive(Clone, Debug)]
+pub struct UNet {
+    pub config: UNetConfig,
+    half: DownHalf,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    self_attention_layers: usize,
+    group_norms: usize,
+}
+
+impl UNet {
+    /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config = UNetConfig::from_file(&dir.join("config.json"))?;
+        let weights = Weights::open(&weight_file(dir, "diffusion_pytorch_model")?, device)?;
+        Self::from_weights(config, &weights)
+    }
+
+    /// Builds the UNet of `config` from `weights`; every tensor of the file must be used.
+    pub fn from_weights(config: UNetConfig, w: &Weights) -> Result<Self, ModelError> {
+        let cfg = &config;
+        let n = cfg.block_out_channels.len();
+        let c0 = cfg.block_out_channels[0];
+        let temb = c0 * 4;
+        let groups = cfg.norm_num_groups;
+        let eps = cfg.norm_eps;
+
         let rev_ch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let rev_heads: Vec<usize> = cfg.num_attention_heads.iter().rev().copied().collect();
         let rev_layers: Vec<usize> = cfg.layers_per_block.iter().rev().copied().collect();
         let rev_cross: Vec<usize> = cfg.cross_attention_dim.iter().rev().copied().collect();
+
+        // Processor order: down blocks, up blocks, mid block.
+        let down_layers: usize =
+            (0..n).filter(|&i| cfg.down_cross_attn[i]).map(|i| cfg.layers_per_block[i] * cfg.transformer_layers_per_block[i]).sum();
+        let up_layers: usize =
+            (0..n).filter(|&i| cfg.up_cross_attn[i]).map(|i| (rev_layers[i] + 1) * cfg.reverse_transformer_layers_per_block[i]).sum();
+        let mut layer_counter = 0usize;
+        let half = DownHalf::load(w, cfg, &mut layer_counter, down_layers + up_layers)?;
+        debug_assert_eq!(layer_counter, down_layers);
+
         let mut up = Vec::with_capacity(n);
         let mut out_ch = rev_ch[0];
         for i in 0..n {
@@ -506,52 +717,21 @@ impl UNet {
                 if i + 1 < n { Some(Conv2d::load(w, &format!("{prefix}.upsamplers.0.conv"), out_ch, out_ch, 3, 1, 1)?) } else { None };
             up.push(UpBlock { resnets, attentions, upsampler });
         }
+        debug_assert_eq!(layer_counter, down_layers + up_layers);
 
-        let c_last = cfg.block_out_channels[n - 1];
-        let mid = MidBlock {
-            resnets: vec![
-                ResnetBlock::load(w, "mid_block.resnets.0", c_last, c_last, Some(temb), groups, eps)?,
-                ResnetBlock::load(w, "mid_block.resnets.1", c_last, c_last, Some(temb), groups, eps)?,
-            ],
-            attentions: vec![Transformer2D::load(
-                w,
-                "mid_block.attentions.0",
-                c_last,
-                cfg.num_attention_heads[n - 1],
-                cfg.transformer_layers_per_block[n - 1],
-                cfg.cross_attention_dim[n - 1],
-                cfg,
-                &mut layer_counter,
-            )?],
-        };
         let conv_norm_out = GroupNorm::load(w, "conv_norm_out", groups, c0, eps)?;
         let conv_out = Conv2d::load(w, "conv_out", c0, cfg.out_channels, 3, 1, 1)?;
         w.finish()?;
 
-        let mut unet = Self {
-            config,
-            conv_in,
-            time_embedding,
-            add_embedding,
-            down,
-            mid,
-            up,
-            conv_norm_out,
-            conv_out,
-            self_attention_layers: layer_counter,
-            group_norms: 0,
-        };
+        let self_attention_layers = layer_counter + DownHalf::mid_self_attention_layers(cfg);
+        let mut unet = Self { config, half, up, conv_norm_out, conv_out, self_attention_layers, group_norms: 0 };
         unet.group_norms = unet.count_group_norms();
         Ok(unet)
     }
 
     fn count_group_norms(&self) -> usize {
-        let resnets = self.down.iter().map(|b| b.resnets.len()).sum::<usize>()
-            + self.up.iter().map(|b| b.resnets.len()).sum::<usize>()
-            + self.mid.resnets.len();
-        let transformers = self.down.iter().map(|b| b.attentions.len()).sum::<usize>()
-            + self.up.iter().map(|b| b.attentions.len()).sum::<usize>()
-            + self.mid.attentions.len();
+        let resnets = self.half.resnets() + self.up.iter().map(|b| b.resnets.len()).sum::<usize>();
+        let transformers = self.half.transformers() + self.up.iter().map(|b| b.attentions.len()).sum::<usize>();
         2 * resnets + transformers + 1
     }
 
@@ -575,77 +755,35 @@ impl UNet {
         text_time: Option<&TextTime>,
         hooks: &dyn UNetHooks,
     ) -> Result<Tensor<4>, ModelError> {
+        self.forward_with_residuals(sample, timesteps, encoder_hidden_states, text_time, hooks, None)
+    }
+
+    /// [`forward`](Self::forward) with `residuals` (a ControlNet's output) added to the skip
+    /// connections and to the mid block's output, as diffusers' `down_block_additional_residuals`
+    /// and `mid_block_additional_residual`. Their count and shapes must match the down half's
+    /// (see [`skip_channels`]).
+    pub fn forward_with_residuals(
+        &self,
+        sample: Tensor<4>,
+        timesteps: Tensor<1>,
+        encoder_hidden_states: &Tensor<3>,
+        text_time: Option<&TextTime>,
+        hooks: &dyn UNetHooks,
+        residuals: Option<&AdditionalResiduals>,
+    ) -> Result<Tensor<4>, ModelError> {
         let cfg = &self.config;
-        let [b, c, h, w] = sample.dims();
-        let input = |field: &str, message: String| ModelError::Input { field: field.into(), message };
-        if c != cfg.in_channels {
-            return Err(input("sample", format!("has {c} channels, the UNet takes {}", cfg.in_channels)));
+        DownHalf::check_inputs(cfg, &sample, &timesteps, encoder_hidden_states)?;
+        let [b, _, h, w] = sample.dims();
+        if let Some(r) = residuals {
+            check_residuals(cfg, r, b, h, w)?;
         }
-        let m = cfg.latent_multiple();
-        if h % m != 0 || w % m != 0 || h == 0 || w == 0 {
-            return Err(input("sample", format!("latent size {h}x{w} must be a positive multiple of {m}")));
-        }
-        if timesteps.dims()[0] != b {
-            return Err(input("timesteps", format!("{} values for a batch of {b}", timesteps.dims()[0])));
-        }
-        let [eb, _, ed] = encoder_hidden_states.dims();
-        if eb != b || ed != cfg.cross_attention_dim[0] {
-            return Err(input(
-                "encoder_hidden_states",
-                format!(
-                    "shape {:?} does not fit batch {b} and cross_attention_dim {}",
-                    encoder_hidden_states.dims(),
-                    cfg.cross_attention_dim[0]
-                ),
-            ));
-        }
-
-        let c0 = cfg.block_out_channels[0];
-        let t_emb = timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift);
-        let mut emb = self.time_embedding.forward(t_emb);
-        if let (Some(add), Some((d, _))) = (&self.add_embedding, cfg.text_time) {
-            let tt = text_time
-                .ok_or_else(|| input("text_time", "this UNet (addition_embed_type text_time) needs text_embeds and time_ids".into()))?;
-            let td = cfg.text_embeds_dim().expect("text_time");
-            if tt.text_embeds.dims() != [b, td] {
-                return Err(input("text_embeds", format!("shape {:?}, expected [{b}, {td}]", tt.text_embeds.dims())));
-            }
-            if tt.time_ids.dims() != [b, 6] {
-                return Err(input("time_ids", format!("shape {:?}, expected [{b}, 6]", tt.time_ids.dims())));
-            }
-            let time_embeds =
-                timestep_embedding(tt.time_ids.clone().reshape([b * 6]), d, cfg.flip_sin_to_cos, cfg.freq_shift).reshape([b, 6 * d]);
-            let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
-            emb = emb + add.forward(add_in);
-        }
-
+        let emb = self.half.embedding(cfg, timesteps, text_time, b)?;
         let ctx = encoder_hidden_states;
-        let mut x = self.conv_in.forward(sample);
-        let mut skips = vec![x.clone()];
-        // Between blocks: a stop check (see [`super::stop`]), so a long step ends early.
-        for block in &self.down {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                stop::check()?;
-                x = resnet.forward(x, Some(&emb), hooks);
-                if let Some(attn) = block.attentions.get(j) {
-                    stop::check()?;
-                    x = attn.forward(x, ctx, hooks);
-                }
-                skips.push(x.clone());
-            }
-            if let Some(ds) = &block.downsampler {
-                x = ds.forward(x);
-                skips.push(x.clone());
-            }
-        }
-
-        stop::check()?;
-        x = self.mid.resnets[0].forward(x, Some(&emb), hooks);
-        for (attn, resnet) in self.mid.attentions.iter().zip(&self.mid.resnets[1..]) {
-            stop::check()?;
-            x = attn.forward(x, ctx, hooks);
-            stop::check()?;
-            x = resnet.forward(x, Some(&emb), hooks);
+        let x = self.half.conv_in(sample);
+        let (mut x, mut skips) = self.half.forward(x, &emb, ctx, hooks)?;
+        if let Some(r) = residuals {
+            skips = skips.into_iter().zip(&r.down).map(|(s, add)| s + add.clone()).collect();
+            x = x + r.mid.clone();
         }
 
         for block in &self.up {
@@ -673,4 +811,46 @@ impl UNet {
         stop::check()?;
         Ok(out)
     }
+}
+
+/// The spatial sizes of the skip connections for a latent of `h`×`w`: halved (rounding up, as
+/// a stride-2 padded conv does) after each downsampler.
+pub fn skip_sizes(cfg: &UNetConfig, h: usize, w: usize) -> Vec<(usize, usize)> {
+    let n = cfg.block_out_channels.len();
+    let (mut h, mut w) = (h, w);
+    let mut out = vec![(h, w)];
+    for i in 0..n {
+        out.extend(std::iter::repeat_n((h, w), cfg.layers_per_block[i]));
+        if i + 1 < n {
+            h = (h + 2 * cfg.downsample_padding - 3) / 2 + 1;
+            w = (w + 2 * cfg.downsample_padding - 3) / 2 + 1;
+            out.push((h, w));
+        }
+    }
+    out
+}
+
+fn check_residuals(cfg: &UNetConfig, r: &AdditionalResiduals, b: usize, h: usize, w: usize) -> Result<(), ModelError> {
+    let channels = skip_channels(cfg);
+    let sizes = skip_sizes(cfg, h, w);
+    if r.down.len() != channels.len() {
+        return Err(input(
+            "down_block_additional_residuals",
+            format!("{} tensors, the UNet has {} skip connections", r.down.len(), channels.len()),
+        ));
+    }
+    for (k, (t, (&c, &(sh, sw)))) in r.down.iter().zip(channels.iter().zip(&sizes)).enumerate() {
+        if t.dims() != [b, c, sh, sw] {
+            return Err(input(
+                "down_block_additional_residuals",
+                format!("tensor {k} has shape {:?}, expected {:?}", t.dims(), [b, c, sh, sw]),
+            ));
+        }
+    }
+    let (mh, mw) = *sizes.last().expect("at least conv_in's skip");
+    let c_last = *cfg.block_out_channels.last().expect("blocks");
+    if r.mid.dims() != [b, c_last, mh, mw] {
+        return Err(input("mid_block_additional_residual", format!("shape {:?}, expected {:?}", r.mid.dims(), [b, c_last, mh, mw])));
+    }
+    Ok(())
 }

@@ -70,7 +70,12 @@ pub struct Weights {
     /// Synthetic weights: the key and shape of every tensor generated so far.
     generated: Mutex<BTreeMap<String, Vec<usize>>>,
     device: Device,
+    /// The stored name of each requested (diffusers) key, for files in another layout.
+    names: Option<KeyMap>,
 }
+
+/// Maps a requested (diffusers) key to the name it is stored under.
+pub type KeyMap = Box<dyn Fn(&str) -> String + Send + Sync>;
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,6 +144,7 @@ impl Weights {
             used: Mutex::new(BTreeSet::new()),
             generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
+            names: None,
         })
     }
 
@@ -159,7 +165,21 @@ impl Weights {
             used: Mutex::new(BTreeSet::new()),
             generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
+            names: None,
         }
+    }
+
+    /// These weights with every requested key looked up under `names(key)` (a file in another
+    /// layout, e.g. an original-layout ControlNet). Errors then name the stored key and the
+    /// requested one.
+    pub fn with_names(mut self, names: KeyMap) -> Self {
+        self.names = Some(names);
+        self
+    }
+
+    /// The stored keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
     }
 
     /// For synthetic weights: the safetensors file (F32, no metadata) holding every tensor
@@ -214,14 +234,23 @@ impl Weights {
                 return Ok(synthetic_values(*seed, *gain, key, expected));
             }
         };
+        let (key, shown) = match &self.names {
+            Some(names) => {
+                let stored = names(key);
+                let shown = format!("{stored}` (read as `{key}`)");
+                (stored, shown)
+            }
+            None => (key.to_string(), key.to_string()),
+        };
+        let key = key.as_str();
         let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
-            key: key.to_string(),
+            key: shown.clone(),
             file: self.path.clone(),
             expected: expected.to_vec(),
         })?;
         if info.shape != expected {
             return Err(ModelError::ShapeMismatch {
-                key: key.to_string(),
+                key: shown,
                 file: self.path.clone(),
                 expected: expected.to_vec(),
                 found: info.shape.clone(),

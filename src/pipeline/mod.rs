@@ -6,6 +6,7 @@
 //! noise comes from its set's seed and its index in the set, so a set's images do not depend on
 //! what it is batched with.
 
+pub mod control;
 pub mod cost;
 pub mod image;
 pub mod img2img;
@@ -25,30 +26,15 @@ use crate::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
 use crate::model::vae::Vae;
 use crate::sampling::noise::{INITIAL, gaussian_tensor, step_stream};
 use crate::sampling::sampler::{Sampler, SamplerKind};
-use crate::sampling::{Conditioning, SchedulerConfig, guided_output};
+use crate::sampling::{Conditioning, SchedulerConfig, guided_output_with};
 
 use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks};
+pub use control::{ControlSpec, SetControl};
 pub use reference::ReferenceImage;
 
 pub use image::Image;
 
-/// Model family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Family {
-    Sd1,
-    Sd2,
-    Sdxl,
-}
-
-impl Family {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Sd1 => "SD1",
-            Family::Sd2 => "SD2",
-            Family::Sdxl => "SDXL",
-        }
-    }
-}
+pub use crate::model::Family;
 
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +94,8 @@ pub struct SetSpec {
     /// img2img targets: `(prompt index, init image)`, prompt indices distinct and not the
     /// reference's (the first prompt, unless a reference image is given).
     pub init_images: Vec<(usize, img2img::InitImage)>,
+    /// ControlNets on the set's targets (none: plain generation); see [`ControlSpec`].
+    pub controls: Vec<ControlSpec>,
 }
 
 /// What the sets of one batch share.
@@ -182,6 +170,8 @@ pub struct SetState {
     pub replay: Option<ReferenceReplay>,
     /// img2img rows, entering the batch at their start step.
     pub entries: Vec<img2img::Entry>,
+    /// ControlNets on the target rows (every row but row 0).
+    pub controls: Vec<SetControl>,
 }
 
 impl SetState {
@@ -437,6 +427,9 @@ impl Pipeline {
         if let Some(p) = &batch.patch {
             p.resolve().map_err(PatchError::from)?;
         }
+        for set in sets {
+            self.validate_controls(set)?;
+        }
         Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps).map_err(|e| match e {
             ModelError::Input { field, message } => invalid(&field, message),
             other => PipelineError::Model(other),
@@ -527,7 +520,8 @@ impl Pipeline {
             }
             None => None,
         };
-        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay, entries })
+        let controls = self.prepare_controls(set, batch)?;
+        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay, entries, controls })
     }
 
     /// Runs the sampler over the live sets (one UNet batch per step: all sets' unconditional rows,
@@ -608,7 +602,8 @@ impl Pipeline {
             let ids: Vec<usize> = live.iter().map(|l| l.set).collect();
             let all_stopped = stop.clone();
             let eps = crate::model::stop::scoped(Rc::new(move || ids.iter().all(|&s| all_stopped(s))), || {
-                guided_output(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks)
+                let residuals = self.control_residuals(&live, &x_in, t, &cond, i, n)?;
+                guided_output_with(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks, residuals.as_ref())
             });
             let eps = match eps {
                 Ok(eps) => eps,

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::config::RawConfig;
+use crate::model::controlnet::{ControlNet, ControlNetConfig, ControlNetFormat};
 use crate::model::hash::sha256_bytes;
 use crate::model::tokenizer::{ClipTokenizer, PadMode};
 use crate::model::unet::{UNet, UNetConfig};
@@ -143,4 +144,28 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
         false,
         device,
     )
+}
+
+/// A ControlNet for the embedded model: the down half of its UNet's architecture, a conditioning
+/// embedding that takes images at the embedded VAE's scale (4 pixels per latent cell), and
+/// deterministic pseudo-random weights (seeded apart from the UNet's, the zero convolutions
+/// included, so its residuals are not zero). Like the embedded model, it exists so ControlNet
+/// requests run end to end without a download; it does not follow its control images the way a
+/// trained ControlNet does.
+pub fn tiny_controlnet(device: &Device) -> Result<ControlNet, PipelineError> {
+    let config = ControlNetConfig::from_raw(&raw(
+        "tiny/controlnet/config.json",
+        json!({
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "layers_per_block": 1,
+            "attention_head_dim": 4,
+            "cross_attention_dim": 64,
+            "norm_num_groups": 8,
+            "in_channels": 4,
+            "conditioning_embedding_out_channels": [8, 16, 32]
+        }),
+    ))?;
+    let weights = Weights::synthetic("tiny/controlnet", SEED + 3, device);
+    Ok(ControlNet::from_weights(config, &weights, Path::new("<embedded controlnet>"), ControlNetFormat::Diffusers)?)
 }

@@ -8,7 +8,7 @@ pub mod schedule;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::model::ModelError;
-use crate::model::unet::{TextTime, UNet, UNetHooks};
+use crate::model::unet::{AdditionalResiduals, TextTime, UNet, UNetHooks};
 
 pub use ddim::Ddim;
 pub use schedule::{Prediction, SchedulerConfig, Spacing};
@@ -31,11 +31,25 @@ pub fn guided_output(
     guidance: f32,
     hooks: &dyn UNetHooks,
 ) -> Result<Tensor<4>, ModelError> {
+    guided_output_with(unet, x, t, cond, guidance, hooks, None)
+}
+
+/// [`guided_output`] with residuals (over both halves, 2B rows: a ControlNet's) added inside the
+/// UNet (see [`UNet::forward_with_residuals`]).
+pub fn guided_output_with(
+    unet: &UNet,
+    x: Tensor<4>,
+    t: f32,
+    cond: &Conditioning,
+    guidance: f32,
+    hooks: &dyn UNetHooks,
+    residuals: Option<&AdditionalResiduals>,
+) -> Result<Tensor<4>, ModelError> {
     let b = x.dims()[0];
     let device = x.device();
     let x_in = Tensor::cat(vec![x.clone(), x], 0);
     let ts = Tensor::<1>::from_data(TensorData::new(vec![t; 2 * b], [2 * b]), &device);
-    let out = unet.forward(x_in, ts, &cond.encoder_hidden_states, cond.text_time.as_ref(), hooks)?;
+    let out = unet.forward_with_residuals(x_in, ts, &cond.encoder_hidden_states, cond.text_time.as_ref(), hooks, residuals)?;
     let mut halves = out.chunk(2, 0);
     let cond_out = halves.pop().expect("two halves");
     let uncond = halves.pop().expect("two halves");
