@@ -306,3 +306,27 @@ fn bad_controls_name_the_field() {
     s.controls.push(control(net, vec![gradient(8, 8); 3], 1.0, 0.0, 1.0));
     assert!(matches!(pipe.generate(&b, &[s], &mut |_, _| vec![true]), Err(PipelineError::Invalid { .. })));
 }
+
+/// A controlled set cancelled after step 2 of 5 leaves its batch mates (one controlled by the same
+/// net, one plain) exactly as they are alone.
+#[test]
+fn a_controlled_set_cancelled_mid_run_leaves_its_batch_mates_unchanged() {
+    let dev = Device::flex();
+    let pipe = tiny_pipeline(&dev).unwrap();
+    let net = Arc::new(tiny_controlnet(&dev).unwrap());
+    let mut kept = plain_set(&["a lighthouse, linocut", "a fox, linocut"], 31);
+    kept.controls.push(control(net.clone(), vec![gradient(32, 32)], 0.9, 0.0, 1.0));
+    let plain = plain_set(&["a tree, watercolor", "a house, watercolor"], 32);
+    let mut cancelled = plain_set(&["a cat, ink", "a dog, ink", "a bird, ink"], 33);
+    cancelled.controls.push(control(net, vec![gradient(24, 40), gradient(40, 24)], 1.2, 0.0, 1.0));
+    for sampler in [SamplerKind::Ddim, SamplerKind::DpmPp2m] {
+        let b = batch(sampler);
+        let all = [kept.clone(), cancelled.clone(), plain.clone()];
+        let out = pipe.generate(&b, &all, &mut |step, _| vec![true, step < 2, true]).unwrap();
+        assert!(out[1].is_none(), "{sampler:?}: the cancelled set returns nothing");
+        for (k, s) in [(0, &kept), (2, &plain)] {
+            let alone = run(&pipe, &b, std::slice::from_ref(s)).remove(0);
+            assert!(out[k].as_ref() == Some(&alone), "{sampler:?}: set {k} differs from running alone");
+        }
+    }
+}
