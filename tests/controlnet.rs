@@ -330,3 +330,36 @@ fn a_controlled_set_cancelled_mid_run_leaves_its_batch_mates_unchanged() {
         }
     }
 }
+
+/// Inputs of the wrong shape are errors naming the input, for the ControlNet and for the UNet's
+/// residuals.
+#[test]
+fn misshapen_inputs_and_residuals_name_the_input() {
+    use burn::tensor::{Distribution, Tensor};
+    use stylealign::model::unet::{NoHooks, UNet};
+    let dev = Device::flex();
+    let net = ControlNet::load(&golden_dir().join("tiny_controlnet_sd15"), &dev).unwrap();
+    let unet = UNet::load(&golden_dir().join("tiny_sd15/unet"), &dev).unwrap();
+    let sample = Tensor::<4>::random([2, 4, 8, 8], Distribution::Default, &dev);
+    let ts = Tensor::<1>::from_floats([500.0, 500.0], &dev);
+    let ehs = Tensor::<3>::random([2, 5, 32], Distribution::Default, &dev);
+    let field = |e: ModelError| match e {
+        ModelError::Input { field, .. } => field,
+        other => panic!("expected an input error, got {other}"),
+    };
+    let cond = |h: usize, w: usize| Tensor::<4>::random([2, 3, h, w], Distribution::Default, &dev);
+    let e = net.forward(sample.clone(), ts.clone(), &ehs, None, cond(8, 8), 1.0).unwrap_err();
+    assert_eq!(field(e), "controlnet_cond");
+    let e = net.forward_scaled(sample.clone(), ts.clone(), &ehs, None, cond(16, 16), &[1.0, 0.5, 0.2]).unwrap_err();
+    assert_eq!(field(e), "conditioning_scale");
+    let r = net.forward(sample.clone(), ts.clone(), &ehs, None, cond(16, 16), 1.0).unwrap();
+    assert!(unet.forward_with_residuals(sample.clone(), ts.clone(), &ehs, None, &NoHooks, Some(&r)).is_ok());
+    let mut short = r.clone();
+    short.down.pop();
+    let e = unet.forward_with_residuals(sample.clone(), ts.clone(), &ehs, None, &NoHooks, Some(&short)).unwrap_err();
+    assert_eq!(field(e), "down_block_additional_residuals");
+    let mut wrong = r.clone();
+    wrong.mid = wrong.mid.narrow(0, 0, 1);
+    let e = unet.forward_with_residuals(sample, ts, &ehs, None, &NoHooks, Some(&wrong)).unwrap_err();
+    assert_eq!(field(e), "mid_block_additional_residual");
+}
