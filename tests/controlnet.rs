@@ -363,3 +363,32 @@ fn misshapen_inputs_and_residuals_name_the_input() {
     let e = unet.forward_with_residuals(sample, ts, &ehs, None, &NoHooks, Some(&wrong)).unwrap_err();
     assert_eq!(field(e), "mid_block_additional_residual");
 }
+
+/// The admission helper's residual size is what a ControlNet returns.
+#[test]
+fn residual_bytes_match_the_residuals() {
+    use burn::tensor::{Distribution, Tensor};
+    let dev = Device::flex();
+    for (net, unet) in [("tiny_controlnet_sd15", "tiny_sd15/unet"), ("tiny_controlnet_sdxl", "tiny_sdxl_pipe/unet")] {
+        let net = ControlNet::load(&golden_dir().join(net), &dev).unwrap();
+        let cfg = stylealign::model::unet::UNetConfig::from_file(&golden_dir().join(unet).join("config.json")).unwrap();
+        let (b, h, w) = (3, 8, 16);
+        let f = net.config.hint_factor();
+        let tt = cfg.text_time.map(|_| stylealign::model::unet::TextTime {
+            text_embeds: Tensor::random([b, cfg.text_embeds_dim().unwrap()], Distribution::Default, &dev),
+            time_ids: Tensor::random([b, 6], Distribution::Default, &dev),
+        });
+        let r = net
+            .forward(
+                Tensor::random([b, 4, h, w], Distribution::Default, &dev),
+                Tensor::from_floats([10.0, 20.0, 30.0], &dev),
+                &Tensor::random([b, 7, cfg.cross_attention_dim[0]], Distribution::Default, &dev),
+                tt.as_ref(),
+                Tensor::random([b, 3, h * f, w * f], Distribution::Default, &dev),
+                1.0,
+            )
+            .unwrap();
+        let elems: usize = r.down.iter().chain([&r.mid]).map(|t| t.dims().iter().product::<usize>()).sum();
+        assert_eq!(stylealign::pipeline::control::residual_bytes(&cfg, b, h, w), (elems * 4) as u64);
+    }
+}
