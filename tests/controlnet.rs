@@ -307,3 +307,89 @@ fn bad_controls_name_the_field() {
     s.controls.push(control(net, vec![gradient(8, 8); 3], 1.0, 0.0, 1.0));
     assert!(matches!(pipe.generate(&b, &[s], &mut |_, _| vec![true]), Err(PipelineError::Invalid { .. })));
 }
+
+/// A controlled set cancelled after step 2 of 5 leaves its batch mates (one controlled by the same
+/// net, one plain) exactly as they are alone.
+#[test]
+fn a_controlled_set_cancelled_mid_run_leaves_its_batch_mates_unchanged() {
+    let dev = Device::flex();
+    let pipe = tiny_pipeline(&dev).unwrap();
+    let net = Arc::new(tiny_controlnet(&dev).unwrap());
+    let mut kept = plain_set(&["a lighthouse, linocut", "a fox, linocut"], 31);
+    kept.controls.push(control(net.clone(), vec![gradient(32, 32)], 0.9, 0.0, 1.0));
+    let plain = plain_set(&["a tree, watercolor", "a house, watercolor"], 32);
+    let mut cancelled = plain_set(&["a cat, ink", "a dog, ink", "a bird, ink"], 33);
+    cancelled.controls.push(control(net, vec![gradient(24, 40), gradient(40, 24)], 1.2, 0.0, 1.0));
+    for sampler in [SamplerKind::Ddim, SamplerKind::DpmPp2m] {
+        let b = batch(sampler);
+        let all = [kept.clone(), cancelled.clone(), plain.clone()];
+        let out = pipe.generate(&b, &all, &mut |step, _| vec![true, step < 2, true]).unwrap();
+        assert!(out[1].is_none(), "{sampler:?}: the cancelled set returns nothing");
+        for (k, s) in [(0, &kept), (2, &plain)] {
+            let alone = run(&pipe, &b, std::slice::from_ref(s)).remove(0);
+            assert!(out[k].as_ref() == Some(&alone), "{sampler:?}: set {k} differs from running alone");
+        }
+    }
+}
+
+/// Inputs of the wrong shape are errors naming the input, for the ControlNet and for the UNet's
+/// residuals.
+#[test]
+fn misshapen_inputs_and_residuals_name_the_input() {
+    use burn::tensor::{Distribution, Tensor};
+    use stylealign::model::unet::{NoHooks, UNet};
+    let dev = Device::flex();
+    let net = ControlNet::load(&golden_dir().join("tiny_controlnet_sd15"), &dev).unwrap();
+    let unet = UNet::load(&golden_dir().join("tiny_sd15/unet"), &dev).unwrap();
+    let sample = Tensor::<4>::random([2, 4, 8, 8], Distribution::Default, &dev);
+    let ts = Tensor::<1>::from_floats([500.0, 500.0], &dev);
+    let ehs = Tensor::<3>::random([2, 5, 32], Distribution::Default, &dev);
+    let field = |e: ModelError| match e {
+        ModelError::Input { field, .. } => field,
+        other => panic!("expected an input error, got {other}"),
+    };
+    let cond = |h: usize, w: usize| Tensor::<4>::random([2, 3, h, w], Distribution::Default, &dev);
+    let e = net.forward(sample.clone(), ts.clone(), &ehs, None, cond(8, 8), 1.0).unwrap_err();
+    assert_eq!(field(e), "controlnet_cond");
+    let e = net.forward_scaled(sample.clone(), ts.clone(), &ehs, None, cond(16, 16), &[1.0, 0.5, 0.2]).unwrap_err();
+    assert_eq!(field(e), "conditioning_scale");
+    let r = net.forward(sample.clone(), ts.clone(), &ehs, None, cond(16, 16), 1.0).unwrap();
+    assert!(unet.forward_with_residuals(sample.clone(), ts.clone(), &ehs, None, &NoHooks, Some(&r)).is_ok());
+    let mut short = r.clone();
+    short.down.pop();
+    let e = unet.forward_with_residuals(sample.clone(), ts.clone(), &ehs, None, &NoHooks, Some(&short)).unwrap_err();
+    assert_eq!(field(e), "down_block_additional_residuals");
+    let mut wrong = r.clone();
+    wrong.mid = wrong.mid.narrow(0, 0, 1);
+    let e = unet.forward_with_residuals(sample, ts, &ehs, None, &NoHooks, Some(&wrong)).unwrap_err();
+    assert_eq!(field(e), "mid_block_additional_residual");
+}
+
+/// The admission helper's residual size is what a ControlNet returns.
+#[test]
+fn residual_bytes_match_the_residuals() {
+    use burn::tensor::{Distribution, Tensor};
+    let dev = Device::flex();
+    for (net, unet) in [("tiny_controlnet_sd15", "tiny_sd15/unet"), ("tiny_controlnet_sdxl", "tiny_sdxl_pipe/unet")] {
+        let net = ControlNet::load(&golden_dir().join(net), &dev).unwrap();
+        let cfg = stylealign::model::unet::UNetConfig::from_file(&golden_dir().join(unet).join("config.json")).unwrap();
+        let (b, h, w) = (3, 8, 16);
+        let f = net.config.hint_factor();
+        let tt = cfg.text_time.map(|_| stylealign::model::unet::TextTime {
+            text_embeds: Tensor::random([b, cfg.text_embeds_dim().unwrap()], Distribution::Default, &dev),
+            time_ids: Tensor::random([b, 6], Distribution::Default, &dev),
+        });
+        let r = net
+            .forward(
+                Tensor::random([b, 4, h, w], Distribution::Default, &dev),
+                Tensor::from_floats([10.0, 20.0, 30.0], &dev),
+                &Tensor::random([b, 7, cfg.cross_attention_dim[0]], Distribution::Default, &dev),
+                tt.as_ref(),
+                Tensor::random([b, 3, h * f, w * f], Distribution::Default, &dev),
+                1.0,
+            )
+            .unwrap();
+        let elems: usize = r.down.iter().chain([&r.mid]).map(|t| t.dims().iter().product::<usize>()).sum();
+        assert_eq!(stylealign::pipeline::control::residual_bytes(&cfg, b, h, w), (elems * 4) as u64);
+    }
+}

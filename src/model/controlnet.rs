@@ -58,8 +58,6 @@ impl ControlNetConfig {
 
     pub fn from_raw(c: &RawConfig) -> Result<Self, ModelError> {
         c.require("global_pool_conditions", &[json!(false)])?;
-        c.require("encoder_hid_dim_type", &[])?;
-        c.require("addition_embed_type_num_heads", &[json!(64)])?;
         let unet = UNetConfig::parse(c, false)?;
         let conditioning_embedding_out_channels = if c.is_set("conditioning_embedding_out_channels") {
             c.usizes("conditioning_embedding_out_channels")?

@@ -17,7 +17,7 @@ use super::reference::ReferenceImage;
 use super::{BatchSpec, Image, Pipeline, PipelineError, SetSpec, SetState, invalid};
 use crate::model::ModelError;
 use crate::model::controlnet::ControlNet;
-use crate::model::unet::{AdditionalResiduals, TextTime};
+use crate::model::unet::{AdditionalResiduals, TextTime, UNetConfig, skip_channels, skip_sizes};
 use crate::sampling::Conditioning;
 
 /// One ControlNet applied to a set's targets (every row but the reference).
@@ -61,6 +61,22 @@ pub struct SetControl {
 pub fn control_active(i: usize, n: usize, start: f32, end: f32) -> bool {
     let (i, n) = (i as f32, n as f32);
     !(i / n < start || (i + 1.0) / n > end)
+}
+
+/// Bytes (f32) of the residuals a ControlNet gives for `rows` UNet rows of a `latent_h`×`latent_w`
+/// latent: one tensor per skip connection and the mid block's. They live through the UNet's
+/// forward, beside its own skip connections (for the admission estimate, [`super::cost`]).
+pub fn residual_bytes(unet: &UNetConfig, rows: usize, latent_h: usize, latent_w: usize) -> u64 {
+    let sizes = skip_sizes(unet, latent_h, latent_w);
+    let elems: usize = skip_channels(unet).iter().zip(&sizes).map(|(c, (h, w))| c * h * w).sum::<usize>()
+        + unet.block_out_channels.last().copied().unwrap_or(0) * sizes.last().map_or(0, |(h, w)| h * w);
+    (rows * elems * 4) as u64
+}
+
+/// Bytes (f32) a set's prepared controls hold while it runs: per control, one RGB image per target
+/// at the request size.
+pub fn control_image_bytes(targets: usize, width: usize, height: usize, controls: usize) -> u64 {
+    (controls * targets * 3 * width * height * 4) as u64
 }
 
 /// Number of target rows of a set (every row but the reference).
