@@ -16,7 +16,7 @@ use serde_json::Value;
 use stylealign::model::clip::ClipTextModel;
 use stylealign::model::config::RawConfig;
 use stylealign::model::nn::{Attention, GroupNorm};
-use stylealign::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
+use stylealign::model::unet::{Level, NoHooks, Site, TextTime, UNet, UNetHooks};
 use stylealign::model::vae::Vae;
 use stylealign::model::weights::Weights;
 use stylealign::pipeline::{BatchSpec, Image, Pipeline, ReferenceReplay, SetState, SizeConditioning, StepView, TextCond};
@@ -296,7 +296,7 @@ fn unit_ops_file(g: &Golden, t: &mut FileTally, device: &Device) {
                 }
             };
             let hooks = StyleAlignedHooks::new(&opts, plan_of(case), 1, device).expect("hooks");
-            let err = max_abs_diff(hooks.self_attention(0, &attn, x.clone()), g.get(name));
+            let err = max_abs_diff(hooks.self_attention(Site { level: Level::Mid }, 0, &attn, x.clone()), g.get(name));
             match node_bug(case, true) {
                 Some(why) => t.different(name, err, why),
                 None => t.check(name, err, TOL_UNIT),
@@ -485,7 +485,7 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             t.fail(&format!("{p}plan"), format!("own plan {:?} != golden {:?}", own.reference_of, case["reference_of"]));
             continue;
         }
-        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
+        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), scope: Default::default(), size_conditioning: None };
         let state = || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
@@ -560,7 +560,7 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
         };
         let batch =
-            BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
+            BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), scope: Default::default(), size_conditioning: None };
         let mut sampler = Sampler::new(SamplerKind::Ddim, pipe.scheduler_config(), steps).unwrap();
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state);
         let golden_steps = g.get(&format!("{p}.latents_steps"));

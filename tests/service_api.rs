@@ -79,6 +79,7 @@ fn patch_generate_matches_library_and_reproduces() {
             guidance: 7.5,
             sampler: SamplerKind::Ddim,
             patch: Some(StyleAligned::default()),
+            scope: Default::default(),
             size_conditioning: None,
         };
         let set = SetSpec {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::session::random_u64;
-use crate::style_aligned::StyleAligned;
+use crate::style_aligned::{StyleAligned, StyleScope};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -150,6 +150,9 @@ pub struct Claims {
     pub id: String,
     pub model: String,
     pub patch: StyleAligned,
+    /// Where and when the patch acts (absent: the default scope).
+    #[serde(default, skip_serializing_if = "StyleScope::is_default")]
+    pub scope: StyleScope,
     /// [`SessionSecret::owner_tag`] of the client identity.
     pub owner: String,
     /// Created, unix seconds.
@@ -207,7 +210,7 @@ mod tests {
             }),
         ];
         for p in patches {
-            let c = Claims { id: random_id(), model: "tiny".into(), patch: p, owner: k.owner_tag("me"), iat: 1, idle_ms: 5, exp: u64::MAX };
+            let c = Claims { id: random_id(), model: "tiny".into(), patch: p, scope: Default::default(), owner: k.owner_tag("me"), iat: 1, idle_ms: 5, exp: u64::MAX };
             let t = k.sign(&c);
             assert!(t.starts_with(TOKEN_PREFIX) && t.len() < 700, "{t}");
             assert_eq!(k.verify(&t).unwrap(), c);
