@@ -6,6 +6,8 @@
 mod common;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
+#[path = "parity/style_window.rs"]
+mod parity_style_window;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -485,7 +487,16 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             t.fail(&format!("{p}plan"), format!("own plan {:?} != golden {:?}", own.reference_of, case["reference_of"]));
             continue;
         }
-        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), scope: Default::default(), size_conditioning: None };
+        let batch = BatchSpec {
+            width: w,
+            height: h,
+            steps,
+            guidance,
+            sampler: kind,
+            patch: Some(opts),
+            scope: Default::default(),
+            size_conditioning: None,
+        };
         let state = || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
@@ -559,8 +570,16 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             cond: cond.clone(),
             replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
         };
-        let batch =
-            BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), scope: Default::default(), size_conditioning: None };
+        let batch = BatchSpec {
+            width: w,
+            height: h,
+            steps,
+            guidance,
+            sampler: SamplerKind::Ddim,
+            patch: Some(opts),
+            scope: Default::default(),
+            size_conditioning: None,
+        };
         let mut sampler = Sampler::new(SamplerKind::Ddim, pipe.scheduler_config(), steps).unwrap();
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state);
         let golden_steps = g.get(&format!("{p}.latents_steps"));
@@ -601,6 +620,16 @@ fn parity() {
                 parity_sampler::sampler_file(&dir, &g, &unet, &clip, &vae, &mut t, &device)
             }
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
+            "style_window_pipe" => {
+                let m = &g.info["models"];
+                let model = |k: &str| m[k].as_str().unwrap_or_else(|| panic!("no {k} model")).to_string();
+                let (unet, clip, vae) = (
+                    models.unet(&dir, &model("unet"), &device),
+                    models.clip(&dir, &model("text_encoder"), &device),
+                    models.vae(&dir, &model("vae"), &device),
+                );
+                parity_style_window::style_window_file(&g, &unet, &clip, &vae, &mut t, &device)
+            }
             "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }

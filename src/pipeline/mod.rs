@@ -555,7 +555,9 @@ impl Pipeline {
         // The hooks and the set sizes they were planned for.
         let mut hooks: Option<(Vec<usize>, Box<dyn UNetHooks>)> = None;
         let scope = match &batch.patch {
-            Some(p) => Some(batch.scope.resolve(&p.resolve().map_err(PatchError::from)?, &self.inner.unet.levels()).map_err(PatchError::from)?),
+            Some(p) => {
+                Some(batch.scope.resolve(&p.resolve().map_err(PatchError::from)?, &self.inner.unet.levels()).map_err(PatchError::from)?)
+            }
             None => None,
         };
         for i in 0..n {

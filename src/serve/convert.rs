@@ -10,8 +10,8 @@ use super::pb;
 use super::queue::Priority;
 use super::session::Session;
 
-use crate::sampling::sampler::SamplerKind;
 use crate::model::unet::Level;
+use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::{AdainSite, ShareAttn, ShareNorm, StyleAligned, StyleScope};
 
 /// A rejected request field.

@@ -15,10 +15,10 @@
 use super::convert::{FieldError, Limits, priority_from_proto, sampler_from_proto, share_attn_from_proto, share_norm_from_proto};
 use super::pb;
 use super::queue::Priority;
+use crate::model::unet::Level;
 use crate::pipeline::reference::{MAX_REFERENCE_BYTES, MAX_REFERENCE_PIXELS, MAX_REFERENCE_SIDE};
 use crate::pipeline::{BatchSpec, Image, Pipeline, PipelineError, ReferenceImage, SetSpec, SizeConditioning};
 use crate::sampling::sampler::SamplerKind;
-use crate::model::unet::Level;
 use crate::style_aligned::{LevelOptions, NodeOptions, OfficialArgs, StepWindow, StyleAligned, StyleScope};
 
 /// What validation needs to know about the model.

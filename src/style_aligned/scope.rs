@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::unet::Level;
+use crate::model::unet::{Level, UNetConfig};
 
 use super::options::{OptionError, Resolved};
 
@@ -197,7 +197,13 @@ impl StyleScope {
         }
         let mut levels: Vec<LevelSwitches> = model_levels
             .iter()
-            .map(|&level| LevelSwitches { level, enabled: true, share_group_norm: global.share_group_norm, share_attention: true, gain: 1.0 })
+            .map(|&level| LevelSwitches {
+                level,
+                enabled: true,
+                share_group_norm: global.share_group_norm,
+                share_attention: true,
+                gain: 1.0,
+            })
             .collect();
         for o in &self.levels {
             let level = Level::parse(&o.name).expect("checked");
@@ -209,6 +215,28 @@ impl StyleScope {
         }
         Ok(ResolvedScope { window: self.window, levels })
     }
+}
+
+/// The hooked layers of each level of a UNet of `cfg`, in execution order: (level, GroupNorms,
+/// self-attentions). A resnet has two GroupNorms, a transformer one (its input norm) and one
+/// self-attention per transformer block; the mid block is resnet, transformer, resnet; `out` is
+/// `conv_norm_out`.
+pub fn level_layers(cfg: &UNetConfig) -> Vec<(Level, usize, usize)> {
+    let n = cfg.block_out_channels.len();
+    let mut out = Vec::with_capacity(2 * n + 2);
+    for k in 0..n {
+        let resnets = cfg.layers_per_block[k];
+        let transformers = if cfg.down_cross_attn[k] { resnets } else { 0 };
+        out.push((Level::Down(k), 2 * resnets + transformers, transformers * cfg.transformer_layers_per_block[k]));
+    }
+    out.push((Level::Mid, 2 * 2 + 1, cfg.transformer_layers_per_block[n - 1]));
+    for k in 0..n {
+        let resnets = cfg.layers_per_block[n - 1 - k] + 1;
+        let transformers = if cfg.up_cross_attn[k] { resnets } else { 0 };
+        out.push((Level::Up(k), 2 * resnets + transformers, transformers * cfg.reverse_transformer_layers_per_block[k]));
+    }
+    out.push((Level::Out, 1, 0));
+    out
 }
 
 /// A level name as quoted in an error (bounded: it is client input).
@@ -228,11 +256,16 @@ pub fn describe_levels(levels: &[Level]) -> String {
         1 => Some(format!("{name}.0")),
         n => Some(format!("{name}.0..{name}.{}", n - 1)),
     };
-    [range("down", downs), levels.contains(&Level::Mid).then(|| "mid".to_string()), range("up", ups), levels.contains(&Level::Out).then(|| "out".to_string())]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(", ")
+    [
+        range("down", downs),
+        levels.contains(&Level::Mid).then(|| "mid".to_string()),
+        range("up", ups),
+        levels.contains(&Level::Out).then(|| "out".to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 #[cfg(test)]
@@ -297,7 +330,10 @@ mod tests {
         assert_eq!(err("down.01", None).field, "levels[0].name");
         assert_eq!(err("mid", Some(f32::INFINITY)).field, "levels[0].gain");
         let twice = StyleScope {
-            levels: vec![LevelOptions { name: "mid".into(), ..Default::default() }, LevelOptions { name: "mid".into(), ..Default::default() }],
+            levels: vec![
+                LevelOptions { name: "mid".into(), ..Default::default() },
+                LevelOptions { name: "mid".into(), ..Default::default() },
+            ],
             ..Default::default()
         };
         assert_eq!(twice.resolve(&global(), &model).unwrap_err().field, "levels[1].name");
@@ -311,6 +347,111 @@ mod tests {
         assert_eq!(Level::parse("up.12"), Some(Level::Up(12)));
         assert_eq!(Level::parse("down."), None);
         assert_eq!(Level::parse("down.-1"), None);
+    }
+
+    /// The per-level counts of docs/style-sharing.md, from the real configs' block layout.
+    #[test]
+    fn level_layer_counts_of_real_configs() {
+        use crate::model::config::RawConfig;
+        let config = |json: &str| UNetConfig::from_raw(&RawConfig::parse(std::path::Path::new("config.json"), json).unwrap()).unwrap();
+        let sd15 = config(
+            r#"{"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8, "cross_attention_dim": 768,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#,
+        );
+        let counts = |cfg: &UNetConfig| level_layers(cfg).into_iter().map(|(l, g, a)| (l.to_string(), g, a)).collect::<Vec<_>>();
+        let named = |v: &[(&str, usize, usize)]| v.iter().map(|&(l, g, a)| (l.to_string(), g, a)).collect::<Vec<_>>();
+        assert_eq!(
+            counts(&sd15),
+            named(&[
+                ("down.0", 6, 2),
+                ("down.1", 6, 2),
+                ("down.2", 6, 2),
+                ("down.3", 4, 0),
+                ("mid", 5, 1),
+                ("up.0", 6, 0),
+                ("up.1", 9, 3),
+                ("up.2", 9, 3),
+                ("up.3", 9, 3),
+                ("out", 1, 0)
+            ])
+        );
+        let sdxl = config(
+            r#"{"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
+                "cross_attention_dim": 2048, "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": true,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}"#,
+        );
+        assert_eq!(
+            counts(&sdxl),
+            named(&[
+                ("down.0", 4, 0),
+                ("down.1", 6, 4),
+                ("down.2", 6, 20),
+                ("mid", 5, 10),
+                ("up.0", 9, 30),
+                ("up.1", 9, 6),
+                ("up.2", 6, 0),
+                ("out", 1, 0)
+            ])
+        );
+        let total = |cfg: &UNetConfig| level_layers(cfg).iter().fold((0, 0), |(g, a), l| (g + l.1, a + l.2));
+        assert_eq!(total(&sd15), (61, 16));
+        assert_eq!(total(&sdxl), (46, 70));
+    }
+
+    /// A loaded UNet tells its hooks the level of every layer: the calls per level are the counts.
+    #[test]
+    fn a_loaded_unet_reports_each_layers_level() {
+        use crate::model::nn::{Attention, GroupNorm};
+        use crate::model::unet::{NoHooks, Site, UNetHooks};
+        use burn::tensor::{Tensor, TensorData};
+        use std::sync::Mutex;
+
+        #[derive(Default)]
+        struct Count(Mutex<Vec<(Level, usize, usize)>>);
+        impl Count {
+            fn add(&self, level: Level, g: usize, a: usize) {
+                let mut v = self.0.lock().unwrap();
+                match v.iter_mut().find(|e| e.0 == level) {
+                    Some(e) => {
+                        e.1 += g;
+                        e.2 += a;
+                    }
+                    None => v.push((level, g, a)),
+                }
+            }
+        }
+        impl UNetHooks for Count {
+            fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+                self.add(site.level, 1, 0);
+                norm.forward(x)
+            }
+            fn self_attention(&self, site: Site, _layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+                self.add(site.level, 0, 1);
+                attn.forward(x, None)
+            }
+        }
+
+        let device = burn::tensor::Device::flex();
+        let p = crate::pipeline::tiny::tiny_pipeline(&device).unwrap();
+        let unet = p.unet();
+        let cfg = &unet.config;
+        let sample = Tensor::<4>::from_data(TensorData::new(vec![0.1f32; cfg.in_channels * 64], [1, cfg.in_channels, 8, 8]), &device);
+        let ts = Tensor::<1>::from_data(TensorData::new(vec![500f32], [1]), &device);
+        let d = cfg.cross_attention_dim[0];
+        let ehs = Tensor::<3>::from_data(TensorData::new(vec![0.01f32; 4 * d], [1, 4, d]), &device);
+        let count = Count::default();
+        let hooked = unet.forward(sample.clone(), ts.clone(), &ehs, None, &count).unwrap();
+        let plain = unet.forward(sample, ts, &ehs, None, &NoHooks).unwrap();
+        assert_eq!(hooked.into_data(), plain.into_data(), "hooks that compute the plain layers change nothing");
+        let seen: Vec<(Level, usize, usize)> = count.0.into_inner().unwrap().into_iter().filter(|e| e.1 + e.2 > 0).collect();
+        let want: Vec<(Level, usize, usize)> = level_layers(cfg).into_iter().filter(|e| e.1 + e.2 > 0).collect();
+        assert_eq!(seen, want);
+        assert_eq!(want.iter().map(|l| l.0).collect::<Vec<_>>(), unet.levels());
+        assert_eq!(want.iter().map(|l| l.1).sum::<usize>(), unet.group_norms());
+        assert_eq!(want.iter().map(|l| l.2).sum::<usize>(), unet.self_attention_layers());
     }
 
     #[test]
