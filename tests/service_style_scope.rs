@@ -60,11 +60,6 @@ fn window_and_levels_change_images_and_explicit_defaults_do_not() {
         let server = start(test_config()).await;
         let mut c = connect(&server).await;
         let me = Identity::client("scope");
-        let create = |patch: pb::PatchModelRequest| {
-            let mut c = c.clone();
-            let me = me.clone();
-            async move { c.patch_model(me.request(patch, None)).await.expect("PatchModel").into_inner() }
-        };
         let explicit = pb::PatchModelRequest {
             window: window(0.0, 1.0),
             levels: LEVELS
@@ -101,7 +96,7 @@ fn window_and_levels_change_images_and_explicit_defaults_do_not() {
         ];
         let mut out = Vec::new();
         for (name, patch) in sessions {
-            let s = create(patch).await;
+            let s = c.patch_model(me.request(patch, None)).await.expect("PatchModel").into_inner();
             let set = generate(&mut c, &me, request(&s.session_id, &PROMPTS, 32, 4, 21)).await.unwrap_or_else(|e| panic!("{name}: {e}"));
             out.push((name, s, pixels(&set.images), set.images));
         }
