@@ -1,8 +1,9 @@
 //! `UNet2DConditionModel` (SD1.x, SD2.x, SDXL) built from a diffusers `unet/config.json`.
 //!
 //! The UNet exposes its self-attention layers and its GroupNorms through [`UNetHooks`]: a patch
-//! (e.g. StyleAligned) implements that trait and is passed to [`UNet::forward`]. The model itself
-//! holds weights only, so a patched model is the same `UNet` plus a hooks value.
+//! (e.g. StyleAligned) implements that trait and is passed to [`UNet::forward`]; every call says
+//! where the layer sits ([`Site`]: its [`Level`], computed by the UNet from its structure). The
+//! model itself holds weights only, so a patched model is the same `UNet` plus a hooks value.
 
 use std::path::Path;
 

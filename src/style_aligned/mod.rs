@@ -1,7 +1,8 @@
 //! StyleAligned (Hertz et al., CVPR 2024) as a patch on the UNet: the reference's keys and values
 //! are shared into every row's self-attention, with AdaIN on queries / keys, and optionally shared
-//! GroupNorm statistics. The patch is plain data ([`StyleAligned`] + [`ReferencePlan`]); it touches
-//! the model only through [`UNetHooks`], so a patched model is the shared base weights plus this value.
+//! GroupNorm statistics. The patch is plain data ([`StyleAligned`] + [`ReferencePlan`], and where
+//! and when it acts: [`StyleScope`]); it touches the model only through [`UNetHooks`], so a patched
+//! model is the shared base weights plus this value.
 
 pub mod ops;
 pub mod options;
