@@ -49,7 +49,7 @@ use crate::style_aligned::{StyleAligned, StyleScope};
 /// The default hard lifetime of a session (`--max-session-lifetime-secs`).
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
-/// A session: cheap to clone (shared strings, small `Copy` values).
+/// A session: cheap to clone (shared strings, small values; the default scope allocates nothing).
 #[derive(Clone, Debug)]
 pub struct Session {
     /// The token (`sa1.…`).
