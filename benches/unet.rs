@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use stylealign::model::nn::{Attention, GroupNorm};
-use stylealign::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
+use stylealign::model::unet::{NoHooks, Site, TextTime, UNet, UNetHooks};
 use stylealign::style_aligned::{ReferencePlan, StyleAligned, StyleAlignedHooks};
 
 struct Job {
@@ -64,11 +64,11 @@ impl<H: UNetHooks> Timed<'_, H> {
 }
 
 impl<H: UNetHooks> UNetHooks for Timed<'_, H> {
-    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        self.time(&self.norm, || self.inner.group_norm(norm, x))
+    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+        self.time(&self.norm, || self.inner.group_norm(site, norm, x))
     }
-    fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
-        self.time(&self.attn, || self.inner.self_attention(layer, attn, x))
+    fn self_attention(&self, site: Site, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        self.time(&self.attn, || self.inner.self_attention(site, layer, attn, x))
     }
 }
 

@@ -29,6 +29,7 @@ fn a_set_cancelled_mid_run_leaves_its_batch_mates_unchanged_for_every_sampler() 
             guidance: 7.5,
             sampler,
             patch: Some(StyleAligned::default()),
+            scope: Default::default(),
             size_conditioning: None,
         };
         let alone = pipeline.generate(&batch, std::slice::from_ref(&kept), &mut |_, _| vec![true]).unwrap();
@@ -49,7 +50,16 @@ fn a_set_cancelled_mid_run_leaves_its_batch_mates_unchanged_for_every_sampler() 
 }
 
 fn batch(sampler: SamplerKind) -> BatchSpec {
-    BatchSpec { width: 32, height: 32, steps: 5, guidance: 7.5, sampler, patch: Some(StyleAligned::default()), size_conditioning: None }
+    BatchSpec {
+        width: 32,
+        height: 32,
+        steps: 5,
+        guidance: 7.5,
+        sampler,
+        patch: Some(StyleAligned::default()),
+        scope: Default::default(),
+        size_conditioning: None,
+    }
 }
 
 /// A stop check that counts its calls and stops `victims` from call number `at` on (once `at`

@@ -410,3 +410,68 @@ fn loadtest_output_into_a_closed_pipe_does_not_panic() {
     assert!(o.status.success(), "{:?}: {}", o.status, text(&o.stderr));
     assert_clean(&o);
 }
+
+/// `--style-window` and `--style-level` reach the session: the PNG's JSON records them, the
+/// targets differ from the default session's; a bad level is the server's INVALID_ARGUMENT naming
+/// the field, a malformed flag is refused before any call.
+#[test]
+fn style_window_and_levels_from_flags() {
+    let server = Server::spawn();
+    let dir = temp_dir("style-scope");
+    let json_of = |o: &Output| -> Vec<serde_json::Value> {
+        text(&o.stdout)
+            .lines()
+            .map(|l| {
+                let (_, meta) = stylealign::pipeline::image::Image::from_png(&std::fs::read(l).unwrap()).unwrap();
+                let (_, j) = meta.iter().find(|(k, _)| k == "stylealign").expect("stylealign chunk");
+                serde_json::from_str(j).unwrap()
+            })
+            .collect()
+    };
+    let pixels = |o: &Output| -> Vec<Vec<u8>> {
+        text(&o.stdout).lines().map(|l| stylealign::pipeline::image::Image::from_png(&std::fs::read(l).unwrap()).unwrap().0.rgb).collect()
+    };
+    let plain = generate(&server, &dir.join("plain"), &["--seed", "3", "--steps", "4"]);
+    assert!(plain.status.success(), "{}", text(&plain.stderr));
+    let scoped = generate(
+        &server,
+        &dir.join("scoped"),
+        &[
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--style-window",
+            "0,0.5",
+            "--style-level",
+            "up.1:off",
+            "--style-level",
+            "down.0:gain=0.5,norm=off",
+        ],
+    );
+    assert!(scoped.status.success(), "{}", text(&scoped.stderr));
+    assert_clean(&scoped);
+    let j = &json_of(&scoped)[1];
+    assert_eq!(j["window"], serde_json::json!({"start": 0.0, "end": 0.5}), "{j}");
+    assert_eq!(
+        j["levels"],
+        serde_json::json!([{"name": "up.1", "enabled": false}, {"name": "down.0", "gain": 0.5, "share_group_norm": false}]),
+        "{j}"
+    );
+    assert!(json_of(&plain)[1].get("window").is_none());
+    assert_ne!(pixels(&plain)[1], pixels(&scoped)[1], "the scope changes the target");
+
+    let o = generate(&server, &dir.join("bad"), &["--style-level", "down.9:off"]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("levels[0].name") && err.contains("down.0..down.2, mid, up.0..up.2, out"),
+        "{err}"
+    );
+    for (flag, value) in [("--style-window", "0.5"), ("--style-level", "up.1:sideways"), ("--style-level", "up.1:gain=lots")] {
+        let o = generate(&server, &dir.join("malformed"), &[flag, value]);
+        assert!(!o.status.success(), "{flag} {value}");
+        assert!(text(&o.stderr).contains(flag), "{flag} {value}: {}", text(&o.stderr));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -211,7 +211,16 @@ fn gradient(w: usize, h: usize) -> Image {
 }
 
 fn batch(sampler: SamplerKind) -> BatchSpec {
-    BatchSpec { width: 32, height: 32, steps: 5, guidance: 7.5, sampler, patch: Some(StyleAligned::default()), size_conditioning: None }
+    BatchSpec {
+        width: 32,
+        height: 32,
+        steps: 5,
+        guidance: 7.5,
+        sampler,
+        patch: Some(StyleAligned::default()),
+        scope: Default::default(),
+        size_conditioning: None,
+    }
 }
 
 fn run(pipe: &stylealign::pipeline::Pipeline, b: &BatchSpec, sets: &[SetSpec]) -> Vec<Vec<Image>> {

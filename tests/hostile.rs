@@ -138,6 +138,7 @@ fn forged_ids_and_tokens_are_refused() {
                 id: stylealign::serve::session::random_id(),
                 model: "tiny".into(),
                 patch: Default::default(),
+                scope: Default::default(),
                 owner: other.owner_tag("alice"),
                 iat: 0,
                 idle_ms: 60_000,

@@ -4,12 +4,14 @@
 //! `parity: P passed, F failed, S skipped, D intentionally-different`; fails when F > 0.
 
 mod common;
-#[path = "parity/img2img.rs"]
-mod parity_img2img;
 #[path = "parity/controlnet.rs"]
 mod parity_controlnet;
+#[path = "parity/img2img.rs"]
+mod parity_img2img;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
+#[path = "parity/style_window.rs"]
+mod parity_style_window;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +22,7 @@ use serde_json::Value;
 use stylealign::model::clip::ClipTextModel;
 use stylealign::model::config::RawConfig;
 use stylealign::model::nn::{Attention, GroupNorm};
-use stylealign::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
+use stylealign::model::unet::{Level, NoHooks, Site, TextTime, UNet, UNetHooks};
 use stylealign::model::vae::Vae;
 use stylealign::model::weights::Weights;
 use stylealign::pipeline::{BatchSpec, Image, Pipeline, ReferenceReplay, SetState, SizeConditioning, StepView, TextCond};
@@ -300,7 +302,7 @@ fn unit_ops_file(g: &Golden, t: &mut FileTally, device: &Device) {
                 }
             };
             let hooks = StyleAlignedHooks::new(&opts, plan_of(case), 1, device).expect("hooks");
-            let err = max_abs_diff(hooks.self_attention(0, &attn, x.clone()), g.get(name));
+            let err = max_abs_diff(hooks.self_attention(Site { level: Level::Mid }, 0, &attn, x.clone()), g.get(name));
             match node_bug(case, true) {
                 Some(why) => t.different(name, err, why),
                 None => t.check(name, err, TOL_UNIT),
@@ -489,9 +491,26 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             t.fail(&format!("{p}plan"), format!("own plan {:?} != golden {:?}", own.reference_of, case["reference_of"]));
             continue;
         }
-        let batch = BatchSpec { width: w, height: h, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
-        let state =
-            || SetState { set: 0, seed: 0, x: init.clone(), uncond: neg.clone(), cond: cond.clone(), replay: None, entries: Vec::new(), controls: Vec::new() };
+        let batch = BatchSpec {
+            width: w,
+            height: h,
+            steps,
+            guidance,
+            sampler: kind,
+            patch: Some(opts),
+            scope: Default::default(),
+            size_conditioning: None,
+        };
+        let state = || SetState {
+            set: 0,
+            seed: 0,
+            x: init.clone(),
+            uncond: neg.clone(),
+            cond: cond.clone(),
+            replay: None,
+            entries: Vec::new(),
+            controls: Vec::new(),
+        };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
         for (k, x) in steps_x.into_iter().enumerate() {
@@ -566,8 +585,16 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             entries: Vec::new(),
             controls: Vec::new(),
         };
-        let batch =
-            BatchSpec { width: w, height: h, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning: None };
+        let batch = BatchSpec {
+            width: w,
+            height: h,
+            steps,
+            guidance,
+            sampler: SamplerKind::Ddim,
+            patch: Some(opts),
+            scope: Default::default(),
+            size_conditioning: None,
+        };
         let mut sampler = Sampler::new(SamplerKind::Ddim, pipe.scheduler_config(), steps).unwrap();
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state);
         let golden_steps = g.get(&format!("{p}.latents_steps"));
@@ -608,6 +635,16 @@ fn parity() {
                 parity_sampler::sampler_file(&dir, &g, &unet, &clip, &vae, &mut t, &device)
             }
             "sdxl_pipeline_end_to_end" => sdxl_pipe_file(&dir, &g, &mut t, &device),
+            "style_window_pipe" => {
+                let m = &g.info["models"];
+                let model = |k: &str| m[k].as_str().unwrap_or_else(|| panic!("no {k} model")).to_string();
+                let (unet, clip, vae) = (
+                    models.unet(&dir, &model("unet"), &device),
+                    models.clip(&dir, &model("text_encoder"), &device),
+                    models.vae(&dir, &model("vae"), &device),
+                );
+                parity_style_window::style_window_file(&g, &unet, &clip, &vae, &mut t, &device)
+            }
             "inversion_ddim" => inversion_file(&dir, &g, &mut t, &device),
             "img2img_pipe" => parity_img2img::img2img_file(&dir, &g, &mut t, &device),
             "controlnet_unet" => {

@@ -158,6 +158,7 @@ fn infotext_reads_back_with_a1111_parser() {
             share_attn: pb::ShareAttn::QKV as i32,
             scale: Some(0.8),
             advanced: None,
+            ..Default::default()
         };
         let s = session(&mut c, &me, patch).await;
         let prompts = [

@@ -79,6 +79,7 @@ fn patch_generate_matches_library_and_reproduces() {
             guidance: 7.5,
             sampler: SamplerKind::Ddim,
             patch: Some(StyleAligned::default()),
+            scope: Default::default(),
             size_conditioning: None,
         };
         let set = SetSpec {
@@ -138,6 +139,7 @@ fn patch_generate_matches_library_and_reproduces() {
             } as i32,
             scale: Some(v["options"]["scale"].as_f64().unwrap() as f32),
             advanced: None,
+            ..Default::default()
         };
         let s2 = session(&mut c2, &other, patch).await;
         let again = pb::GenerateRequest {

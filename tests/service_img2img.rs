@@ -78,6 +78,7 @@ fn init_image_changes_its_target_only_and_matches_the_library() {
             guidance: 7.5,
             sampler: SamplerKind::Ddim,
             patch: Some(StyleAligned::default()),
+            scope: Default::default(),
             size_conditioning: None,
         };
         let set = SetSpec {
@@ -122,6 +123,7 @@ fn img2img_sets_batched_give_their_images_alone() {
             guidance: 7.0,
             sampler,
             patch: Some(StyleAligned::default()),
+            scope: Default::default(),
             size_conditioning: None,
         };
         let all = [plain.clone(), img2img.clone(), late.clone()];

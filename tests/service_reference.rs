@@ -72,6 +72,7 @@ fn reference_image_matches_library_and_is_cached() {
             guidance: 7.5,
             sampler: SamplerKind::Ddim,
             patch: Some(StyleAligned::default()),
+            scope: Default::default(),
             size_conditioning: None,
         };
         let set = SetSpec {

@@ -197,6 +197,7 @@ fn session_from_one_replica_works_on_another() {
             id: random_id(),
             model: "tiny".into(),
             patch: StyleAligned::default(),
+            scope: Default::default(),
             owner: key.owner_tag("alice"),
             iat: now - 7200,
             idle_ms: 60_000,

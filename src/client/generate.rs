@@ -54,6 +54,15 @@ pub struct SetArgs {
     pub share_attn: ShareAttn,
     #[arg(long, default_value_t = NodeOptions::default().scale)]
     pub scale: f32,
+    /// The steps the patch acts on, as fractions of the schedule: `START,END` (e.g. `0,0.6`:
+    /// the first 60 %). Default: every step. See docs/style-sharing.md.
+    #[arg(long, value_name = "START,END", value_parser = parse_style_window)]
+    pub style_window: Option<pb::StepWindow>,
+    /// Options of one UNet level: `NAME[:OPT,...]`, NAME `down.K`, `mid`, `up.K` or `out`, OPT
+    /// `off`, `on`, `gain=X`, `norm=on|off`, `attn=on|off` (e.g. `up.1:off`,
+    /// `down.2:gain=0.5,norm=off`). Repeat the flag, once per level.
+    #[arg(long, value_name = "LEVEL[:OPTS]", value_parser = parse_style_level)]
+    pub style_level: Vec<pb::LevelOptions>,
     /// A PNG or JPEG to use as the set's style reference (real-image mode; every prompt is then
     /// a target). Needs `--reference-caption` and the ddim sampler.
     #[arg(long)]
@@ -103,6 +112,8 @@ impl SetArgs {
             share_attn: share_attn_to_proto(self.share_attn) as i32,
             scale: Some(self.scale),
             advanced: None,
+            window: self.style_window,
+            levels: self.style_level.clone(),
         }
     }
 
@@ -137,6 +148,38 @@ impl SetArgs {
             ..Default::default()
         })
     }
+}
+
+/// `--style-window START,END`: two numbers; the server checks their range.
+pub fn parse_style_window(s: &str) -> Result<pb::StepWindow, String> {
+    let (a, b) = s.split_once(',').ok_or_else(|| format!("expected START,END (e.g. 0,0.6), got {s:?}"))?;
+    let num = |v: &str| v.trim().parse::<f32>().map_err(|_| format!("{v:?} is not a number"));
+    Ok(pb::StepWindow { start: Some(num(a)?), end: Some(num(b)?) })
+}
+
+/// `--style-level NAME[:OPT,...]` (OPT: `off`, `on`, `gain=X`, `norm=on|off`, `attn=on|off`);
+/// the server checks the level name against the model.
+pub fn parse_style_level(s: &str) -> Result<pb::LevelOptions, String> {
+    let (name, opts) = s.split_once(':').unwrap_or((s, ""));
+    if name.is_empty() {
+        return Err(format!("expected LEVEL[:OPTS] (e.g. up.1:off, down.2:gain=0.5,norm=off), got {s:?}"));
+    }
+    let mut level = pb::LevelOptions { name: name.to_string(), ..Default::default() };
+    let switch = |v: &str| match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{v:?} is not on or off")),
+    };
+    for opt in opts.split(',').filter(|o| !o.is_empty()) {
+        match opt.split_once('=') {
+            None if opt == "on" || opt == "off" => level.enabled = Some(opt == "on"),
+            Some(("gain", v)) => level.gain = Some(v.parse::<f32>().map_err(|_| format!("gain {v:?} is not a number"))?),
+            Some(("norm", v)) => level.share_group_norm = Some(switch(v)?),
+            Some(("attn", v)) => level.share_attention = Some(switch(v)?),
+            _ => return Err(format!("unknown level option {opt:?} (off, on, gain=X, norm=on|off, attn=on|off)")),
+        }
+    }
+    Ok(level)
 }
 
 /// `stylealign generate` flags.

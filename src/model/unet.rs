@@ -1,8 +1,9 @@
 //! `UNet2DConditionModel` (SD1.x, SD2.x, SDXL) built from a diffusers `unet/config.json`.
 //!
 //! The UNet exposes its self-attention layers and its GroupNorms through [`UNetHooks`]: a patch
-//! (e.g. StyleAligned) implements that trait and is passed to [`UNet::forward`]. The model itself
-//! holds weights only, so a patched model is the same `UNet` plus a hooks value.
+//! (e.g. StyleAligned) implements that trait and is passed to [`UNet::forward`]; every call says
+//! where the layer sits ([`Site`]: its [`Level`], computed by the UNet from its structure). The
+//! model itself holds weights only, so a patched model is the same `UNet` plus a hooks value.
 
 use std::path::Path;
 
@@ -17,26 +18,117 @@ use super::nn::{Attention, Conv2d, GroupNorm, LayerNorm, Linear, TimestepEmbeddi
 use super::weights::{Weights, weight_file};
 use super::{ModelError, stop};
 
+/// A UNet level: diffusers `down_blocks[k]`, `mid_block`, `up_blocks[k]`, and `conv_norm_out`
+/// (`out`). Every GroupNorm and self-attention of a block belongs to that block's level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    Down(usize),
+    Mid,
+    Up(usize),
+    Out,
+}
+
+impl Level {
+    /// Parses `down.K`, `mid`, `up.K` or `out`.
+    pub fn parse(s: &str) -> Option<Self> {
+        // Decimal digits, no leading zero, at most 3 (a UNet has a handful of blocks).
+        let index = |k: &str| {
+            let digits = !k.is_empty() && k.len() <= 3 && k.bytes().all(|b| b.is_ascii_digit()) && (k == "0" || !k.starts_with('0'));
+            if digits { k.parse::<usize>().ok() } else { None }
+        };
+        match s {
+            "mid" => Some(Self::Mid),
+            "out" => Some(Self::Out),
+            _ => {
+                if let Some(k) = s.strip_prefix("down.") {
+                    index(k).map(Self::Down)
+                } else if let Some(k) = s.strip_prefix("up.") {
+                    index(k).map(Self::Up)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Down(k) => write!(f, "down.{k}"),
+            Self::Mid => f.write_str("mid"),
+            Self::Up(k) => write!(f, "up.{k}"),
+            Self::Out => f.write_str("out"),
+        }
+    }
+}
+
+/// Where a hooked layer sits in the UNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Site {
+    pub level: Level,
+}
+
 /// The UNet's interface to a patch: every GroupNorm and every self-attention (`attn1`) layer
-/// goes through these two methods. Defaults compute the plain layer.
+/// goes through these two methods, told where the layer sits. Defaults compute the plain layer.
 pub trait UNetHooks: Send + Sync {
     /// A GroupNorm of a resnet, of a transformer's input or `conv_norm_out` on `x` (B, C, H, W).
-    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+        let _ = site;
         norm.forward(x)
     }
 
     /// Self-attention number `layer` (diffusers processor order: down blocks, up blocks, mid
     /// block) on the LayerNorm-ed hidden states `x` (B, N, C).
-    fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
-        let _ = layer;
+    fn self_attention(&self, site: Site, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        let _ = (site, layer);
         attn.forward(x, None)
     }
+}
+
+/// What a block's layers call: the hooks of one block, bound to its site by the UNet (the VAE's
+/// blocks get [`NoHooks`]).
+pub trait BlockHooks {
+    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4>;
+    fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3>;
 }
 
 /// The plain, unpatched model.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoHooks;
 impl UNetHooks for NoHooks {}
+
+impl BlockHooks for NoHooks {
+    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+        norm.forward(x)
+    }
+
+    fn self_attention(&self, _layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        attn.forward(x, None)
+    }
+}
+
+/// A UNet's hooks bound to a level.
+struct At<'a> {
+    hooks: &'a dyn UNetHooks,
+    site: Site,
+}
+
+impl<'a> At<'a> {
+    fn new(hooks: &'a dyn UNetHooks, level: Level) -> Self {
+        Self { hooks, site: Site { level } }
+    }
+}
+
+impl BlockHooks for At<'_> {
+    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+        self.hooks.group_norm(self.site, norm, x)
+    }
+
+    fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        self.hooks.self_attention(self.site, layer, attn, x)
+    }
+}
 
 /// Architecture of a UNet, every number read from `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -208,6 +300,11 @@ impl UNetConfig {
     }
 }
 
+/// The levels of a UNet of `blocks` down (and up) blocks, in execution order.
+pub fn levels_of(blocks: usize) -> Vec<Level> {
+    (0..blocks).map(Level::Down).chain([Level::Mid]).chain((0..blocks).map(Level::Up)).chain([Level::Out]).collect()
+}
+
 /// diffusers `ResnetBlock2D` (shared with the VAE, which has no time embedding).
 #[derive(Clone, Debug)]
 pub struct ResnetBlock {
@@ -243,7 +340,7 @@ impl ResnetBlock {
         })
     }
 
-    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>, hooks: &dyn UNetHooks) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>, hooks: &dyn BlockHooks) -> Tensor<4> {
         let mut h = silu(hooks.group_norm(&self.norm1, x.clone()));
         h = self.conv1.forward(h);
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
@@ -291,7 +388,7 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: Tensor<3>, context: &Tensor<3>, hooks: &dyn UNetHooks) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, context: &Tensor<3>, hooks: &dyn BlockHooks) -> Tensor<3> {
         let x = hooks.self_attention(self.layer, &self.attn1, self.norm1.forward(x.clone())) + x;
         let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context.clone())) + x;
         let h = self.ff_proj.forward(self.norm3.forward(x.clone()));
@@ -355,7 +452,7 @@ impl Transformer2D {
         Ok(Self { norm: GroupNorm::load(w, &join(prefix, "norm"), cfg.norm_num_groups, channels, 1e-6)?, proj_in, blocks, proj_out })
     }
 
-    fn forward(&self, x: Tensor<4>, context: &Tensor<3>, hooks: &dyn UNetHooks) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, context: &Tensor<3>, hooks: &dyn BlockHooks) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
         let x = hooks.group_norm(&self.norm, x);
@@ -603,7 +700,8 @@ impl DownHalf {
     ) -> Result<(Tensor<4>, Vec<Tensor<4>>), ModelError> {
         let mut x = x;
         let mut skips = vec![x.clone()];
-        for block in &self.down {
+        for (k, block) in self.down.iter().enumerate() {
+            let hooks = &At::new(hooks, Level::Down(k));
             for (j, resnet) in block.resnets.iter().enumerate() {
                 stop::check()?;
                 x = resnet.forward(x, Some(emb), hooks);
@@ -620,12 +718,13 @@ impl DownHalf {
         }
 
         stop::check()?;
-        x = self.mid.resnets[0].forward(x, Some(emb), hooks);
+        let mid = &At::new(hooks, Level::Mid);
+        x = self.mid.resnets[0].forward(x, Some(emb), mid);
         for (attn, resnet) in self.mid.attentions.iter().zip(&self.mid.resnets[1..]) {
             stop::check()?;
-            x = attn.forward(x, ctx, hooks);
+            x = attn.forward(x, ctx, mid);
             stop::check()?;
-            x = resnet.forward(x, Some(emb), hooks);
+            x = resnet.forward(x, Some(emb), mid);
         }
         Ok((x, skips))
     }
@@ -740,6 +839,11 @@ impl UNet {
         self.self_attention_layers
     }
 
+    /// The levels of this UNet, in execution order: `down.0..`, `mid`, `up.0..`, `out`.
+    pub fn levels(&self) -> Vec<Level> {
+        levels_of(self.half.down.len())
+    }
+
     /// Number of GroupNorm layers.
     pub fn group_norms(&self) -> usize {
         self.group_norms
@@ -786,7 +890,8 @@ impl UNet {
             x = x + r.mid.clone();
         }
 
-        for block in &self.up {
+        for (k, block) in self.up.iter().enumerate() {
+            let hooks = &At::new(hooks, Level::Up(k));
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("skip connection per up resnet");
                 x = Tensor::cat(vec![x, skip], 1);
@@ -805,7 +910,7 @@ impl UNet {
         }
 
         stop::check()?;
-        let x = silu(hooks.group_norm(&self.conv_norm_out, x));
+        let x = silu(hooks.group_norm(Site { level: Level::Out }, &self.conv_norm_out, x));
         let out = self.conv_out.forward(x);
         // Attention tiles skipped after a stop leave garbage: never return it.
         stop::check()?;

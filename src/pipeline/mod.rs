@@ -28,7 +28,7 @@ use crate::sampling::noise::{INITIAL, gaussian_tensor, step_stream};
 use crate::sampling::sampler::{Sampler, SamplerKind};
 use crate::sampling::{Conditioning, SchedulerConfig, guided_output_with};
 
-use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks};
+use crate::style_aligned::{PatchError, ReferencePlan, StyleAligned, StyleAlignedHooks, StyleScope};
 pub use control::{ControlSpec, SetControl};
 pub use reference::ReferenceImage;
 
@@ -108,6 +108,8 @@ pub struct BatchSpec {
     pub sampler: SamplerKind,
     /// `None`: plain generation.
     pub patch: Option<StyleAligned>,
+    /// Where and when the patch acts (default: every level, every step).
+    pub scope: StyleScope,
     /// SDXL only; `None`: [`SizeConditioning::plain`].
     pub size_conditioning: Option<SizeConditioning>,
 }
@@ -425,7 +427,8 @@ impl Pipeline {
             check_init_images(set, batch)?;
         }
         if let Some(p) = &batch.patch {
-            p.resolve().map_err(PatchError::from)?;
+            let resolved = p.resolve().map_err(PatchError::from)?;
+            batch.scope.resolve(&resolved, &self.inner.unet.levels()).map_err(PatchError::from)?;
         }
         for set in sets {
             self.validate_controls(set)?;
@@ -558,6 +561,12 @@ impl Pipeline {
         let n = sampler.timesteps().len();
         // The hooks and the set sizes they were planned for.
         let mut hooks: Option<(Vec<usize>, Box<dyn UNetHooks>)> = None;
+        let scope = match &batch.patch {
+            Some(p) => {
+                Some(batch.scope.resolve(&p.resolve().map_err(PatchError::from)?, &self.inner.unet.levels()).map_err(PatchError::from)?)
+            }
+            None => None,
+        };
         for i in 0..n {
             drop_stopped(&mut live, sampler, stop, i, on_event);
             if live.is_empty() {
@@ -589,13 +598,19 @@ impl Pipeline {
                     Some(p) => {
                         let gain = p.resolve().map_err(PatchError::from)?.gain;
                         let plan = ReferencePlan::from_groups(&sizes, 2, gain).map_err(PatchError::from)?;
-                        Box::new(StyleAlignedHooks::new(p, plan, self.inner.unet.self_attention_layers(), dev)?)
+                        let h = StyleAlignedHooks::new(p, plan, self.inner.unet.self_attention_layers(), dev)?;
+                        Box::new(match &scope {
+                            Some(s) => h.with_scope(s),
+                            None => h,
+                        })
                     }
                     None => Box::new(NoHooks),
                 };
                 hooks = Some((sizes.clone(), h));
             }
             let step_hooks = hooks.as_ref().map(|(_, h)| h.as_ref()).expect("hooks were just built");
+            // Outside the scope's step window the UNet runs plain.
+            let step_hooks = if scope.as_ref().is_none_or(|s| s.window.contains(i, n)) { step_hooks } else { &NoHooks };
             let x_in = sampler.scale_model_input(x.clone(), i);
             let t = sampler.timesteps()[i];
             // Inside the step: give up when every set of it is stopped.

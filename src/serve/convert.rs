@@ -10,8 +10,9 @@ use super::pb;
 use super::queue::Priority;
 use super::session::Session;
 
+use crate::model::unet::Level;
 use crate::sampling::sampler::SamplerKind;
-use crate::style_aligned::{AdainSite, ShareAttn, ShareNorm, StyleAligned};
+use crate::style_aligned::{AdainSite, ShareAttn, ShareNorm, StyleAligned, StyleScope};
 
 /// A rejected request field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,7 +154,9 @@ pub fn priority_to_proto(v: Priority) -> pb::Priority {
     }
 }
 
-pub fn patch_to_proto(p: &StyleAligned) -> pb::PatchOptions {
+/// The session's options as the reply echoes them: `model_levels` are the levels of the
+/// session's model (every one is listed, resolved; without them, the levels as given).
+pub fn patch_to_proto(p: &StyleAligned, scope: &StyleScope, model_levels: Option<&[Level]>) -> pb::PatchOptions {
     let flavour = match *p {
         StyleAligned::Node(o) => pb::patch_options::Flavour::Node(pb::NodeOptions {
             share_norm: share_norm_to_proto(o.share_norm) as i32,
@@ -189,7 +192,33 @@ pub fn patch_to_proto(p: &StyleAligned) -> pb::PatchOptions {
         gain: r.gain,
         only_self_level: r.only_self_level,
     });
-    pb::PatchOptions { flavour: Some(flavour), switches }
+    let window = Some(pb::StepWindow { start: Some(scope.window.start), end: Some(scope.window.end) });
+    let resolved = p.resolve().ok().zip(model_levels).and_then(|(r, levels)| scope.resolve(&r, levels).ok());
+    let levels = match resolved {
+        Some(r) => r
+            .levels
+            .iter()
+            .map(|l| pb::LevelOptions {
+                name: l.level.to_string(),
+                enabled: Some(l.enabled),
+                gain: Some(l.gain),
+                share_group_norm: Some(l.share_group_norm),
+                share_attention: Some(l.share_attention),
+            })
+            .collect(),
+        None => scope
+            .levels
+            .iter()
+            .map(|l| pb::LevelOptions {
+                name: l.name.clone(),
+                enabled: l.enabled,
+                gain: l.gain,
+                share_group_norm: l.share_group_norm,
+                share_attention: l.share_attention,
+            })
+            .collect(),
+    };
+    pb::PatchOptions { flavour: Some(flavour), switches, window, levels }
 }
 
 pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
@@ -197,11 +226,12 @@ pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
     pbjson_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
-pub fn session_to_proto(s: &Session, ttl: Duration) -> pb::Session {
+/// `model_levels`: the levels of the session's model (see [`patch_to_proto`]).
+pub fn session_to_proto(s: &Session, ttl: Duration, model_levels: Option<&[Level]>) -> pb::Session {
     pb::Session {
         session_id: s.id.to_string(),
         model: s.model.to_string(),
-        options: Some(patch_to_proto(&s.patch)),
+        options: Some(patch_to_proto(&s.patch, &s.scope, model_levels)),
         created_at: Some(timestamp(s.created)),
         expires_at: Some(timestamp(s.expires)),
         idle_ttl_seconds: ttl.as_secs().min(u32::MAX as u64) as u32,
@@ -244,6 +274,9 @@ pub struct ImageParameters<'a> {
     pub height: usize,
     /// The StyleAligned options (`flavour`: `node` or `official`).
     pub options: &'a StyleAligned,
+    /// Where and when they act: `window` and `levels`, each absent when it is the default.
+    #[serde(flatten)]
+    pub scope: &'a StyleScope,
     /// The real-image reference, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceParameters<'a>>,
@@ -284,7 +317,7 @@ mod tests {
     #[test]
     fn patch_defaults_read_back() {
         let p = StyleAligned::Node(NodeOptions { share_norm: ShareNorm::Both, share_attn: ShareAttn::QK, scale: 1.0 });
-        let opts = patch_to_proto(&p);
+        let opts = patch_to_proto(&p, &StyleScope::default(), None);
         assert!(matches!(opts.flavour, Some(pb::patch_options::Flavour::Node(pb::NodeOptions { share_norm: 1, share_attn: 1, .. }))));
         assert_eq!(opts.switches.unwrap().adain_site, "input");
     }

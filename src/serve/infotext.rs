@@ -79,6 +79,12 @@ pub fn infotext(p: &ImageParameters) -> String {
             fields.push(("StyleAligned only_self_level", num(o.only_self_level)));
         }
     }
+    if !p.scope.window.is_full() {
+        fields.push(("StyleAligned window", format!("{}, {}", num(p.scope.window.start), num(p.scope.window.end))));
+    }
+    if !p.scope.levels.is_empty() {
+        fields.push(("StyleAligned levels", p.scope.levels.iter().map(|l| l.spec()).collect::<Vec<_>>().join("; ")));
+    }
     fields.push(("StyleAligned image index", p.index.to_string()));
     fields.push(("StyleAligned set size", p.prompts.len().to_string()));
     match &p.reference {

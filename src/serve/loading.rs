@@ -84,6 +84,7 @@ fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
         guidance: 5.0,
         sampler: SamplerKind::Ddim,
         patch: Some(StyleAligned::default()),
+        scope: Default::default(),
         size_conditioning: None,
     };
     let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, ..Default::default() };

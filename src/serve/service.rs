@@ -248,7 +248,8 @@ impl StyleAlign for Service {
                 let st = &self.state;
                 let (owner, id) = st.session_call(&request, &request.get_ref().session_id)?;
                 let s = st.sessions.get(&owner, id).map_err(session_status)?;
-                Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
+                let levels = st.model(&s.model).map(|m| m.pipeline.unet().levels());
+                Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl, levels.as_deref())))
             })(),
         )
     }
@@ -328,11 +329,18 @@ impl Service {
             );
             return Err(errors::invalid_fields_with(Reason::UnknownModel, &[e]));
         };
-        let patch = validate::patch(&req).map_err(|e| errors::invalid_fields(&e))?;
-        let s = st.sessions.create(&owner, &model.name, patch).map_err(session_status)?;
+        let levels = model.pipeline.unet().levels();
+        let (patch, scope) = match (validate::patch(&req), validate::scope(&req, &levels)) {
+            (Ok(patch), Ok(scope)) => (patch, scope),
+            (patch, scope) => {
+                let e: Vec<FieldError> = patch.err().into_iter().chain(scope.err()).flatten().collect();
+                return Err(errors::invalid_fields(&e));
+            }
+        };
+        let s = st.sessions.create_scoped(&owner, &model.name, patch, scope).map_err(session_status)?;
         st.update_session_gauge();
-        tracing::info!(client = %owner, session = %s.short_id(), model = %s.model, options = ?s.patch, "session created");
-        Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl)))
+        tracing::info!(client = %owner, session = %s.short_id(), model = %s.model, options = ?s.patch, scope = ?s.scope, "session created");
+        Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl, Some(&levels))))
     }
 
     async fn generate_inner(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
@@ -381,6 +389,7 @@ impl Service {
             guidance: v.guidance,
             sampler: v.sampler,
             patch: Some(session.patch),
+            scope: session.scope.clone(),
             size_conditioning: v.size_conditioning,
         };
         let reference_sha256 = reference.as_ref().map(|r| r.sha256.clone());
@@ -391,7 +400,8 @@ impl Service {
             guidance: r.guidance,
             scope: session.id.to_string(),
         });
-        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images, controls: Vec::new() };
+        let set =
+            SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images, controls: Vec::new() };
         validate::with_model(&model.pipeline, &batch, &set).map_err(|e| errors::invalid_fields(&e))?;
 
         let id = st.engine.next_id();

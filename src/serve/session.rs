@@ -20,8 +20,9 @@
 //!
 //! ```text
 //! sa1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(secret, "sa1." + base64url(JSON claims)))>
-//! claims: {"id": 128-bit nonce (hex), "model", "patch": StyleAligned, "owner": keyed hash of the
-//!          client identity, "iat": created (unix s), "idle_ms": idle TTL, "exp": hard expiry (unix s)}
+//! claims: {"id": 128-bit nonce (hex), "model", "patch": StyleAligned, "scope": StyleScope (absent
+//!          when default), "owner": keyed hash of the client identity, "iat": created (unix s),
+//!          "idle_ms": idle TTL, "exp": hard expiry (unix s)}
 //! ```
 //!
 //! A replica that does not hold an id (a lookup miss) verifies the token (constant-time MAC
@@ -43,12 +44,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use super::token::{Claims, MAX_TOKEN_LEN, MIN_SECRET_LEN, SessionSecret, TOKEN_PREFIX, TokenError};
-use crate::style_aligned::StyleAligned;
+use crate::style_aligned::{StyleAligned, StyleScope};
 
 /// The default hard lifetime of a session (`--max-session-lifetime-secs`).
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
-/// A session: cheap to clone (shared strings, small `Copy` values).
+/// A session: cheap to clone (shared strings, small values; the default scope allocates nothing).
 #[derive(Clone, Debug)]
 pub struct Session {
     /// The token (`sa1.…`).
@@ -56,6 +57,8 @@ pub struct Session {
     pub owner: Arc<str>,
     pub model: Arc<str>,
     pub patch: StyleAligned,
+    /// Where and when the patch acts.
+    pub scope: StyleScope,
     pub created: SystemTime,
     /// Expiry if left idle from now on (never after `hard_expires`).
     pub expires: SystemTime,
@@ -256,8 +259,13 @@ impl SessionStore {
         }
     }
 
-    /// Creates a session for `owner`.
+    /// Creates a session for `owner` (the default scope).
     pub fn create(&self, owner: &str, model: &str, patch: StyleAligned) -> Result<Session, SessionError> {
+        self.create_scoped(owner, model, patch, StyleScope::default())
+    }
+
+    /// Creates a session for `owner` whose patch acts within `scope`.
+    pub fn create_scoped(&self, owner: &str, model: &str, patch: StyleAligned, scope: StyleScope) -> Result<Session, SessionError> {
         let now = Instant::now();
         let wall = SystemTime::now();
         let iat = unix_secs(wall);
@@ -275,6 +283,7 @@ impl SessionStore {
                 id: format!("{nonce:032x}"),
                 model: model.to_string(),
                 patch,
+                scope: scope.clone(),
                 owner: owner_tag.clone(),
                 iat,
                 idle_ms: self.ttl.as_millis() as u64,
@@ -292,6 +301,7 @@ impl SessionStore {
             owner: owner.clone(),
             model: Arc::from(model),
             patch,
+            scope,
             created,
             expires: (wall + self.ttl).min(hard_expires),
             idle_ttl: self.ttl,
@@ -367,6 +377,7 @@ impl SessionStore {
             owner: owner.clone(),
             model: Arc::from(claims.model.as_str()),
             patch: claims.patch,
+            scope: claims.scope,
             created: UNIX_EPOCH + Duration::from_secs(claims.iat),
             expires: (wall + idle_ttl).min(hard_expires),
             idle_ttl,
@@ -633,6 +644,7 @@ mod tests {
             id: random_id(),
             model: "tiny".into(),
             patch: StyleAligned::default(),
+            scope: Default::default(),
             owner: k.owner_tag("alice"),
             iat: now - 100,
             idle_ms: 60_000,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::session::random_u64;
-use crate::style_aligned::StyleAligned;
+use crate::style_aligned::{StyleAligned, StyleScope};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -150,6 +150,9 @@ pub struct Claims {
     pub id: String,
     pub model: String,
     pub patch: StyleAligned,
+    /// Where and when the patch acts (absent: the default scope).
+    #[serde(default, skip_serializing_if = "StyleScope::is_default")]
+    pub scope: StyleScope,
     /// [`SessionSecret::owner_tag`] of the client identity.
     pub owner: String,
     /// Created, unix seconds.
@@ -207,12 +210,56 @@ mod tests {
             }),
         ];
         for p in patches {
-            let c = Claims { id: random_id(), model: "tiny".into(), patch: p, owner: k.owner_tag("me"), iat: 1, idle_ms: 5, exp: u64::MAX };
+            let c = Claims {
+                id: random_id(),
+                model: "tiny".into(),
+                patch: p,
+                scope: Default::default(),
+                owner: k.owner_tag("me"),
+                iat: 1,
+                idle_ms: 5,
+                exp: u64::MAX,
+            };
             let t = k.sign(&c);
             assert!(t.starts_with(TOKEN_PREFIX) && t.len() < 700, "{t}");
             assert_eq!(k.verify(&t).unwrap(), c);
             assert_eq!(k.verify_for(&t, "me", 2).unwrap().patch, p);
         }
+    }
+
+    #[test]
+    fn token_carries_the_scope() {
+        use crate::style_aligned::{LevelOptions, StepWindow};
+        let k = secret("k");
+        let scope = StyleScope {
+            window: StepWindow { start: 0.1, end: 0.6 },
+            levels: vec![
+                LevelOptions { name: "up.1".into(), enabled: Some(false), ..Default::default() },
+                LevelOptions {
+                    name: "down.2".into(),
+                    gain: Some(0.5),
+                    share_group_norm: Some(false),
+                    share_attention: Some(true),
+                    ..Default::default()
+                },
+            ],
+        };
+        let c = Claims {
+            id: random_id(),
+            model: "tiny".into(),
+            patch: StyleAligned::default(),
+            scope: scope.clone(),
+            owner: k.owner_tag("me"),
+            iat: 1,
+            idle_ms: 5,
+            exp: u64::MAX,
+        };
+        let t = k.sign(&c);
+        assert_eq!(k.verify_for(&t, "me", 2).unwrap().scope, scope);
+        // A token without a scope (the default, and every token made before scopes) reads back the default.
+        let plain = Claims { scope: StyleScope::default(), ..c };
+        let t = k.sign(&plain);
+        assert!(k.verify(&t).unwrap().scope.is_default());
     }
 
     #[test]

@@ -15,10 +15,11 @@
 use super::convert::{FieldError, Limits, priority_from_proto, sampler_from_proto, share_attn_from_proto, share_norm_from_proto};
 use super::pb;
 use super::queue::Priority;
+use crate::model::unet::Level;
 use crate::pipeline::reference::{MAX_REFERENCE_BYTES, MAX_REFERENCE_PIXELS, MAX_REFERENCE_SIDE};
 use crate::pipeline::{BatchSpec, Image, Pipeline, PipelineError, ReferenceImage, SetSpec, SizeConditioning};
 use crate::sampling::sampler::SamplerKind;
-use crate::style_aligned::{NodeOptions, OfficialArgs, StyleAligned};
+use crate::style_aligned::{LevelOptions, NodeOptions, OfficialArgs, StepWindow, StyleAligned, StyleScope};
 
 /// What validation needs to know about the model.
 #[derive(Clone, Debug)]
@@ -408,6 +409,27 @@ pub fn patch(req: &pb::PatchModelRequest) -> Result<StyleAligned, Vec<FieldError
         e.add(field, o.message);
     }
     e.finish(|| patch)
+}
+
+/// The scope of a PatchModel request (the step window and the per-level options), checked
+/// against the levels of the session's model; every invalid field is reported.
+pub fn scope(req: &pb::PatchModelRequest, model_levels: &[Level]) -> Result<StyleScope, Vec<FieldError>> {
+    let d = StepWindow::default();
+    let window = req.window.map_or(d, |w| StepWindow { start: w.start.unwrap_or(d.start), end: w.end.unwrap_or(d.end) });
+    let levels = req
+        .levels
+        .iter()
+        .map(|l| LevelOptions {
+            name: l.name.clone(),
+            enabled: l.enabled,
+            gain: l.gain,
+            share_group_norm: l.share_group_norm,
+            share_attention: l.share_attention,
+        })
+        .collect();
+    let scope = StyleScope { window, levels };
+    let e = Errors(scope.check(model_levels).into_iter().map(|o| FieldError::new(o.field, o.message)).collect());
+    e.finish(|| scope)
 }
 
 #[cfg(test)]

@@ -208,6 +208,7 @@ fn send_images(
             width: spec.width,
             height: spec.height,
             options: spec.patch.as_ref().expect("sessions always patch"),
+            scope: &spec.scope,
             reference: js.set.reference.as_ref().map(|r| ReferenceParameters {
                 image_sha256: js.reference_sha256.as_deref().unwrap_or(""),
                 caption: &r.caption,

@@ -1,19 +1,22 @@
 //! StyleAligned (Hertz et al., CVPR 2024) as a patch on the UNet: the reference's keys and values
 //! are shared into every row's self-attention, with AdaIN on queries / keys, and optionally shared
-//! GroupNorm statistics. The patch is plain data ([`StyleAligned`] + [`ReferencePlan`]); it touches
-//! the model only through [`UNetHooks`], so a patched model is the shared base weights plus this value.
+//! GroupNorm statistics. The patch is plain data ([`StyleAligned`] + [`ReferencePlan`], and where
+//! and when it acts: [`StyleScope`]); it touches the model only through [`UNetHooks`], so a patched
+//! model is the shared base weights plus this value.
 
 pub mod ops;
 pub mod options;
 pub mod plan;
+pub mod scope;
 
 use burn::tensor::{Device, Tensor};
 
 use crate::model::nn::{Attention, GroupNorm};
-use crate::model::unet::UNetHooks;
+use crate::model::unet::{Level, Site, UNetHooks};
 
 pub use options::{AdainSite, NodeOptions, OfficialArgs, OptionError, Resolved, ShareAttn, ShareNorm, StyleAligned, unshared_layers};
 pub use plan::{PlanError, ReferencePlan};
+pub use scope::{LevelOptions, LevelSwitches, ResolvedScope, StepWindow, StyleScope};
 
 use ops::{AttnSwitches, DevicePlan};
 
@@ -36,6 +39,15 @@ pub struct StyleAlignedHooks {
     plan: DevicePlan,
     /// Per self-attention layer: `true` leaves the layer unpatched (official `only_self_level`).
     unshared: Vec<bool>,
+    /// Per-level switches (empty: every level as `resolved` says).
+    levels: Vec<LevelHooks>,
+}
+
+/// One level's switches, with the plan its self-attentions use when its gain is not 1.
+#[derive(Clone, Debug)]
+struct LevelHooks {
+    switches: LevelSwitches,
+    plan: Option<DevicePlan>,
 }
 
 impl StyleAlignedHooks {
@@ -45,7 +57,35 @@ impl StyleAlignedHooks {
         let resolved = options.resolve()?;
         plan.validate(plan.rows())?;
         let unshared = unshared_layers(resolved.only_self_level, attention_layers)?;
-        Ok(Self { resolved, plan: DevicePlan::new(plan, device), unshared })
+        Ok(Self { resolved, plan: DevicePlan::new(plan, device), unshared, levels: Vec::new() })
+    }
+
+    /// These hooks restricted to the levels of `scope` (its window is the caller's: steps outside
+    /// it run without hooks). A level's gain multiplies the key gain of every row that is not
+    /// its own reference.
+    pub fn with_scope(mut self, scope: &ResolvedScope) -> Self {
+        let device = self.plan.gain.device();
+        self.levels = scope
+            .levels
+            .iter()
+            .map(|&switches| {
+                let plan = (switches.gain != 1.0).then(|| {
+                    let mut p = self.plan.plan.clone();
+                    for (i, g) in p.gain.iter_mut().enumerate() {
+                        if p.reference_of[i] != i {
+                            *g *= switches.gain;
+                        }
+                    }
+                    DevicePlan::new(p, &device)
+                });
+                LevelHooks { switches, plan }
+            })
+            .collect();
+        self
+    }
+
+    fn level(&self, level: Level) -> Option<&LevelHooks> {
+        self.levels.iter().find(|l| l.switches.level == level)
     }
 
     pub fn resolved(&self) -> &Resolved {
@@ -63,14 +103,17 @@ impl StyleAlignedHooks {
 }
 
 impl UNetHooks for StyleAlignedHooks {
-    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        if self.resolved.share_group_norm { ops::shared_group_norm(norm, x, &self.plan.stats_reference_of) } else { norm.forward(x) }
+    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+        let share = self.level(site.level).map_or(self.resolved.share_group_norm, |l| l.switches.share_group_norm);
+        if share { ops::shared_group_norm(norm, x, &self.plan.stats_reference_of) } else { norm.forward(x) }
     }
 
-    fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
-        if self.unshared.get(layer).copied().unwrap_or(false) {
+    fn self_attention(&self, site: Site, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
+        let level = self.level(site.level);
+        if self.unshared.get(layer).copied().unwrap_or(false) || level.is_some_and(|l| !l.switches.share_attention) {
             return attn.forward(x, None);
         }
+        let plan = level.and_then(|l| l.plan.as_ref()).unwrap_or(&self.plan);
         let r = &self.resolved;
         let switches = AttnSwitches {
             adain_q: r.adain_q,
@@ -80,9 +123,9 @@ impl UNetHooks for StyleAlignedHooks {
             score_shift: r.score_shift,
         };
         match r.site {
-            AdainSite::Input => ops::node_attention(attn, x, &self.plan, switches),
-            AdainSite::Projected if r.full_attention_share => ops::full_share_attention(attn, x, &self.plan),
-            AdainSite::Projected => ops::official_attention(attn, x, &self.plan, switches),
+            AdainSite::Input => ops::node_attention(attn, x, plan, switches),
+            AdainSite::Projected if r.full_attention_share => ops::full_share_attention(attn, x, plan),
+            AdainSite::Projected => ops::official_attention(attn, x, plan, switches),
         }
     }
 }

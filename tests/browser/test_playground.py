@@ -274,6 +274,35 @@ def test_reference_image_is_marked_and_options_reach_the_session(server, browser
     assert console_errors(browser) == []
 
 
+def test_step_window_and_levels_reach_the_session(server, browser):
+    open_playground(browser, server)
+    console_errors(browser)
+    browser.find_element(By.CSS_SELECTOR, "#scope summary").click()
+    fill(browser, "prompts", "a lighthouse\na fox")
+    fill(browser, "width", "32")
+    fill(browser, "height", "32")
+    fill(browser, "steps", "2")
+    fill(browser, "window-end", "0.5")
+    fill(browser, "levels", "up.1:off; down.0:gain=0.5,norm=off")
+    browser.find_element(By.ID, "generate").click()
+    wait_finished(browser)
+    info = browser.find_element(By.ID, "session-info").text
+    assert "steps 0–0.5" in info and "up.1 off" in info and "down.0 (norm own, attention shared, gain 0.50)" in info, info
+
+    # A level the model does not have: the server's error names the field.
+    fill(browser, "levels", "down.9:off")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "phase").get_attribute("data-phase") == "failed")
+    error = browser.find_element(By.ID, "error").text
+    assert error.startswith("INVALID_ARGUMENT:") and "levels[0].name" in error and "down.0..down.2" in error, error
+    # A malformed entry is refused in the page.
+    fill(browser, "levels", "up.1:sideways")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 10).until(lambda d: "unknown option" in d.find_element(By.ID, "error").text)
+    assert "levels[0]" in browser.find_element(By.ID, "error").text
+    assert console_errors(browser) == []
+
+
 def test_queue_position_is_live_and_cancel_frees_the_worker(server, browser):
     """Two other tabs occupy the (single) worker and the queue: this tab shows `1 ahead`, then
     `next to run`; cancelling them lets it run."""

@@ -191,8 +191,16 @@ pub fn controlnet_pipe_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: 
         Ok(o) => o,
         Err(e) => return t.skip(&g.name, &e),
     };
-    let batch =
-        BatchSpec { width: lw * f, height: lh * f, steps, guidance, sampler: SamplerKind::Ddim, patch: Some(opts), size_conditioning };
+    let batch = BatchSpec {
+        width: lw * f,
+        height: lh * f,
+        steps,
+        guidance,
+        sampler: SamplerKind::Ddim,
+        patch: Some(opts),
+        scope: Default::default(),
+        size_conditioning,
+    };
     let images: Tensor<4> = g.get("control_images").tensor(device);
     let state = |controls: Vec<SetControl>| SetState {
         set: 0,

@@ -85,8 +85,18 @@ pub fn img2img_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Device)
         t.check(&format!("{p}entry_latents"), max_abs_diff(Tensor::cat(entered, 0), g.get(&format!("{p}entry_latents"))), TOL_ELEMENTWISE);
 
         let x = noise.clone() * sampler.init_noise_sigma();
-        let state = SetState { set: 0, seed: 0, x, uncond: uncond.clone(), cond: cond.clone(), replay: None, entries, controls: Vec::new() };
-        let batch = BatchSpec { width: w * f, height: h * f, steps, guidance, sampler: kind, patch: Some(opts), size_conditioning: None };
+        let state =
+            SetState { set: 0, seed: 0, x, uncond: uncond.clone(), cond: cond.clone(), replay: None, entries, controls: Vec::new() };
+        let batch = BatchSpec {
+            width: w * f,
+            height: h * f,
+            steps,
+            guidance,
+            sampler: kind,
+            patch: Some(opts),
+            scope: Default::default(),
+            size_conditioning: None,
+        };
         let mut after = Vec::new();
         let mut on_step = |v: &StepView| {
             after.push(v.sets[0].1.clone());

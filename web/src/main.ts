@@ -9,12 +9,15 @@ import { Health, HealthCheckResponse_ServingStatus } from "./gen/grpc/health/v1/
 import {
   Family,
   GenerateRequestSchema,
+  LevelOptionsSchema,
   OfficialArgsSchema,
   PatchModelRequestSchema,
   Sampler,
   ShareAttn,
   ShareNorm,
+  StepWindowSchema,
   StyleAlign,
+  type LevelOptions,
   type GeneratedImage,
   type GenerateRequest,
   type ListModelsResponse,
@@ -60,6 +63,9 @@ const ui = {
   scale: $<HTMLInputElement>("scale"),
   scaleValue: $<HTMLOutputElement>("scale-value"),
   useOfficial: $<HTMLInputElement>("use-official"),
+  windowStart: $<HTMLInputElement>("window-start"),
+  windowEnd: $<HTMLInputElement>("window-end"),
+  levels: $<HTMLInputElement>("levels"),
   official: $("official"),
   sessionInfo: $("session-info"),
   prompts: $<HTMLTextAreaElement>("prompts"),
@@ -266,14 +272,56 @@ function snake(s: string): string {
   return s.replace(/[A-Z]/g, (c) => "_" + c.toLowerCase());
 }
 
+/** The levels field: `NAME[:OPT,...]` entries separated by `;` (the CLI's `--style-level` syntax). */
+function levelOptions(): LevelOptions[] {
+  const text = ui.levels.value.trim();
+  if (text === "") return [];
+  return text.split(";").filter((e) => e.trim() !== "").map((entry, i) => {
+    const [name, opts = ""] = entry.trim().split(/:(.*)/s, 2);
+    const field = `levels[${i}]`;
+    if (!name) throw new FieldProblem(field, `expected LEVEL[:OPTS], got ${JSON.stringify(entry.trim())}`, ui.levels);
+    const level = create(LevelOptionsSchema, { name: name.trim() });
+    const onOff = (v: string, what: string) => {
+      if (v !== "on" && v !== "off") throw new FieldProblem(`${field}.${what}`, `${JSON.stringify(v)} is not on or off`, ui.levels);
+      return v === "on";
+    };
+    for (const opt of opts.split(",").map((o) => o.trim()).filter((o) => o !== "")) {
+      const [key, value] = opt.split("=", 2);
+      if (value === undefined && (key === "on" || key === "off")) level.enabled = key === "on";
+      else if (key === "gain") {
+        const g = Number(value);
+        if (value.trim() === "" || !Number.isFinite(g)) throw new FieldProblem(`${field}.gain`, "must be a number", ui.levels);
+        level.gain = g;
+      } else if (key === "norm" && value !== undefined) level.shareGroupNorm = onOff(value, "share_group_norm");
+      else if (key === "attn" && value !== undefined) level.shareAttention = onOff(value, "share_attention");
+      else throw new FieldProblem(field, `unknown option ${JSON.stringify(opt)} (off, on, gain=X, norm=on|off, attn=on|off)`, ui.levels);
+    }
+    return level;
+  });
+}
+
+/** The step window, when it is not the default [0, 1]. */
+function stepWindow() {
+  const number = (input: HTMLInputElement, field: string) => {
+    const v = Number(input.value);
+    if (input.value.trim() === "" || !Number.isFinite(v)) throw new FieldProblem(field, "must be a number", input);
+    return v;
+  };
+  const start = number(ui.windowStart, "window.start");
+  const end = number(ui.windowEnd, "window.end");
+  return start === 0 && end === 1 ? undefined : create(StepWindowSchema, { start, end });
+}
+
 function patchRequest(): PatchModelRequest {
   if (!ui.model.value) throw new FieldProblem("model", "no model loaded", ui.model);
-  if (ui.useOfficial.checked) return create(PatchModelRequestSchema, { model: ui.model.value, advanced: officialArgs() });
+  const scope = { window: stepWindow(), levels: levelOptions() };
+  if (ui.useOfficial.checked) return create(PatchModelRequestSchema, { model: ui.model.value, advanced: officialArgs(), ...scope });
   return create(PatchModelRequestSchema, {
     model: ui.model.value,
     shareNorm: ShareNorm[ui.shareNorm.value as keyof typeof ShareNorm],
     shareAttn: ShareAttn[ui.shareAttn.value as keyof typeof ShareAttn],
     scale: Number(ui.scale.value),
+    ...scope,
   });
 }
 
@@ -284,6 +332,18 @@ function describeSession(s: Session): string {
   if (sw) {
     const adain = [sw.adainQ && "q", sw.adainK && "k", sw.adainV && "v"].filter(Boolean).join("+") || "none";
     parts.push(`group norm ${sw.shareGroupNorm ? "shared" : "own"}`, `attention ${sw.shareAttention ? (sw.fullAttentionShare ? "fully shared" : "shared") : "own"}`, `AdaIN ${adain} (${sw.adainSite})`, `gain ${sw.gain.toFixed(2)}`);
+  }
+  const w = s.options?.window;
+  if (w && (w.start !== 0 || w.end !== 1)) parts.push(`steps ${w.start}–${w.end}`);
+  const levels = s.options?.levels ?? [];
+  const changed = levels.filter((l) => !l.enabled || !l.shareAttention || l.gain !== 1 || l.shareGroupNorm !== sw?.shareGroupNorm);
+  if (changed.length > 0) {
+    parts.push(
+      "levels " +
+        changed
+          .map((l) => (l.enabled ? `${l.name} (norm ${l.shareGroupNorm ? "shared" : "own"}, attention ${l.shareAttention ? "shared" : "own"}, gain ${(l.gain ?? 1).toFixed(2)})` : `${l.name} off`))
+          .join(", "),
+    );
   }
   return parts.join(" · ");
 }

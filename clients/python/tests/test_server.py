@@ -50,6 +50,40 @@ def test_patch_model_node_and_official_options(client):
     assert client.get_session(official).options == official.options
 
 
+def test_patch_model_window_and_levels(client):
+    default = client.patch_model("tiny")
+    assert default.window == (0.0, 1.0)
+    assert list(default.levels) == ["down.0", "down.1", "down.2", "mid", "up.0", "up.1", "up.2", "out"]
+    assert default.levels["mid"] == {"enabled": True, "gain": 1.0, "share_group_norm": True, "share_attention": True}
+
+    scoped = client.patch_model("tiny", window=(0.0, 0.5), levels={"up.1": {"enabled": False}, "down.0": {"gain": 0.5, "share_group_norm": False}})
+    assert scoped.window == (0.0, 0.5)
+    assert scoped.levels["up.1"] == {"enabled": False, "gain": 1.0, "share_group_norm": False, "share_attention": False}
+    assert scoped.levels["down.0"] == {"enabled": True, "gain": 0.5, "share_group_norm": False, "share_attention": True}
+    assert client.get_session(scoped).levels == scoped.levels
+
+    prompts = ["a lighthouse, linocut print", "a fox, linocut print"]
+    plain = [e for e in client.generate(default, prompts, seed=9, steps=3, width=32, height=32) if isinstance(e, ImageResult)]
+    moved = [e for e in client.generate(scoped, prompts, seed=9, steps=3, width=32, height=32) if isinstance(e, ImageResult)]
+    assert plain[1].image.tobytes() != moved[1].image.tobytes()
+    assert moved[1].metadata["window"] == {"start": 0.0, "end": 0.5}
+    assert moved[1].metadata["levels"] == [{"name": "up.1", "enabled": False}, {"name": "down.0", "gain": 0.5, "share_group_norm": False}]
+
+    with pytest.raises(StyleAlignError) as e:
+        client.patch_model("tiny", levels={"down.7": {"enabled": False}})
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.fields == ["levels[0].name"]
+    assert "down.0..down.2, mid, up.0..up.2, out" in str(e.value)
+    with pytest.raises(StyleAlignError) as e:
+        client.patch_model("tiny", window=(0.8, 0.2))
+    assert e.value.fields == ["window.end"]
+    with pytest.raises(ValueError, match="window: must be"):
+        client.patch_model("tiny", window=0.5)
+    with pytest.raises(ValueError, match=r"levels\[0\].enabled: must be True or False"):
+        client.patch_model("tiny", levels={"mid": {"enabled": "no"}})
+    with pytest.raises(ValueError, match=r"levels\[0\]: unknown option 'norm'"):
+        client.patch_model("tiny", levels={"mid": {"norm": False}})
+
+
 def test_patch_model_bad_options_are_python_errors(client):
     with pytest.raises(ValueError, match="share_norm: 'both!' is not one of 'both', 'group', 'layer', 'disabled'"):
         client.patch_model("tiny", share_norm="both!")

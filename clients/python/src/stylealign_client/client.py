@@ -194,7 +194,17 @@ class Client:
         """The loaded models, samplers and server limits."""
         return Models._from_pb(self._unary("ListModels", pb.ListModelsRequest()))
 
-    def patch_model(self, model: str, share_norm: str = "both", share_attn: str = "q+k", scale: float = 1.0, **advanced: bool | float) -> Session:
+    def patch_model(
+        self,
+        model: str,
+        share_norm: str = "both",
+        share_attn: str = "q+k",
+        scale: float = 1.0,
+        *,
+        window: tuple[float, float] | None = None,
+        levels: Mapping[str, Mapping[str, bool | float]] | None = None,
+        **advanced: bool | float,
+    ) -> Session:
         """Creates a session on `model` with the StyleAligned options.
 
         `share_norm` (``"both"``, ``"group"``, ``"layer"``, ``"disabled"``), `share_attn`
@@ -204,8 +214,31 @@ class Client:
         ``adain_values``, ``full_attention_share``: bool; ``shared_score_scale``,
         ``shared_score_shift``, ``only_self_level``: float) select the official semantics
         instead; then the node options must keep their defaults.
+
+        Where and when the patch acts (docs/style-sharing.md), with either flavour: `window`
+        ``(start, end)``, fractions of the schedule; `levels` maps a UNet level (``"down.0"``,
+        ``"mid"``, ``"up.1"``, ``"out"``, ...) to its options (``enabled``, ``share_group_norm``,
+        ``share_attention``: bool; ``gain``: float), e.g. ``{"up.1": {"enabled": False}}``.
         """
         request = pb.PatchModelRequest(model=_text("model", model))
+        if window is not None:
+            if not isinstance(window, (tuple, list)) or len(window) != 2:
+                raise ValueError(f"window: must be (start, end), got {window!r}")
+            request.window.start = _number("window.start", window[0])
+            request.window.end = _number("window.end", window[1])
+        for i, (name, opts) in enumerate((levels or {}).items()):
+            level = request.levels.add(name=_text(f"levels[{i}].name", name))
+            if not isinstance(opts, Mapping):
+                raise ValueError(f"levels[{i}]: the options of {name!r} must be a mapping, got {opts!r}")
+            for key, value in opts.items():
+                if key == "gain":
+                    level.gain = _number(f"levels[{i}].gain", value)
+                elif key in ("enabled", "share_group_norm", "share_attention"):
+                    if not isinstance(value, bool):
+                        raise ValueError(f"levels[{i}].{key}: must be True or False, got {value!r}")
+                    setattr(level, key, value)
+                else:
+                    raise ValueError(f"levels[{i}]: unknown option {key!r} (enabled, gain, share_group_norm, share_attention)")
         unknown = sorted(set(advanced) - set(_ADVANCED))
         if unknown:
             raise TypeError(f"patch_model: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (node options: share_norm, share_attn, scale; advanced options: {', '.join(_ADVANCED)})")

@@ -106,7 +106,10 @@ class Session:
 
     `options` is ``{"flavour": "node", "share_norm": "both", "share_attn": "q+k", "scale": 1.0}``
     (option values spelled as the ComfyUI node spells them) or ``{"flavour": "official", ...}``
-    with every official argument; `switches` is what the patch executes.
+    with every official argument; `switches` is what the patch executes. `window` is the step
+    window ``(start, end)`` and `levels` every UNet level of the model with what the patch does
+    there (``{"down.0": {"enabled": True, "gain": 1.0, "share_group_norm": True,
+    "share_attention": True}, ...}``).
     """
 
     session_id: str
@@ -116,6 +119,8 @@ class Session:
     created_at: datetime | None
     expires_at: datetime | None
     idle_ttl_seconds: int
+    window: tuple[float, float] = (0.0, 1.0)
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -131,7 +136,19 @@ class Session:
             options = {"flavour": "official", **_fields(s.options.official)}
         else:
             options = {"flavour": None}
-        return cls(s.session_id, s.model, options, _fields(s.options.switches), _timestamp(s.created_at), _timestamp(s.expires_at), s.idle_ttl_seconds)
+        window = (s.options.window.start, s.options.window.end) if s.options.HasField("window") else (0.0, 1.0)
+        levels = {lv.name: {k: v for k, v in _fields(lv).items() if k != "name"} for lv in s.options.levels}
+        return cls(
+            s.session_id,
+            s.model,
+            options,
+            _fields(s.options.switches),
+            _timestamp(s.created_at),
+            _timestamp(s.expires_at),
+            s.idle_ttl_seconds,
+            window,
+            levels,
+        )
 
 
 def _fields(msg) -> dict[str, Any]:

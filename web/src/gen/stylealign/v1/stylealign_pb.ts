@@ -23,7 +23,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file stylealign/v1/stylealign.proto.
  */
 export const file_stylealign_v1_stylealign: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zdHlsZWFsaWduL3YxL3N0eWxlYWxpZ24ucHJvdG8SDXN0eWxlYWxpZ24udjEiiAQKDE9mZmljaWFsQXJncxIdChBzaGFyZV9ncm91cF9ub3JtGAEgASgISACIAQESHQoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCEgBiAEBEhwKD3NoYXJlX2F0dGVudGlvbhgDIAEoCEgCiAEBEhoKDWFkYWluX3F1ZXJpZXMYBCABKAhIA4gBARIXCgphZGFpbl9rZXlzGAUgASgISASIAQESGQoMYWRhaW5fdmFsdWVzGAYgASgISAWIAQESIQoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAhIBogBARIfChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAJIB4gBARIfChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAJICIgBARIcCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAJICYgBAUITChFfc2hhcmVfZ3JvdXBfbm9ybUITChFfc2hhcmVfbGF5ZXJfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uQhAKDl9hZGFpbl9xdWVyaWVzQg0KC19hZGFpbl9rZXlzQg8KDV9hZGFpbl92YWx1ZXNCFwoVX2Z1bGxfYXR0ZW50aW9uX3NoYXJlQhUKE19zaGFyZWRfc2NvcmVfc2NhbGVCFQoTX3NoYXJlZF9zY29yZV9zaGlmdEISChBfb25seV9zZWxmX2xldmVsIssBChFQYXRjaE1vZGVsUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIsCgpzaGFyZV9ub3JtGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgDIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEhIKBXNjYWxlGAQgASgCSACIAQESLQoIYWR2YW5jZWQYBSABKAsyGy5zdHlsZWFsaWduLnYxLk9mZmljaWFsQXJnc0IICgZfc2NhbGUieAoLTm9kZU9wdGlvbnMSLAoKc2hhcmVfbm9ybRgBIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVOb3JtEiwKCnNoYXJlX2F0dG4YAiABKA4yGC5zdHlsZWFsaWduLnYxLlNoYXJlQXR0bhINCgVzY2FsZRgDIAEoAiKTAgoUUmVzb2x2ZWRPZmZpY2lhbEFyZ3MSGAoQc2hhcmVfZ3JvdXBfbm9ybRgBIAEoCBIYChBzaGFyZV9sYXllcl9ub3JtGAIgASgIEhcKD3NoYXJlX2F0dGVudGlvbhgDIAEoCBIVCg1hZGFpbl9xdWVyaWVzGAQgASgIEhIKCmFkYWluX2tleXMYBSABKAgSFAoMYWRhaW5fdmFsdWVzGAYgASgIEhwKFGZ1bGxfYXR0ZW50aW9uX3NoYXJlGAcgASgIEhoKEnNoYXJlZF9zY29yZV9zY2FsZRgIIAEoAhIaChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAISFwoPb25seV9zZWxmX2xldmVsGAogASgCIvgBCghTd2l0Y2hlcxIYChBzaGFyZV9ncm91cF9ub3JtGAEgASgIEhgKEHNoYXJlX2xheWVyX25vcm0YAiABKAgSEgoKYWRhaW5fc2l0ZRgDIAEoCRIPCgdhZGFpbl9xGAQgASgIEg8KB2FkYWluX2sYBSABKAgSDwoHYWRhaW5fdhgGIAEoCBIXCg9zaGFyZV9hdHRlbnRpb24YByABKAgSHAoUZnVsbF9hdHRlbnRpb25fc2hhcmUYCCABKAgSEwoLc2NvcmVfc2hpZnQYCSABKAISDAoEZ2FpbhgKIAEoAhIXCg9vbmx5X3NlbGZfbGV2ZWwYCyABKAIiqQEKDFBhdGNoT3B0aW9ucxIqCgRub2RlGAEgASgLMhouc3R5bGVhbGlnbi52MS5Ob2RlT3B0aW9uc0gAEjcKCG9mZmljaWFsGAIgASgLMiMuc3R5bGVhbGlnbi52MS5SZXNvbHZlZE9mZmljaWFsQXJnc0gAEikKCHN3aXRjaGVzGAMgASgLMhcuc3R5bGVhbGlnbi52MS5Td2l0Y2hlc0IJCgdmbGF2b3VyItQBCgdTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSLAoHb3B0aW9ucxgDIAEoCzIbLnN0eWxlYWxpZ24udjEuUGF0Y2hPcHRpb25zEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGlkbGVfdHRsX3NlY29uZHMYBiABKA0i+gMKD0dlbmVyYXRlUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3Byb21wdHMYAiADKAkSDQoFY291bnQYAyABKA0SFwoPbmVnYXRpdmVfcHJvbXB0GAQgASgJEhEKBHNlZWQYBSABKARIAIgBARINCgVzdGVwcxgGIAEoDRIbCg5ndWlkYW5jZV9zY2FsZRgHIAEoAkgBiAEBEg0KBXdpZHRoGAggASgNEg4KBmhlaWdodBgJIAEoDRInCgdzYW1wbGVyGAogASgOMhYuc3R5bGVhbGlnbi52MS5TYW1wbGVyEikKCHByaW9yaXR5GAsgASgOMhcuc3R5bGVhbGlnbi52MS5Qcmlvcml0eRIXCg9yZWZlcmVuY2VfaW1hZ2UYDCABKAwSGQoRcmVmZXJlbmNlX2NhcHRpb24YDSABKAkSGAoQcmVmZXJlbmNlX29mZnNldBgOIAEoDRIlChhyZWZlcmVuY2VfZ3VpZGFuY2Vfc2NhbGUYDyABKAJIAogBARI6ChFzaXplX2NvbmRpdGlvbmluZxgQIAEoCzIfLnN0eWxlYWxpZ24udjEuU2l6ZUNvbmRpdGlvbmluZ0IHCgVfc2VlZEIRCg9fZ3VpZGFuY2Vfc2NhbGVCGwoZX3JlZmVyZW5jZV9ndWlkYW5jZV9zY2FsZSKVAQoQU2l6ZUNvbmRpdGlvbmluZxIWCg5vcmlnaW5hbF93aWR0aBgBIAEoDRIXCg9vcmlnaW5hbF9oZWlnaHQYAiABKA0SEAoIY3JvcF90b3AYAyABKA0SEQoJY3JvcF9sZWZ0GAQgASgNEhQKDHRhcmdldF93aWR0aBgFIAEoDRIVCg10YXJnZXRfaGVpZ2h0GAYgASgNIi8KBlF1ZXVlZBIQCghwb3NpdGlvbhgBIAEoDRITCgtxdWV1ZV9kZXB0aBgCIAEoDSJICgdTdGFydGVkEhIKCmJhdGNoX3Jvd3MYASABKA0SEgoKYmF0Y2hfc2V0cxgCIAEoDRIVCg1xdWV1ZV9zZWNvbmRzGAMgASgBIi0KCFByb2dyZXNzEgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0ifQoOR2VuZXJhdGVkSW1hZ2USDQoFaW5kZXgYASABKA0SDgoGcHJvbXB0GAIgASgJEg0KBXdpZHRoGAMgASgNEg4KBmhlaWdodBgEIAEoDRIMCgRzZWVkGAUgASgEEgsKA3BuZxgGIAEoDBISCgpwYXJhbWV0ZXJzGAcgASgJIswBChBHZW5lcmF0ZVJlc3BvbnNlEicKBnF1ZXVlZBgBIAEoCzIVLnN0eWxlYWxpZ24udjEuUXVldWVkSAASKQoHc3RhcnRlZBgCIAEoCzIWLnN0eWxlYWxpZ24udjEuU3RhcnRlZEgAEisKCHByb2dyZXNzGAMgASgLMhcuc3R5bGVhbGlnbi52MS5Qcm9ncmVzc0gAEi4KBWltYWdlGAQgASgLMh0uc3R5bGVhbGlnbi52MS5HZW5lcmF0ZWRJbWFnZUgAQgcKBWV2ZW50IicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiKwoVUmVsZWFzZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiGAoWUmVsZWFzZVNlc3Npb25SZXNwb25zZSITChFMaXN0TW9kZWxzUmVxdWVzdCLMAQoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSJQoGZmFtaWx5GAIgASgOMhUuc3R5bGVhbGlnbi52MS5GYW1pbHkSFAoMbmF0aXZlX3dpZHRoGAMgASgNEhUKDW5hdGl2ZV9oZWlnaHQYBCABKA0SFQoNc2l6ZV9tdWx0aXBsZRgFIAEoDRIOCgZzb3VyY2UYBiABKAkSDAoEaGFzaBgHIAEoCRIQCghtYXhfc2l6ZRgIIAEoDRIWCg5tYXhfYmF0Y2hfcm93cxgJIAEoDSLeAQoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLnN0eWxlYWxpZ24udjEuTW9kZWxJbmZvEhAKCHNhbXBsZXJzGAIgAygJEhMKC21heF9wcm9tcHRzGAMgASgNEhEKCW1heF9zdGVwcxgEIAEoDRIQCghtYXhfc2l6ZRgFIAEoDRIVCg1kZWZhdWx0X3N0ZXBzGAYgASgNEh4KFmRlZmF1bHRfZ3VpZGFuY2Vfc2NhbGUYByABKAISGwoTbWVtb3J5X2J1ZGdldF9ieXRlcxgIIAEoBCqBAQoJU2hhcmVOb3JtEhoKFlNIQVJFX05PUk1fVU5TUEVDSUZJRUQQABITCg9TSEFSRV9OT1JNX0JPVEgQARIUChBTSEFSRV9OT1JNX0dST1VQEAISFAoQU0hBUkVfTk9STV9MQVlFUhADEhcKE1NIQVJFX05PUk1fRElTQUJMRUQQBCpqCglTaGFyZUF0dG4SGgoWU0hBUkVfQVRUTl9VTlNQRUNJRklFRBAAEhIKDlNIQVJFX0FUVE5fUV9LEAESFAoQU0hBUkVfQVRUTl9RX0tfVhACEhcKE1NIQVJFX0FUVE5fRElTQUJMRUQQAyqPAQoHU2FtcGxlchIXChNTQU1QTEVSX1VOU1BFQ0lGSUVEEAASEAoMU0FNUExFUl9ERElNEAESEQoNU0FNUExFUl9FVUxFUhACEhMKD1NBTVBMRVJfRVVMRVJfQRADEhQKEFNBTVBMRVJfRFBNUFBfMk0QBBIbChdTQU1QTEVSX0RQTVBQXzJNX0tBUlJBUxAFKl4KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASEAoMUFJJT1JJVFlfTE9XEAESEwoPUFJJT1JJVFlfTk9STUFMEAISEQoNUFJJT1JJVFlfSElHSBADKlEKBkZhbWlseRIWChJGQU1JTFlfVU5TUEVDSUZJRUQQABIOCgpGQU1JTFlfU0QxEAESDgoKRkFNSUxZX1NEMhACEg8KC0ZBTUlMWV9TRFhMEAMynQMKClN0eWxlQWxpZ24SRgoKUGF0Y2hNb2RlbBIgLnN0eWxlYWxpZ24udjEuUGF0Y2hNb2RlbFJlcXVlc3QaFi5zdHlsZWFsaWduLnYxLlNlc3Npb24STQoIR2VuZXJhdGUSHi5zdHlsZWFsaWduLnYxLkdlbmVyYXRlUmVxdWVzdBofLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVSZXNwb25zZTABEkYKCkdldFNlc3Npb24SIC5zdHlsZWFsaWduLnYxLkdldFNlc3Npb25SZXF1ZXN0GhYuc3R5bGVhbGlnbi52MS5TZXNzaW9uEl0KDlJlbGVhc2VTZXNzaW9uEiQuc3R5bGVhbGlnbi52MS5SZWxlYXNlU2Vzc2lvblJlcXVlc3QaJS5zdHlsZWFsaWduLnYxLlJlbGVhc2VTZXNzaW9uUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLnN0eWxlYWxpZ24udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5zdHlsZWFsaWduLnYxLkxpc3RNb2RlbHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Ch5zdHlsZWFsaWduL3YxL3N0eWxlYWxpZ24ucHJvdG8SDXN0eWxlYWxpZ24udjEiiAQKDE9mZmljaWFsQXJncxIdChBzaGFyZV9ncm91cF9ub3JtGAEgASgISACIAQESHQoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCEgBiAEBEhwKD3NoYXJlX2F0dGVudGlvbhgDIAEoCEgCiAEBEhoKDWFkYWluX3F1ZXJpZXMYBCABKAhIA4gBARIXCgphZGFpbl9rZXlzGAUgASgISASIAQESGQoMYWRhaW5fdmFsdWVzGAYgASgISAWIAQESIQoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAhIBogBARIfChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAJIB4gBARIfChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAJICIgBARIcCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAJICYgBAUITChFfc2hhcmVfZ3JvdXBfbm9ybUITChFfc2hhcmVfbGF5ZXJfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uQhAKDl9hZGFpbl9xdWVyaWVzQg0KC19hZGFpbl9rZXlzQg8KDV9hZGFpbl92YWx1ZXNCFwoVX2Z1bGxfYXR0ZW50aW9uX3NoYXJlQhUKE19zaGFyZWRfc2NvcmVfc2NhbGVCFQoTX3NoYXJlZF9zY29yZV9zaGlmdEISChBfb25seV9zZWxmX2xldmVsIqMCChFQYXRjaE1vZGVsUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIsCgpzaGFyZV9ub3JtGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgDIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEhIKBXNjYWxlGAQgASgCSACIAQESLQoIYWR2YW5jZWQYBSABKAsyGy5zdHlsZWFsaWduLnYxLk9mZmljaWFsQXJncxIpCgZ3aW5kb3cYBiABKAsyGS5zdHlsZWFsaWduLnYxLlN0ZXBXaW5kb3cSKwoGbGV2ZWxzGAcgAygLMhsuc3R5bGVhbGlnbi52MS5MZXZlbE9wdGlvbnNCCAoGX3NjYWxlIkQKClN0ZXBXaW5kb3cSEgoFc3RhcnQYASABKAJIAIgBARIQCgNlbmQYAiABKAJIAYgBAUIICgZfc3RhcnRCBgoEX2VuZCLAAQoMTGV2ZWxPcHRpb25zEgwKBG5hbWUYASABKAkSFAoHZW5hYmxlZBgCIAEoCEgAiAEBEhEKBGdhaW4YAyABKAJIAYgBARIdChBzaGFyZV9ncm91cF9ub3JtGAQgASgISAKIAQESHAoPc2hhcmVfYXR0ZW50aW9uGAUgASgISAOIAQFCCgoIX2VuYWJsZWRCBwoFX2dhaW5CEwoRX3NoYXJlX2dyb3VwX25vcm1CEgoQX3NoYXJlX2F0dGVudGlvbiJ4CgtOb2RlT3B0aW9ucxIsCgpzaGFyZV9ub3JtGAEgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgCIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEg0KBXNjYWxlGAMgASgCIpMCChRSZXNvbHZlZE9mZmljaWFsQXJncxIYChBzaGFyZV9ncm91cF9ub3JtGAEgASgIEhgKEHNoYXJlX2xheWVyX25vcm0YAiABKAgSFwoPc2hhcmVfYXR0ZW50aW9uGAMgASgIEhUKDWFkYWluX3F1ZXJpZXMYBCABKAgSEgoKYWRhaW5fa2V5cxgFIAEoCBIUCgxhZGFpbl92YWx1ZXMYBiABKAgSHAoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAgSGgoSc2hhcmVkX3Njb3JlX3NjYWxlGAggASgCEhoKEnNoYXJlZF9zY29yZV9zaGlmdBgJIAEoAhIXCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAIi+AEKCFN3aXRjaGVzEhgKEHNoYXJlX2dyb3VwX25vcm0YASABKAgSGAoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCBISCgphZGFpbl9zaXRlGAMgASgJEg8KB2FkYWluX3EYBCABKAgSDwoHYWRhaW5faxgFIAEoCBIPCgdhZGFpbl92GAYgASgIEhcKD3NoYXJlX2F0dGVudGlvbhgHIAEoCBIcChRmdWxsX2F0dGVudGlvbl9zaGFyZRgIIAEoCBITCgtzY29yZV9zaGlmdBgJIAEoAhIMCgRnYWluGAogASgCEhcKD29ubHlfc2VsZl9sZXZlbBgLIAEoAiKBAgoMUGF0Y2hPcHRpb25zEioKBG5vZGUYASABKAsyGi5zdHlsZWFsaWduLnYxLk5vZGVPcHRpb25zSAASNwoIb2ZmaWNpYWwYAiABKAsyIy5zdHlsZWFsaWduLnYxLlJlc29sdmVkT2ZmaWNpYWxBcmdzSAASKQoIc3dpdGNoZXMYAyABKAsyFy5zdHlsZWFsaWduLnYxLlN3aXRjaGVzEikKBndpbmRvdxgEIAEoCzIZLnN0eWxlYWxpZ24udjEuU3RlcFdpbmRvdxIrCgZsZXZlbHMYBSADKAsyGy5zdHlsZWFsaWduLnYxLkxldmVsT3B0aW9uc0IJCgdmbGF2b3VyItQBCgdTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSLAoHb3B0aW9ucxgDIAEoCzIbLnN0eWxlYWxpZ24udjEuUGF0Y2hPcHRpb25zEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGlkbGVfdHRsX3NlY29uZHMYBiABKA0i+gMKD0dlbmVyYXRlUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3Byb21wdHMYAiADKAkSDQoFY291bnQYAyABKA0SFwoPbmVnYXRpdmVfcHJvbXB0GAQgASgJEhEKBHNlZWQYBSABKARIAIgBARINCgVzdGVwcxgGIAEoDRIbCg5ndWlkYW5jZV9zY2FsZRgHIAEoAkgBiAEBEg0KBXdpZHRoGAggASgNEg4KBmhlaWdodBgJIAEoDRInCgdzYW1wbGVyGAogASgOMhYuc3R5bGVhbGlnbi52MS5TYW1wbGVyEikKCHByaW9yaXR5GAsgASgOMhcuc3R5bGVhbGlnbi52MS5Qcmlvcml0eRIXCg9yZWZlcmVuY2VfaW1hZ2UYDCABKAwSGQoRcmVmZXJlbmNlX2NhcHRpb24YDSABKAkSGAoQcmVmZXJlbmNlX29mZnNldBgOIAEoDRIlChhyZWZlcmVuY2VfZ3VpZGFuY2Vfc2NhbGUYDyABKAJIAogBARI6ChFzaXplX2NvbmRpdGlvbmluZxgQIAEoCzIfLnN0eWxlYWxpZ24udjEuU2l6ZUNvbmRpdGlvbmluZ0IHCgVfc2VlZEIRCg9fZ3VpZGFuY2Vfc2NhbGVCGwoZX3JlZmVyZW5jZV9ndWlkYW5jZV9zY2FsZSKVAQoQU2l6ZUNvbmRpdGlvbmluZxIWCg5vcmlnaW5hbF93aWR0aBgBIAEoDRIXCg9vcmlnaW5hbF9oZWlnaHQYAiABKA0SEAoIY3JvcF90b3AYAyABKA0SEQoJY3JvcF9sZWZ0GAQgASgNEhQKDHRhcmdldF93aWR0aBgFIAEoDRIVCg10YXJnZXRfaGVpZ2h0GAYgASgNIi8KBlF1ZXVlZBIQCghwb3NpdGlvbhgBIAEoDRITCgtxdWV1ZV9kZXB0aBgCIAEoDSJICgdTdGFydGVkEhIKCmJhdGNoX3Jvd3MYASABKA0SEgoKYmF0Y2hfc2V0cxgCIAEoDRIVCg1xdWV1ZV9zZWNvbmRzGAMgASgBIi0KCFByb2dyZXNzEgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0ifQoOR2VuZXJhdGVkSW1hZ2USDQoFaW5kZXgYASABKA0SDgoGcHJvbXB0GAIgASgJEg0KBXdpZHRoGAMgASgNEg4KBmhlaWdodBgEIAEoDRIMCgRzZWVkGAUgASgEEgsKA3BuZxgGIAEoDBISCgpwYXJhbWV0ZXJzGAcgASgJIswBChBHZW5lcmF0ZVJlc3BvbnNlEicKBnF1ZXVlZBgBIAEoCzIVLnN0eWxlYWxpZ24udjEuUXVldWVkSAASKQoHc3RhcnRlZBgCIAEoCzIWLnN0eWxlYWxpZ24udjEuU3RhcnRlZEgAEisKCHByb2dyZXNzGAMgASgLMhcuc3R5bGVhbGlnbi52MS5Qcm9ncmVzc0gAEi4KBWltYWdlGAQgASgLMh0uc3R5bGVhbGlnbi52MS5HZW5lcmF0ZWRJbWFnZUgAQgcKBWV2ZW50IicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiKwoVUmVsZWFzZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiGAoWUmVsZWFzZVNlc3Npb25SZXNwb25zZSITChFMaXN0TW9kZWxzUmVxdWVzdCLMAQoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSJQoGZmFtaWx5GAIgASgOMhUuc3R5bGVhbGlnbi52MS5GYW1pbHkSFAoMbmF0aXZlX3dpZHRoGAMgASgNEhUKDW5hdGl2ZV9oZWlnaHQYBCABKA0SFQoNc2l6ZV9tdWx0aXBsZRgFIAEoDRIOCgZzb3VyY2UYBiABKAkSDAoEaGFzaBgHIAEoCRIQCghtYXhfc2l6ZRgIIAEoDRIWCg5tYXhfYmF0Y2hfcm93cxgJIAEoDSLeAQoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLnN0eWxlYWxpZ24udjEuTW9kZWxJbmZvEhAKCHNhbXBsZXJzGAIgAygJEhMKC21heF9wcm9tcHRzGAMgASgNEhEKCW1heF9zdGVwcxgEIAEoDRIQCghtYXhfc2l6ZRgFIAEoDRIVCg1kZWZhdWx0X3N0ZXBzGAYgASgNEh4KFmRlZmF1bHRfZ3VpZGFuY2Vfc2NhbGUYByABKAISGwoTbWVtb3J5X2J1ZGdldF9ieXRlcxgIIAEoBCqBAQoJU2hhcmVOb3JtEhoKFlNIQVJFX05PUk1fVU5TUEVDSUZJRUQQABITCg9TSEFSRV9OT1JNX0JPVEgQARIUChBTSEFSRV9OT1JNX0dST1VQEAISFAoQU0hBUkVfTk9STV9MQVlFUhADEhcKE1NIQVJFX05PUk1fRElTQUJMRUQQBCpqCglTaGFyZUF0dG4SGgoWU0hBUkVfQVRUTl9VTlNQRUNJRklFRBAAEhIKDlNIQVJFX0FUVE5fUV9LEAESFAoQU0hBUkVfQVRUTl9RX0tfVhACEhcKE1NIQVJFX0FUVE5fRElTQUJMRUQQAyqPAQoHU2FtcGxlchIXChNTQU1QTEVSX1VOU1BFQ0lGSUVEEAASEAoMU0FNUExFUl9ERElNEAESEQoNU0FNUExFUl9FVUxFUhACEhMKD1NBTVBMRVJfRVVMRVJfQRADEhQKEFNBTVBMRVJfRFBNUFBfMk0QBBIbChdTQU1QTEVSX0RQTVBQXzJNX0tBUlJBUxAFKl4KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASEAoMUFJJT1JJVFlfTE9XEAESEwoPUFJJT1JJVFlfTk9STUFMEAISEQoNUFJJT1JJVFlfSElHSBADKlEKBkZhbWlseRIWChJGQU1JTFlfVU5TUEVDSUZJRUQQABIOCgpGQU1JTFlfU0QxEAESDgoKRkFNSUxZX1NEMhACEg8KC0ZBTUlMWV9TRFhMEAMynQMKClN0eWxlQWxpZ24SRgoKUGF0Y2hNb2RlbBIgLnN0eWxlYWxpZ24udjEuUGF0Y2hNb2RlbFJlcXVlc3QaFi5zdHlsZWFsaWduLnYxLlNlc3Npb24STQoIR2VuZXJhdGUSHi5zdHlsZWFsaWduLnYxLkdlbmVyYXRlUmVxdWVzdBofLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVSZXNwb25zZTABEkYKCkdldFNlc3Npb24SIC5zdHlsZWFsaWduLnYxLkdldFNlc3Npb25SZXF1ZXN0GhYuc3R5bGVhbGlnbi52MS5TZXNzaW9uEl0KDlJlbGVhc2VTZXNzaW9uEiQuc3R5bGVhbGlnbi52MS5SZWxlYXNlU2Vzc2lvblJlcXVlc3QaJS5zdHlsZWFsaWduLnYxLlJlbGVhc2VTZXNzaW9uUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLnN0eWxlYWxpZ24udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5zdHlsZWFsaWduLnYxLkxpc3RNb2RlbHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * The official google/style-aligned `StyleAlignedArgs`. Unset fields take the official defaults
@@ -129,6 +129,21 @@ export type PatchModelRequest = Message<"stylealign.v1.PatchModelRequest"> & {
    * @generated from field: stylealign.v1.OfficialArgs advanced = 5;
    */
   advanced?: OfficialArgs | undefined;
+
+  /**
+   * The steps the patch acts on (unset: every step). See docs/style-sharing.md.
+   *
+   * @generated from field: stylealign.v1.StepWindow window = 6;
+   */
+  window?: StepWindow | undefined;
+
+  /**
+   * Per UNet level options, at most one entry per level (unset: every level as the options
+   * above say). Levels the model does not have are INVALID_ARGUMENT naming `levels[i].name`.
+   *
+   * @generated from field: repeated stylealign.v1.LevelOptions levels = 7;
+   */
+  levels: LevelOptions[];
 };
 
 /**
@@ -137,6 +152,86 @@ export type PatchModelRequest = Message<"stylealign.v1.PatchModelRequest"> & {
  */
 export const PatchModelRequestSchema: GenMessage<PatchModelRequest> = /*@__PURE__*/
   messageDesc(file_stylealign_v1_stylealign, 1);
+
+/**
+ * The steps of the schedule the patch acts on, as fractions of it: step i of n (0-based) is
+ * patched iff NOT (i/n < start or (i+1)/n > end), the rule of diffusers'
+ * control_guidance_start / control_guidance_end; the other steps run the plain UNet.
+ * 0 <= start < end <= 1. Unset: start 0, end 1.
+ *
+ * @generated from message stylealign.v1.StepWindow
+ */
+export type StepWindow = Message<"stylealign.v1.StepWindow"> & {
+  /**
+   * @generated from field: optional float start = 1;
+   */
+  start?: number | undefined;
+
+  /**
+   * @generated from field: optional float end = 2;
+   */
+  end?: number | undefined;
+};
+
+/**
+ * Describes the message stylealign.v1.StepWindow.
+ * Use `create(StepWindowSchema)` to create a new message.
+ */
+export const StepWindowSchema: GenMessage<StepWindow> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 2);
+
+/**
+ * The patch in one UNet level. Unset fields follow the session's options: the level is enabled,
+ * its GroupNorms share statistics iff the options share GroupNorm statistics, its
+ * self-attentions are patched (unless only_self_level leaves a layer plain), gain 1.
+ *
+ * @generated from message stylealign.v1.LevelOptions
+ */
+export type LevelOptions = Message<"stylealign.v1.LevelOptions"> & {
+  /**
+   * "down.K", "mid", "up.K" (diffusers down_blocks[K], mid_block, up_blocks[K]) or "out"
+   * (conv_norm_out). Every GroupNorm and self-attention inside a block belongs to its level.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * false: every GroupNorm and self-attention of the level runs plain.
+   *
+   * @generated from field: optional bool enabled = 2;
+   */
+  enabled?: boolean | undefined;
+
+  /**
+   * Multiplies the gain on the reference's keys (scale, or shared_score_scale) of the rows that
+   * are not their own reference, in this level's self-attentions. A finite number.
+   *
+   * @generated from field: optional float gain = 3;
+   */
+  gain?: number | undefined;
+
+  /**
+   * Whether the level's GroupNorms use the statistics joint with the reference's.
+   *
+   * @generated from field: optional bool share_group_norm = 4;
+   */
+  shareGroupNorm?: boolean | undefined;
+
+  /**
+   * false: the level's self-attentions run plain (no AdaIN, no shared keys and values).
+   *
+   * @generated from field: optional bool share_attention = 5;
+   */
+  shareAttention?: boolean | undefined;
+};
+
+/**
+ * Describes the message stylealign.v1.LevelOptions.
+ * Use `create(LevelOptionsSchema)` to create a new message.
+ */
+export const LevelOptionsSchema: GenMessage<LevelOptions> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 3);
 
 /**
  * The node's options, resolved (no UNSPECIFIED values).
@@ -165,7 +260,7 @@ export type NodeOptions = Message<"stylealign.v1.NodeOptions"> & {
  * Use `create(NodeOptionsSchema)` to create a new message.
  */
 export const NodeOptionsSchema: GenMessage<NodeOptions> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 2);
+  messageDesc(file_stylealign_v1_stylealign, 4);
 
 /**
  * The official arguments, resolved (every field set).
@@ -229,7 +324,7 @@ export type ResolvedOfficialArgs = Message<"stylealign.v1.ResolvedOfficialArgs">
  * Use `create(ResolvedOfficialArgsSchema)` to create a new message.
  */
 export const ResolvedOfficialArgsSchema: GenMessage<ResolvedOfficialArgs> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 3);
+  messageDesc(file_stylealign_v1_stylealign, 5);
 
 /**
  * What the patch executes, whichever flavour it was given in.
@@ -300,7 +395,7 @@ export type Switches = Message<"stylealign.v1.Switches"> & {
  * Use `create(SwitchesSchema)` to create a new message.
  */
 export const SwitchesSchema: GenMessage<Switches> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 4);
+  messageDesc(file_stylealign_v1_stylealign, 6);
 
 /**
  * @generated from message stylealign.v1.PatchOptions
@@ -327,6 +422,21 @@ export type PatchOptions = Message<"stylealign.v1.PatchOptions"> & {
    * @generated from field: stylealign.v1.Switches switches = 3;
    */
   switches?: Switches | undefined;
+
+  /**
+   * The step window, both fields set.
+   *
+   * @generated from field: stylealign.v1.StepWindow window = 4;
+   */
+  window?: StepWindow | undefined;
+
+  /**
+   * Every level of the session's model in execution order (down.0.., mid, up.0.., out), every
+   * field set: what the patch does there.
+   *
+   * @generated from field: repeated stylealign.v1.LevelOptions levels = 5;
+   */
+  levels: LevelOptions[];
 };
 
 /**
@@ -334,7 +444,7 @@ export type PatchOptions = Message<"stylealign.v1.PatchOptions"> & {
  * Use `create(PatchOptionsSchema)` to create a new message.
  */
 export const PatchOptionsSchema: GenMessage<PatchOptions> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 5);
+  messageDesc(file_stylealign_v1_stylealign, 7);
 
 /**
  * @generated from message stylealign.v1.Session
@@ -378,7 +488,7 @@ export type Session = Message<"stylealign.v1.Session"> & {
  * Use `create(SessionSchema)` to create a new message.
  */
 export const SessionSchema: GenMessage<Session> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 6);
+  messageDesc(file_stylealign_v1_stylealign, 8);
 
 /**
  * @generated from message stylealign.v1.GenerateRequest
@@ -499,7 +609,7 @@ export type GenerateRequest = Message<"stylealign.v1.GenerateRequest"> & {
  * Use `create(GenerateRequestSchema)` to create a new message.
  */
 export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 7);
+  messageDesc(file_stylealign_v1_stylealign, 9);
 
 /**
  * SDXL size conditioning, in pixels.
@@ -543,7 +653,7 @@ export type SizeConditioning = Message<"stylealign.v1.SizeConditioning"> & {
  * Use `create(SizeConditioningSchema)` to create a new message.
  */
 export const SizeConditioningSchema: GenMessage<SizeConditioning> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 8);
+  messageDesc(file_stylealign_v1_stylealign, 10);
 
 /**
  * @generated from message stylealign.v1.Queued
@@ -567,7 +677,7 @@ export type Queued = Message<"stylealign.v1.Queued"> & {
  * Use `create(QueuedSchema)` to create a new message.
  */
 export const QueuedSchema: GenMessage<Queued> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 9);
+  messageDesc(file_stylealign_v1_stylealign, 11);
 
 /**
  * @generated from message stylealign.v1.Started
@@ -596,7 +706,7 @@ export type Started = Message<"stylealign.v1.Started"> & {
  * Use `create(StartedSchema)` to create a new message.
  */
 export const StartedSchema: GenMessage<Started> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 10);
+  messageDesc(file_stylealign_v1_stylealign, 12);
 
 /**
  * @generated from message stylealign.v1.Progress
@@ -618,7 +728,7 @@ export type Progress = Message<"stylealign.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 11);
+  messageDesc(file_stylealign_v1_stylealign, 13);
 
 /**
  * @generated from message stylealign.v1.GeneratedImage
@@ -670,7 +780,7 @@ export type GeneratedImage = Message<"stylealign.v1.GeneratedImage"> & {
  * Use `create(GeneratedImageSchema)` to create a new message.
  */
 export const GeneratedImageSchema: GenMessage<GeneratedImage> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 12);
+  messageDesc(file_stylealign_v1_stylealign, 14);
 
 /**
  * @generated from message stylealign.v1.GenerateResponse
@@ -711,7 +821,7 @@ export type GenerateResponse = Message<"stylealign.v1.GenerateResponse"> & {
  * Use `create(GenerateResponseSchema)` to create a new message.
  */
 export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 13);
+  messageDesc(file_stylealign_v1_stylealign, 15);
 
 /**
  * @generated from message stylealign.v1.GetSessionRequest
@@ -728,7 +838,7 @@ export type GetSessionRequest = Message<"stylealign.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 14);
+  messageDesc(file_stylealign_v1_stylealign, 16);
 
 /**
  * @generated from message stylealign.v1.ReleaseSessionRequest
@@ -745,7 +855,7 @@ export type ReleaseSessionRequest = Message<"stylealign.v1.ReleaseSessionRequest
  * Use `create(ReleaseSessionRequestSchema)` to create a new message.
  */
 export const ReleaseSessionRequestSchema: GenMessage<ReleaseSessionRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 15);
+  messageDesc(file_stylealign_v1_stylealign, 17);
 
 /**
  * @generated from message stylealign.v1.ReleaseSessionResponse
@@ -758,7 +868,7 @@ export type ReleaseSessionResponse = Message<"stylealign.v1.ReleaseSessionRespon
  * Use `create(ReleaseSessionResponseSchema)` to create a new message.
  */
 export const ReleaseSessionResponseSchema: GenMessage<ReleaseSessionResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 16);
+  messageDesc(file_stylealign_v1_stylealign, 18);
 
 /**
  * @generated from message stylealign.v1.ListModelsRequest
@@ -771,7 +881,7 @@ export type ListModelsRequest = Message<"stylealign.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 17);
+  messageDesc(file_stylealign_v1_stylealign, 19);
 
 /**
  * @generated from message stylealign.v1.ModelInfo
@@ -842,7 +952,7 @@ export type ModelInfo = Message<"stylealign.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 18);
+  messageDesc(file_stylealign_v1_stylealign, 20);
 
 /**
  * @generated from message stylealign.v1.ListModelsResponse
@@ -903,7 +1013,7 @@ export type ListModelsResponse = Message<"stylealign.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 19);
+  messageDesc(file_stylealign_v1_stylealign, 21);
 
 /**
  * ComfyUI StyleAlignedBatchAlign `share_norm`. Default (UNSPECIFIED): BOTH.

@@ -96,18 +96,44 @@ class OfficialArgs(_message.Message):
     def __init__(self, share_group_norm: _Optional[bool] = ..., share_layer_norm: _Optional[bool] = ..., share_attention: _Optional[bool] = ..., adain_queries: _Optional[bool] = ..., adain_keys: _Optional[bool] = ..., adain_values: _Optional[bool] = ..., full_attention_share: _Optional[bool] = ..., shared_score_scale: _Optional[float] = ..., shared_score_shift: _Optional[float] = ..., only_self_level: _Optional[float] = ...) -> None: ...
 
 class PatchModelRequest(_message.Message):
-    __slots__ = ("model", "share_norm", "share_attn", "scale", "advanced")
+    __slots__ = ("model", "share_norm", "share_attn", "scale", "advanced", "window", "levels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SHARE_NORM_FIELD_NUMBER: _ClassVar[int]
     SHARE_ATTN_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     ADVANCED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     share_norm: ShareNorm
     share_attn: ShareAttn
     scale: float
     advanced: OfficialArgs
-    def __init__(self, model: _Optional[str] = ..., share_norm: _Optional[_Union[ShareNorm, str]] = ..., share_attn: _Optional[_Union[ShareAttn, str]] = ..., scale: _Optional[float] = ..., advanced: _Optional[_Union[OfficialArgs, _Mapping]] = ...) -> None: ...
+    window: StepWindow
+    levels: _containers.RepeatedCompositeFieldContainer[LevelOptions]
+    def __init__(self, model: _Optional[str] = ..., share_norm: _Optional[_Union[ShareNorm, str]] = ..., share_attn: _Optional[_Union[ShareAttn, str]] = ..., scale: _Optional[float] = ..., advanced: _Optional[_Union[OfficialArgs, _Mapping]] = ..., window: _Optional[_Union[StepWindow, _Mapping]] = ..., levels: _Optional[_Iterable[_Union[LevelOptions, _Mapping]]] = ...) -> None: ...
+
+class StepWindow(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: float
+    end: float
+    def __init__(self, start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
+
+class LevelOptions(_message.Message):
+    __slots__ = ("name", "enabled", "gain", "share_group_norm", "share_attention")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    SHARE_GROUP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SHARE_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    enabled: bool
+    gain: float
+    share_group_norm: bool
+    share_attention: bool
+    def __init__(self, name: _Optional[str] = ..., enabled: _Optional[bool] = ..., gain: _Optional[float] = ..., share_group_norm: _Optional[bool] = ..., share_attention: _Optional[bool] = ...) -> None: ...
 
 class NodeOptions(_message.Message):
     __slots__ = ("share_norm", "share_attn", "scale")
@@ -170,14 +196,18 @@ class Switches(_message.Message):
     def __init__(self, share_group_norm: _Optional[bool] = ..., share_layer_norm: _Optional[bool] = ..., adain_site: _Optional[str] = ..., adain_q: _Optional[bool] = ..., adain_k: _Optional[bool] = ..., adain_v: _Optional[bool] = ..., share_attention: _Optional[bool] = ..., full_attention_share: _Optional[bool] = ..., score_shift: _Optional[float] = ..., gain: _Optional[float] = ..., only_self_level: _Optional[float] = ...) -> None: ...
 
 class PatchOptions(_message.Message):
-    __slots__ = ("node", "official", "switches")
+    __slots__ = ("node", "official", "switches", "window", "levels")
     NODE_FIELD_NUMBER: _ClassVar[int]
     OFFICIAL_FIELD_NUMBER: _ClassVar[int]
     SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
     node: NodeOptions
     official: ResolvedOfficialArgs
     switches: Switches
-    def __init__(self, node: _Optional[_Union[NodeOptions, _Mapping]] = ..., official: _Optional[_Union[ResolvedOfficialArgs, _Mapping]] = ..., switches: _Optional[_Union[Switches, _Mapping]] = ...) -> None: ...
+    window: StepWindow
+    levels: _containers.RepeatedCompositeFieldContainer[LevelOptions]
+    def __init__(self, node: _Optional[_Union[NodeOptions, _Mapping]] = ..., official: _Optional[_Union[ResolvedOfficialArgs, _Mapping]] = ..., switches: _Optional[_Union[Switches, _Mapping]] = ..., window: _Optional[_Union[StepWindow, _Mapping]] = ..., levels: _Optional[_Iterable[_Union[LevelOptions, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "model", "options", "created_at", "expires_at", "idle_ttl_seconds")
