@@ -136,6 +136,48 @@ fn img2img_sets_batched_give_their_images_alone() {
 }
 
 #[test]
+fn a_control_window_counts_an_img2img_targets_own_steps() {
+    let dev = device();
+    let pipe = tiny_pipeline(&dev).unwrap();
+    let net = std::sync::Arc::new(stylealign::pipeline::tiny::tiny_controlnet(&dev).unwrap());
+    let fitted = ReferenceImage::fit(&picture(), 32, 32);
+    let batch = BatchSpec {
+        width: 32,
+        height: 32,
+        steps: 8,
+        guidance: 7.0,
+        sampler: SamplerKind::Ddim,
+        patch: Some(StyleAligned::default()),
+        scope: Default::default(),
+        size_conditioning: None,
+    };
+    // Strength 0.5 of 8 steps: the target enters at step 4. The window [0, 0.5] lies before that
+    // step on the set's schedule, but covers the first half of the target's own 4 steps.
+    let set = |controls| SetSpec {
+        prompts: vec!["a house".into(), "a tree".into()],
+        seed: 21,
+        init_images: vec![(1, InitImage { image: fitted.clone(), strength: 0.5 })],
+        controls,
+        ..Default::default()
+    };
+    let control = |start, end| stylealign::pipeline::ControlSpec {
+        net: net.clone(),
+        images: vec![picture()],
+        conditioning_scale: 1.0,
+        start,
+        end,
+    };
+    let run = |s: SetSpec| pipe.generate(&batch, &[s], &mut |_, _| vec![true]).unwrap().pop().unwrap().unwrap();
+    let plain = run(set(vec![]));
+    let early = run(set(vec![control(0.0, 0.5)]));
+    assert_eq!(plain[0], early[0], "the reference gets no control");
+    assert_ne!(plain[1], early[1], "the window acts on the target's own first steps");
+    // The second half of its own steps acts otherwise than the first half.
+    let late = run(set(vec![control(0.5, 1.0)]));
+    assert_ne!(early[1], late[1]);
+}
+
+#[test]
 fn bad_init_images_are_invalid_argument_naming_the_field() {
     run(Duration::from_secs(120), || async {
         let server = start(test_config()).await;

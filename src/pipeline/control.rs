@@ -157,7 +157,8 @@ impl Pipeline {
     /// (rows: every set's unconditional rows, then every set's conditional rows; `x_in` is one
     /// half, already scaled for the model), or `None` when no control acts at this step. Each
     /// ControlNet runs once on the target rows that use it now (a set using one ControlNet twice
-    /// adds a second pass); rows without control get zeros.
+    /// adds a second pass); rows without control get zeros. An img2img target counts the window
+    /// over its own steps (from its entry step on) and gets no control before it enters.
     pub fn control_residuals(
         &self,
         live: &[SetState],
@@ -174,7 +175,18 @@ impl Pipeline {
             for l in live {
                 let rows = l.rows();
                 let mut seen: Vec<*const ControlNet> = Vec::new();
-                for c in l.controls.iter().filter(|c| control_active(i, n, c.start, c.end)) {
+                for c in &l.controls {
+                    // An img2img target counts its own steps, from its entry (diffusers'
+                    // ControlNet img2img pipeline keeps the window on the cut schedule).
+                    let active: Vec<usize> = (0..rows - 1)
+                        .filter(|&target| {
+                            let entry = l.entries.iter().find(|e| e.row == target + 1).map_or(0, |e| e.step);
+                            i >= entry && control_active(i - entry, n - entry, c.start, c.end)
+                        })
+                        .collect();
+                    if active.is_empty() {
+                        continue;
+                    }
                     // The k-th use of a net within a set goes to that net's k-th pass.
                     let ptr = Arc::as_ptr(&c.net);
                     let occurrence = seen.iter().filter(|&&p| p == ptr).count();
@@ -187,7 +199,7 @@ impl Pipeline {
                         }
                     };
                     let p = &mut passes[k];
-                    for target in 0..rows - 1 {
+                    for target in active {
                         p.rows.push(h * half + offset + 1 + target);
                         p.images.push(c.images.clone().narrow(0, target, 1));
                         p.scales.push(c.conditioning_scale);

@@ -68,6 +68,8 @@ pub struct SetShape {
     pub input_pixels: u64,
     /// Of those, the init images (each VAE-encoded, one at a time).
     pub init_images: usize,
+    /// ControlNets on the set's targets.
+    pub controls: usize,
 }
 
 /// A peak-memory estimate in bytes, by phase.
@@ -187,8 +189,32 @@ impl CostModel {
             let c0 = self.vae_channels.first().copied().unwrap_or(128) as u64;
             reference_encode = reference_encode.max(5 * c0 * (s.width * s.height) as u64 * F32);
         }
+        let mut unet = unet;
+        if s.controls > 0 {
+            // Each ControlNet's residuals (one tensor per skip connection and the mid block's, for
+            // both CFG halves of every row) and their sum live through the UNet's forward; a
+            // ControlNet's own forward (a down half) peaks below the UNet's.
+            unet += (s.controls as u64 + 1) * batch_rows * self.residual_floats(h, w) * F32;
+        }
         let total = unet.max(vae).max(reference_encode) + resident + FIXED_BYTES;
         Estimate { unet, vae, reference_encode, resident, reference_pixels, total }
+    }
+
+    /// Floats of one row's ControlNet residuals at latent size `h`×`w`: the skip connections
+    /// (`conv_in`'s output, every down resnet's, every downsampler's) and the mid block's output.
+    pub fn residual_floats(&self, h: usize, w: usize) -> u64 {
+        let (mut hh, mut ww) = (h, w);
+        let mut floats = self.unet_channels.first().copied().unwrap_or(0) * hh * ww;
+        let n = self.unet_channels.len();
+        for (k, &c) in self.unet_channels.iter().enumerate() {
+            floats += self.unet_layers.get(k).copied().unwrap_or(1) * c * hh * ww;
+            if k + 1 < n {
+                (hh, ww) = (hh.div_ceil(2), ww.div_ceil(2));
+                floats += c * hh * ww;
+            }
+        }
+        floats += self.unet_channels.last().copied().unwrap_or(0) * hh * ww;
+        floats as u64
     }
 
     /// Bytes a batch row adds at this size (the UNet's linear part), for the batch row cap.

@@ -153,6 +153,17 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
 /// requests run end to end without a download; it does not follow its control images the way a
 /// trained ControlNet does.
 pub fn tiny_controlnet(device: &Device) -> Result<ControlNet, PipelineError> {
+    tiny_controlnet_with(&Weights::synthetic("tiny/controlnet", SEED + 3, device))
+}
+
+/// SHA-256 of the embedded ControlNet's weights as a safetensors file (its A1111 hash).
+pub fn controlnet_sha256(device: &Device) -> Result<String, PipelineError> {
+    let weights = Weights::synthetic("tiny/controlnet", SEED + 3, device);
+    tiny_controlnet_with(&weights)?;
+    Ok(sha256_bytes(&weights.synthetic_safetensors().expect("synthetic weights")))
+}
+
+fn tiny_controlnet_with(weights: &Weights) -> Result<ControlNet, PipelineError> {
     let config = ControlNetConfig::from_raw(&raw(
         "tiny/controlnet/config.json",
         json!({
@@ -166,6 +177,5 @@ pub fn tiny_controlnet(device: &Device) -> Result<ControlNet, PipelineError> {
             "conditioning_embedding_out_channels": [8, 16, 32]
         }),
     ))?;
-    let weights = Weights::synthetic("tiny/controlnet", SEED + 3, device);
-    Ok(ControlNet::from_weights(config, &weights, Path::new("<embedded controlnet>"), ControlNetFormat::Diffusers)?)
+    Ok(ControlNet::from_weights(config, weights, Path::new("<embedded controlnet>"), ControlNetFormat::Diffusers)?)
 }

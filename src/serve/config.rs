@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use super::convert::Limits;
 use super::session::SessionSecret;
 use crate::device::DeviceSpec;
@@ -27,6 +29,64 @@ impl std::str::FromStr for ModelSource {
     }
 }
 
+/// Where a served ControlNet comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlNetSource {
+    /// The embedded model's ControlNet (`tiny-controlnet`, served with the embedded model).
+    Tiny,
+    /// A diffusers ControlNet folder or a single `.safetensors` file; served under the folder's
+    /// name or the file's stem.
+    Path(PathBuf),
+}
+
+/// Name under which the embedded ControlNet is served.
+pub const TINY_CONTROLNET: &str = "tiny-controlnet";
+
+impl ControlNetSource {
+    /// The name clients use.
+    pub fn name(&self) -> String {
+        match self {
+            ControlNetSource::Tiny => TINY_CONTROLNET.into(),
+            ControlNetSource::Path(p) => {
+                let name = if p.is_dir() { p.file_name() } else { p.file_stem() };
+                name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for ControlNetSource {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s == TINY_CONTROLNET { ControlNetSource::Tiny } else { ControlNetSource::Path(PathBuf::from(s)) })
+    }
+}
+
+/// The ControlNets of `--controlnet-dir`: every subfolder holding a `config.json` and every
+/// `.safetensors` file (a `.json` beside a file is its config, not a ControlNet), sorted by name.
+/// Pickle checkpoints are named in the error: they are never read.
+pub fn controlnet_dir(dir: &Path) -> anyhow::Result<Vec<ControlNetSource>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("--controlnet-dir {}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries {
+        let path = e.with_context(|| format!("--controlnet-dir {}", dir.display()))?.path();
+        let ext = path.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        if path.is_dir() && path.join("config.json").is_file() {
+            out.push(ControlNetSource::Path(path));
+        } else if path.is_file() && ext == "safetensors" {
+            out.push(ControlNetSource::Path(path));
+        } else if path.is_file() && matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+            anyhow::bail!(
+                "--controlnet-dir: {} is a pickle checkpoint, which is not read (unpickling can run code); convert it to \
+                 safetensors or move it out of the folder",
+                path.display()
+            );
+        }
+    }
+    out.sort_by_key(|s| s.name());
+    Ok(out)
+}
+
 /// Everything the server needs to run.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -36,6 +96,8 @@ pub struct ServeConfig {
     /// endpoint for probes. `None`: no admin listener.
     pub admin_listen: Option<SocketAddr>,
     pub models: Vec<ModelSource>,
+    /// ControlNets (with the embedded model, its ControlNet is added).
+    pub controlnets: Vec<ControlNetSource>,
     /// One worker per device; for the CPU, `cpu_workers` workers share the CPU device.
     pub devices: Vec<DeviceSpec>,
     pub cpu_workers: usize,
@@ -94,6 +156,14 @@ pub struct ServeArgs {
     /// A diffusers folder, or `tiny` (the embedded model). Repeat to serve several models.
     #[arg(long = "model", env = "STYLEALIGN_MODEL", value_delimiter = ',', default_value = "tiny")]
     pub models: Vec<ModelSource>,
+    /// A ControlNet: a diffusers ControlNet folder or a single `.safetensors` file (original or
+    /// diffusers layout). Repeat to serve several. The embedded model brings `tiny-controlnet`.
+    #[arg(long = "controlnet", env = "STYLEALIGN_CONTROLNET", value_delimiter = ',')]
+    pub controlnets: Vec<ControlNetSource>,
+    /// Serve every ControlNet of this folder: its subfolders with a `config.json` and its
+    /// `.safetensors` files.
+    #[arg(long, env = "STYLEALIGN_CONTROLNET_DIR")]
+    pub controlnet_dir: Option<PathBuf>,
     #[arg(long, env = "STYLEALIGN_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Admin HTTP/gRPC listener (`/metrics`, `/healthz`, grpc.health.v1). `off` disables it.
@@ -195,7 +265,6 @@ impl ServeArgs {
     /// The server configuration: reads the token and secret files, checks every number; errors
     /// name the flag.
     pub fn config(&self) -> anyhow::Result<ServeConfig> {
-        use anyhow::Context as _;
         // Auth is on when a token file or inline tokens are given (both: their union).
         let auth = if self.auth_tokens_file.is_some() || self.auth_tokens.is_some() {
             let mut text = String::new();
@@ -219,10 +288,18 @@ impl ServeArgs {
             "off" | "none" | "" => None,
             a => Some(a.parse().with_context(|| format!("--admin-listen {a:?}"))?),
         };
+        let mut controlnets = self.controlnets.clone();
+        if let Some(dir) = &self.controlnet_dir {
+            controlnets.extend(controlnet_dir(dir)?);
+        }
+        if self.models.contains(&ModelSource::Tiny) && !controlnets.contains(&ControlNetSource::Tiny) {
+            controlnets.insert(0, ControlNetSource::Tiny);
+        }
         let cfg = ServeConfig {
             listen: self.listen,
             admin_listen,
             models: self.models.clone(),
+            controlnets,
             devices: self.devices.clone(),
             cpu_workers: self.cpu_workers,
             max_queue: self.max_queue,

@@ -286,6 +286,22 @@ pub struct ImageParameters<'a> {
     /// The set's img2img targets.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub init_images: &'a [InitParameters],
+    /// The ControlNets on the set's targets.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub controls: &'a [ControlParameters],
+}
+
+/// A ControlNet of an image's set, as recorded in its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ControlParameters {
+    /// Its name, and the SHA-256 of its weights file.
+    pub model: String,
+    pub model_sha256: String,
+    /// SHA-256 of each control image (one for all targets, or one per target).
+    pub images_sha256: Vec<String>,
+    pub conditioning_scale: f32,
+    pub start: f32,
+    pub end: f32,
 }
 
 /// An img2img target of an image's set, as recorded in its parameters.

@@ -101,6 +101,21 @@ pub fn infotext(p: &ImageParameters) -> String {
         fields.push(("Denoising strength", num(init.strength)));
         fields.push(("Init image sha256", init.image_sha256.clone()));
     }
+    if p.index != 0 || p.reference.is_some() {
+        // A1111's sd-webui-controlnet writes `ControlNet 0: "…"`; the values here are this
+        // service's own.
+        for (k, c) in p.controls.iter().enumerate() {
+            let v = format!(
+                "model: {} [{}], scale: {}, window: {}-{}",
+                c.model,
+                short_hash(&c.model_sha256),
+                num(c.conditioning_scale),
+                num(c.start),
+                num(c.end)
+            );
+            fields.push((["ControlNet 0", "ControlNet 1", "ControlNet 2", "ControlNet 3"].get(k).copied().unwrap_or("ControlNet"), v));
+        }
+    }
     if let Some(s) = p.size_conditioning {
         fields.push(("Size conditioning", s.iter().map(|v| num(*v)).collect::<Vec<_>>().join(", ")));
     }

@@ -36,6 +36,9 @@ pub struct JobSpec {
     pub reference_sha256: Option<String>,
     /// The set's img2img targets as recorded in the images' parameters.
     pub init_images: Vec<super::convert::InitParameters>,
+    /// The set's ControlNets as recorded in the images' parameters (`model`: the name each worker
+    /// resolves to its device's copy), in the order of `set.controls`.
+    pub controls: Vec<super::convert::ControlParameters>,
     /// Past it, the job stops wherever it is (queued, or running: within a step).
     pub deadline: Option<Instant>,
     /// The request's span (see [`crate::telemetry`]); the worker's spans for this set go below it.

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 
-use super::config::{ModelSource, ServeConfig};
-use super::service::ModelEntry;
+use super::config::{ControlNetSource, ModelSource, ServeConfig};
+use super::service::{ControlNetEntry, ModelEntry};
 use super::worker::Models;
 use crate::device::{self, DeviceSpec};
 use crate::pipeline::{BatchSpec, Pipeline, PipelineError, SetSpec};
@@ -24,14 +24,83 @@ fn model_sha256(src: &ModelSource, dev: &burn::tensor::Device) -> anyhow::Result
     Ok(Arc::from(h))
 }
 
-/// Loads every model on every device and warms each up with one step.
-pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Models, Vec<ModelEntry>)>> {
+/// What one device holds once loaded.
+pub(super) struct Loaded {
+    pub spec: DeviceSpec,
+    pub models: Models,
+    pub entries: Vec<ModelEntry>,
+    pub controlnets: Vec<ControlNetEntry>,
+}
+
+/// SHA-256 of a ControlNet's weights file (a single file, or a folder's weights file).
+fn controlnet_sha256(src: &ControlNetSource, dev: &burn::tensor::Device) -> anyhow::Result<Arc<str>> {
+    let h = match src {
+        ControlNetSource::Tiny => crate::pipeline::tiny::controlnet_sha256(dev).context("hashing the embedded ControlNet")?,
+        ControlNetSource::Path(p) if p.is_dir() => {
+            let file = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
+                .iter()
+                .map(|f| p.join(f))
+                .find(|f| f.is_file())
+                .with_context(|| format!("ControlNet {}: no diffusion_pytorch_model[.fp16].safetensors", p.display()))?;
+            crate::model::hash::sha256_file(&file).with_context(|| format!("hashing ControlNet {}", file.display()))?
+        }
+        ControlNetSource::Path(p) => crate::model::hash::sha256_file(p).with_context(|| format!("hashing ControlNet {}", p.display()))?,
+    };
+    Ok(Arc::from(h))
+}
+
+/// Loads every ControlNet on `dev`, each checked against the device's models (a ControlNet that
+/// fits none of them is refused: it could never be used).
+fn load_controlnets(
+    cfg: &ServeConfig,
+    spec: &DeviceSpec,
+    dev: &burn::tensor::Device,
+    models: &mut Models,
+    hashes: &mut [Option<Arc<str>>],
+) -> anyhow::Result<Vec<ControlNetEntry>> {
     let mut out = Vec::new();
+    for (src, hash) in cfg.controlnets.iter().zip(hashes.iter_mut()) {
+        let t = Instant::now();
+        let net = match src {
+            ControlNetSource::Tiny => crate::pipeline::tiny::tiny_controlnet(dev).map_err(anyhow::Error::from),
+            ControlNetSource::Path(p) => crate::model::controlnet::ControlNet::load(p, dev).map_err(anyhow::Error::from),
+        }
+        .with_context(|| format!("loading ControlNet {src:?} on {spec}"))?;
+        let name: Arc<str> = Arc::from(src.name());
+        if models.controlnets.contains_key(&name) {
+            anyhow::bail!("two ControlNets are named {name:?}; serve files and folders with distinct names");
+        }
+        let fits = models.pipelines.values().any(|p| super::service::fits(&net, p).is_ok());
+        if !fits {
+            let why: Vec<String> =
+                models.pipelines.values().filter_map(|p| super::service::fits(&net, p).err().map(|e| format!("{}: {e}", p.name()))).collect();
+            anyhow::bail!("ControlNet {name} ({}) fits none of the served models ({})", net.family().as_str(), why.join("; "));
+        }
+        let sha256 = match hash {
+            Some(h) => h.clone(),
+            None => hash.insert(controlnet_sha256(src, dev)?).clone(),
+        };
+        tracing::info!(controlnet = %name, family = net.family().as_str(), device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "ControlNet loaded");
+        let source = match src {
+            ControlNetSource::Tiny => "<embedded>".to_string(),
+            ControlNetSource::Path(p) => p.display().to_string(),
+        };
+        let net = Arc::new(net);
+        out.push(ControlNetEntry { name: name.clone(), family: net.family(), source, sha256, net: net.clone() });
+        models.controlnets.insert(name, net);
+    }
+    Ok(out)
+}
+
+/// Loads every model and ControlNet on every device and warms each model up with one step.
+pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
+    let mut out = Vec::new();
+    let mut net_hashes: Vec<Option<Arc<str>>> = vec![None; cfg.controlnets.len()];
     // Model hashes, computed once per model (not per device).
     let mut hashes: Vec<Option<Arc<str>>> = vec![None; cfg.models.len()];
     for spec in &cfg.devices {
         let dev = device::open(spec).with_context(|| format!("opening device {spec}"))?;
-        let mut models = Models::new();
+        let mut models = Models::default();
         let mut entries = Vec::new();
         for (src, hash) in cfg.models.iter().zip(hashes.iter_mut()) {
             let t = Instant::now();
@@ -45,7 +114,7 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Mod
                 None => hash.insert(model_sha256(src, &dev)?).clone(),
             };
             let name: Arc<str> = Arc::from(p.name());
-            if models.contains_key(&name) {
+            if models.pipelines.contains_key(&name) {
                 anyhow::bail!("two models are named {name:?}; serve folders with distinct names");
             }
             tracing::info!(model = %name, family = p.family().as_str(), device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "model loaded");
@@ -67,9 +136,10 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<(DeviceSpec, Mod
                 sha256,
                 pipeline: p.clone(),
             });
-            models.insert(name, p);
+            models.pipelines.insert(name, p);
         }
-        out.push((spec.clone(), models, entries));
+        let controlnets = load_controlnets(cfg, spec, &dev, &mut models, &mut net_hashes)?;
+        out.push(Loaded { spec: spec.clone(), models, entries, controlnets });
     }
     Ok(out)
 }

@@ -33,10 +33,9 @@ use super::pb;
 use super::pb::style_align_server::StyleAlignServer;
 use super::queue::BatchPolicy;
 use super::session::{SessionSecret, SessionStore};
-use super::worker::Models;
 use crate::device::DeviceSpec;
 
-use super::loading::load_all;
+use super::loading::{Loaded, load_all};
 use super::service::{DRAINING, LOADING, SERVING, STOPPED};
 pub use super::service::{ModelEntry, SERVICE_NAME, Service, State, code_name, parse_grpc_timeout};
 
@@ -74,6 +73,7 @@ impl Server {
         let state = Arc::new(State {
             limits: cfg.limits.clone(),
             models: RwLock::new(BTreeMap::new()),
+            controlnets: RwLock::new(BTreeMap::new()),
             sessions: SessionStore::with_secret(
                 cfg.session_ttl,
                 cfg.max_sessions_per_client,
@@ -285,12 +285,15 @@ impl Server {
     pub async fn load(&self) -> anyhow::Result<()> {
         let st = self.state.clone();
         let cfg = st.cfg.clone();
-        let loaded: Vec<(DeviceSpec, Models, Vec<ModelEntry>)> =
-            tokio::task::spawn_blocking(move || load_all(&cfg)).await.context("model loading panicked")??;
+        let loaded: Vec<Loaded> = tokio::task::spawn_blocking(move || load_all(&cfg)).await.context("model loading panicked")??;
         {
             let mut models = st.models.write().unwrap_or_else(|p| p.into_inner());
-            for e in &loaded[0].2 {
+            for e in &loaded[0].entries {
                 models.insert(e.name.clone(), e.clone());
+            }
+            let mut nets = st.controlnets.write().unwrap_or_else(|p| p.into_inner());
+            for e in &loaded[0].controlnets {
+                nets.insert(e.name.clone(), e.clone());
             }
         }
         // The memory budget, now that the models are resident (a CPU's workers share it).
@@ -303,7 +306,7 @@ impl Server {
             source = adm.source(),
             "memory budget"
         );
-        for (spec, models, _) in loaded {
+        for Loaded { spec, models, .. } in loaded {
             let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
             for i in 0..n {
                 st.engine.start_worker(format!("worker-{spec}-{i}"), models.clone()).context("spawning a worker thread")?;
@@ -311,7 +314,7 @@ impl Server {
         }
         if st.phase.compare_exchange(LOADING, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             st.set_health(ServingStatus::Serving).await;
-            tracing::info!(models = ?st.model_names(), "SERVING");
+            tracing::info!(models = ?st.model_names(), controlnets = ?st.controlnet_names(), "SERVING");
         }
         Ok(())
     }

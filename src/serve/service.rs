@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use super::admission::{self, Admission, Admitted};
 use super::config::ServeConfig;
-use super::convert::{self, FieldError, InitParameters, Limits};
+use super::convert::{self, ControlParameters, FieldError, InitParameters, Limits};
 use super::engine::{Engine, JobStream, SubmitError};
 use super::errors::{self, Reason};
 use super::job::{FailCode, JobEvent, JobSpec, Provenance};
@@ -29,7 +29,7 @@ use super::pb::style_align_server::StyleAlign;
 use super::session::{SessionError, SessionStore, random_u64, shown};
 use super::validate::{self, ModelFacts};
 use crate::pipeline::img2img::InitImage;
-use crate::pipeline::{BatchSpec, Family, Pipeline, ReferenceImage, SetSpec};
+use crate::pipeline::{BatchSpec, ControlSpec, Family, Pipeline, ReferenceImage, SetSpec};
 use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::StyleAligned;
 
@@ -55,11 +55,41 @@ pub struct ModelEntry {
     pub pipeline: Pipeline,
 }
 
+/// Whether a ControlNet fits a model: its architecture and its images' scale.
+pub(super) fn fits(net: &crate::model::controlnet::ControlNet, pipeline: &Pipeline) -> Result<(), String> {
+    net.check_fits(&pipeline.unet().config)?;
+    let f = net.config.hint_factor();
+    if f != pipeline.pixel_factor() {
+        return Err(format!("it takes images {f} times the latent, this model's VAE scales by {}", pipeline.pixel_factor()));
+    }
+    Ok(())
+}
+
+fn family_to_proto(f: Family) -> pb::Family {
+    match f {
+        Family::Sd1 => pb::Family::Sd1,
+        Family::Sd2 => pb::Family::Sd2,
+        Family::Sdxl => pb::Family::Sdxl,
+    }
+}
+
+/// A served ControlNet (the first device's copy, for validation; each worker uses its own).
+#[derive(Clone)]
+pub struct ControlNetEntry {
+    pub name: Arc<str>,
+    pub family: Family,
+    pub source: String,
+    /// SHA-256 of its weights file (lower-case hex).
+    pub sha256: Arc<str>,
+    pub net: Arc<crate::model::controlnet::ControlNet>,
+}
+
 /// Shared state of the service.
 pub struct State {
     pub(super) cfg: ServeConfig,
     pub(super) limits: Limits,
     pub(super) models: RwLock<BTreeMap<Arc<str>, ModelEntry>>,
+    pub(super) controlnets: RwLock<BTreeMap<Arc<str>, ControlNetEntry>>,
     pub sessions: SessionStore,
     /// The queue, the workers and the jobs' stop tokens.
     pub engine: Engine,
@@ -97,6 +127,35 @@ impl State {
 
     pub(super) fn model(&self, name: &str) -> Option<ModelEntry> {
         self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    pub(super) fn controlnet(&self, name: &str) -> Option<ControlNetEntry> {
+        self.controlnets.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    pub(super) fn controlnet_names(&self) -> Vec<String> {
+        self.controlnets.read().unwrap_or_else(|p| p.into_inner()).keys().map(|k| k.to_string()).collect()
+    }
+
+    /// Which served ControlNets fit `model` (or why not), for validation.
+    fn controlnets_for(&self, model: &ModelEntry) -> BTreeMap<String, Result<(), String>> {
+        let nets = self.controlnets.read().unwrap_or_else(|p| p.into_inner());
+        nets.values().map(|c| (c.name.to_string(), fits(&c.net, &model.pipeline))).collect()
+    }
+
+    /// The ControlNets as ListModels shows them, each with the served models it fits.
+    fn controlnet_list(&self) -> Vec<pb::ControlNetInfo> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let nets = self.controlnets.read().unwrap_or_else(|p| p.into_inner());
+        nets.values()
+            .map(|c| pb::ControlNetInfo {
+                name: c.name.to_string(),
+                family: family_to_proto(c.family) as i32,
+                source: c.source.clone(),
+                hash: crate::model::hash::short_hash(&c.sha256).to_string(),
+                models: models.values().filter(|m| fits(&c.net, &m.pipeline).is_ok()).map(|m| m.name.to_string()).collect(),
+            })
+            .collect()
     }
 
     pub(super) fn model_names(&self) -> Vec<String> {
@@ -283,11 +342,7 @@ impl StyleAlign for Service {
                     .values()
                     .map(|e| pb::ModelInfo {
                         name: e.name.to_string(),
-                        family: match e.family {
-                            Family::Sd1 => pb::Family::Sd1,
-                            Family::Sd2 => pb::Family::Sd2,
-                            Family::Sdxl => pb::Family::Sdxl,
-                        } as i32,
+                        family: family_to_proto(e.family) as i32,
                         hash: crate::model::hash::short_hash(&e.sha256).to_string(),
                         native_width: e.native_size as u32,
                         native_height: e.native_size as u32,
@@ -297,9 +352,11 @@ impl StyleAlign for Service {
                         max_batch_rows: st.model_max_rows(e) as u32,
                     })
                     .collect();
+                let controlnets = st.controlnet_list();
                 let l = &st.limits;
                 Ok(Response::new(pb::ListModelsResponse {
                     models,
+                    controlnets,
                     samplers: SamplerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
                     max_prompts: l.max_prompts as u32,
                     max_steps: l.max_steps as u32,
@@ -343,6 +400,37 @@ impl Service {
         Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl, Some(&levels))))
     }
 
+    /// Decodes a request's control images (fitted to `size`) and binds each control to its
+    /// ControlNet; returns the controls and what the images' parameters record of them.
+    async fn decode_controls(
+        &self,
+        checked: Vec<validate::CheckedControl>,
+        size: (usize, usize),
+    ) -> Result<(Vec<ControlSpec>, Vec<ControlParameters>), Status> {
+        let mut controls = Vec::with_capacity(checked.len());
+        let mut recorded = Vec::with_capacity(checked.len());
+        for (k, c) in checked.into_iter().enumerate() {
+            let entry = self.state.controlnet(&c.model).ok_or_else(|| {
+                FieldError::new(format!("controls[{k}].model"), format!("{:?} is no longer served", convert::bounded(&c.model))).status()
+            })?;
+            let images_sha256 = c.images.iter().map(|i| i.sha256.clone()).collect();
+            let mut images = Vec::with_capacity(c.images.len());
+            for img in c.images {
+                images.push(img.decode(size).await.map_err(|e| e.status())?);
+            }
+            recorded.push(ControlParameters {
+                model: c.model,
+                model_sha256: entry.sha256.to_string(),
+                images_sha256,
+                conditioning_scale: c.conditioning_scale,
+                start: c.start,
+                end: c.end,
+            });
+            controls.push(ControlSpec { net: entry.net, images, conditioning_scale: c.conditioning_scale, start: c.start, end: c.end });
+        }
+        Ok((controls, recorded))
+    }
+
     async fn generate_inner(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let arrived = Instant::now();
         let st = &self.state;
@@ -364,7 +452,12 @@ impl Service {
         let model = st
             .model(&session.model)
             .ok_or_else(|| errors::error(Reason::ModelNotLoaded, format!("the session's model {:?} is no longer loaded", session.model)))?;
-        let facts = ModelFacts { native_size: model.native_size, size_multiple: model.size_multiple, sdxl: model.family == Family::Sdxl };
+        let facts = ModelFacts {
+            native_size: model.native_size,
+            size_multiple: model.size_multiple,
+            sdxl: model.family == Family::Sdxl,
+            controlnets: st.controlnets_for(&model),
+        };
         let mut v = validate::generate(req, &facts, &st.limits, random_u64).map_err(|e| errors::invalid_fields(&e))?;
         // Admission before the reference image is decoded: its pixels are reserved first.
         let mut admitted = st.admit(&model, &v, &session.patch)?;
@@ -380,7 +473,9 @@ impl Service {
             let image = init.image.decode(size).await.map_err(|e| e.status())?;
             init_images.push((init.index, InitImage { image, strength: init.strength }));
         }
-        let held = reference.iter().map(|r| r.image.rgb.len()).chain(init_images.iter().map(|(_, i)| i.image.rgb.len())).sum::<usize>();
+        let (controls, control_recorded) = self.decode_controls(std::mem::take(&mut v.controls), size).await?;
+        let held = reference.iter().map(|r| r.image.rgb.len()).chain(init_images.iter().map(|(_, i)| i.image.rgb.len())).sum::<usize>()
+            + controls.iter().flat_map(|c| c.images.iter().map(|i| i.rgb.len())).sum::<usize>();
         admitted.reservation.shrink_to(held as u64);
         let batch = BatchSpec {
             width: v.width,
@@ -401,7 +496,7 @@ impl Service {
             scope: session.id.to_string(),
         });
         let set =
-            SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images, controls: Vec::new() };
+            SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images, controls };
         validate::with_model(&model.pipeline, &batch, &set).map_err(|e| errors::invalid_fields(&e))?;
 
         let id = st.engine.next_id();
@@ -416,6 +511,7 @@ impl Service {
             set,
             reference_sha256,
             init_images: init_recorded,
+            controls: control_recorded,
             deadline,
             span: span.clone(),
             admitted,

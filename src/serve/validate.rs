@@ -22,12 +22,31 @@ use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::{LevelOptions, NodeOptions, OfficialArgs, StepWindow, StyleAligned, StyleScope};
 
 /// What validation needs to know about the model.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ModelFacts {
     pub native_size: usize,
     pub size_multiple: usize,
     /// SDXL takes size conditioning.
     pub sdxl: bool,
+    /// The served ControlNets: fits this model, or why not.
+    pub controlnets: std::collections::BTreeMap<String, Result<(), String>>,
+}
+
+/// Most ControlNets on one set.
+pub const MAX_CONTROLS: usize = 4;
+/// Largest |conditioning_scale|.
+pub const MAX_CONDITIONING_SCALE: f32 = 10.0;
+
+/// A ControlNet of a request, its images checked from their headers (not decoded yet).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckedControl {
+    /// A served ControlNet that fits the session's model.
+    pub model: String,
+    /// One for every target, or one per target.
+    pub images: Vec<CheckedImage>,
+    pub conditioning_scale: f32,
+    pub start: f32,
+    pub end: f32,
 }
 
 /// A reference image checked from its header (not decoded yet).
@@ -132,6 +151,8 @@ pub struct ValidRequest {
     pub size_conditioning: Option<SizeConditioning>,
     /// img2img targets, by index.
     pub init_images: Vec<CheckedInit>,
+    /// ControlNets on the targets.
+    pub controls: Vec<CheckedControl>,
 }
 
 impl ValidRequest {
@@ -276,6 +297,7 @@ pub fn generate(
     };
     let targets = (usize::from(!has_reference), prompts.len());
     let init_images = init_images(&mut e, req.init_images, targets, steps);
+    let controls = controls(&mut e, req.controls, targets.1 - targets.0.min(targets.1), model);
     let seed = req.seed;
     e.finish(move || ValidRequest {
         prompts,
@@ -290,7 +312,57 @@ pub fn generate(
         reference,
         size_conditioning,
         init_images,
+        controls,
     })
+}
+
+/// The ControlNets of a request: at most [`MAX_CONTROLS`], each a served ControlNet that fits the
+/// model, with one image or one per target (`targets`), a finite scale within
+/// ±[`MAX_CONDITIONING_SCALE`] and a window `0 <= start < end <= 1`.
+fn controls(e: &mut Errors, controls: Vec<pb::Control>, targets: usize, model: &ModelFacts) -> Vec<CheckedControl> {
+    if controls.len() > MAX_CONTROLS {
+        e.add("controls", format!("{} ControlNets; at most {MAX_CONTROLS} per set", controls.len()));
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (k, c) in controls.into_iter().enumerate() {
+        let field = |name: &str| format!("controls[{k}].{name}");
+        match model.controlnets.get(&c.model) {
+            _ if c.model.is_empty() => e.add(field("model"), "required: a ControlNet of ListModels"),
+            None => {
+                let known: Vec<&str> = model.controlnets.keys().map(String::as_str).collect();
+                e.add(field("model"), format!("unknown ControlNet {:?}; served: {known:?}", super::convert::bounded(&c.model)))
+            }
+            Some(Err(why)) => e.add(field("model"), format!("{} does not fit the session's model: {why}", c.model)),
+            Some(Ok(())) => {}
+        }
+        if targets == 0 {
+            e.add(field("images"), "the set has no target (only its reference), nothing to control");
+        } else if c.images.len() != 1 && c.images.len() != targets {
+            e.add(field("images"), format!("{} images for {targets} targets: give one for all, or one per target", c.images.len()));
+        }
+        let scale = c.conditioning_scale.unwrap_or(1.0);
+        if !scale.is_finite() || scale.abs() > MAX_CONDITIONING_SCALE {
+            e.add(field("conditioning_scale"), format!("{scale} is outside [-{MAX_CONDITIONING_SCALE}, {MAX_CONDITIONING_SCALE}]"));
+        }
+        let (start, end) = (c.start.unwrap_or(0.0), c.end.unwrap_or(1.0));
+        if !(0.0..=1.0).contains(&start) {
+            e.add(field("start"), format!("{start} is outside [0, 1]"));
+        } else if !(0.0..=1.0).contains(&end) {
+            e.add(field("end"), format!("{end} is outside [0, 1]"));
+        } else if start >= end {
+            e.add(field("end"), format!("{end} must be above start ({start})"));
+        }
+        let images: Vec<CheckedImage> = c
+            .images
+            .into_iter()
+            .take(targets.max(1))
+            .enumerate()
+            .filter_map(|(j, bytes)| e.take(CheckedImage::check(field(&format!("images[{j}]")), bytes)))
+            .collect();
+        out.push(CheckedControl { model: c.model, images, conditioning_scale: scale, start, end });
+    }
+    out
 }
 
 /// The img2img targets of a request: each index a target of the set (`targets` = first target
@@ -450,7 +522,7 @@ mod tests {
     }
 
     fn facts() -> ModelFacts {
-        ModelFacts { native_size: 64, size_multiple: 16, sdxl: false }
+        ModelFacts { native_size: 64, size_multiple: 16, sdxl: false, ..Default::default() }
     }
 
     fn req() -> pb::GenerateRequest {

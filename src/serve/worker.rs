@@ -19,10 +19,16 @@ use super::infotext::infotext;
 use super::job::{FailCode, GenJob, ImageOut, JobEvent};
 use super::metrics::{self as m, Stats, StopRecord};
 use super::queue::{Batch, BatchPolicy, Queue};
+use crate::model::controlnet::ControlNet;
 use crate::pipeline::{Pipeline, PipelineError, RunEvent, SetSpec, SetStop};
 
 /// The models a worker can run, by name.
-pub type Models = HashMap<Arc<str>, Pipeline>;
+/// A device's loaded models and ControlNets, by name.
+#[derive(Clone, Default)]
+pub struct Models {
+    pub pipelines: HashMap<Arc<str>, Pipeline>,
+    pub controlnets: HashMap<Arc<str>, Arc<ControlNet>>,
+}
 
 /// Spawns a worker thread; it ends when the queue is closed and empty.
 pub(crate) fn spawn(
@@ -50,6 +56,16 @@ fn step_span(batch: &tracing::Span, step: usize, total: usize) -> tracing::Span 
     tracing::info_span!(target: crate::telemetry::TARGET, parent: batch, "step", step = step as i64, total = total as i64)
 }
 
+/// A job's set with its ControlNets bound to this device's copies (by name).
+fn on_this_device(models: &Models, j: &GenJob) -> Result<SetSpec, String> {
+    let mut set = j.spec.set.clone();
+    for (c, rec) in set.controls.iter_mut().zip(&j.spec.controls) {
+        let net = models.controlnets.get(rec.model.as_str()).ok_or_else(|| format!("ControlNet {} is not loaded", rec.model))?;
+        c.net = net.clone();
+    }
+    Ok(set)
+}
+
 /// Runs one batch; every job gets its images or a failure, even if the model panics.
 fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats) {
     let (mut jobs, waits): (Vec<GenJob>, Vec<Duration>) = batch.items.into_iter().unzip();
@@ -57,7 +73,7 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
         j.queue_span = None;
     }
     let Some(first) = jobs.first() else { return };
-    let Some(pipeline) = models.get(&first.spec.model).cloned() else {
+    let Some(pipeline) = models.pipelines.get(&first.spec.model).cloned() else {
         for j in &jobs {
             j.fail(FailCode::Internal, format!("model {} is not loaded on worker {worker}", j.spec.model));
         }
@@ -80,7 +96,15 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
     tracing::info!(jobs = ?jobs.iter().map(|j| j.spec.id).collect::<Vec<_>>(), "batch started");
     let started = Instant::now();
 
-    let sets: Vec<SetSpec> = jobs.iter().map(|j| j.spec.set.clone()).collect();
+    let sets: Vec<SetSpec> = match jobs.iter().map(|j| on_this_device(models, j)).collect::<Result<_, String>>() {
+        Ok(sets) => sets,
+        Err(message) => {
+            for j in &jobs {
+                j.fail(FailCode::Internal, format!("{message} on worker {worker}"));
+            }
+            return;
+        }
+    };
     let set_spans: Vec<tracing::Span> = jobs
         .iter()
         .map(|j| tracing::info_span!(target: crate::telemetry::TARGET, parent: &j.spec.span, "batch", worker, sets = jobs.len() as i64, rows = rows as i64, width = spec.width as i64, height = spec.height as i64))
@@ -217,6 +241,7 @@ fn send_images(
             }),
             size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
             init_images: &js.init_images,
+            controls: &js.controls,
         };
         let parameters = serde_json::to_string(&params).expect("parameters serialize");
         let png = img.to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);
