@@ -212,6 +212,66 @@ fn init_image_makes_a_target_img2img() {
 }
 
 #[test]
+fn controlnet_flags_control_the_targets() {
+    let server = Server::spawn();
+    let dir = temp_dir("controlnet");
+    std::fs::create_dir_all(&dir).unwrap();
+    let edges = dir.join("edges.png");
+    let rgb: Vec<u8> = (0..30 * 30 * 3).map(|i| if (i / 3) % 7 == 0 { 255 } else { 0 }).collect();
+    std::fs::write(&edges, stylealign::pipeline::Image { width: 30, height: 30, rgb }.to_png(&[])).unwrap();
+    let e = edges.to_str().unwrap();
+    let args = ["--seed", "3", "--controlnet", "tiny-controlnet", "--control", e, "--control-scale", "0.7", "--control-end", "0.8"];
+    let o = generate(&server, &dir.join("out"), &args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_clean(&o);
+    let files = written(&o);
+    let json = |p: &Path| {
+        let (_, meta) = stylealign::pipeline::image::Image::from_png(&std::fs::read(p).unwrap()).unwrap();
+        let v = meta.into_iter().find(|(k, _)| k == "stylealign").map(|(_, v)| v).unwrap();
+        serde_json::from_str::<serde_json::Value>(&v).unwrap()
+    };
+    let c = &json(&files[1].0)["controls"][0];
+    assert_eq!((c["model"].as_str(), c["conditioning_scale"].as_f64(), c["end"].as_f64()), (Some("tiny-controlnet"), Some(0.7), Some(0.8)));
+    // An unknown ControlNet is the server's INVALID_ARGUMENT naming the field.
+    let o = generate(&server, &dir.join("bad"), &["--controlnet", "depth", "--control", e]);
+    assert!(!o.status.success());
+    assert_clean(&o);
+    assert!(text(&o.stderr).contains("controls[0].model"), "{}", text(&o.stderr));
+    // --controlnet without --control is the client's usage error.
+    let o = generate(&server, &dir.join("bad"), &["--controlnet", "tiny-controlnet"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--control"), "{}", text(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn controlnet_dir_refuses_what_it_cannot_serve() {
+    let dir = temp_dir("controlnet-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let serve = |d: &Path| {
+        run(&["serve", "--model", "tiny", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--controlnet-dir", d.to_str().unwrap()])
+    };
+    // A pickle checkpoint is never read: named, with the reason.
+    std::fs::write(dir.join("control_v11p_sd15_canny.pth"), b"not read").unwrap();
+    let o = serve(&dir);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("control_v11p_sd15_canny.pth") && err.contains("pickle"), "{err}");
+    std::fs::remove_file(dir.join("control_v11p_sd15_canny.pth")).unwrap();
+    // A ControlNet single file (original layout) that fits no served model is refused by name.
+    let single = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens/tiny_controlnet_single");
+    for f in ["control_tiny_sd15.safetensors", "control_tiny_sd15.json"] {
+        std::fs::copy(single.join(f), dir.join(f)).unwrap();
+    }
+    let o = serve(&dir);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("control_tiny_sd15") && err.contains("fits none of the served models"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn runs_into_one_folder_keep_every_file() {
     let server = Server::spawn();
     let dir = temp_dir("numbering");

@@ -145,14 +145,20 @@ fn bad_controls_are_invalid_argument_naming_the_field() {
             (with(vec![pb::Control { images: vec![], ..control(&png, None) }]), "`controls[0].images`"),
             (with(vec![pb::Control { images: vec![png.clone(); 3], ..control(&png, None) }]), "`controls[0].images`"),
             (with(vec![pb::Control { images: vec![b"not an image".to_vec()], ..control(&png, None) }]), "`controls[0].images[0]`"),
-            (with(vec![control(&png, None), pb::Control { images: vec![png.clone(), vec![]], ..control(&png, None) }]), "`controls[1].images[1]`"),
+            (
+                with(vec![control(&png, None), pb::Control { images: vec![png.clone(), vec![]], ..control(&png, None) }]),
+                "`controls[1].images[1]`",
+            ),
             (with(vec![control(&png, Some(f32::NAN))]), "`controls[0].conditioning_scale`"),
             (with(vec![control(&png, Some(11.0))]), "`controls[0].conditioning_scale`"),
             (with(vec![pb::Control { start: Some(0.6), end: Some(0.4), ..control(&png, None) }]), "`controls[0].end`"),
             (with(vec![pb::Control { start: Some(-0.1), ..control(&png, None) }]), "`controls[0].start`"),
             (with(vec![pb::Control { end: Some(1.5), ..control(&png, None) }]), "`controls[0].end`"),
             (with(vec![control(&png, None); 5]), "`controls`"),
-            (pb::GenerateRequest { controls: vec![control(&png, None)], ..request(&s, &["only a reference"], 32, 4, 1) }, "`controls[0].images`"),
+            (
+                pb::GenerateRequest { controls: vec![control(&png, None)], ..request(&s, &["only a reference"], 32, 4, 1) },
+                "`controls[0].images`",
+            ),
         ];
         let batches = |m: &str| m.lines().find(|l| l.starts_with("stylealign_batch_rows_count")).map(str::to_string);
         let before = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);

@@ -160,13 +160,8 @@ fn a_control_window_counts_an_img2img_targets_own_steps() {
         controls,
         ..Default::default()
     };
-    let control = |start, end| stylealign::pipeline::ControlSpec {
-        net: net.clone(),
-        images: vec![picture()],
-        conditioning_scale: 1.0,
-        start,
-        end,
-    };
+    let control =
+        |start, end| stylealign::pipeline::ControlSpec { net: net.clone(), images: vec![picture()], conditioning_scale: 1.0, start, end };
     let run = |s: SetSpec| pipe.generate(&batch, &[s], &mut |_, _| vec![true]).unwrap().pop().unwrap().unwrap();
     let plain = run(set(vec![]));
     let early = run(set(vec![control(0.0, 0.5)]));

@@ -80,6 +80,21 @@ pub struct SetArgs {
     /// img2img strength of every --init-image, in (0, 1] (unset: the server's default, 0.8).
     #[arg(long)]
     pub strength: Option<f32>,
+    /// A ControlNet on the targets (a name of ListModels' controlnets); its images are --control.
+    #[arg(long, requires = "control")]
+    pub controlnet: Option<String>,
+    /// The --controlnet's image (PNG or JPEG): once for every target, or once per target in order.
+    #[arg(long = "control", value_name = "PATH", requires = "controlnet")]
+    pub control: Vec<PathBuf>,
+    /// Multiplies the ControlNet's residuals (unset: 1.0).
+    #[arg(long)]
+    pub control_scale: Option<f32>,
+    /// The ControlNet acts from this fraction of the steps (unset: 0).
+    #[arg(long)]
+    pub control_start: Option<f32>,
+    /// The ControlNet acts up to this fraction of the steps (unset: 1).
+    #[arg(long)]
+    pub control_end: Option<f32>,
 }
 
 /// The img2img targets of `--init-image` values: `(index, path)`, unindexed values taking the
@@ -129,7 +144,23 @@ impl SetArgs {
             let image = std::fs::read(&path).with_context(|| format!("reading --init-image {}", path.display()))?;
             init_images.push(pb::InitImage { index, image, strength: self.strength });
         }
+        let mut controls = Vec::new();
+        if let Some(model) = &self.controlnet {
+            let images = self
+                .control
+                .iter()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading --control {}", p.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            controls.push(pb::Control {
+                model: model.clone(),
+                images,
+                conditioning_scale: self.control_scale,
+                start: self.control_start,
+                end: self.control_end,
+            });
+        }
         Ok(pb::GenerateRequest {
+            controls,
             init_images,
             reference_image,
             reference_caption: self.reference_caption.clone(),

@@ -248,7 +248,12 @@ pub fn shape_of(v: &ValidRequest, patch: &StyleAligned) -> SetShape {
         reference_pixels: v.reference.as_ref().map(|r| r.pixels()),
         full_share: patch.resolve().is_ok_and(|r| r.share_attention && r.full_attention_share),
         input_images: v.init_images.len() + v.controls.iter().map(|c| c.images.len()).sum::<usize>(),
-        input_pixels: v.init_images.iter().map(|i| i.image.pixels()).chain(v.controls.iter().flat_map(|c| c.images.iter().map(|i| i.pixels()))).sum(),
+        input_pixels: v
+            .init_images
+            .iter()
+            .map(|i| i.image.pixels())
+            .chain(v.controls.iter().flat_map(|c| c.images.iter().map(|i| i.pixels())))
+            .sum(),
         init_images: v.init_images.len(),
         controls: v.controls.len(),
     }

@@ -72,8 +72,11 @@ fn load_controlnets(
         }
         let fits = models.pipelines.values().any(|p| super::service::fits(&net, p).is_ok());
         if !fits {
-            let why: Vec<String> =
-                models.pipelines.values().filter_map(|p| super::service::fits(&net, p).err().map(|e| format!("{}: {e}", p.name()))).collect();
+            let why: Vec<String> = models
+                .pipelines
+                .values()
+                .filter_map(|p| super::service::fits(&net, p).err().map(|e| format!("{}: {e}", p.name())))
+                .collect();
             anyhow::bail!("ControlNet {name} ({}) fits none of the served models ({})", net.family().as_str(), why.join("; "));
         }
         let sha256 = match hash {
