@@ -23,7 +23,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file stylealign/v1/stylealign.proto.
  */
 export const file_stylealign_v1_stylealign: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zdHlsZWFsaWduL3YxL3N0eWxlYWxpZ24ucHJvdG8SDXN0eWxlYWxpZ24udjEiiAQKDE9mZmljaWFsQXJncxIdChBzaGFyZV9ncm91cF9ub3JtGAEgASgISACIAQESHQoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCEgBiAEBEhwKD3NoYXJlX2F0dGVudGlvbhgDIAEoCEgCiAEBEhoKDWFkYWluX3F1ZXJpZXMYBCABKAhIA4gBARIXCgphZGFpbl9rZXlzGAUgASgISASIAQESGQoMYWRhaW5fdmFsdWVzGAYgASgISAWIAQESIQoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAhIBogBARIfChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAJIB4gBARIfChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAJICIgBARIcCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAJICYgBAUITChFfc2hhcmVfZ3JvdXBfbm9ybUITChFfc2hhcmVfbGF5ZXJfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uQhAKDl9hZGFpbl9xdWVyaWVzQg0KC19hZGFpbl9rZXlzQg8KDV9hZGFpbl92YWx1ZXNCFwoVX2Z1bGxfYXR0ZW50aW9uX3NoYXJlQhUKE19zaGFyZWRfc2NvcmVfc2NhbGVCFQoTX3NoYXJlZF9zY29yZV9zaGlmdEISChBfb25seV9zZWxmX2xldmVsIqMCChFQYXRjaE1vZGVsUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIsCgpzaGFyZV9ub3JtGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgDIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEhIKBXNjYWxlGAQgASgCSACIAQESLQoIYWR2YW5jZWQYBSABKAsyGy5zdHlsZWFsaWduLnYxLk9mZmljaWFsQXJncxIpCgZ3aW5kb3cYBiABKAsyGS5zdHlsZWFsaWduLnYxLlN0ZXBXaW5kb3cSKwoGbGV2ZWxzGAcgAygLMhsuc3R5bGVhbGlnbi52MS5MZXZlbE9wdGlvbnNCCAoGX3NjYWxlIkQKClN0ZXBXaW5kb3cSEgoFc3RhcnQYASABKAJIAIgBARIQCgNlbmQYAiABKAJIAYgBAUIICgZfc3RhcnRCBgoEX2VuZCLAAQoMTGV2ZWxPcHRpb25zEgwKBG5hbWUYASABKAkSFAoHZW5hYmxlZBgCIAEoCEgAiAEBEhEKBGdhaW4YAyABKAJIAYgBARIdChBzaGFyZV9ncm91cF9ub3JtGAQgASgISAKIAQESHAoPc2hhcmVfYXR0ZW50aW9uGAUgASgISAOIAQFCCgoIX2VuYWJsZWRCBwoFX2dhaW5CEwoRX3NoYXJlX2dyb3VwX25vcm1CEgoQX3NoYXJlX2F0dGVudGlvbiJ4CgtOb2RlT3B0aW9ucxIsCgpzaGFyZV9ub3JtGAEgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgCIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEg0KBXNjYWxlGAMgASgCIpMCChRSZXNvbHZlZE9mZmljaWFsQXJncxIYChBzaGFyZV9ncm91cF9ub3JtGAEgASgIEhgKEHNoYXJlX2xheWVyX25vcm0YAiABKAgSFwoPc2hhcmVfYXR0ZW50aW9uGAMgASgIEhUKDWFkYWluX3F1ZXJpZXMYBCABKAgSEgoKYWRhaW5fa2V5cxgFIAEoCBIUCgxhZGFpbl92YWx1ZXMYBiABKAgSHAoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAgSGgoSc2hhcmVkX3Njb3JlX3NjYWxlGAggASgCEhoKEnNoYXJlZF9zY29yZV9zaGlmdBgJIAEoAhIXCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAIi+AEKCFN3aXRjaGVzEhgKEHNoYXJlX2dyb3VwX25vcm0YASABKAgSGAoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCBISCgphZGFpbl9zaXRlGAMgASgJEg8KB2FkYWluX3EYBCABKAgSDwoHYWRhaW5faxgFIAEoCBIPCgdhZGFpbl92GAYgASgIEhcKD3NoYXJlX2F0dGVudGlvbhgHIAEoCBIcChRmdWxsX2F0dGVudGlvbl9zaGFyZRgIIAEoCBITCgtzY29yZV9zaGlmdBgJIAEoAhIMCgRnYWluGAogASgCEhcKD29ubHlfc2VsZl9sZXZlbBgLIAEoAiKBAgoMUGF0Y2hPcHRpb25zEioKBG5vZGUYASABKAsyGi5zdHlsZWFsaWduLnYxLk5vZGVPcHRpb25zSAASNwoIb2ZmaWNpYWwYAiABKAsyIy5zdHlsZWFsaWduLnYxLlJlc29sdmVkT2ZmaWNpYWxBcmdzSAASKQoIc3dpdGNoZXMYAyABKAsyFy5zdHlsZWFsaWduLnYxLlN3aXRjaGVzEikKBndpbmRvdxgEIAEoCzIZLnN0eWxlYWxpZ24udjEuU3RlcFdpbmRvdxIrCgZsZXZlbHMYBSADKAsyGy5zdHlsZWFsaWduLnYxLkxldmVsT3B0aW9uc0IJCgdmbGF2b3VyItQBCgdTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSLAoHb3B0aW9ucxgDIAEoCzIbLnN0eWxlYWxpZ24udjEuUGF0Y2hPcHRpb25zEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGlkbGVfdHRsX3NlY29uZHMYBiABKA0i+gMKD0dlbmVyYXRlUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3Byb21wdHMYAiADKAkSDQoFY291bnQYAyABKA0SFwoPbmVnYXRpdmVfcHJvbXB0GAQgASgJEhEKBHNlZWQYBSABKARIAIgBARINCgVzdGVwcxgGIAEoDRIbCg5ndWlkYW5jZV9zY2FsZRgHIAEoAkgBiAEBEg0KBXdpZHRoGAggASgNEg4KBmhlaWdodBgJIAEoDRInCgdzYW1wbGVyGAogASgOMhYuc3R5bGVhbGlnbi52MS5TYW1wbGVyEikKCHByaW9yaXR5GAsgASgOMhcuc3R5bGVhbGlnbi52MS5Qcmlvcml0eRIXCg9yZWZlcmVuY2VfaW1hZ2UYDCABKAwSGQoRcmVmZXJlbmNlX2NhcHRpb24YDSABKAkSGAoQcmVmZXJlbmNlX29mZnNldBgOIAEoDRIlChhyZWZlcmVuY2VfZ3VpZGFuY2Vfc2NhbGUYDyABKAJIAogBARI6ChFzaXplX2NvbmRpdGlvbmluZxgQIAEoCzIfLnN0eWxlYWxpZ24udjEuU2l6ZUNvbmRpdGlvbmluZ0IHCgVfc2VlZEIRCg9fZ3VpZGFuY2Vfc2NhbGVCGwoZX3JlZmVyZW5jZV9ndWlkYW5jZV9zY2FsZSKVAQoQU2l6ZUNvbmRpdGlvbmluZxIWCg5vcmlnaW5hbF93aWR0aBgBIAEoDRIXCg9vcmlnaW5hbF9oZWlnaHQYAiABKA0SEAoIY3JvcF90b3AYAyABKA0SEQoJY3JvcF9sZWZ0GAQgASgNEhQKDHRhcmdldF93aWR0aBgFIAEoDRIVCg10YXJnZXRfaGVpZ2h0GAYgASgNIi8KBlF1ZXVlZBIQCghwb3NpdGlvbhgBIAEoDRITCgtxdWV1ZV9kZXB0aBgCIAEoDSJICgdTdGFydGVkEhIKCmJhdGNoX3Jvd3MYASABKA0SEgoKYmF0Y2hfc2V0cxgCIAEoDRIVCg1xdWV1ZV9zZWNvbmRzGAMgASgBIi0KCFByb2dyZXNzEgwKBHN0ZXAYASABKA0SEwoLdG90YWxfc3RlcHMYAiABKA0ifQoOR2VuZXJhdGVkSW1hZ2USDQoFaW5kZXgYASABKA0SDgoGcHJvbXB0GAIgASgJEg0KBXdpZHRoGAMgASgNEg4KBmhlaWdodBgEIAEoDRIMCgRzZWVkGAUgASgEEgsKA3BuZxgGIAEoDBISCgpwYXJhbWV0ZXJzGAcgASgJIswBChBHZW5lcmF0ZVJlc3BvbnNlEicKBnF1ZXVlZBgBIAEoCzIVLnN0eWxlYWxpZ24udjEuUXVldWVkSAASKQoHc3RhcnRlZBgCIAEoCzIWLnN0eWxlYWxpZ24udjEuU3RhcnRlZEgAEisKCHByb2dyZXNzGAMgASgLMhcuc3R5bGVhbGlnbi52MS5Qcm9ncmVzc0gAEi4KBWltYWdlGAQgASgLMh0uc3R5bGVhbGlnbi52MS5HZW5lcmF0ZWRJbWFnZUgAQgcKBWV2ZW50IicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiKwoVUmVsZWFzZVNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiGAoWUmVsZWFzZVNlc3Npb25SZXNwb25zZSITChFMaXN0TW9kZWxzUmVxdWVzdCLMAQoJTW9kZWxJbmZvEgwKBG5hbWUYASABKAkSJQoGZmFtaWx5GAIgASgOMhUuc3R5bGVhbGlnbi52MS5GYW1pbHkSFAoMbmF0aXZlX3dpZHRoGAMgASgNEhUKDW5hdGl2ZV9oZWlnaHQYBCABKA0SFQoNc2l6ZV9tdWx0aXBsZRgFIAEoDRIOCgZzb3VyY2UYBiABKAkSDAoEaGFzaBgHIAEoCRIQCghtYXhfc2l6ZRgIIAEoDRIWCg5tYXhfYmF0Y2hfcm93cxgJIAEoDSLeAQoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLnN0eWxlYWxpZ24udjEuTW9kZWxJbmZvEhAKCHNhbXBsZXJzGAIgAygJEhMKC21heF9wcm9tcHRzGAMgASgNEhEKCW1heF9zdGVwcxgEIAEoDRIQCghtYXhfc2l6ZRgFIAEoDRIVCg1kZWZhdWx0X3N0ZXBzGAYgASgNEh4KFmRlZmF1bHRfZ3VpZGFuY2Vfc2NhbGUYByABKAISGwoTbWVtb3J5X2J1ZGdldF9ieXRlcxgIIAEoBCqBAQoJU2hhcmVOb3JtEhoKFlNIQVJFX05PUk1fVU5TUEVDSUZJRUQQABITCg9TSEFSRV9OT1JNX0JPVEgQARIUChBTSEFSRV9OT1JNX0dST1VQEAISFAoQU0hBUkVfTk9STV9MQVlFUhADEhcKE1NIQVJFX05PUk1fRElTQUJMRUQQBCpqCglTaGFyZUF0dG4SGgoWU0hBUkVfQVRUTl9VTlNQRUNJRklFRBAAEhIKDlNIQVJFX0FUVE5fUV9LEAESFAoQU0hBUkVfQVRUTl9RX0tfVhACEhcKE1NIQVJFX0FUVE5fRElTQUJMRUQQAyqPAQoHU2FtcGxlchIXChNTQU1QTEVSX1VOU1BFQ0lGSUVEEAASEAoMU0FNUExFUl9ERElNEAESEQoNU0FNUExFUl9FVUxFUhACEhMKD1NBTVBMRVJfRVVMRVJfQRADEhQKEFNBTVBMRVJfRFBNUFBfMk0QBBIbChdTQU1QTEVSX0RQTVBQXzJNX0tBUlJBUxAFKl4KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASEAoMUFJJT1JJVFlfTE9XEAESEwoPUFJJT1JJVFlfTk9STUFMEAISEQoNUFJJT1JJVFlfSElHSBADKlEKBkZhbWlseRIWChJGQU1JTFlfVU5TUEVDSUZJRUQQABIOCgpGQU1JTFlfU0QxEAESDgoKRkFNSUxZX1NEMhACEg8KC0ZBTUlMWV9TRFhMEAMynQMKClN0eWxlQWxpZ24SRgoKUGF0Y2hNb2RlbBIgLnN0eWxlYWxpZ24udjEuUGF0Y2hNb2RlbFJlcXVlc3QaFi5zdHlsZWFsaWduLnYxLlNlc3Npb24STQoIR2VuZXJhdGUSHi5zdHlsZWFsaWduLnYxLkdlbmVyYXRlUmVxdWVzdBofLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVSZXNwb25zZTABEkYKCkdldFNlc3Npb24SIC5zdHlsZWFsaWduLnYxLkdldFNlc3Npb25SZXF1ZXN0GhYuc3R5bGVhbGlnbi52MS5TZXNzaW9uEl0KDlJlbGVhc2VTZXNzaW9uEiQuc3R5bGVhbGlnbi52MS5SZWxlYXNlU2Vzc2lvblJlcXVlc3QaJS5zdHlsZWFsaWduLnYxLlJlbGVhc2VTZXNzaW9uUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLnN0eWxlYWxpZ24udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5zdHlsZWFsaWduLnYxLkxpc3RNb2RlbHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Ch5zdHlsZWFsaWduL3YxL3N0eWxlYWxpZ24ucHJvdG8SDXN0eWxlYWxpZ24udjEiiAQKDE9mZmljaWFsQXJncxIdChBzaGFyZV9ncm91cF9ub3JtGAEgASgISACIAQESHQoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCEgBiAEBEhwKD3NoYXJlX2F0dGVudGlvbhgDIAEoCEgCiAEBEhoKDWFkYWluX3F1ZXJpZXMYBCABKAhIA4gBARIXCgphZGFpbl9rZXlzGAUgASgISASIAQESGQoMYWRhaW5fdmFsdWVzGAYgASgISAWIAQESIQoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAhIBogBARIfChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAJIB4gBARIfChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAJICIgBARIcCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAJICYgBAUITChFfc2hhcmVfZ3JvdXBfbm9ybUITChFfc2hhcmVfbGF5ZXJfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uQhAKDl9hZGFpbl9xdWVyaWVzQg0KC19hZGFpbl9rZXlzQg8KDV9hZGFpbl92YWx1ZXNCFwoVX2Z1bGxfYXR0ZW50aW9uX3NoYXJlQhUKE19zaGFyZWRfc2NvcmVfc2NhbGVCFQoTX3NoYXJlZF9zY29yZV9zaGlmdEISChBfb25seV9zZWxmX2xldmVsIqMCChFQYXRjaE1vZGVsUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIsCgpzaGFyZV9ub3JtGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgDIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEhIKBXNjYWxlGAQgASgCSACIAQESLQoIYWR2YW5jZWQYBSABKAsyGy5zdHlsZWFsaWduLnYxLk9mZmljaWFsQXJncxIpCgZ3aW5kb3cYBiABKAsyGS5zdHlsZWFsaWduLnYxLlN0ZXBXaW5kb3cSKwoGbGV2ZWxzGAcgAygLMhsuc3R5bGVhbGlnbi52MS5MZXZlbE9wdGlvbnNCCAoGX3NjYWxlIkQKClN0ZXBXaW5kb3cSEgoFc3RhcnQYASABKAJIAIgBARIQCgNlbmQYAiABKAJIAYgBAUIICgZfc3RhcnRCBgoEX2VuZCLAAQoMTGV2ZWxPcHRpb25zEgwKBG5hbWUYASABKAkSFAoHZW5hYmxlZBgCIAEoCEgAiAEBEhEKBGdhaW4YAyABKAJIAYgBARIdChBzaGFyZV9ncm91cF9ub3JtGAQgASgISAKIAQESHAoPc2hhcmVfYXR0ZW50aW9uGAUgASgISAOIAQFCCgoIX2VuYWJsZWRCBwoFX2dhaW5CEwoRX3NoYXJlX2dyb3VwX25vcm1CEgoQX3NoYXJlX2F0dGVudGlvbiJ4CgtOb2RlT3B0aW9ucxIsCgpzaGFyZV9ub3JtGAEgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgCIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEg0KBXNjYWxlGAMgASgCIpMCChRSZXNvbHZlZE9mZmljaWFsQXJncxIYChBzaGFyZV9ncm91cF9ub3JtGAEgASgIEhgKEHNoYXJlX2xheWVyX25vcm0YAiABKAgSFwoPc2hhcmVfYXR0ZW50aW9uGAMgASgIEhUKDWFkYWluX3F1ZXJpZXMYBCABKAgSEgoKYWRhaW5fa2V5cxgFIAEoCBIUCgxhZGFpbl92YWx1ZXMYBiABKAgSHAoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAgSGgoSc2hhcmVkX3Njb3JlX3NjYWxlGAggASgCEhoKEnNoYXJlZF9zY29yZV9zaGlmdBgJIAEoAhIXCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAIi+AEKCFN3aXRjaGVzEhgKEHNoYXJlX2dyb3VwX25vcm0YASABKAgSGAoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCBISCgphZGFpbl9zaXRlGAMgASgJEg8KB2FkYWluX3EYBCABKAgSDwoHYWRhaW5faxgFIAEoCBIPCgdhZGFpbl92GAYgASgIEhcKD3NoYXJlX2F0dGVudGlvbhgHIAEoCBIcChRmdWxsX2F0dGVudGlvbl9zaGFyZRgIIAEoCBITCgtzY29yZV9zaGlmdBgJIAEoAhIMCgRnYWluGAogASgCEhcKD29ubHlfc2VsZl9sZXZlbBgLIAEoAiKBAgoMUGF0Y2hPcHRpb25zEioKBG5vZGUYASABKAsyGi5zdHlsZWFsaWduLnYxLk5vZGVPcHRpb25zSAASNwoIb2ZmaWNpYWwYAiABKAsyIy5zdHlsZWFsaWduLnYxLlJlc29sdmVkT2ZmaWNpYWxBcmdzSAASKQoIc3dpdGNoZXMYAyABKAsyFy5zdHlsZWFsaWduLnYxLlN3aXRjaGVzEikKBndpbmRvdxgEIAEoCzIZLnN0eWxlYWxpZ24udjEuU3RlcFdpbmRvdxIrCgZsZXZlbHMYBSADKAsyGy5zdHlsZWFsaWduLnYxLkxldmVsT3B0aW9uc0IJCgdmbGF2b3VyItQBCgdTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSLAoHb3B0aW9ucxgDIAEoCzIbLnN0eWxlYWxpZ24udjEuUGF0Y2hPcHRpb25zEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGlkbGVfdHRsX3NlY29uZHMYBiABKA0i0wQKD0dlbmVyYXRlUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3Byb21wdHMYAiADKAkSDQoFY291bnQYAyABKA0SFwoPbmVnYXRpdmVfcHJvbXB0GAQgASgJEhEKBHNlZWQYBSABKARIAIgBARINCgVzdGVwcxgGIAEoDRIbCg5ndWlkYW5jZV9zY2FsZRgHIAEoAkgBiAEBEg0KBXdpZHRoGAggASgNEg4KBmhlaWdodBgJIAEoDRInCgdzYW1wbGVyGAogASgOMhYuc3R5bGVhbGlnbi52MS5TYW1wbGVyEikKCHByaW9yaXR5GAsgASgOMhcuc3R5bGVhbGlnbi52MS5Qcmlvcml0eRIXCg9yZWZlcmVuY2VfaW1hZ2UYDCABKAwSGQoRcmVmZXJlbmNlX2NhcHRpb24YDSABKAkSGAoQcmVmZXJlbmNlX29mZnNldBgOIAEoDRIlChhyZWZlcmVuY2VfZ3VpZGFuY2Vfc2NhbGUYDyABKAJIAogBARI6ChFzaXplX2NvbmRpdGlvbmluZxgQIAEoCzIfLnN0eWxlYWxpZ24udjEuU2l6ZUNvbmRpdGlvbmluZxItCgtpbml0X2ltYWdlcxgRIAMoCzIYLnN0eWxlYWxpZ24udjEuSW5pdEltYWdlEigKCGNvbnRyb2xzGBIgAygLMhYuc3R5bGVhbGlnbi52MS5Db250cm9sQgcKBV9zZWVkQhEKD19ndWlkYW5jZV9zY2FsZUIbChlfcmVmZXJlbmNlX2d1aWRhbmNlX3NjYWxlIpgBCgdDb250cm9sEg0KBW1vZGVsGAEgASgJEg4KBmltYWdlcxgCIAMoDBIfChJjb25kaXRpb25pbmdfc2NhbGUYAyABKAJIAIgBARISCgVzdGFydBgEIAEoAkgBiAEBEhAKA2VuZBgFIAEoAkgCiAEBQhUKE19jb25kaXRpb25pbmdfc2NhbGVCCAoGX3N0YXJ0QgYKBF9lbmQiTQoJSW5pdEltYWdlEg0KBWluZGV4GAEgASgNEg0KBWltYWdlGAIgASgMEhUKCHN0cmVuZ3RoGAMgASgCSACIAQFCCwoJX3N0cmVuZ3RoIpUBChBTaXplQ29uZGl0aW9uaW5nEhYKDm9yaWdpbmFsX3dpZHRoGAEgASgNEhcKD29yaWdpbmFsX2hlaWdodBgCIAEoDRIQCghjcm9wX3RvcBgDIAEoDRIRCgljcm9wX2xlZnQYBCABKA0SFAoMdGFyZ2V0X3dpZHRoGAUgASgNEhUKDXRhcmdldF9oZWlnaHQYBiABKA0iLwoGUXVldWVkEhAKCHBvc2l0aW9uGAEgASgNEhMKC3F1ZXVlX2RlcHRoGAIgASgNIkgKB1N0YXJ0ZWQSEgoKYmF0Y2hfcm93cxgBIAEoDRISCgpiYXRjaF9zZXRzGAIgASgNEhUKDXF1ZXVlX3NlY29uZHMYAyABKAEiLQoIUHJvZ3Jlc3MSDAoEc3RlcBgBIAEoDRITCgt0b3RhbF9zdGVwcxgCIAEoDSJ9Cg5HZW5lcmF0ZWRJbWFnZRINCgVpbmRleBgBIAEoDRIOCgZwcm9tcHQYAiABKAkSDQoFd2lkdGgYAyABKA0SDgoGaGVpZ2h0GAQgASgNEgwKBHNlZWQYBSABKAQSCwoDcG5nGAYgASgMEhIKCnBhcmFtZXRlcnMYByABKAkizAEKEEdlbmVyYXRlUmVzcG9uc2USJwoGcXVldWVkGAEgASgLMhUuc3R5bGVhbGlnbi52MS5RdWV1ZWRIABIpCgdzdGFydGVkGAIgASgLMhYuc3R5bGVhbGlnbi52MS5TdGFydGVkSAASKwoIcHJvZ3Jlc3MYAyABKAsyFy5zdHlsZWFsaWduLnYxLlByb2dyZXNzSAASLgoFaW1hZ2UYBCABKAsyHS5zdHlsZWFsaWduLnYxLkdlbmVyYXRlZEltYWdlSABCBwoFZXZlbnQiJwoRR2V0U2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSIrChVSZWxlYXNlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSIYChZSZWxlYXNlU2Vzc2lvblJlc3BvbnNlIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IswBCglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIlCgZmYW1pbHkYAiABKA4yFS5zdHlsZWFsaWduLnYxLkZhbWlseRIUCgxuYXRpdmVfd2lkdGgYAyABKA0SFQoNbmF0aXZlX2hlaWdodBgEIAEoDRIVCg1zaXplX211bHRpcGxlGAUgASgNEg4KBnNvdXJjZRgGIAEoCRIMCgRoYXNoGAcgASgJEhAKCG1heF9zaXplGAggASgNEhYKDm1heF9iYXRjaF9yb3dzGAkgASgNInMKDkNvbnRyb2xOZXRJbmZvEgwKBG5hbWUYASABKAkSJQoGZmFtaWx5GAIgASgOMhUuc3R5bGVhbGlnbi52MS5GYW1pbHkSDgoGc291cmNlGAMgASgJEgwKBGhhc2gYBCABKAkSDgoGbW9kZWxzGAUgAygJIpICChJMaXN0TW9kZWxzUmVzcG9uc2USKAoGbW9kZWxzGAEgAygLMhguc3R5bGVhbGlnbi52MS5Nb2RlbEluZm8SEAoIc2FtcGxlcnMYAiADKAkSEwoLbWF4X3Byb21wdHMYAyABKA0SEQoJbWF4X3N0ZXBzGAQgASgNEhAKCG1heF9zaXplGAUgASgNEhUKDWRlZmF1bHRfc3RlcHMYBiABKA0SHgoWZGVmYXVsdF9ndWlkYW5jZV9zY2FsZRgHIAEoAhIbChNtZW1vcnlfYnVkZ2V0X2J5dGVzGAggASgEEjIKC2NvbnRyb2xuZXRzGAkgAygLMh0uc3R5bGVhbGlnbi52MS5Db250cm9sTmV0SW5mbyqBAQoJU2hhcmVOb3JtEhoKFlNIQVJFX05PUk1fVU5TUEVDSUZJRUQQABITCg9TSEFSRV9OT1JNX0JPVEgQARIUChBTSEFSRV9OT1JNX0dST1VQEAISFAoQU0hBUkVfTk9STV9MQVlFUhADEhcKE1NIQVJFX05PUk1fRElTQUJMRUQQBCpqCglTaGFyZUF0dG4SGgoWU0hBUkVfQVRUTl9VTlNQRUNJRklFRBAAEhIKDlNIQVJFX0FUVE5fUV9LEAESFAoQU0hBUkVfQVRUTl9RX0tfVhACEhcKE1NIQVJFX0FUVE5fRElTQUJMRUQQAyqPAQoHU2FtcGxlchIXChNTQU1QTEVSX1VOU1BFQ0lGSUVEEAASEAoMU0FNUExFUl9ERElNEAESEQoNU0FNUExFUl9FVUxFUhACEhMKD1NBTVBMRVJfRVVMRVJfQRADEhQKEFNBTVBMRVJfRFBNUFBfMk0QBBIbChdTQU1QTEVSX0RQTVBQXzJNX0tBUlJBUxAFKl4KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASEAoMUFJJT1JJVFlfTE9XEAESEwoPUFJJT1JJVFlfTk9STUFMEAISEQoNUFJJT1JJVFlfSElHSBADKlEKBkZhbWlseRIWChJGQU1JTFlfVU5TUEVDSUZJRUQQABIOCgpGQU1JTFlfU0QxEAESDgoKRkFNSUxZX1NEMhACEg8KC0ZBTUlMWV9TRFhMEAMynQMKClN0eWxlQWxpZ24SRgoKUGF0Y2hNb2RlbBIgLnN0eWxlYWxpZ24udjEuUGF0Y2hNb2RlbFJlcXVlc3QaFi5zdHlsZWFsaWduLnYxLlNlc3Npb24STQoIR2VuZXJhdGUSHi5zdHlsZWFsaWduLnYxLkdlbmVyYXRlUmVxdWVzdBofLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVSZXNwb25zZTABEkYKCkdldFNlc3Npb24SIC5zdHlsZWFsaWduLnYxLkdldFNlc3Npb25SZXF1ZXN0GhYuc3R5bGVhbGlnbi52MS5TZXNzaW9uEl0KDlJlbGVhc2VTZXNzaW9uEiQuc3R5bGVhbGlnbi52MS5SZWxlYXNlU2Vzc2lvblJlcXVlc3QaJS5zdHlsZWFsaWduLnYxLlJlbGVhc2VTZXNzaW9uUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLnN0eWxlYWxpZ24udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5zdHlsZWFsaWduLnYxLkxpc3RNb2RlbHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * The official google/style-aligned `StyleAlignedArgs`. Unset fields take the official defaults
@@ -602,6 +602,21 @@ export type GenerateRequest = Message<"stylealign.v1.GenerateRequest"> & {
    * @generated from field: stylealign.v1.SizeConditioning size_conditioning = 16;
    */
   sizeConditioning?: SizeConditioning | undefined;
+
+  /**
+   * img2img targets: at most one init image per target (diffusers' img2img semantics per row).
+   *
+   * @generated from field: repeated stylealign.v1.InitImage init_images = 17;
+   */
+  initImages: InitImage[];
+
+  /**
+   * ControlNets on the set's targets (several are summed, as diffusers' MultiControlNet does); the
+   * reference gets no control.
+   *
+   * @generated from field: repeated stylealign.v1.Control controls = 18;
+   */
+  controls: Control[];
 };
 
 /**
@@ -610,6 +625,96 @@ export type GenerateRequest = Message<"stylealign.v1.GenerateRequest"> & {
  */
 export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
   messageDesc(file_stylealign_v1_stylealign, 9);
+
+/**
+ * A ControlNet on the set's targets.
+ *
+ * @generated from message stylealign.v1.Control
+ */
+export type Control = Message<"stylealign.v1.Control"> & {
+  /**
+   * A ControlNet of ListModelsResponse.controlnets that fits the session's model.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * PNG or JPEG bytes: one image for every target, or one per target in target order. Each is
+   * centre-cropped to the request's aspect ratio and resized to width x height (as a reference
+   * image), then read as RGB in [0, 1].
+   *
+   * @generated from field: repeated bytes images = 2;
+   */
+  images: Uint8Array[];
+
+  /**
+   * Multiplies the ControlNet's residuals. Unset: 1.0. In [0, 10].
+   *
+   * @generated from field: optional float conditioning_scale = 3;
+   */
+  conditioningScale?: number | undefined;
+
+  /**
+   * The control acts on a target at step i of its n steps iff not (i/n < start or
+   * (i+1)/n > end) (diffusers' control_guidance_start/end; an img2img target counts its own
+   * steps). Unset: 0 and 1.
+   *
+   * @generated from field: optional float start = 4;
+   */
+  start?: number | undefined;
+
+  /**
+   * @generated from field: optional float end = 5;
+   */
+  end?: number | undefined;
+};
+
+/**
+ * Describes the message stylealign.v1.Control.
+ * Use `create(ControlSchema)` to create a new message.
+ */
+export const ControlSchema: GenMessage<Control> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 10);
+
+/**
+ * An img2img target: its image starts from `image` noised to the level where `strength` cuts the
+ * schedule, instead of from pure noise. The set's reference is generated (or inverted) as usual.
+ *
+ * @generated from message stylealign.v1.InitImage
+ */
+export type InitImage = Message<"stylealign.v1.InitImage"> & {
+  /**
+   * The target, by its index in the set (GeneratedImage.index): from 1 when the first prompt is
+   * the reference, from 0 with a reference_image.
+   *
+   * @generated from field: uint32 index = 1;
+   */
+  index: number;
+
+  /**
+   * PNG or JPEG bytes: centre-cropped to the request's aspect ratio and resized to width x height
+   * (as a reference image), then VAE-encoded.
+   *
+   * @generated from field: bytes image = 2;
+   */
+  image: Uint8Array;
+
+  /**
+   * In (0, 1]. Unset: 0.8. The target runs the last min(floor(steps x strength), steps) steps;
+   * steps x strength must reach 1.
+   *
+   * @generated from field: optional float strength = 3;
+   */
+  strength?: number | undefined;
+};
+
+/**
+ * Describes the message stylealign.v1.InitImage.
+ * Use `create(InitImageSchema)` to create a new message.
+ */
+export const InitImageSchema: GenMessage<InitImage> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 11);
 
 /**
  * SDXL size conditioning, in pixels.
@@ -653,7 +758,7 @@ export type SizeConditioning = Message<"stylealign.v1.SizeConditioning"> & {
  * Use `create(SizeConditioningSchema)` to create a new message.
  */
 export const SizeConditioningSchema: GenMessage<SizeConditioning> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 10);
+  messageDesc(file_stylealign_v1_stylealign, 12);
 
 /**
  * @generated from message stylealign.v1.Queued
@@ -677,7 +782,7 @@ export type Queued = Message<"stylealign.v1.Queued"> & {
  * Use `create(QueuedSchema)` to create a new message.
  */
 export const QueuedSchema: GenMessage<Queued> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 11);
+  messageDesc(file_stylealign_v1_stylealign, 13);
 
 /**
  * @generated from message stylealign.v1.Started
@@ -706,7 +811,7 @@ export type Started = Message<"stylealign.v1.Started"> & {
  * Use `create(StartedSchema)` to create a new message.
  */
 export const StartedSchema: GenMessage<Started> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 12);
+  messageDesc(file_stylealign_v1_stylealign, 14);
 
 /**
  * @generated from message stylealign.v1.Progress
@@ -728,7 +833,7 @@ export type Progress = Message<"stylealign.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 13);
+  messageDesc(file_stylealign_v1_stylealign, 15);
 
 /**
  * @generated from message stylealign.v1.GeneratedImage
@@ -780,7 +885,7 @@ export type GeneratedImage = Message<"stylealign.v1.GeneratedImage"> & {
  * Use `create(GeneratedImageSchema)` to create a new message.
  */
 export const GeneratedImageSchema: GenMessage<GeneratedImage> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 14);
+  messageDesc(file_stylealign_v1_stylealign, 16);
 
 /**
  * @generated from message stylealign.v1.GenerateResponse
@@ -821,7 +926,7 @@ export type GenerateResponse = Message<"stylealign.v1.GenerateResponse"> & {
  * Use `create(GenerateResponseSchema)` to create a new message.
  */
 export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 15);
+  messageDesc(file_stylealign_v1_stylealign, 17);
 
 /**
  * @generated from message stylealign.v1.GetSessionRequest
@@ -838,7 +943,7 @@ export type GetSessionRequest = Message<"stylealign.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 16);
+  messageDesc(file_stylealign_v1_stylealign, 18);
 
 /**
  * @generated from message stylealign.v1.ReleaseSessionRequest
@@ -855,7 +960,7 @@ export type ReleaseSessionRequest = Message<"stylealign.v1.ReleaseSessionRequest
  * Use `create(ReleaseSessionRequestSchema)` to create a new message.
  */
 export const ReleaseSessionRequestSchema: GenMessage<ReleaseSessionRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 17);
+  messageDesc(file_stylealign_v1_stylealign, 19);
 
 /**
  * @generated from message stylealign.v1.ReleaseSessionResponse
@@ -868,7 +973,7 @@ export type ReleaseSessionResponse = Message<"stylealign.v1.ReleaseSessionRespon
  * Use `create(ReleaseSessionResponseSchema)` to create a new message.
  */
 export const ReleaseSessionResponseSchema: GenMessage<ReleaseSessionResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 18);
+  messageDesc(file_stylealign_v1_stylealign, 20);
 
 /**
  * @generated from message stylealign.v1.ListModelsRequest
@@ -881,7 +986,7 @@ export type ListModelsRequest = Message<"stylealign.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 19);
+  messageDesc(file_stylealign_v1_stylealign, 21);
 
 /**
  * @generated from message stylealign.v1.ModelInfo
@@ -952,7 +1057,52 @@ export type ModelInfo = Message<"stylealign.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 20);
+  messageDesc(file_stylealign_v1_stylealign, 22);
+
+/**
+ * A ControlNet the server serves.
+ *
+ * @generated from message stylealign.v1.ControlNetInfo
+ */
+export type ControlNetInfo = Message<"stylealign.v1.ControlNetInfo"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: stylealign.v1.Family family = 2;
+   */
+  family: Family;
+
+  /**
+   * Where it was loaded from (a diffusers folder, a single .safetensors file, or "<embedded>").
+   *
+   * @generated from field: string source = 3;
+   */
+  source: string;
+
+  /**
+   * Short hash as A1111 shows it: the first 10 hex digits of the SHA-256 of its weights file.
+   *
+   * @generated from field: string hash = 4;
+   */
+  hash: string;
+
+  /**
+   * The served models it fits (same family and architecture).
+   *
+   * @generated from field: repeated string models = 5;
+   */
+  models: string[];
+};
+
+/**
+ * Describes the message stylealign.v1.ControlNetInfo.
+ * Use `create(ControlNetInfoSchema)` to create a new message.
+ */
+export const ControlNetInfoSchema: GenMessage<ControlNetInfo> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 23);
 
 /**
  * @generated from message stylealign.v1.ListModelsResponse
@@ -1006,6 +1156,13 @@ export type ListModelsResponse = Message<"stylealign.v1.ListModelsResponse"> & {
    * @generated from field: uint64 memory_budget_bytes = 8;
    */
   memoryBudgetBytes: bigint;
+
+  /**
+   * ControlNets usable in GenerateRequest.controls.
+   *
+   * @generated from field: repeated stylealign.v1.ControlNetInfo controlnets = 9;
+   */
+  controlnets: ControlNetInfo[];
 };
 
 /**
@@ -1013,7 +1170,7 @@ export type ListModelsResponse = Message<"stylealign.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 21);
+  messageDesc(file_stylealign_v1_stylealign, 24);
 
 /**
  * ComfyUI StyleAlignedBatchAlign `share_norm`. Default (UNSPECIFIED): BOTH.

@@ -226,7 +226,7 @@ class Session(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., options: _Optional[_Union[PatchOptions, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompts", "count", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "sampler", "priority", "reference_image", "reference_caption", "reference_offset", "reference_guidance_scale", "size_conditioning")
+    __slots__ = ("session_id", "prompts", "count", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "sampler", "priority", "reference_image", "reference_caption", "reference_offset", "reference_guidance_scale", "size_conditioning", "init_images", "controls")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,8 @@ class GenerateRequest(_message.Message):
     REFERENCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SIZE_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
     count: int
@@ -259,7 +261,33 @@ class GenerateRequest(_message.Message):
     reference_offset: int
     reference_guidance_scale: float
     size_conditioning: SizeConditioning
-    def __init__(self, session_id: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., reference_image: _Optional[bytes] = ..., reference_caption: _Optional[str] = ..., reference_offset: _Optional[int] = ..., reference_guidance_scale: _Optional[float] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ...) -> None: ...
+    init_images: _containers.RepeatedCompositeFieldContainer[InitImage]
+    controls: _containers.RepeatedCompositeFieldContainer[Control]
+    def __init__(self, session_id: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., reference_image: _Optional[bytes] = ..., reference_caption: _Optional[str] = ..., reference_offset: _Optional[int] = ..., reference_guidance_scale: _Optional[float] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ..., init_images: _Optional[_Iterable[_Union[InitImage, _Mapping]]] = ..., controls: _Optional[_Iterable[_Union[Control, _Mapping]]] = ...) -> None: ...
+
+class Control(_message.Message):
+    __slots__ = ("model", "images", "conditioning_scale", "start", "end")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_SCALE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    conditioning_scale: float
+    start: float
+    end: float
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., conditioning_scale: _Optional[float] = ..., start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
+
+class InitImage(_message.Message):
+    __slots__ = ("index", "image", "strength")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    image: bytes
+    strength: float
+    def __init__(self, index: _Optional[int] = ..., image: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class SizeConditioning(_message.Message):
     __slots__ = ("original_width", "original_height", "crop_top", "crop_left", "target_width", "target_height")
@@ -375,8 +403,22 @@ class ModelInfo(_message.Message):
     max_batch_rows: int
     def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., native_width: _Optional[int] = ..., native_height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., source: _Optional[str] = ..., hash: _Optional[str] = ..., max_size: _Optional[int] = ..., max_batch_rows: _Optional[int] = ...) -> None: ...
 
+class ControlNetInfo(_message.Message):
+    __slots__ = ("name", "family", "source", "hash", "models")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: Family
+    source: str
+    hash: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., source: _Optional[str] = ..., hash: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "samplers", "max_prompts", "max_steps", "max_size", "default_steps", "default_guidance_scale", "memory_budget_bytes")
+    __slots__ = ("models", "samplers", "max_prompts", "max_steps", "max_size", "default_steps", "default_guidance_scale", "memory_budget_bytes", "controlnets")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SAMPLERS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +427,7 @@ class ListModelsResponse(_message.Message):
     DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     samplers: _containers.RepeatedScalarFieldContainer[str]
     max_prompts: int
@@ -393,4 +436,5 @@ class ListModelsResponse(_message.Message):
     default_steps: int
     default_guidance_scale: float
     memory_budget_bytes: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_prompts: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_size: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_prompts: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_size: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
