@@ -130,6 +130,42 @@ fn a_control_changes_the_targets_only_and_matches_the_library() {
 }
 
 #[test]
+fn a_controlnet_of_another_family_is_refused_naming_the_field() {
+    run(Duration::from_secs(120), || async {
+        use stylealign::serve::config::{ControlNetSource, ModelSource};
+        let goldens = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens");
+        let cfg = stylealign::serve::config::ServeConfig {
+            models: vec![ModelSource::Tiny, ModelSource::Dir(goldens.join("tiny_sdxl_pipe"))],
+            controlnets: vec![ControlNetSource::Tiny, ControlNetSource::Path(goldens.join("tiny_controlnet_sdxl"))],
+            warmup: false,
+            ..test_config()
+        };
+        let server = start(cfg).await;
+        let mut c = connect(&server).await;
+        let me = Identity::client("cn-family");
+        let list = c.list_models(me.request(pb::ListModelsRequest {}, None)).await.unwrap().into_inner();
+        let fits: Vec<(String, i32, Vec<String>)> = list.controlnets.iter().map(|n| (n.name.clone(), n.family, n.models.clone())).collect();
+        assert_eq!(
+            fits,
+            [
+                ("tiny-controlnet".to_string(), pb::Family::Sd1 as i32, vec!["tiny".to_string()]),
+                ("tiny_controlnet_sdxl".to_string(), pb::Family::Sdxl as i32, vec!["tiny_sdxl_pipe".to_string()]),
+            ]
+        );
+        let s = session(&mut c, &me, default_patch()).await;
+        let png = edges().to_png(&[]);
+        let req = pb::GenerateRequest {
+            controls: vec![pb::Control { model: "tiny_controlnet_sdxl".into(), ..control(&png, None) }],
+            ..request(&s, &["a", "b"], 32, 4, 1)
+        };
+        let err = generate(&mut c, &me, req).await.expect_err("an SDXL ControlNet on an SD1 model");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("`controls[0].model`") && err.message().contains("does not fit"), "{}", err.message());
+        server.shutdown().await;
+    });
+}
+
+#[test]
 fn bad_controls_are_invalid_argument_naming_the_field() {
     run(Duration::from_secs(120), || async {
         let server = start(test_config()).await;

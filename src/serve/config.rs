@@ -71,9 +71,8 @@ pub fn controlnet_dir(dir: &Path) -> anyhow::Result<Vec<ControlNetSource>> {
     for e in entries {
         let path = e.with_context(|| format!("--controlnet-dir {}", dir.display()))?.path();
         let ext = path.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-        if path.is_dir() && path.join("config.json").is_file() {
-            out.push(ControlNetSource::Path(path));
-        } else if path.is_file() && ext == "safetensors" {
+        let folder = path.is_dir() && path.join("config.json").is_file();
+        if folder || (path.is_file() && ext == "safetensors") {
             out.push(ControlNetSource::Path(path));
         } else if path.is_file() && matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
             anyhow::bail!(
@@ -452,6 +451,25 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controlnet_dir_lists_folders_and_safetensors_files() {
+        let dir = std::env::temp_dir().join(format!("stylealign-cn-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("depth")).unwrap();
+        std::fs::write(dir.join("depth/config.json"), "{}").unwrap();
+        std::fs::create_dir_all(dir.join("notes")).unwrap();
+        for f in ["canny.safetensors", "canny.json", "readme.txt"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let names: Vec<String> = controlnet_dir(&dir).unwrap().iter().map(ControlNetSource::name).collect();
+        assert_eq!(names, ["canny", "depth"]);
+        std::fs::write(dir.join("pose.ckpt"), "x").unwrap();
+        let err = controlnet_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("pose.ckpt") && err.contains("pickle"), "{err}");
+        assert!(controlnet_dir(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn tokens_parse_named_and_bare() {
