@@ -10,7 +10,6 @@ use burn::tensor::Device;
 use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, RunEvent, SetSpec, SetStop};
 use stylealign::sampling::sampler::SamplerKind;
-use stylealign::style_aligned::StyleAligned;
 
 fn set(prompts: &[&str], seed: u64) -> SetSpec {
     SetSpec { prompts: prompts.iter().map(|p| p.to_string()).collect(), negative_prompt: String::new(), seed, ..Default::default() }
@@ -22,16 +21,7 @@ fn a_set_cancelled_mid_run_leaves_its_batch_mates_unchanged_for_every_sampler() 
     let kept = set(&["a lighthouse, linocut", "a fox, linocut"], 11);
     let cancelled = set(&["a boat, watercolor", "a tree, watercolor", "a house, watercolor"], 12);
     for sampler in SamplerKind::ALL {
-        let batch = BatchSpec {
-            width: 32,
-            height: 32,
-            steps: 5,
-            guidance: 7.5,
-            sampler,
-            patch: Some(StyleAligned::default()),
-            scope: Default::default(),
-            size_conditioning: None,
-        };
+        let batch = BatchSpec::patched(32, 5, 7.5, sampler);
         let alone = pipeline.generate(&batch, std::slice::from_ref(&kept), &mut |_, _| vec![true]).unwrap();
         // The second set leaves after step 2 of 5.
         let mut steps_seen = 0;
@@ -50,16 +40,7 @@ fn a_set_cancelled_mid_run_leaves_its_batch_mates_unchanged_for_every_sampler() 
 }
 
 fn batch(sampler: SamplerKind) -> BatchSpec {
-    BatchSpec {
-        width: 32,
-        height: 32,
-        steps: 5,
-        guidance: 7.5,
-        sampler,
-        patch: Some(StyleAligned::default()),
-        scope: Default::default(),
-        size_conditioning: None,
-    }
+    BatchSpec::patched(32, 5, 7.5, sampler)
 }
 
 /// A stop check that counts its calls and stops `victims` from call number `at` on (once `at`

@@ -15,7 +15,6 @@ use stylealign::model::{Family, ModelError};
 use stylealign::pipeline::tiny::{tiny_controlnet, tiny_pipeline};
 use stylealign::pipeline::{BatchSpec, ControlSpec, Image, PipelineError, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
-use stylealign::style_aligned::StyleAligned;
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("stylealign-test-{}-controlnet-{name}", std::process::id()));
@@ -211,16 +210,7 @@ fn gradient(w: usize, h: usize) -> Image {
 }
 
 fn batch(sampler: SamplerKind) -> BatchSpec {
-    BatchSpec {
-        width: 32,
-        height: 32,
-        steps: 5,
-        guidance: 7.5,
-        sampler,
-        patch: Some(StyleAligned::default()),
-        scope: Default::default(),
-        size_conditioning: None,
-    }
+    BatchSpec::patched(32, 5, 7.5, sampler)
 }
 
 fn run(pipe: &stylealign::pipeline::Pipeline, b: &BatchSpec, sets: &[SetSpec]) -> Vec<Vec<Image>> {

@@ -17,7 +17,6 @@ use stylealign::serve::cancel::StopReason;
 use stylealign::serve::metrics::Stats;
 use stylealign::serve::pb::generate_response::Event;
 use stylealign::serve::{SERVICE_NAME, ServeConfig, Server, Tokens, pb};
-use stylealign::style_aligned::StyleAligned;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -72,16 +71,7 @@ fn patch_generate_matches_library_and_reproduces() {
 
         // The library, called directly.
         let p = tiny_pipeline(&Device::flex()).unwrap();
-        let batch = BatchSpec {
-            width: 32,
-            height: 32,
-            steps: 3,
-            guidance: 7.5,
-            sampler: SamplerKind::Ddim,
-            patch: Some(StyleAligned::default()),
-            scope: Default::default(),
-            size_conditioning: None,
-        };
+        let batch = BatchSpec::patched(32, 3, 7.5, SamplerKind::Ddim);
         let set = SetSpec {
             prompts: prompts.iter().map(|s| s.to_string()).collect(),
             negative_prompt: String::new(),

@@ -14,7 +14,6 @@ use stylealign::pipeline::tiny::{tiny_controlnet, tiny_pipeline};
 use stylealign::pipeline::{BatchSpec, ControlSpec, Image, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
 use stylealign::serve::pb;
-use stylealign::style_aligned::StyleAligned;
 use tonic::Code;
 
 /// A synthetic 36×28 edge map: white lines on black.
@@ -89,16 +88,7 @@ fn a_control_changes_the_targets_only_and_matches_the_library() {
         // The library with the same set gives the same pixels.
         let dev = device();
         let pipe = tiny_pipeline(&dev).unwrap();
-        let batch = BatchSpec {
-            width: 32,
-            height: 32,
-            steps: 6,
-            guidance: 7.5,
-            sampler: SamplerKind::Ddim,
-            patch: Some(StyleAligned::default()),
-            scope: Default::default(),
-            size_conditioning: None,
-        };
+        let batch = BatchSpec::patched(32, 6, 7.5, SamplerKind::Ddim);
         let set = SetSpec {
             prompts: vec!["a house".into(), "a tree".into(), "a boat".into()],
             seed: 9,
@@ -196,15 +186,7 @@ fn bad_controls_are_invalid_argument_naming_the_field() {
                 "`controls[0].images`",
             ),
         ];
-        let batches = |m: &str| m.lines().find(|l| l.starts_with("stylealign_batch_rows_count")).map(str::to_string);
-        let before = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);
-        for (req, field) in cases {
-            let err = generate(&mut c, &me, req).await.expect_err("must be rejected");
-            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-            assert!(err.message().contains(field), "message names {field}: {}", err.message());
-        }
-        let after = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);
-        assert_eq!(before, after, "nothing was queued or run");
+        assert_refused_naming_fields(&server, &mut c, &me, cases).await;
         server.shutdown().await;
     });
 }

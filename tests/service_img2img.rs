@@ -15,8 +15,6 @@ use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, Image, ReferenceImage, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
 use stylealign::serve::pb;
-use stylealign::style_aligned::StyleAligned;
-use tonic::Code;
 
 /// A synthetic 40×48 picture: gradients and a square.
 fn picture() -> Image {
@@ -71,16 +69,7 @@ fn init_image_changes_its_target_only_and_matches_the_library() {
 
         // The library with the same set (the image fitted to the request size) gives the same pixels.
         let pipe = tiny_pipeline(&device()).unwrap();
-        let batch = BatchSpec {
-            width: 32,
-            height: 32,
-            steps: 6,
-            guidance: 7.5,
-            sampler: SamplerKind::Ddim,
-            patch: Some(StyleAligned::default()),
-            scope: Default::default(),
-            size_conditioning: None,
-        };
+        let batch = BatchSpec::patched(32, 6, 7.5, SamplerKind::Ddim);
         let set = SetSpec {
             prompts: vec!["a house".into(), "a tree".into(), "a boat".into()],
             seed: 7,
@@ -116,16 +105,7 @@ fn img2img_sets_batched_give_their_images_alone() {
         ..Default::default()
     };
     for sampler in SamplerKind::ALL {
-        let batch = BatchSpec {
-            width: 32,
-            height: 32,
-            steps: 5,
-            guidance: 7.0,
-            sampler,
-            patch: Some(StyleAligned::default()),
-            scope: Default::default(),
-            size_conditioning: None,
-        };
+        let batch = BatchSpec::patched(32, 5, 7.0, sampler);
         let all = [plain.clone(), img2img.clone(), late.clone()];
         let together = pipe.generate(&batch, &all, &mut |_, _| vec![true; 3]).unwrap();
         for (k, set) in all.iter().enumerate() {
@@ -141,16 +121,7 @@ fn a_control_window_counts_an_img2img_targets_own_steps() {
     let pipe = tiny_pipeline(&dev).unwrap();
     let net = std::sync::Arc::new(stylealign::pipeline::tiny::tiny_controlnet(&dev).unwrap());
     let fitted = ReferenceImage::fit(&picture(), 32, 32);
-    let batch = BatchSpec {
-        width: 32,
-        height: 32,
-        steps: 8,
-        guidance: 7.0,
-        sampler: SamplerKind::Ddim,
-        patch: Some(StyleAligned::default()),
-        scope: Default::default(),
-        size_conditioning: None,
-    };
+    let batch = BatchSpec::patched(32, 8, 7.0, SamplerKind::Ddim);
     // Strength 0.5 of 8 steps: the target enters at step 4. The window [0, 0.5] lies before that
     // step on the set's schedule, but covers the first half of the target's own 4 steps.
     let set = |controls| SetSpec {
@@ -196,15 +167,7 @@ fn bad_init_images_are_invalid_argument_naming_the_field() {
             (with(vec![init(2, &huge, None)]), "`init_images[0].image`"),
             (with(vec![init(1, &png, None), init(2, b"", None)]), "`init_images[1].image`"),
         ];
-        let batches = |m: &str| m.lines().find(|l| l.starts_with("stylealign_batch_rows_count")).map(str::to_string);
-        let before = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);
-        for (req, field) in cases {
-            let err = generate(&mut c, &me, req).await.expect_err("must be rejected");
-            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-            assert!(err.message().contains(field), "message names {field}: {}", err.message());
-        }
-        let after = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);
-        assert_eq!(before, after, "nothing was queued or run");
+        assert_refused_naming_fields(&server, &mut c, &me, cases).await;
         // With a reference image every prompt is a target: index 0 is accepted there.
         let ok = pb::GenerateRequest {
             reference_image: png.clone(),

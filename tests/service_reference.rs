@@ -12,8 +12,6 @@ use stylealign::pipeline::tiny::tiny_pipeline;
 use stylealign::pipeline::{BatchSpec, Image, ReferenceImage, SetSpec};
 use stylealign::sampling::sampler::SamplerKind;
 use stylealign::serve::pb;
-use stylealign::style_aligned::StyleAligned;
-use tonic::Code;
 
 /// A synthetic 48×40 picture: gradients and a disc.
 fn picture() -> Image {
@@ -65,16 +63,7 @@ fn reference_image_matches_library_and_is_cached() {
 
         // The library, called directly with the same set, gives the same pixels.
         let pipe = tiny_pipeline(&stylealign::device::open(&stylealign::device::DeviceSpec::Cpu).unwrap()).unwrap();
-        let batch = BatchSpec {
-            width: 32,
-            height: 32,
-            steps: 4,
-            guidance: 7.5,
-            sampler: SamplerKind::Ddim,
-            patch: Some(StyleAligned::default()),
-            scope: Default::default(),
-            size_conditioning: None,
-        };
+        let batch = BatchSpec::patched(32, 4, 7.5, SamplerKind::Ddim);
         let set = SetSpec {
             prompts: vec!["a house".into(), "a tree".into()],
             negative_prompt: String::new(),
@@ -176,15 +165,7 @@ fn bad_reference_fields_are_invalid_argument() {
         let mut cases = cases;
         cases.push((reference_request(&s, huge), "`reference_image`"));
         // Metrics are process-wide (other tests of this binary may have run batches): compare.
-        let batches = |m: &str| m.lines().find(|l| l.starts_with("stylealign_batch_rows_count")).map(str::to_string);
-        let before = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);
-        for (req, field) in cases {
-            let err = generate(&mut c, &me, req).await.expect_err("must be rejected");
-            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-            assert!(err.message().contains(field), "message names {field}: {}", err.message());
-        }
-        let after = batches(&http_get(server.admin_addr().unwrap(), "/metrics").await.1);
-        assert_eq!(before, after, "nothing was queued or run");
+        assert_refused_naming_fields(&server, &mut c, &me, cases).await;
         server.shutdown().await;
     });
 }

@@ -114,6 +114,23 @@ pub struct BatchSpec {
     pub size_conditioning: Option<SizeConditioning>,
 }
 
+impl BatchSpec {
+    /// A square batch at `size` with the default StyleAligned patch (the node's defaults), every
+    /// level and step shared, no size conditioning.
+    pub fn patched(size: usize, steps: usize, guidance: f32, sampler: SamplerKind) -> Self {
+        BatchSpec {
+            width: size,
+            height: size,
+            steps,
+            guidance,
+            sampler,
+            patch: Some(StyleAligned::default()),
+            scope: Default::default(),
+            size_conditioning: None,
+        }
+    }
+}
+
 /// Text conditioning of some rows: hidden states (B, L, D) and SDXL's pooled embeddings (B, P).
 #[derive(Clone, Debug)]
 pub struct TextCond {

@@ -244,3 +244,24 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (code, body)
 }
+
+/// Sends each request and checks it is INVALID_ARGUMENT with a message naming its field (e.g.
+/// "`init_images[0].index`"), and that none of them was queued or run (the batch counter of the
+/// server's metrics is unchanged).
+pub async fn assert_refused_naming_fields(
+    server: &Server,
+    c: &mut StyleAlignClient<Channel>,
+    who: &Identity,
+    cases: Vec<(pb::GenerateRequest, &str)>,
+) {
+    let batches = |m: &str| m.lines().find(|l| l.starts_with("stylealign_batch_rows_count")).map(str::to_string);
+    let admin = server.admin_addr().expect("an admin listener");
+    let before = batches(&http_get(admin, "/metrics").await.1);
+    for (req, field) in cases {
+        let err = generate(c, who, req).await.expect_err("must be rejected");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "message names {field}: {}", err.message());
+    }
+    let after = batches(&http_get(admin, "/metrics").await.1);
+    assert_eq!(before, after, "nothing was queued or run");
+}
