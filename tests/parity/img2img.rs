@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use stylealign::pipeline::img2img::{Entry, start_step};
-use stylealign::pipeline::{BatchSpec, Pipeline, SetState, StepView, TextCond};
+use stylealign::pipeline::{BatchSpec, Pipeline, SetState, TextCond};
 use stylealign::sampling::sampler::{Sampler, SamplerKind};
 
 use crate::common::*;
@@ -97,12 +97,7 @@ pub fn img2img_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Device)
             scope: Default::default(),
             size_conditioning: None,
         };
-        let mut after = Vec::new();
-        let mut on_step = |v: &StepView| {
-            after.push(v.sets[0].1.clone());
-            vec![true]
-        };
-        let fin = pipe.denoise(&batch, &mut sampler, vec![state], &mut on_step).expect("denoise").pop().expect("one set").1;
+        let (fin, after) = crate::denoise_recording(&pipe, &batch, &mut sampler, state);
         let golden_steps = g.get(&format!("{p}latents_steps"));
         for (i, x) in after.into_iter().enumerate() {
             // After step i = entering step i + 1; the targets exist from their entry step on.
