@@ -17,7 +17,7 @@ from ._pb.stylealign.v1 import stylealign_pb2 as pb
 from ._pb.stylealign.v1 import stylealign_pb2_grpc as pb_grpc
 from .errors import StyleAlignError
 from .retry import RetryPolicy
-from .types import PRIORITIES, SAMPLERS, SHARE_ATTN, SHARE_NORM, Event, ImageResult, Models, Session, _event
+from .types import PRIORITIES, SAMPLERS, SHARE_ATTN, SHARE_NORM, Control, Event, ImageResult, Models, Session, _event
 
 SERVICE = "stylealign.v1.StyleAlign"
 
@@ -62,8 +62,11 @@ def _session_id(session: Session | str) -> str:
     raise ValueError(f"session: expected a Session or a session id string, got {session!r}")
 
 
-def _image_bytes(value: Any) -> bytes:
-    """reference_image as bytes: bytes as they are, a path read, a PIL image encoded as PNG."""
+_ImageInput = (bytes, bytearray, memoryview, str, os.PathLike, Image.Image)
+
+
+def _image_bytes(value: Any, field: str = "reference_image") -> bytes:
+    """An image argument as bytes: bytes as they are, a path read, a PIL image encoded as PNG."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, (str, os.PathLike)):
@@ -71,13 +74,72 @@ def _image_bytes(value: Any) -> bytes:
             with open(value, "rb") as f:
                 return f.read()
         except OSError as e:
-            raise ValueError(f"reference_image: cannot read {os.fspath(value)!r}: {e.strerror or e}") from e
+            raise ValueError(f"{field}: cannot read {os.fspath(value)!r}: {e.strerror or e}") from e
     if isinstance(value, Image.Image):
         buf = io.BytesIO()
         image = value if value.mode in ("RGB", "RGBA", "L", "LA") else value.convert("RGB")
         image.save(buf, format="PNG")
         return buf.getvalue()
-    raise ValueError(f"reference_image: expected bytes, a path or a PIL.Image, got {type(value).__name__}")
+    raise ValueError(f"{field}: expected bytes, a path or a PIL.Image, got {type(value).__name__}")
+
+
+def _init_images(init_images: Any, strength: Any) -> list[pb.InitImage]:
+    """`init_images` ({index: image or (image, strength)} or [(index, image[, strength]), ...])
+    as InitImage messages, in the order given; `strength` is the default of every entry."""
+    if strength is not None:
+        strength = _number("strength", strength)
+    if isinstance(init_images, Mapping):
+        entries = [(index, *(value if isinstance(value, tuple) else (value,))) for index, value in init_images.items()]
+    elif isinstance(init_images, (list, tuple)):
+        entries = list(init_images)
+    else:
+        raise ValueError(f"init_images: expected a dict {{index: image}} or a list of (index, image[, strength]), got {type(init_images).__name__}")
+    out = []
+    for k, entry in enumerate(entries):
+        field = f"init_images[{k}]"
+        if not isinstance(entry, tuple) or len(entry) not in (2, 3):
+            raise ValueError(f"{field}: expected (index, image) or (index, image, strength), got {entry!r}")
+        message = pb.InitImage(index=_uint(f"{field}.index", entry[0]), image=_image_bytes(entry[1], f"{field}.image"))
+        own = entry[2] if len(entry) == 3 else None
+        if own is not None:
+            message.strength = _number(f"{field}.strength", own)
+        elif strength is not None:
+            message.strength = strength
+        out.append(message)
+    return out
+
+
+_CONTROL_FIELDS = [f.name for f in dataclasses.fields(Control)]
+
+
+def _controls(controls: Any) -> list[pb.Control]:
+    """`controls` (a list of `Control` or of dicts with its fields) as Control messages."""
+    if not isinstance(controls, (list, tuple)):
+        raise ValueError(f"controls: expected a list of Control or dict, got {type(controls).__name__}")
+    out = []
+    for k, control in enumerate(controls):
+        field = f"controls[{k}]"
+        if isinstance(control, Mapping):
+            unknown = sorted(map(str, set(control) - set(_CONTROL_FIELDS)))
+            if unknown:
+                raise ValueError(f"{field}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: {', '.join(_CONTROL_FIELDS)})")
+            if "model" not in control or "images" not in control:
+                raise ValueError(f"{field}: needs 'model' and 'images'")
+            control = Control(**control)
+        elif not isinstance(control, Control):
+            raise ValueError(f"{field}: expected a Control or a dict, got {type(control).__name__}")
+        images = control.images
+        if isinstance(images, _ImageInput):
+            images = [images]
+        elif not isinstance(images, (list, tuple)):
+            raise ValueError(f"{field}.images: expected an image (bytes, a path or a PIL.Image) or a list of them, got {type(images).__name__}")
+        message = pb.Control(model=_text(f"{field}.model", control.model), images=[_image_bytes(image, f"{field}.images[{j}]") for j, image in enumerate(images)])
+        for name in ("conditioning_scale", "start", "end"):
+            value = getattr(control, name)
+            if value is not None:
+                setattr(message, name, _number(f"{field}.{name}", value))
+        out.append(message)
+    return out
 
 
 class Client:
@@ -286,6 +348,9 @@ class Client:
         reference_offset: int | None = None,
         reference_guidance_scale: float | None = None,
         size_conditioning: Mapping[str, int] | None = None,
+        init_images: Mapping[int, Any] | list[tuple] | None = None,
+        strength: float | None = None,
+        controls: list[Control | Mapping[str, Any]] | None = None,
         timeout: float | None = None,
     ) -> Iterator[Event]:
         """Generates one style-aligned set; yields `Queued`, `Started`, `Progress` events, then
@@ -298,6 +363,16 @@ class Client:
         (SDXL): a dict with any of ``original_width``, ``original_height``, ``crop_top``,
         ``crop_left``, ``target_width``, ``target_height``; `timeout`: deadline of each attempt
         (default: the client's `generate_timeout`).
+
+        `init_images` makes targets img2img (docs/img2img.md): ``{index: image}`` (or
+        ``{index: (image, strength)}``) or a list of ``(index, image)`` / ``(index, image,
+        strength)``, `index` the target's image index (from 1 when the first prompt is the
+        reference, from 0 with `reference_image`); `strength` is the default strength of every
+        init image (unset: the server's, 0.8). `controls` puts ControlNets on the targets
+        (docs/controlnet.md): a list of `Control` or of dicts with its fields (``model``,
+        ``images``: one image for every target or a list of one per target, optional
+        ``conditioning_scale``, ``start``, ``end``). Images are PNG/JPEG bytes, file paths or PIL
+        images, as `reference_image`.
 
         The arguments are checked at once (ValueError naming the argument); the call starts
         when iteration starts. Closing the iterator early cancels the call.
@@ -344,6 +419,12 @@ class Client:
             request.size_conditioning.SetInParent()
             for key, value in size_conditioning.items():
                 setattr(request.size_conditioning, key, _uint(f"size_conditioning.{key}", value))
+        if init_images is not None:
+            request.init_images.extend(_init_images(init_images, strength))
+        elif strength is not None:
+            raise ValueError("strength: only with init_images")
+        if controls is not None:
+            request.controls.extend(_controls(controls))
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout: must be a positive number of seconds, got {timeout!r}")
         return self._stream(request, timeout if timeout is not None else self.generate_timeout, reference_row=reference_image is None)

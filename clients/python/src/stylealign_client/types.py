@@ -26,6 +26,10 @@ def _enum_name(mapping: dict[str, int], value: int) -> str:
     return str(value)
 
 
+def _family(value: int) -> str:
+    return pb.Family.Name(value).removeprefix("FAMILY_") if value in pb.Family.values() else str(value)
+
+
 def _timestamp(ts) -> datetime | None:
     return ts.ToDatetime(tzinfo=timezone.utc) if ts.seconds or ts.nanos else None
 
@@ -48,14 +52,29 @@ class ModelInfo:
 
     @classmethod
     def _from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
-        family = pb.Family.Name(m.family).removeprefix("FAMILY_") if m.family in pb.Family.values() else str(m.family)
-        return cls(m.name, family, m.native_width, m.native_height, m.size_multiple, m.source, m.hash, m.max_size, m.max_batch_rows)
+        return cls(m.name, _family(m.family), m.native_width, m.native_height, m.size_multiple, m.source, m.hash, m.max_size, m.max_batch_rows)
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    """A ControlNet the server serves (usable in `generate(controls=...)`)."""
+
+    name: str
+    family: str  # "SD1", "SD2" or "SDXL"
+    source: str  # a diffusers folder, a .safetensors file, or "<embedded>"
+    hash: str  # A1111-style short hash of its weights file
+    models: list[str]  # the served models it fits
+
+    @classmethod
+    def _from_pb(cls, c: pb.ControlNetInfo) -> "ControlNetInfo":
+        return cls(c.name, _family(c.family), c.source, c.hash, list(c.models))
 
 
 @dataclass(frozen=True)
 class Models:
-    """`ListModels`: the loaded models, the samplers and the server's limits. Iterating gives the
-    models; ``"tiny" in models`` tests a name; ``models["tiny"]`` gets one by name."""
+    """`ListModels`: the loaded models, the samplers, the server's limits and the ControlNets.
+    Iterating gives the models; ``"tiny" in models`` tests a name; ``models["tiny"]`` gets one by
+    name; ``models.controlnet("tiny-controlnet")`` gets a ControlNet by name."""
 
     models: list[ModelInfo]
     samplers: list[str]
@@ -66,6 +85,8 @@ class Models:
     default_guidance_scale: float
     # The server's memory budget for requests, in bytes (0 from servers that do not report it).
     memory_budget_bytes: int = 0
+    # The ControlNets usable in `generate(controls=...)` (empty from servers without any).
+    controlnets: list[ControlNetInfo] = field(default_factory=list)
 
     @classmethod
     def _from_pb(cls, r: pb.ListModelsResponse) -> "Models":
@@ -78,6 +99,7 @@ class Models:
             r.default_steps,
             r.default_guidance_scale,
             r.memory_budget_bytes,
+            [ControlNetInfo._from_pb(c) for c in r.controlnets],
         )
 
     @property
@@ -98,6 +120,34 @@ class Models:
             if m.name == name:
                 return m
         raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
+
+    @property
+    def controlnet_names(self) -> list[str]:
+        return [c.name for c in self.controlnets]
+
+    def controlnet(self, name: str) -> ControlNetInfo:
+        """The served ControlNet called `name` (KeyError when there is none)."""
+        for c in self.controlnets:
+            if c.name == name:
+                return c
+        raise KeyError(f"ControlNet {name!r} is not served (served: {', '.join(self.controlnet_names) or 'none'})")
+
+
+@dataclass(frozen=True)
+class Control:
+    """A ControlNet on the targets of a set (`generate(controls=[...])`).
+
+    `model`: a ControlNet of `Models.controlnets` that fits the session's model; `images`: one
+    control image for every target, or a list of one per target in target order (each PNG/JPEG
+    bytes, a file path or a PIL image); `conditioning_scale` (default 1.0), `start` and `end`
+    (fractions of the schedule, default 0 and 1): unset takes the server's defaults.
+    """
+
+    model: str
+    images: Any
+    conditioning_scale: float | None = None
+    start: float | None = None
+    end: float | None = None
 
 
 @dataclass(frozen=True)
