@@ -13,7 +13,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from stylealign_client import Client, ImageResult, Progress, Queued, RetryPolicy, Session, Started, StyleAlignError
+from stylealign_client import Client, Control, ControlNetInfo, ImageResult, Progress, Queued, RetryPolicy, Session, Started, StyleAlignError
 
 from conftest import running_server
 
@@ -179,6 +179,150 @@ def test_reference_image_bytes_path_and_pil(client, tmp_path):
     with pytest.raises(StyleAlignError) as e:
         list(client.generate(session, ["a house"], reference_image=b"not an image", reference_caption="x", steps=2))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.fields == ["reference_image"]
+
+
+def _gradient(size: int = 40) -> Image.Image:
+    image = Image.new("RGB", (size, size))
+    image.putdata([(x * 6, y * 6, 128) for y in range(size) for x in range(size)])
+    return image
+
+
+def _pixels(images: list[ImageResult]) -> list[bytes]:
+    return [i.image.tobytes() for i in images]
+
+
+def test_list_models_shows_the_embedded_controlnet(client):
+    models = client.list_models()
+    assert models.controlnet_names == ["tiny-controlnet"]
+    info = models.controlnet("tiny-controlnet")
+    assert isinstance(info, ControlNetInfo)
+    assert (info.name, info.family, info.source, info.models) == ("tiny-controlnet", "SD1", "<embedded>", ["tiny"])
+    assert len(info.hash) == 10 and int(info.hash, 16) >= 0
+    with pytest.raises(KeyError, match="canny.*served: tiny-controlnet"):
+        models.controlnet("canny")
+
+
+def test_img2img_target_changes_only_its_image(client, tmp_path):
+    session = client.patch_model("tiny")
+    prompts = ["a lighthouse, linocut print", "a fox, linocut print", "a boat, linocut print"]
+    common = dict(seed=11, steps=4, width=32, height=32)
+    plain = client.generate_images(session, prompts, **common)
+    init = _gradient()
+    path = tmp_path / "init.png"
+    init.save(path)
+
+    moved = client.generate_images(session, prompts, init_images={2: path}, strength=0.5, **common)
+    pixels = _pixels(moved)
+    assert pixels[0] == _pixels(plain)[0] and pixels[1] == _pixels(plain)[1]  # the reference and the other target
+    assert pixels[2] != _pixels(plain)[2]
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    for image in moved:
+        assert image.metadata["init_images"] == [{"index": 2, "image_sha256": sha, "strength": 0.5}]
+    assert "Denoising strength: 0.5" in moved[2].infotext and f"Init image sha256: {sha}" in moved[2].infotext
+    assert "Denoising strength" not in moved[1].infotext and "Denoising strength" not in moved[0].infotext
+
+    # The same request as a list of tuples, with bytes, a str path, or the strength per image.
+    assert _pixels(client.generate_images(session, prompts, init_images=[(2, path.read_bytes())], strength=0.5, **common)) == pixels
+    assert _pixels(client.generate_images(session, prompts, init_images=[(2, str(path), 0.5)], **common)) == pixels
+    assert _pixels(client.generate_images(session, prompts, init_images={2: (path, 0.5)}, strength=0.9, **common)) == pixels
+    # A PIL image; a stronger strength changes the image further from the init; unset: the server's 0.8.
+    pil = client.generate_images(session, prompts, init_images={2: init}, **common)
+    assert pil[2].metadata["init_images"][0]["strength"] == 0.8 and "Denoising strength: 0.8" in pil[2].infotext
+    assert _pixels(pil)[:2] == _pixels(plain)[:2]
+    assert pil[2].image.tobytes() not in (pixels[2], _pixels(plain)[2])
+
+    # With a reference image, targets count from 0.
+    with_ref = client.generate_images(
+        session, ["a fox", "a boat"], reference_image=path, reference_caption="a gradient", init_images={0: init}, strength=0.75, seed=11, steps=4, width=32, height=32
+    )
+    assert with_ref[0].metadata["init_images"][0]["index"] == 0 and "Denoising strength: 0.75" in with_ref[0].infotext
+
+
+def test_control_changes_the_targets_not_the_reference(client, tmp_path):
+    session = client.patch_model("tiny")
+    prompts = ["a lighthouse, linocut print", "a fox, linocut print", "a boat, linocut print"]
+    common = dict(seed=5, steps=4, width=32, height=32)
+    plain = client.generate_images(session, prompts, **common)
+    control_image = _gradient()
+    path = tmp_path / "edges.png"
+    control_image.save(path)
+
+    controlled = client.generate_images(session, prompts, controls=[Control("tiny-controlnet", path, conditioning_scale=0.8, end=0.75)], **common)
+    pixels = _pixels(controlled)
+    assert pixels[0] == _pixels(plain)[0]  # the reference gets no control
+    assert pixels[1] != _pixels(plain)[1] and pixels[2] != _pixels(plain)[2]
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    hash10 = client.list_models().controlnet("tiny-controlnet").hash
+    for image in controlled:
+        (recorded,) = image.metadata["controls"]
+        assert recorded["model"] == "tiny-controlnet" and recorded["model_sha256"].startswith(hash10)
+        assert (recorded["images_sha256"], recorded["conditioning_scale"], recorded["start"], recorded["end"]) == ([sha], 0.8, 0.0, 0.75)
+    line = f'ControlNet 0: "model: tiny-controlnet [{hash10}], scale: 0.8, window: 0.0-0.75"'
+    assert line in controlled[1].infotext and line in controlled[2].infotext
+    assert "ControlNet" not in controlled[0].infotext
+
+    # A dict and a one-element list give the same images; bytes and PIL images are accepted.
+    as_dict = client.generate_images(session, prompts, controls=[{"model": "tiny-controlnet", "images": [path.read_bytes()], "conditioning_scale": 0.8, "end": 0.75}], **common)
+    assert _pixels(as_dict) == pixels
+    # One image per target, and two ControlNets summed.
+    per_target = client.generate_images(session, prompts, controls=[Control("tiny-controlnet", [control_image, control_image.rotate(90)])], **common)
+    assert len(per_target[1].metadata["controls"][0]["images_sha256"]) == 2
+    assert _pixels(per_target)[0] == _pixels(plain)[0]
+    two = client.generate_images(session, prompts, controls=[Control("tiny-controlnet", path), Control("tiny-controlnet", path, conditioning_scale=0.5)], **common)
+    assert [c["conditioning_scale"] for c in two[1].metadata["controls"]] == [1.0, 0.5]
+    assert 'ControlNet 1: "model: tiny-controlnet' in two[2].infotext and _pixels(two)[0] == _pixels(plain)[0]
+
+    # With img2img on the same target.
+    both = client.generate_images(session, prompts, init_images={1: control_image}, strength=0.5, controls=[Control("tiny-controlnet", path)], **common)
+    assert _pixels(both)[0] == _pixels(plain)[0] and "Denoising strength: 0.5" in both[1].infotext and "ControlNet 0" in both[1].infotext
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, says",
+    [
+        (dict(init_images={1: _gradient()}, strength=1.5), "init_images[0].strength", "1.5"),
+        (dict(init_images=[(1, _gradient(), 0.5), (1, _gradient())]), "init_images[1].index", ""),
+        (dict(init_images={0: _gradient()}), "init_images[0].index", ""),  # the reference
+        (dict(init_images={1: b"not an image"}), "init_images[0].image", ""),
+        (dict(controls=[{"model": "no-such-controlnet", "images": [_gradient()]}]), "controls[0].model", "tiny-controlnet"),
+        (dict(controls=[Control("tiny-controlnet", [_gradient()] * 3)]), "controls[0].images", ""),
+        (dict(controls=[Control("tiny-controlnet", _gradient(), conditioning_scale=11.0)]), "controls[0].conditioning_scale", ""),
+        (dict(controls=[Control("tiny-controlnet", _gradient(), start=0.8, end=0.2)]), "controls[0].end", ""),
+    ],
+)
+def test_bad_init_images_and_controls_are_invalid_argument_naming_the_field(client, kwargs, field, says):
+    session = client.patch_model("tiny")
+    with pytest.raises(StyleAlignError) as e:
+        list(client.generate(session, ["a lighthouse", "a fox"], steps=2, width=32, height=32, **kwargs))
+    err = e.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == [field] and f"`{field}`" in str(err), str(err)
+    assert says in str(err) and err.attempts == 1
+
+
+def test_bad_init_images_and_controls_are_python_errors(client, tmp_path):
+    session = client.patch_model("tiny")
+    image = _gradient()
+    cases = [
+        (dict(init_images=image), "init_images: expected a dict"),
+        (dict(init_images=[(1,)]), r"init_images\[0\]: expected \(index, image\)"),
+        (dict(init_images={-1: image}), r"init_images\[0\].index: must be an integer"),
+        (dict(init_images=[(1, image), (2, 42)]), r"init_images\[1\].image: expected bytes, a path or a PIL.Image, got int"),
+        (dict(init_images={1: tmp_path / "missing.png"}), r"init_images\[0\].image: cannot read"),
+        (dict(init_images={1: image}, strength="0.5"), "strength: must be a number"),
+        (dict(init_images=[(1, image, "high")]), r"init_images\[0\].strength: must be a number"),
+        (dict(strength=0.5), "strength: only with init_images"),
+        (dict(controls=Control("tiny-controlnet", image)), "controls: expected a list"),
+        (dict(controls=["tiny-controlnet"]), r"controls\[0\]: expected a Control or a dict, got str"),
+        (dict(controls=[{"model": "tiny-controlnet", "image": image}]), r"controls\[0\]: unknown key image \(known: model, images, conditioning_scale, start, end\)"),
+        (dict(controls=[{"model": "tiny-controlnet"}]), r"controls\[0\]: needs 'model' and 'images'"),
+        (dict(controls=[Control(None, image)]), r"controls\[0\].model: must be a string"),
+        (dict(controls=[Control("tiny-controlnet", 42)]), r"controls\[0\].images: expected an image"),
+        (dict(controls=[Control("tiny-controlnet", [image, 42])]), r"controls\[0\].images\[1\]: expected bytes, a path or a PIL.Image"),
+        (dict(controls=[Control("tiny-controlnet", image, end="1")]), r"controls\[0\].end: must be a number"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            client.generate(session, ["a lighthouse", "a fox"], **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -348,6 +492,24 @@ def test_readme_example_works_as_written(server, tmp_path, monkeypatch):
     assert saved == ["image_0.png", "image_1.png"]
     with Image.open(tmp_path / "image_1.png") as image:
         assert image.size == (64, 64) and "parameters" in image.info
+
+
+def test_readme_img2img_and_controlnet_example_works_as_written(server, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (example,) = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "controls=" in b.split("```", 1)[0]]
+    monkeypatch.chdir(tmp_path)
+    for name, angle in (("fox_sketch.png", 0), ("fox_edges.png", 90), ("boat_edges.png", 180)):
+        _gradient().rotate(angle).save(name)
+    exec(compile(example.replace("127.0.0.1:50051", server), "README.md", "exec"), {})
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("image_"))
+    assert saved == ["image_0.png", "image_1.png", "image_2.png"]
+    infotexts = {}
+    for name in saved:
+        with Image.open(tmp_path / name) as image:
+            infotexts[name] = image.info["parameters"]
+    assert "Denoising strength: 0.6" in infotexts["image_1.png"] and "Denoising strength" not in infotexts["image_2.png"]
+    assert all('ControlNet 0: "model: tiny-controlnet' in infotexts[n] for n in ("image_1.png", "image_2.png"))
+    assert "ControlNet" not in infotexts["image_0.png"]
 
 
 def test_repository_readme_shows_the_same_example():
