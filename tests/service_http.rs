@@ -285,6 +285,49 @@ fn every_route_matches_grpc() {
 
 /// A huge unknown enum value is quoted by the JSON error only in part: the message and the
 /// BadRequest field violation each quote at most 1 KiB of it.
+/// img2img targets and ControlNets in camelCase JSON (images as base64) give the gRPC call's PNG
+/// bytes; their errors name the JSON field path.
+#[test]
+fn img2img_and_controls_over_http_match_grpc() {
+    run(LIMIT, || async {
+        let server = start(test_config()).await;
+        let http = Http::new(server.addr()).with("x-client-id", "web");
+        let me = Identity::client("web");
+        let mut c = connect(&server).await;
+        let (_, created) = http.call(Method::POST, "/v1/sessions", Some(json!({"model": "tiny"}))).await;
+        let sid = created["sessionId"].as_str().unwrap().to_string();
+        let rgb: Vec<u8> = (0..20 * 24 * 3).map(|i| (i * 13 % 256) as u8).collect();
+        let png = stylealign::pipeline::Image { width: 20, height: 24, rgb }.to_png(&[]);
+        let b64 = BASE64.encode(&png);
+        let body = json!({
+            "sessionId": sid, "prompts": ["a house", "a tree", "a boat"], "seed": "5", "steps": 3, "width": 32, "height": 32,
+            "guidanceScale": 7.5,
+            "initImages": [{"index": 2, "image": b64, "strength": 0.7}],
+            "controls": [{"model": "tiny-controlnet", "images": [b64], "conditioningScale": 0.8, "end": 0.9}],
+        });
+        let events = http.generate(body.clone()).await.expect("200").all().await;
+        let got = images(&events);
+        let req = pb::GenerateRequest {
+            init_images: vec![pb::InitImage { index: 2, image: png.clone(), strength: Some(0.7) }],
+            controls: vec![pb::Control {
+                model: "tiny-controlnet".into(),
+                images: vec![png.clone()],
+                conditioning_scale: Some(0.8),
+                start: None,
+                end: Some(0.9),
+            }],
+            ..request(&sid, &["a house", "a tree", "a boat"], 32, 3, 5)
+        };
+        let want = generate(&mut c, &me, req).await.expect("gRPC");
+        assert_eq!(pngs(&got), pngs(&want.images), "HTTP/JSON and gRPC give the same PNGs");
+        let mut bad = body;
+        bad["controls"][0]["model"] = json!("depth");
+        let err = http.generate(bad).await.err().expect("refused");
+        assert_eq!(err.0, StatusCode::BAD_REQUEST, "{}", err.1);
+        assert_eq!(violated_field(&err.1), "controls[0].model");
+    });
+}
+
 #[test]
 fn huge_json_values_are_quoted_short() {
     run(LIMIT, || async {
