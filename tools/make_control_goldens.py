@@ -13,10 +13,13 @@ Usage (from the repository root):
 Inputs (already committed): tests/fixtures/goldens/tiny_sd15/{unet,vae,text_encoder,scheduler} and
 tests/fixtures/goldens/tiny_sdxl_pipe/. Outputs (see tools/README.md for what each file holds):
 
-    tiny_controlnet_sd15/, tiny_controlnet_sdxl/      diffusers ControlNetModel folders (random weights)
-    tiny_controlnet_single/control_tiny_sd15.safetensors (+ .json), control_tiny_sdxl.safetensors (+ .json)
+    tiny_sd2/unet/                                     tiny SD2-like UNet (part sd2; random weights)
+    tiny_controlnet_sd15/, tiny_controlnet_sdxl/, tiny_controlnet_sd2/
+                                                       diffusers ControlNetModel folders (random weights)
+    tiny_controlnet_single/control_tiny_{sd15,sdxl,sd2}.safetensors (+ .json)
                                                        the same weights in the original ControlNet layout
-    controlnet_sd15.safetensors, controlnet_sdxl.safetensors        kind "controlnet_unet"
+    controlnet_sd15.safetensors, controlnet_sdxl.safetensors, controlnet_sd2.safetensors
+                                                                    kind "controlnet_unet"
     controlnet_pipe_sd15.safetensors, controlnet_pipe_sdxl.safetensors  kind "controlnet_pipe"
     img2img_sd15.safetensors                                           kind "img2img_pipe"
     style_window_sd15.safetensors                                      kind "style_window_pipe"
