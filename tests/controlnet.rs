@@ -53,7 +53,7 @@ fn copy_single(stem: &str, dir: &Path, with_config: bool) -> PathBuf {
 #[test]
 fn folder_and_single_file_load_with_their_family() {
     let dev = Device::flex();
-    for (stem, family) in [("sd15", Family::Sd1), ("sdxl", Family::Sdxl)] {
+    for (stem, family) in [("sd15", Family::Sd1), ("sd2", Family::Sd2), ("sdxl", Family::Sdxl)] {
         let folder = ControlNet::load(&golden_dir().join(format!("tiny_controlnet_{stem}")), &dev).unwrap();
         assert_eq!(folder.format(), ControlNetFormat::Diffusers);
         assert_eq!(folder.family(), family);
@@ -143,6 +143,23 @@ fn the_family_of_a_file_without_config_comes_from_its_tensors() {
     let sdxl = copy_single("sdxl", &dir, false);
     let e = ControlNet::load(&sdxl, &dev).unwrap_err().to_string();
     assert!(e.contains("SDXL") && e.contains("80"), "{e}");
+    let sd2 = copy_single("sd2", &dir, false);
+    let e = ControlNet::load(&sd2, &dev).unwrap_err().to_string();
+    assert!(e.contains("family not recognised") && e.contains("48") && e.contains("Some(true)"), "{e}");
+    // A width of 1024 is SD2 (linear projections): the embedded SD2 default config is used, and
+    // the tiny weights then fail against it.
+    let wide2 = dir.join("wide2.safetensors");
+    rewrite(&sd2, &wide2, |t| {
+        for (k, _, s, b) in t.iter_mut() {
+            if k.ends_with("attn2.to_k.weight") {
+                *s = vec![s[0], 1024];
+                *b = vec![0; s[0] * 1024 * 4];
+            }
+        }
+    });
+    let e = ControlNet::load(&wide2, &dev).unwrap_err();
+    assert!(matches!(e, ModelError::ShapeMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("wide2.safetensors"), "{e}");
     // A width of 768 with conv projections is SD1: the embedded SD1 default config is used, and
     // the tiny weights then fail against it, naming the first tensor that does not fit.
     let wide = dir.join("wide.safetensors");
@@ -171,6 +188,13 @@ fn a_controlnet_for_another_model_does_not_fit() {
     assert!(sd_net.check_fits(&sd_unet).is_ok());
     let e = sdxl_net.check_fits(&sd_unet).unwrap_err();
     assert!(e.contains("SDXL") && e.contains("SD1"), "{e}");
+    let sd2_net = ControlNet::load(&golden_dir().join("tiny_controlnet_sd2"), &dev).unwrap();
+    let sd2_unet = stylealign::model::unet::UNetConfig::from_file(&golden_dir().join("tiny_sd2/unet/config.json")).unwrap();
+    assert!(sd2_net.check_fits(&sd2_unet).is_ok());
+    let e = sd2_net.check_fits(&sd_unet).unwrap_err();
+    assert!(e.contains("SD2") && e.contains("SD1"), "{e}");
+    let e = sd_net.check_fits(&sd2_unet).unwrap_err();
+    assert!(e.contains("SD1") && e.contains("SD2"), "{e}");
 
     let pipe = tiny_pipeline(&dev).unwrap();
     let mut set = plain_set(&["a", "b"], 1);
@@ -369,7 +393,11 @@ fn misshapen_inputs_and_residuals_name_the_input() {
 fn residual_bytes_match_the_residuals() {
     use burn::tensor::{Distribution, Tensor};
     let dev = Device::flex();
-    for (net, unet) in [("tiny_controlnet_sd15", "tiny_sd15/unet"), ("tiny_controlnet_sdxl", "tiny_sdxl_pipe/unet")] {
+    for (net, unet) in [
+        ("tiny_controlnet_sd15", "tiny_sd15/unet"),
+        ("tiny_controlnet_sd2", "tiny_sd2/unet"),
+        ("tiny_controlnet_sdxl", "tiny_sdxl_pipe/unet"),
+    ] {
         let net = ControlNet::load(&golden_dir().join(net), &dev).unwrap();
         let cfg = stylealign::model::unet::UNetConfig::from_file(&golden_dir().join(unet).join("config.json")).unwrap();
         let (b, h, w) = (3, 8, 16);

@@ -13,10 +13,13 @@ Usage (from the repository root):
 Inputs (already committed): tests/fixtures/goldens/tiny_sd15/{unet,vae,text_encoder,scheduler} and
 tests/fixtures/goldens/tiny_sdxl_pipe/. Outputs (see tools/README.md for what each file holds):
 
-    tiny_controlnet_sd15/, tiny_controlnet_sdxl/      diffusers ControlNetModel folders (random weights)
-    tiny_controlnet_single/control_tiny_sd15.safetensors (+ .json), control_tiny_sdxl.safetensors (+ .json)
+    tiny_sd2/unet/                                     tiny SD2-like UNet (part sd2; random weights)
+    tiny_controlnet_sd15/, tiny_controlnet_sdxl/, tiny_controlnet_sd2/
+                                                       diffusers ControlNetModel folders (random weights)
+    tiny_controlnet_single/control_tiny_{sd15,sdxl,sd2}.safetensors (+ .json)
                                                        the same weights in the original ControlNet layout
-    controlnet_sd15.safetensors, controlnet_sdxl.safetensors        kind "controlnet_unet"
+    controlnet_sd15.safetensors, controlnet_sdxl.safetensors, controlnet_sd2.safetensors
+                                                                    kind "controlnet_unet"
     controlnet_pipe_sd15.safetensors, controlnet_pipe_sdxl.safetensors  kind "controlnet_pipe"
     img2img_sd15.safetensors                                           kind "img2img_pipe"
     style_window_sd15.safetensors                                      kind "style_window_pipe"
@@ -68,15 +71,18 @@ GENERATOR = "tools/make_control_goldens.py"
 
 CN_SD15 = "tiny_controlnet_sd15"
 CN_SDXL = "tiny_controlnet_sdxl"
+CN_SD2 = "tiny_controlnet_sd2"
 CN_SINGLE = "tiny_controlnet_single"
 SD15 = "tiny_sd15"
+SD2 = "tiny_sd2"
 SDXL_PIPE = "tiny_sdxl_pipe"
 
 # conditioning embedding widths: the number of stride-2 convs (len - 1) matches each VAE's factor
 CN_SD15_COND_CHANNELS = (8, 16)            # x2: image 32x32 -> latent 16x16 (tiny_sd15/vae)
 CN_SDXL_COND_CHANNELS = (4, 8, 8, 16)      # x8: image 64x64 -> latent 8x8 (tiny_sdxl_pipe/vae)
+CN_SD2_COND_CHANNELS = (8, 16)             # x2: image 32x32 -> latent 16x16
 SEEDS = dict(cn_sd15=701, cn_sdxl=702, cn_unet_sd15=710, cn_unet_sdxl=720, cn_pipe_sd15=730,
-             cn_pipe_sdxl=740, img2img=750, window=760)
+             cn_pipe_sdxl=740, img2img=750, window=760, unet_sd2=770, cn_sd2=771, cn_unet_sd2=780)
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,59 +321,105 @@ def controlnet_folders(out: Out, sd15: dict, sdxl: dict) -> dict:
     for tag, rel, comps, ch, seed, unet_rel in (
             ("sd15", CN_SD15, sd15, CN_SD15_COND_CHANNELS, SEEDS["cn_sd15"], f"{SD15}/unet"),
             ("sdxl", CN_SDXL, sdxl, CN_SDXL_COND_CHANNELS, SEEDS["cn_sdxl"], f"{SDXL_PIPE}/unet")):
-        cn = build_controlnet(comps["unet"], ch, seed)
-        d = out.root / rel
-        if d.exists():
-            shutil.rmtree(d)
-        cn.save_pretrained(str(d), safe_serialization=True)
-        back = ControlNetModel.from_pretrained(str(d)).eval()
-        a, b = cn.state_dict(), back.state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
-        factor = 2 ** (len(ch) - 1)
-        out.folder(rel, {
-            "kind": "controlnet_weights", "layout": "diffusers ControlNetModel (config.json + "
-                                                    "diffusion_pytorch_model.safetensors)",
-            "matches_unet": unet_rel, "conditioning_embedding_out_channels": list(ch),
-            "conditioning_downsampling": factor, "seed": seed,
-            "num_params": sum(p.numel() for p in cn.parameters()),
-            "note": ("all weights random: PyTorch default init under `seed` (not copied from the UNet); the zero "
-                     "convs (controlnet_down_blocks, controlnet_mid_block) and controlnet_cond_embedding.conv_out "
-                     "re-initialised with the default init; GroupNorm/LayerNorm affines random "
-                     "(1 + 0.1 N(0,1), 0.1 N(0,1)). Control images are pixels in [0,1] at "
-                     f"{factor}x the latent size."),
-        })
-        # the original single-file layout
-        stem = f"control_tiny_{tag}"
-        sdir = out.root / CN_SINGLE
-        sdir.mkdir(parents=True, exist_ok=True)
-        ldm = controlnet_to_ldm(cn.state_dict(), cn.config)
-        f = sdir / f"{stem}.safetensors"
-        save_file(ldm, str(f), metadata={"format": "pt"})
-        os.chmod(f, 0o644)
-        write_json(sdir / f"{stem}.json", json.loads((d / "config.json").read_text()))
-        chk = single_file_check(f, d, cn)
-        assert chk["identical"], chk
-        nets[tag] = {"model": back, "rel": rel, "single_file_check": chk}
-        out.files += [f"{CN_SINGLE}/{stem}.safetensors", f"{CN_SINGLE}/{stem}.json"]
-        out.entries[f"{CN_SINGLE}/{stem}.safetensors"] = {
-            "kind": "controlnet_single_file", "same_weights_as": rel + "/", "config": f"{stem}.json",
-            "generator": GENERATOR, "size_bytes": f.stat().st_size, "num_tensors": len(ldm),
-            "layout": ("original ControlNet checkpoint: every key starts with `control_model.`; time_embed.{0,2} "
-                       "(time_embedding.linear_1/2), label_emb.0.{0,2} (SDXL add_embedding.linear_1/2), "
-                       "input_blocks.0.0 (conv_in), input_blocks.{1+b*(L+1)+l}.0 (down_blocks.b.resnets.l: "
-                       "in_layers.0=norm1, in_layers.2=conv1, emb_layers.1=time_emb_proj, out_layers.0=norm2, "
-                       "out_layers.3=conv2, skip_connection=conv_shortcut), input_blocks.{...}.1 "
-                       "(down_blocks.b.attentions.l, inner keys unchanged), input_blocks.{1+b*(L+1)+L}.0.op "
-                       "(down_blocks.b.downsamplers.0.conv), middle_block.{0,1,2} (mid_block.resnets.0, "
-                       "attentions.0, resnets.1), zero_convs.i.0 (controlnet_down_blocks.i), middle_block_out.0 "
-                       "(controlnet_mid_block), input_hint_block.0 (controlnet_cond_embedding.conv_in), "
-                       "input_hint_block.2(j+1) (controlnet_cond_embedding.blocks.j), input_hint_block.14 "
-                       "(controlnet_cond_embedding.conv_out; 14 as in the original ControlNet's fixed hint "
-                       "Sequential and as diffusers' converter reads it, also when there are fewer hint convs: "
-                       "in the SD1.5 file the blocks are at 2 and 4 and conv_out at 14)."),
-            "verification": chk,
-        }
+        nets[tag] = controlnet_folder(out, tag, rel, comps["unet"], ch, seed, unet_rel)
     return nets
+
+
+def controlnet_folder(out: Out, tag: str, rel: str, unet, ch: tuple, seed: int, unet_rel: str) -> dict:
+    """Write one ControlNet folder and its original-layout single file (+ .json); verify the single file
+    through diffusers' converter; return the model read back from the folder."""
+    cn = build_controlnet(unet, ch, seed)
+    d = out.root / rel
+    if d.exists():
+        shutil.rmtree(d)
+    cn.save_pretrained(str(d), safe_serialization=True)
+    back = ControlNetModel.from_pretrained(str(d)).eval()
+    a, b = cn.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    factor = 2 ** (len(ch) - 1)
+    out.folder(rel, {
+        "kind": "controlnet_weights", "layout": "diffusers ControlNetModel (config.json + "
+                                                "diffusion_pytorch_model.safetensors)",
+        "matches_unet": unet_rel, "conditioning_embedding_out_channels": list(ch),
+        "conditioning_downsampling": factor, "seed": seed,
+        "num_params": sum(p.numel() for p in cn.parameters()),
+        "note": ("all weights random: PyTorch default init under `seed` (not copied from the UNet); the zero "
+                 "convs (controlnet_down_blocks, controlnet_mid_block) and controlnet_cond_embedding.conv_out "
+                 "re-initialised with the default init; GroupNorm/LayerNorm affines random "
+                 "(1 + 0.1 N(0,1), 0.1 N(0,1)). Control images are pixels in [0,1] at "
+                 f"{factor}x the latent size."),
+    })
+    # the original single-file layout
+    stem = f"control_tiny_{tag}"
+    sdir = out.root / CN_SINGLE
+    sdir.mkdir(parents=True, exist_ok=True)
+    ldm = controlnet_to_ldm(cn.state_dict(), cn.config)
+    f = sdir / f"{stem}.safetensors"
+    save_file(ldm, str(f), metadata={"format": "pt"})
+    os.chmod(f, 0o644)
+    write_json(sdir / f"{stem}.json", json.loads((d / "config.json").read_text()))
+    chk = single_file_check(f, d, cn)
+    assert chk["identical"], chk
+    net = {"model": back, "rel": rel, "single_file_check": chk}
+    out.files += [f"{CN_SINGLE}/{stem}.safetensors", f"{CN_SINGLE}/{stem}.json"]
+    out.entries[f"{CN_SINGLE}/{stem}.safetensors"] = {
+        "kind": "controlnet_single_file", "same_weights_as": rel + "/", "config": f"{stem}.json",
+        "generator": GENERATOR, "size_bytes": f.stat().st_size, "num_tensors": len(ldm),
+        "layout": ("original ControlNet checkpoint: every key starts with `control_model.`; time_embed.{0,2} "
+                   "(time_embedding.linear_1/2), label_emb.0.{0,2} (SDXL add_embedding.linear_1/2), "
+                   "input_blocks.0.0 (conv_in), input_blocks.{1+b*(L+1)+l}.0 (down_blocks.b.resnets.l: "
+                   "in_layers.0=norm1, in_layers.2=conv1, emb_layers.1=time_emb_proj, out_layers.0=norm2, "
+                   "out_layers.3=conv2, skip_connection=conv_shortcut), input_blocks.{...}.1 "
+                   "(down_blocks.b.attentions.l, inner keys unchanged), input_blocks.{1+b*(L+1)+L}.0.op "
+                   "(down_blocks.b.downsamplers.0.conv), middle_block.{0,1,2} (mid_block.resnets.0, "
+                   "attentions.0, resnets.1), zero_convs.i.0 (controlnet_down_blocks.i), middle_block_out.0 "
+                   "(controlnet_mid_block), input_hint_block.0 (controlnet_cond_embedding.conv_in), "
+                   "input_hint_block.2(j+1) (controlnet_cond_embedding.blocks.j), input_hint_block.14 "
+                   "(controlnet_cond_embedding.conv_out; 14 as in the original ControlNet's fixed hint "
+                   "Sequential and as diffusers' converter reads it, also when there are fewer hint convs: "
+                   "in the SD1.5 file the blocks are at 2 and 4 and conv_out at 14)."),
+        "verification": chk,
+    }
+    return net
+
+
+SD2_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    # SD2's config names the number of heads per block `attention_head_dim` ([5, 10, 20, 20]: head dim 64);
+    # here [2, 4, 4] heads: head dim 8 in every block
+    attention_head_dim=(2, 4, 4), cross_attention_dim=48, use_linear_projection=True, norm_num_groups=4,
+    upcast_attention=False)
+
+
+def sd2_unet_folder(out: Out) -> UNet2DConditionModel:
+    """The tiny SD2-like UNet (linear projections, per-block head counts, 48-wide cross-attention, no
+    addition embedding): PyTorch's default init under a fixed seed, random norm affines; written as
+    tiny_sd2/unet/ and read back (bitwise)."""
+    seed = SEEDS["unet_sd2"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
+    randomize_norm_affine(unet, seed + 1)
+    unet.eval()
+    rel = f"{SD2}/unet"
+    d = out.root / rel
+    if d.exists():
+        shutil.rmtree(d)
+    unet.save_pretrained(str(d), safe_serialization=True)
+    back = UNet2DConditionModel.from_pretrained(str(d)).eval()
+    a, b = unet.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    out.folder(rel, {
+        "kind": "unet_weights", "layout": "diffusers UNet2DConditionModel (config.json + "
+                                          "diffusion_pytorch_model.safetensors)",
+        "family": "sd2", "seed": seed, "num_params": sum(p.numel() for p in unet.parameters()),
+        "note": ("tiny SD2-like UNet: use_linear_projection, attention_head_dim per block [2, 4, 4] (number of "
+                 "heads, as SD2's [5, 10, 20, 20]; head dim 8), cross_attention_dim 48, no addition embedding. "
+                 "All weights random: PyTorch default init under `seed`, GroupNorm/LayerNorm affines random "
+                 "(1 + 0.1 N(0,1), 0.1 N(0,1)). Only the UNet (no VAE, text encoder or scheduler)."),
+    })
+    return back
 
 
 def cn_residuals(cn, sample, t, ehs, cond, scale, added=None):
@@ -1274,7 +1326,7 @@ def controlnet_pipe_sdxl_golden(out: Out, c: dict, cn):
 # ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
-PARTS = ("controlnet", "img2img", "window", "cnpipe")
+PARTS = ("controlnet", "img2img", "window", "cnpipe", "sd2")
 
 
 def generate(root: Path, parts: tuple) -> Out:
@@ -1296,6 +1348,10 @@ def generate(root: Path, parts: tuple) -> Out:
     if "cnpipe" in parts:
         controlnet_pipe_sd15_golden(out, sd15, nets["sd15"]["model"])
         controlnet_pipe_sdxl_golden(out, sdxl, nets["sdxl"]["model"])
+    if "sd2" in parts:
+        unet = sd2_unet_folder(out)
+        net = controlnet_folder(out, "sd2", CN_SD2, unet, CN_SD2_COND_CHANNELS, SEEDS["cn_sd2"], f"{SD2}/unet")
+        controlnet_unet_golden(out, "sd2", unet, net["model"], CN_SD2, f"{SD2}/unet", SEEDS["cn_unet_sd2"])
     return out
 
 
