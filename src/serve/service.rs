@@ -55,6 +55,22 @@ pub struct ModelEntry {
     pub pipeline: Pipeline,
 }
 
+/// Decodes a request's init images (fitted to `size`); returns the img2img targets and what the
+/// images' parameters record of them.
+async fn decode_init_images(
+    checked: Vec<validate::CheckedInit>,
+    size: (usize, usize),
+) -> Result<(Vec<(usize, InitImage)>, Vec<InitParameters>), Status> {
+    let mut inits = Vec::with_capacity(checked.len());
+    let mut recorded = Vec::with_capacity(checked.len());
+    for init in checked {
+        recorded.push(InitParameters { index: init.index, image_sha256: init.image.sha256.clone(), strength: init.strength });
+        let image = init.image.decode(size).await.map_err(|e| e.status())?;
+        inits.push((init.index, InitImage { image, strength: init.strength }));
+    }
+    Ok((inits, recorded))
+}
+
 /// Whether a ControlNet fits a model: its architecture and its images' scale.
 pub(super) fn fits(net: &crate::model::controlnet::ControlNet, pipeline: &Pipeline) -> Result<(), String> {
     net.check_fits(&pipeline.unet().config)?;
@@ -466,13 +482,7 @@ impl Service {
             Some(r) => Some(validate::decode_reference(r, size).await.map_err(|e| e.status())?),
             None => None,
         };
-        let mut init_images = Vec::with_capacity(v.init_images.len());
-        let mut init_recorded = Vec::with_capacity(v.init_images.len());
-        for init in std::mem::take(&mut v.init_images) {
-            init_recorded.push(InitParameters { index: init.index, image_sha256: init.image.sha256.clone(), strength: init.strength });
-            let image = init.image.decode(size).await.map_err(|e| e.status())?;
-            init_images.push((init.index, InitImage { image, strength: init.strength }));
-        }
+        let (init_images, init_recorded) = decode_init_images(std::mem::take(&mut v.init_images), size).await?;
         let (controls, control_recorded) = self.decode_controls(std::mem::take(&mut v.controls), size).await?;
         let held = reference.iter().map(|r| r.image.rgb.len()).chain(init_images.iter().map(|(_, i)| i.image.rgb.len())).sum::<usize>()
             + controls.iter().flat_map(|c| c.images.iter().map(|i| i.rgb.len())).sum::<usize>();
