@@ -31,15 +31,23 @@ pub fn start_step(steps: usize, strength: f32) -> usize {
     steps - run
 }
 
-/// Checks an init image against the batch: strength in (0, 1] that leaves at least one step, the
-/// image at the request size. `field` names it in errors (e.g. `init_images[0]`).
-pub fn check(field: &str, init: &InitImage, steps: usize, width: usize, height: usize) -> Result<(), PipelineError> {
-    let s = init.strength;
-    if !s.is_finite() || s <= 0.0 || s > 1.0 {
-        return Err(invalid(&format!("{field}.strength"), format!("{s} is outside (0, 1]")));
+/// Why `strength` is not usable with `steps` steps, if it is not: it must be in (0, 1] and leave at
+/// least one step to run.
+pub fn strength_error(steps: usize, strength: f32) -> Option<String> {
+    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+        Some(format!("{strength} is outside (0, 1]"))
+    } else if start_step(steps, strength) >= steps {
+        Some(format!("{strength} × {steps} steps leaves no step to run (at least 1 / steps)"))
+    } else {
+        None
     }
-    if start_step(steps, s) >= steps {
-        return Err(invalid(&format!("{field}.strength"), format!("{s} × {steps} steps leaves no step to run (at least 1 / steps)")));
+}
+
+/// Checks an init image against the batch: its strength ([`strength_error`]), the image at the
+/// request size. `field` names it in errors (e.g. `init_images[0]`).
+pub fn check(field: &str, init: &InitImage, steps: usize, width: usize, height: usize) -> Result<(), PipelineError> {
+    if let Some(m) = strength_error(steps, init.strength) {
+        return Err(invalid(&format!("{field}.strength"), m));
     }
     if (init.image.width, init.image.height) != (width, height) {
         return Err(invalid(

@@ -382,10 +382,8 @@ fn init_images(e: &mut Errors, inits: Vec<pb::InitImage>, targets: (usize, usize
             e.add(field("index"), format!("{index} already has an init image"));
         }
         let strength = init.strength.unwrap_or(DEFAULT_STRENGTH);
-        if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-            e.add(field("strength"), format!("{strength} is outside (0, 1]"));
-        } else if crate::pipeline::img2img::start_step(steps, strength) >= steps {
-            e.add(field("strength"), format!("{strength} × {steps} steps leaves no step to run"));
+        if let Some(m) = crate::pipeline::img2img::strength_error(steps, strength) {
+            e.add(field("strength"), m);
         }
         if let Some(image) = e.take(CheckedImage::check(field("image"), init.image)) {
             out.push(CheckedInit { index, image, strength });
