@@ -7,6 +7,7 @@ pub mod config;
 pub mod controlnet;
 pub mod hash;
 pub mod nn;
+pub mod single_file;
 pub mod stop;
 pub mod tokenizer;
 pub mod unet;

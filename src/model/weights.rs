@@ -72,7 +72,36 @@ pub struct Weights {
     device: Device,
     /// The stored name of each requested (diffusers) key, for files in another layout.
     names: Option<KeyMap>,
+    /// Like `names`, for layouts where a requested tensor is part of a stored one (a row block
+    /// of a fused matrix) or its transpose; consulted before `names`.
+    layout: Option<LayoutMap>,
+    /// Which stored tensors [`Weights::finish`] expects to be used (`None`: all of them).
+    scope: Option<Scope>,
 }
+
+/// How a requested tensor is stored: under `key`, optionally as block `part.0` of `part.1` equal
+/// row blocks of the stored tensor (a fused q/k/v projection), optionally transposed (a 2-D
+/// tensor stored `[in, out]`). Through a layout map, stored 1×1 convolution kernels
+/// `[o, i, 1, 1]` also serve a requested `[o, i]` matrix (the original VAE's attention).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAs {
+    pub key: String,
+    pub part: Option<(usize, usize)>,
+    pub transposed: bool,
+}
+
+impl StoredAs {
+    /// The whole tensor stored under `key`.
+    pub fn plain(key: impl Into<String>) -> Self {
+        Self { key: key.into(), part: None, transposed: false }
+    }
+}
+
+/// Maps a requested (diffusers) key to how it is stored.
+pub type LayoutMap = Box<dyn Fn(&str) -> StoredAs + Send + Sync>;
+
+/// Says which stored keys belong to a component (see [`Weights::with_scope`]).
+pub type Scope = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Maps a requested (diffusers) key to the name it is stored under.
 pub type KeyMap = Box<dyn Fn(&str) -> String + Send + Sync>;
@@ -131,8 +160,13 @@ impl Weights {
             };
             let [begin, end] = info.data_offsets;
             let numel: usize = info.shape.iter().product();
-            if end < begin || (dtype != StoredDType::Other && (end - begin) as usize != numel * dtype.size()) || data_start + end > file_len
-            {
+            if end >= begin && data_start + end > file_len {
+                return Err(io(format!(
+                    "the file is truncated: tensor `{key}` ends at byte {}, the file has {file_len} bytes (an interrupted download?)",
+                    data_start + end
+                )));
+            }
+            if end < begin || (dtype != StoredDType::Other && (end - begin) as usize != numel * dtype.size()) {
                 return Err(io(format!("tensor `{key}` has inconsistent offsets {begin}..{end} for shape {:?}", info.shape)));
             }
             tensors.insert(key, TensorInfo { dtype, shape: info.shape, offset: data_start + begin, len: end - begin });
@@ -145,6 +179,8 @@ impl Weights {
             generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
             names: None,
+            layout: None,
+            scope: None,
         })
     }
 
@@ -166,6 +202,8 @@ impl Weights {
             generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
             names: None,
+            layout: None,
+            scope: None,
         }
     }
 
@@ -175,6 +213,37 @@ impl Weights {
     pub fn with_names(mut self, names: KeyMap) -> Self {
         self.names = Some(names);
         self
+    }
+
+    /// These weights with every requested key looked up by `layout` (see [`StoredAs`]): one
+    /// component of a checkpoint in another layout.
+    pub fn with_layout(mut self, layout: LayoutMap) -> Self {
+        self.layout = Some(layout);
+        self
+    }
+
+    /// These weights with [`Weights::finish`] checking only the stored keys for which `scope`
+    /// holds: a checkpoint holding several components is read by one view per component, each
+    /// of which must use every tensor of its own part.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// How a requested key is stored.
+    fn stored_as(&self, key: &str) -> StoredAs {
+        match (&self.layout, &self.names) {
+            (Some(layout), _) => layout(key),
+            (None, Some(names)) => StoredAs::plain(names(key)),
+            (None, None) => StoredAs::plain(key),
+        }
+    }
+
+    /// The stored shape of a requested key (after the key mapping), if the file holds it.
+    pub fn requested_shape(&self, key: &str) -> Option<Vec<usize>> {
+        let s = self.stored_as(key);
+        let shape = self.tensors.get(&s.key)?.shape.clone();
+        Some(effective_shape(&shape, &s).unwrap_or(shape))
     }
 
     /// The stored keys, in order.
@@ -220,6 +289,11 @@ impl Weights {
         self.tensors.get(key).map(|t| t.shape.as_slice())
     }
 
+    /// The element type of a stored tensor.
+    pub fn stored_dtype_of(&self, key: &str) -> Option<StoredDType> {
+        self.tensors.get(key).map(|t| t.dtype)
+    }
+
     /// The element type of the first tensor (files are written with one dtype).
     pub fn stored_dtype(&self) -> Option<StoredDType> {
         self.tensors.values().next().map(|t| t.dtype)
@@ -234,26 +308,38 @@ impl Weights {
                 return Ok(synthetic_values(*seed, *gain, key, expected));
             }
         };
-        let (key, shown) = match &self.names {
-            Some(names) => {
-                let stored = names(key);
-                let shown = format!("{stored}` (read as `{key}`)");
-                (stored, shown)
-            }
-            None => (key.to_string(), key.to_string()),
+        let stored = self.stored_as(key);
+        let shown = if self.names.is_none() && self.layout.is_none() {
+            key.to_string()
+        } else {
+            let part = match stored.part {
+                Some((i, n)) => format!(" row block {i} of {n}"),
+                None => String::new(),
+            };
+            let t = if stored.transposed { " transposed" } else { "" };
+            format!("{}`{part}{t} (read as `{key}`)", stored.key)
         };
-        let key = key.as_str();
+        let key = stored.key.as_str();
         let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
             key: shown.clone(),
             file: self.path.clone(),
             expected: expected.to_vec(),
         })?;
-        if info.shape != expected {
+        let effective = effective_shape(&info.shape, &stored);
+        let squeeze = self.layout.is_some();
+        let fits = |shape: &[usize]| {
+            shape == expected
+                || (squeeze
+                    && shape.len() == expected.len() + 2
+                    && shape[..expected.len()] == *expected
+                    && shape[expected.len()..] == [1, 1])
+        };
+        if !effective.as_deref().is_some_and(fits) {
             return Err(ModelError::ShapeMismatch {
                 key: shown,
                 file: self.path.clone(),
                 expected: expected.to_vec(),
-                found: info.shape.clone(),
+                found: effective.unwrap_or_else(|| info.shape.clone()),
             });
         }
         if info.dtype == StoredDType::Other {
@@ -262,15 +348,35 @@ impl Weights {
                 message: format!("tensor `{key}` is not F32, F16 or BF16 and cannot be read as weights"),
             });
         }
-        let mut bytes = vec![0u8; info.len as usize];
-        file.read_exact_at(&mut bytes, info.offset)
+        let (offset, len) = match stored.part {
+            Some((i, n)) => {
+                let block = info.len / n as u64;
+                (info.offset + i as u64 * block, block)
+            }
+            None => (info.offset, info.len),
+        };
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, offset)
             .map_err(|e| ModelError::Io { path: self.path.clone(), message: format!("reading `{key}`: {e}") })?;
         self.used.lock().expect("weights lock").insert(key.to_string());
-        Ok(match info.dtype {
+        let values: Vec<f32> = match info.dtype {
             StoredDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             StoredDType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             StoredDType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             StoredDType::Other => unreachable!("checked above"),
+        };
+        Ok(if stored.transposed {
+            // Stored [r, c] (after the row block), requested [c, r].
+            let (r, c) = (expected[1], expected[0]);
+            let mut t = vec![0f32; values.len()];
+            for i in 0..r {
+                for j in 0..c {
+                    t[j * r + i] = values[i * c + j];
+                }
+            }
+            t
+        } else {
+            values
         })
     }
 
@@ -300,10 +406,30 @@ impl Weights {
             return Ok(());
         }
         let used = self.used.lock().expect("weights lock");
+        let in_scope = |k: &str| self.scope.as_ref().is_none_or(|s| s(k));
         let extra: Vec<String> =
-            self.tensors.iter().filter(|(k, _)| !used.contains(*k)).map(|(k, t)| format!("{k} {:?}", t.shape)).collect();
+            self.tensors.iter().filter(|(k, _)| in_scope(k) && !used.contains(*k)).map(|(k, t)| format!("{k} {:?}", t.shape)).collect();
         if extra.is_empty() { Ok(()) } else { Err(ModelError::ExtraTensors { file: self.path.clone(), keys: extra }) }
     }
+}
+
+/// The shape a requested tensor has once its row block is taken and it is transposed; `None`
+/// when the stored rows do not split into the blocks or a transposed tensor is not 2-D.
+fn effective_shape(stored: &[usize], how: &StoredAs) -> Option<Vec<usize>> {
+    let mut shape = stored.to_vec();
+    if let Some((i, n)) = how.part {
+        if shape.is_empty() || n == 0 || i >= n || shape[0] % n != 0 {
+            return None;
+        }
+        shape[0] /= n;
+    }
+    if how.transposed {
+        if shape.len() != 2 {
+            return None;
+        }
+        shape.swap(0, 1);
+    }
+    Some(shape)
 }
 
 fn synthetic_values(seed: u64, gain: fn(&str) -> f32, key: &str, shape: &[usize]) -> Vec<f32> {

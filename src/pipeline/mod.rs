@@ -11,6 +11,7 @@ pub mod cost;
 pub mod image;
 pub mod img2img;
 pub mod reference;
+pub mod single_file;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};

@@ -20,13 +20,59 @@ pub enum ModelSource {
     Tiny,
     /// A diffusers folder; served under the folder's name.
     Dir(PathBuf),
+    /// A single-file checkpoint (`.safetensors`, original layout); served under the file's stem.
+    File(PathBuf),
 }
+
+/// Extensions of pickle checkpoints, which are never read.
+const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
 
 impl std::str::FromStr for ModelSource {
     type Err = std::convert::Infallible;
+    /// `tiny`, a folder, or a file: an existing file, or a path ending in `.safetensors` (or a
+    /// pickle extension, refused when loading with a message).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(if s == "tiny" { ModelSource::Tiny } else { ModelSource::Dir(PathBuf::from(s)) })
+        if s == "tiny" {
+            return Ok(ModelSource::Tiny);
+        }
+        let path = PathBuf::from(s);
+        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        Ok(if path.is_file() || ext == "safetensors" || PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+            ModelSource::File(path)
+        } else {
+            ModelSource::Dir(path)
+        })
     }
+}
+
+/// The models of `--models-dir`: every subfolder that is a diffusers pipeline (a
+/// `model_index.json` or a `unet/` folder) and every `.safetensors` file (a `.json` beside a
+/// file is its sidecar config, not a model), sorted by name. Pickle checkpoints are named in the
+/// error: they are never read.
+pub fn models_dir(dir: &Path) -> anyhow::Result<Vec<ModelSource>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("--models-dir {}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries {
+        let path = e.with_context(|| format!("--models-dir {}", dir.display()))?.path();
+        let ext = path.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        if path.is_dir() && (path.join("model_index.json").is_file() || path.join("unet").is_dir()) {
+            out.push(ModelSource::Dir(path));
+        } else if path.is_file() && ext == "safetensors" {
+            out.push(ModelSource::File(path));
+        } else if path.is_file() && PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+            anyhow::bail!(
+                "--models-dir: {}",
+                crate::model::single_file::pickle_refusal(&path)
+                    .to_string()
+                    .replace(" and serve the .safetensors file", " (or move it out of the folder)")
+            );
+        }
+    }
+    out.sort_by_key(|s| match s {
+        ModelSource::Dir(p) | ModelSource::File(p) => p.file_name().map(|n| n.to_os_string()),
+        ModelSource::Tiny => None,
+    });
+    Ok(out)
 }
 
 /// Where a served ControlNet comes from.
@@ -95,6 +141,8 @@ pub struct ServeConfig {
     /// endpoint for probes. `None`: no admin listener.
     pub admin_listen: Option<SocketAddr>,
     pub models: Vec<ModelSource>,
+    /// Prediction type and VAE of single-file models (see [`crate::pipeline::single_file`]).
+    pub single_file: crate::pipeline::single_file::SingleFileOptions,
     /// ControlNets (with the embedded model, its ControlNet is added).
     pub controlnets: Vec<ControlNetSource>,
     /// One worker per device; for the CPU, `cpu_workers` workers share the CPU device.
@@ -152,9 +200,23 @@ impl Default for ServeConfig {
 /// (No `Debug`: it holds the session secret and auth tokens.)
 #[derive(clap::Args, Clone)]
 pub struct ServeArgs {
-    /// A diffusers folder, or `tiny` (the embedded model). Repeat to serve several models.
-    #[arg(long = "model", env = "STYLEALIGN_MODEL", value_delimiter = ',', default_value = "tiny")]
+    /// A diffusers folder, a single-file `.safetensors` checkpoint, or `tiny` (the embedded
+    /// model). Repeat to serve several models. Default: `tiny`, unless `--models-dir` is given.
+    #[arg(long = "model", env = "STYLEALIGN_MODEL", value_delimiter = ',')]
     pub models: Vec<ModelSource>,
+    /// Serve every model of this folder: its diffusers subfolders and its `.safetensors`
+    /// single-file checkpoints (each with an optional `<stem>.json` sidecar config).
+    #[arg(long, env = "STYLEALIGN_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Prediction type of single-file checkpoints whose sidecar names none: `epsilon` or
+    /// `v_prediction` (the weights cannot tell an SD2 ε model from a v model). Default: the
+    /// family's (SD1, SDXL: epsilon; SD2: v_prediction, as SD 2.1).
+    #[arg(long, env = "STYLEALIGN_PREDICTION_TYPE", value_parser = crate::pipeline::single_file::parse_prediction)]
+    pub prediction_type: Option<crate::sampling::schedule::Prediction>,
+    /// VAE of single-file checkpoints that hold none: a diffusers VAE folder or a `.safetensors`
+    /// file (original or diffusers names).
+    #[arg(long, env = "STYLEALIGN_VAE")]
+    pub vae: Option<PathBuf>,
     /// A ControlNet: a diffusers ControlNet folder or a single `.safetensors` file (original or
     /// diffusers layout). Repeat to serve several. The embedded model brings `tiny-controlnet`.
     #[arg(long = "controlnet", env = "STYLEALIGN_CONTROLNET", value_delimiter = ',')]
@@ -291,13 +353,24 @@ impl ServeArgs {
         if let Some(dir) = &self.controlnet_dir {
             controlnets.extend(controlnet_dir(dir)?);
         }
-        if self.models.contains(&ModelSource::Tiny) && !controlnets.contains(&ControlNetSource::Tiny) {
+        let mut models = self.models.clone();
+        if let Some(dir) = &self.models_dir {
+            let found = models_dir(dir)?;
+            if found.is_empty() {
+                anyhow::bail!("--models-dir {}: no diffusers folder and no .safetensors file in it", dir.display());
+            }
+            models.extend(found);
+        } else if models.is_empty() {
+            models.push(ModelSource::Tiny);
+        }
+        if models.contains(&ModelSource::Tiny) && !controlnets.contains(&ControlNetSource::Tiny) {
             controlnets.insert(0, ControlNetSource::Tiny);
         }
         let cfg = ServeConfig {
             listen: self.listen,
             admin_listen,
-            models: self.models.clone(),
+            models,
+            single_file: crate::pipeline::single_file::SingleFileOptions { prediction_type: self.prediction_type, vae: self.vae.clone() },
             controlnets,
             devices: self.devices.clone(),
             cpu_workers: self.cpu_workers,

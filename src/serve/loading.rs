@@ -6,9 +6,10 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use super::config::{ControlNetSource, ModelSource, ServeConfig};
-use super::service::{ControlNetEntry, ModelEntry};
+use super::service::{ControlNetEntry, ModelDetails, ModelEntry};
 use super::worker::Models;
 use crate::device::{self, DeviceSpec};
+use crate::pipeline::single_file::{self, PredictionOrigin};
 use crate::pipeline::{BatchSpec, Pipeline, PipelineError, SetSpec};
 use crate::sampling::sampler::SamplerKind;
 use crate::style_aligned::StyleAligned;
@@ -19,9 +20,56 @@ fn model_sha256(src: &ModelSource, dev: &burn::tensor::Device) -> anyhow::Result
     let h = match src {
         ModelSource::Tiny => crate::pipeline::tiny::unet_sha256(dev).context("hashing the embedded model")?,
         ModelSource::Dir(d) => crate::model::hash::diffusers_unet_sha256(d).with_context(|| format!("hashing model {}", d.display()))?,
+        // A1111's hash of a single file: the SHA-256 of the whole file.
+        ModelSource::File(f) => crate::model::hash::sha256_file(f).with_context(|| format!("hashing model {}", f.display()))?,
     };
     tracing::info!(model = ?src, sha256 = %h, elapsed_ms = t.elapsed().as_millis() as u64, "model hashed");
     Ok(Arc::from(h))
+}
+
+/// A model source as logs and ListModels show it.
+fn source_label(src: &ModelSource) -> String {
+    match src {
+        ModelSource::Tiny => "<embedded>".to_string(),
+        ModelSource::Dir(d) => d.display().to_string(),
+        ModelSource::File(f) => f.display().to_string(),
+    }
+}
+
+/// Format, weight dtype and prediction type of a loaded model, for ListModels.
+fn model_details(src: &ModelSource, p: &Pipeline, file: Option<&single_file::SingleFileInfo>) -> ModelDetails {
+    let prediction_type = single_file::prediction_name(p.scheduler_config().prediction);
+    match (src, file) {
+        (ModelSource::File(_), Some(i)) => ModelDetails {
+            format: "single_file",
+            dtype: single_file::dtype_name(i.dtype),
+            prediction_type,
+            prediction_type_source: i.prediction_origin.as_str(),
+            ema: i.ema,
+        },
+        (ModelSource::Dir(d), _) => {
+            // The dtype of the UNet weights file (the file the hash covers).
+            let dtype = crate::model::weights::weight_file(&d.join("unet"), "diffusion_pytorch_model")
+                .ok()
+                .and_then(|f| crate::model::weights::Weights::open(&f, p.device()).ok())
+                .and_then(|w| w.stored_dtype())
+                .map_or("fp32", single_file::dtype_name);
+            ModelDetails {
+                format: "diffusers",
+                dtype,
+                prediction_type,
+                prediction_type_source: PredictionOrigin::Config.as_str(),
+                ema: false,
+            }
+        }
+        _ => ModelDetails {
+            format: "embedded",
+            dtype: "fp32",
+            prediction_type,
+            prediction_type_source: PredictionOrigin::Config.as_str(),
+            ema: false,
+        },
+    }
 }
 
 /// What one device holds once loaded.
@@ -107,18 +155,20 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
         let mut entries = Vec::new();
         for (src, hash) in cfg.models.iter().zip(hashes.iter_mut()) {
             let t = Instant::now();
-            let p = match src {
-                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline(&dev),
-                ModelSource::Dir(d) => Pipeline::load(d, &dev),
-            }
-            .with_context(|| format!("loading model {src:?} on {spec}"))?;
+            let loaded = match src {
+                ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline(&dev).map(|p| (p, None)),
+                ModelSource::Dir(d) => Pipeline::load(d, &dev).map(|p| (p, None)),
+                ModelSource::File(f) => single_file::load(f, &cfg.single_file, &dev).map(|(p, i)| (p, Some(i))),
+            };
+            let (p, file_info) = loaded.with_context(|| format!("loading model {} on {spec}", source_label(src)))?;
+            let details = model_details(src, &p, file_info.as_ref());
             let sha256 = match hash {
                 Some(h) => h.clone(),
                 None => hash.insert(model_sha256(src, &dev)?).clone(),
             };
             let name: Arc<str> = Arc::from(p.name());
             if models.pipelines.contains_key(&name) {
-                anyhow::bail!("two models are named {name:?}; serve folders with distinct names");
+                anyhow::bail!("two models are named {name:?}; serve folders and files with distinct names");
             }
             tracing::info!(model = %name, family = p.family().as_str(), device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "model loaded");
             if cfg.warmup {
@@ -126,11 +176,13 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
                 warm_up(&p).with_context(|| format!("warming up {name} on {spec}"))?;
                 tracing::info!(model = %name, device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "warm-up step done");
             }
-            let source = match src {
-                ModelSource::Tiny => "<embedded>".to_string(),
-                ModelSource::Dir(d) => d.display().to_string(),
-            };
+            if details.prediction_type_source == PredictionOrigin::FamilyDefault.as_str() && p.family() == crate::model::Family::Sd2 {
+                tracing::warn!(model = %name, prediction_type = details.prediction_type,
+                    "SD2 single file without a sidecar prediction_type or --prediction-type: assuming the SD 2.1 default (an SD2 epsilon model needs --prediction-type epsilon)");
+            }
+            let source = source_label(src);
             entries.push(ModelEntry {
+                details,
                 name: name.clone(),
                 family: p.family(),
                 native_size: p.native_size(),

@@ -53,6 +53,23 @@ pub struct ModelEntry {
     pub sha256: Arc<str>,
     /// For validation (any device's copy).
     pub pipeline: Pipeline,
+    /// Format, dtype and prediction type, as ListModels shows them.
+    pub details: ModelDetails,
+}
+
+/// How a model is stored and what it predicts, as ListModels shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelDetails {
+    /// `diffusers` (a folder), `single_file`, `embedded`.
+    pub format: &'static str,
+    /// Element type of the UNet weights as stored: `fp32`, `fp16`, `bf16`.
+    pub dtype: &'static str,
+    /// `epsilon`, `v_prediction`, `sample`.
+    pub prediction_type: &'static str,
+    /// Where the prediction type comes from: `config`, `sidecar`, `option`, `family_default`.
+    pub prediction_type_source: &'static str,
+    /// A single file whose UNet was read from its EMA weights.
+    pub ema: bool,
 }
 
 /// Decodes a request's init images (fitted to `size`); returns the img2img targets and what the
@@ -366,6 +383,11 @@ impl StyleAlign for Service {
                         source: e.source.clone(),
                         max_size: st.model_max_size(e) as u32,
                         max_batch_rows: st.model_max_rows(e) as u32,
+                        format: e.details.format.to_string(),
+                        dtype: e.details.dtype.to_string(),
+                        prediction_type: e.details.prediction_type.to_string(),
+                        prediction_type_source: e.details.prediction_type_source.to_string(),
+                        ema: e.details.ema,
                     })
                     .collect();
                 let controlnets = st.controlnet_list();
