@@ -10,6 +10,8 @@ mod parity_controlnet;
 mod parity_img2img;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
+#[path = "parity/single_file.rs"]
+mod parity_single_file;
 #[path = "parity/style_window.rs"]
 mod parity_style_window;
 
@@ -652,6 +654,7 @@ fn parity() {
                 parity_controlnet::controlnet_unet_file(&dir, &g, &unet, &mut t, &device)
             }
             "controlnet_pipe" => parity_controlnet::controlnet_pipe_file(&dir, &g, &mut t, &device),
+            "single_file" => parity_single_file::single_file_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

@@ -418,7 +418,7 @@ impl Weights {
 fn effective_shape(stored: &[usize], how: &StoredAs) -> Option<Vec<usize>> {
     let mut shape = stored.to_vec();
     if let Some((i, n)) = how.part {
-        if shape.is_empty() || n == 0 || i >= n || shape[0] % n != 0 {
+        if shape.is_empty() || n == 0 || i >= n || !shape[0].is_multiple_of(n) {
             return None;
         }
         shape[0] /= n;
