@@ -317,7 +317,8 @@ impl Weights {
                 None => String::new(),
             };
             let t = if stored.transposed { " transposed" } else { "" };
-            format!("{}`{part}{t} (read as `{key}`)", stored.key)
+            // The error messages quote the key: `stored`, read as `requested`.
+            format!("{}`{part}{t}, read as `{key}", stored.key)
         };
         let key = stored.key.as_str();
         let info = self.tensors.get(key).ok_or_else(|| ModelError::MissingTensor {
