@@ -73,23 +73,95 @@ fn unet_weights(device: &Device) -> Weights {
     Weights::synthetic_with_gain("tiny/unet", SEED, gain, device)
 }
 
+fn unet_config_json() -> serde_json::Value {
+    json!({
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 8,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4
+    })
+}
+
 fn unet_config() -> Result<UNetConfig, PipelineError> {
-    UNetConfig::from_raw(&raw(
-        "tiny/unet/config.json",
-        json!({
-            "block_out_channels": [32, 64, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "layers_per_block": 1,
-            "attention_head_dim": 4,
-            "cross_attention_dim": 64,
-            "norm_num_groups": 8,
-            "sample_size": 16,
-            "in_channels": 4,
-            "out_channels": 4
-        }),
-    ))
-    .map_err(PipelineError::from)
+    UNetConfig::from_raw(&raw("tiny/unet/config.json", unet_config_json())).map_err(PipelineError::from)
+}
+
+fn clip_config_json() -> serde_json::Value {
+    json!({
+        "architectures": ["CLIPTextModel"],
+        "vocab_size": 49408,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "eos_token_id": 49407
+    })
+}
+
+fn vae_config_json() -> serde_json::Value {
+    json!({
+        "block_out_channels": [16, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "scaling_factor": 0.18215
+    })
+}
+
+/// The embedded model's scheduler ([`SchedulerConfig::default`]) as a diffusers config.
+fn scheduler_config_json() -> serde_json::Value {
+    json!({
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "set_alpha_to_one": false,
+        "timestep_spacing": "leading",
+        "prediction_type": "epsilon",
+        "clip_sample": false
+    })
+}
+
+/// Writes the embedded model as a diffusers folder (`unet/`, `vae/`, `text_encoder/`,
+/// `scheduler/`, each config and float32 weights; the tokenizer is the embedded one): the same
+/// model, loadable with [`Pipeline::load`].
+pub fn write_diffusers_folder(dir: &Path, device: &Device) -> Result<(), PipelineError> {
+    let io = |e: std::io::Error| PipelineError::Model(crate::model::ModelError::Io { path: dir.to_path_buf(), message: e.to_string() });
+    let unet_w = unet_weights(device);
+    UNet::from_weights(unet_config()?, &unet_w)?;
+    let te_w = Weights::synthetic_with_gain("tiny/text_encoder", SEED + 1, gain, device);
+    ClipTextModel::from_weights(ClipConfig::from_raw(&raw("tiny/text_encoder/config.json", clip_config_json()))?, &te_w)?;
+    let vae_w = Weights::synthetic_with_gain("tiny/vae", SEED + 2, gain, device);
+    Vae::from_weights(VaeConfig::from_raw(&raw("tiny/vae/config.json", vae_config_json()))?, &vae_w)?;
+    for (part, config, weights, file) in [
+        ("unet", unet_config_json(), Some(&unet_w), "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", clip_config_json(), Some(&te_w), "model.safetensors"),
+        ("vae", vae_config_json(), Some(&vae_w), "diffusion_pytorch_model.safetensors"),
+        ("scheduler", scheduler_config_json(), None, "scheduler_config.json"),
+    ] {
+        let d = dir.join(part);
+        std::fs::create_dir_all(&d).map_err(io)?;
+        match weights {
+            Some(w) => {
+                std::fs::write(d.join("config.json"), config.to_string()).map_err(io)?;
+                std::fs::write(d.join(file), w.synthetic_safetensors().expect("synthetic weights")).map_err(io)?;
+            }
+            None => std::fs::write(d.join(file), config.to_string()).map_err(io)?,
+        }
+    }
+    Ok(())
 }
 
 /// The embedded model's hash: the SHA-256 of the safetensors file its UNet weights would be saved
@@ -102,32 +174,8 @@ pub fn unet_sha256(device: &Device) -> Result<String, PipelineError> {
 
 /// Builds the embedded model on `device`.
 pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
-    let clip_cfg = ClipConfig::from_raw(&raw(
-        "tiny/text_encoder/config.json",
-        json!({
-            "architectures": ["CLIPTextModel"],
-            "vocab_size": 49408,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-            "eos_token_id": 49407
-        }),
-    ))?;
-    let vae_cfg = VaeConfig::from_raw(&raw(
-        "tiny/vae/config.json",
-        json!({
-            "block_out_channels": [16, 32, 32],
-            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 4,
-            "scaling_factor": 0.18215
-        }),
-    ))?;
+    let clip_cfg = ClipConfig::from_raw(&raw("tiny/text_encoder/config.json", clip_config_json()))?;
+    let vae_cfg = VaeConfig::from_raw(&raw("tiny/vae/config.json", vae_config_json()))?;
     let unet = UNet::from_weights(unet_config()?, &unet_weights(device))?;
     let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic_with_gain("tiny/text_encoder", SEED + 1, gain, device))?;
     let vae = Vae::from_weights(vae_cfg, &Weights::synthetic_with_gain("tiny/vae", SEED + 2, gain, device))?;

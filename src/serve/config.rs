@@ -545,6 +545,55 @@ mod tests {
     }
 
     #[test]
+    fn models_dir_and_single_file_flags() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let dir = std::env::temp_dir().join(format!("stylealign-models-dir-flags-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sd15/unet")).unwrap();
+        std::fs::create_dir_all(dir.join("loose")).unwrap();
+        for f in ["b.safetensors", "b.json", "a.safetensors", "readme.md"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let d = dir.display().to_string();
+        let cfg = Cli::try_parse_from(["x", "--models-dir", &d, "--prediction-type", "v", "--vae", "vae.safetensors"])
+            .unwrap()
+            .serve
+            .config()
+            .unwrap();
+        // Without --model, the embedded model is not added to a models directory.
+        assert_eq!(
+            cfg.models,
+            vec![
+                ModelSource::File(dir.join("a.safetensors")),
+                ModelSource::File(dir.join("b.safetensors")),
+                ModelSource::Dir(dir.join("sd15"))
+            ]
+        );
+        assert_eq!(cfg.single_file.prediction_type, Some(crate::sampling::schedule::Prediction::VPrediction));
+        assert_eq!(cfg.single_file.vae, Some(PathBuf::from("vae.safetensors")));
+        let cfg = Cli::try_parse_from(["x", "--models-dir", &d, "--model", "tiny"]).unwrap().serve.config().unwrap();
+        assert_eq!(cfg.models.len(), 4);
+        assert!(cfg.controlnets.contains(&ControlNetSource::Tiny));
+        let e = Cli::try_parse_from(["x", "--prediction-type", "x0"]).err().expect("refused").to_string();
+        assert!(e.contains("--prediction-type") && e.contains("x0"), "{e}");
+        assert_eq!("m/v1-5.safetensors".parse::<ModelSource>().unwrap(), ModelSource::File(PathBuf::from("m/v1-5.safetensors")));
+        assert_eq!("m/old.ckpt".parse::<ModelSource>().unwrap(), ModelSource::File(PathBuf::from("m/old.ckpt")));
+        assert_eq!("m/sd15".parse::<ModelSource>().unwrap(), ModelSource::Dir(PathBuf::from("m/sd15")));
+        std::fs::remove_dir_all(&dir.join("sd15")).unwrap();
+        for f in ["b.safetensors", "a.safetensors"] {
+            std::fs::remove_file(dir.join(f)).unwrap();
+        }
+        let e = Cli::try_parse_from(["x", "--models-dir", &d]).unwrap().serve.config().unwrap_err().to_string();
+        assert!(e.contains("--models-dir") && e.contains("no diffusers folder"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn tokens_parse_named_and_bare() {
         let t = Tokens::parse("# comment\nalice=tok-a\n\n tok-b \n").unwrap();
         assert_eq!(t.client("tok-a"), Some("alice"));
