@@ -584,7 +584,7 @@ mod tests {
         assert_eq!("m/v1-5.safetensors".parse::<ModelSource>().unwrap(), ModelSource::File(PathBuf::from("m/v1-5.safetensors")));
         assert_eq!("m/old.ckpt".parse::<ModelSource>().unwrap(), ModelSource::File(PathBuf::from("m/old.ckpt")));
         assert_eq!("m/sd15".parse::<ModelSource>().unwrap(), ModelSource::Dir(PathBuf::from("m/sd15")));
-        std::fs::remove_dir_all(&dir.join("sd15")).unwrap();
+        std::fs::remove_dir_all(dir.join("sd15")).unwrap();
         for f in ["b.safetensors", "a.safetensors"] {
             std::fs::remove_file(dir.join(f)).unwrap();
         }
