@@ -275,3 +275,48 @@ fn loading_errors_are_clear() {
     load(&fine, &Default::default(), &dev).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sd2_text_encoder_leaves_the_last_layer_and_the_projection_unused() {
+    let dev = device();
+    let dir = scratch("sd2-layers");
+    let want = {
+        let (p, _) = load(&committed("sd2"), &Default::default(), &dev).unwrap();
+        p.encode_ids(&[vec![998, 40, 41, 999, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], None)
+            .unwrap()
+            .0
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    // As in SD2 files: one more resblock than the config runs (SD2 uses the penultimate
+    // layer), the CLIP projection and `logit_scale`, none of them read.
+    let path = variant(
+        &dir,
+        "sd2",
+        "sd2_full_openclip",
+        |items| {
+            let p = "cond_stage_model.model.transformer.resblocks.";
+            let last: Vec<Item> = items
+                .iter()
+                .filter(|i| i.0.starts_with(&format!("{p}1.")))
+                .map(|(k, d, s, b)| (k.replacen(&format!("{p}1."), &format!("{p}2."), 1), *d, s.clone(), b.clone()))
+                .collect();
+            assert!(!last.is_empty());
+            items.extend(last);
+            items.push(("cond_stage_model.model.text_projection".into(), Dtype::F16, vec![48, 48], vec![0; 48 * 48 * 2]));
+            items.push(("cond_stage_model.model.logit_scale".into(), Dtype::F16, vec![], vec![0; 2]));
+        },
+        |_| {},
+    );
+    let (p, _) = load(&path, &Default::default(), &dev).unwrap();
+    let got = p
+        .encode_ids(&[vec![998, 40, 41, 999, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], None)
+        .unwrap()
+        .0
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(got, want);
+    let _ = std::fs::remove_dir_all(&dir);
+}
