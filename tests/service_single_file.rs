@@ -132,3 +132,36 @@ fn models_dir_refuses_pickles_and_empty_folders() {
     assert!(models_dir(&dir.join("missing")).unwrap_err().to_string().contains("--models-dir"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `stylealign serve` refuses what it cannot serve at startup, naming the file and the reason.
+#[test]
+fn serve_refuses_bad_single_files_by_name() {
+    let dir = std::env::temp_dir().join(format!("stylealign-serve-single-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let serve = |extra: &[&str]| {
+        let o = stylealign_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"])
+            .args(extra)
+            .env_remove("STYLEALIGN_MODEL")
+            .output()
+            .expect("run stylealign serve");
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let ckpt = dir.join("v1-5-pruned.ckpt");
+    std::fs::write(&ckpt, b"not read").unwrap();
+    let err = serve(&["--model", ckpt.to_str().unwrap()]);
+    assert!(err.contains("v1-5-pruned.ckpt") && err.contains("pickle") && err.contains("v1-5-pruned.safetensors"), "{err}");
+    let err = serve(&["--models-dir", dir.to_str().unwrap()]);
+    assert!(err.contains("--models-dir") && err.contains("v1-5-pruned.ckpt"), "{err}");
+    std::fs::remove_file(&ckpt).unwrap();
+    // The tiny SD2 file without its sidecar: the family is not recognised.
+    let bare = dir.join("tiny-sd2.safetensors");
+    std::fs::copy(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens/tiny_single/sd2.safetensors"), &bare).unwrap();
+    let err = serve(&["--models-dir", dir.to_str().unwrap()]);
+    assert!(err.contains("tiny-sd2.safetensors") && err.contains("family not recognised"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
