@@ -133,7 +133,7 @@ pub fn load(path: &Path, opts: &SingleFileOptions, device: &Device) -> Result<(P
         let family = ckpt.family.clone().map_err(io)?;
         match serde_json::from_str(single_file::default_configs(family)) {
             Ok(Value::Object(m)) => Some((family, m)),
-            _ => unreachable!("embedded defaults are JSON objects (tested)"),
+            _ => return Err(io(format!("the embedded {} default configs are not a JSON object", family.as_str()))),
         }
     };
     let section = |name: &str| -> Option<(String, Value)> {
