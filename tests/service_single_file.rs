@@ -165,3 +165,43 @@ fn serve_refuses_bad_single_files_by_name() {
     assert!(err.contains("tiny-sd2.safetensors") && err.contains("family not recognised"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// ListModels says where a single file's prediction type comes from: its sidecar, else the
+/// server's `--prediction-type`.
+#[test]
+fn list_models_reports_the_prediction_type_and_its_source() {
+    run(LIMIT, || async {
+        let dir = std::env::temp_dir().join(format!("stylealign-prediction-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let goldens = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens/tiny_single");
+        let file = dir.join("sd2-noname.safetensors");
+        std::fs::copy(goldens.join("sd2.safetensors"), &file).unwrap();
+        let mut side = json(&goldens.join("sd2.json"));
+        side["scheduler"].as_object_mut().unwrap().remove("prediction_type");
+        std::fs::write(file.with_extension("json"), side.to_string()).unwrap();
+        let sd15 = goldens.join("sd15.safetensors");
+        let cfg = stylealign::serve::ServeConfig {
+            models: vec![stylealign::serve::ModelSource::File(file.clone()), stylealign::serve::ModelSource::File(sd15)],
+            single_file: stylealign::pipeline::single_file::SingleFileOptions {
+                prediction_type: Some(stylealign::sampling::schedule::Prediction::VPrediction),
+                vae: None,
+            },
+            controlnets: Vec::new(),
+            warmup: false,
+            ..test_config()
+        };
+        let server = start(cfg).await;
+        let mut c = connect(&server).await;
+        let me = Identity::client("prediction");
+        let list = c.list_models(me.request(pb::ListModelsRequest {}, None)).await.unwrap().into_inner().models;
+        let by: std::collections::BTreeMap<&str, &pb::ModelInfo> = list.iter().map(|m| (m.name.as_str(), m)).collect();
+        let m = by["sd2-noname"];
+        assert_eq!((m.prediction_type.as_str(), m.prediction_type_source.as_str()), ("v_prediction", "option"));
+        assert_eq!((m.format.as_str(), m.dtype.as_str(), m.family), ("single_file", "fp16", pb::Family::Sd2 as i32));
+        let m = by["sd15"];
+        assert_eq!((m.prediction_type.as_str(), m.prediction_type_source.as_str()), ("epsilon", "sidecar"));
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
