@@ -96,7 +96,10 @@ def unet_targets(unet, convs: bool) -> list:
 
 
 def te_targets(te) -> list:
-    return [(n, m) for n, m in te.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TE_LINEAR]
+    """Text encoder layers under their usual LoRA names `text_model.encoder.layers.N.…` (recent
+    transformers flatten CLIPTextModel's modules; LoRA files, and diffusers, keep the prefix)."""
+    pre = "" if hasattr(te, "text_model") else "text_model."
+    return [(pre + n, m) for n, m in te.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TE_LINEAR]
 
 
 def pair(m, g: torch.Generator, gain: float):
@@ -150,7 +153,9 @@ def kohya_lora(unet, encoders: list, seed: int, gain: float, sgm: bool) -> dict:
     def alpha(name: str, k: int) -> float:
         # diffusers 0.42 maps a per-module alpha of attention projections (to_q/k/v/out,
         # q/k/v/out_proj) to a name PEFT never matches, so those layers get the most common
-        # alpha: give them all that alpha (2.0, the majority); the others vary per layer.
+        # alpha: give them all that alpha (2.0, the majority); the others vary per layer. With
+        # recent transformers (flattened CLIPTextModel) it ignores every per-module alpha of a
+        # `text_model.`-prefixed text encoder key: the text encoders get 2.0 throughout.
         leaf = name.rsplit(".", 1)[-1] if not name.endswith("to_out.0") else "to_out"
         if leaf in ("to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj"):
             return 2.0
@@ -171,7 +176,7 @@ def kohya_lora(unet, encoders: list, seed: int, gain: float, sgm: bool) -> dict:
         add("lora_unet_" + name.replace(".", "_"), m, a)
     for prefix, te in encoders:
         for k, (name, m) in enumerate(te_targets(te)):
-            add(prefix + "_" + name.replace(".", "_"), m, alpha(name, k))
+            add(prefix + "_" + name.replace(".", "_"), m, 2.0)
     return sd
 
 

@@ -72,6 +72,8 @@ pub struct Weights {
     device: Device,
     /// The stored name of each requested (diffusers) key, for files in another layout.
     names: Option<KeyMap>,
+    /// The layers built from these weights that a LoRA can adapt, by module name.
+    layers: Mutex<super::lora::LayerIndex>,
 }
 
 /// Maps a requested (diffusers) key to the name it is stored under.
@@ -145,6 +147,7 @@ impl Weights {
             generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
             names: None,
+            layers: Mutex::default(),
         })
     }
 
@@ -166,6 +169,7 @@ impl Weights {
             generated: Mutex::new(BTreeMap::new()),
             device: device.clone(),
             names: None,
+            layers: Mutex::default(),
         }
     }
 
@@ -175,6 +179,16 @@ impl Weights {
     pub fn with_names(mut self, names: KeyMap) -> Self {
         self.names = Some(names);
         self
+    }
+
+    /// Records a layer built from these weights (see [`super::lora`]).
+    pub fn record_layer(&self, name: &str, shape: super::lora::LayerShape) {
+        self.layers.lock().expect("weights lock").layers.insert(name.to_string(), shape);
+    }
+
+    /// The layers recorded so far.
+    pub fn layer_index(&self) -> super::lora::LayerIndex {
+        self.layers.lock().expect("weights lock").clone()
     }
 
     /// The stored keys, in order.

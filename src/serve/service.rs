@@ -505,7 +505,15 @@ impl Service {
             guidance: r.guidance,
             scope: session.id.to_string(),
         });
-        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images, controls };
+        let set = SetSpec {
+            prompts: v.prompts,
+            negative_prompt: v.negative_prompt,
+            seed: v.seed,
+            reference,
+            init_images,
+            controls,
+            loras: Vec::new(),
+        };
         validate::with_model(&model.pipeline, &batch, &set).map_err(|e| errors::invalid_fields(&e))?;
 
         let id = st.engine.next_id();

@@ -1,0 +1,664 @@
+//! LoRAs applied unmerged, as low-rank side products: a layer computes `x·W + Σ s·(x·A)·B`,
+//! the base weights are never copied or changed.
+//!
+//! A [`Lora`] is read from a safetensors file in the kohya / A1111 format (`lora_unet_*`,
+//! `lora_te_*`, SDXL `lora_te1_*` / `lora_te2_*`, `.lora_down.weight` / `.lora_up.weight` /
+//! `.alpha`, LoCon convolutions, SDXL UNet layers under their SGM names `input_blocks_*`,
+//! `middle_block_*`, `output_blocks_*`) or the diffusers / PEFT format (`unet.<module>.lora_A.weight`
+//! / `lora_B.weight`, `text_encoder.…`, `text_encoder_2.…`). Its keys are resolved against the
+//! layers of one model ([`Targets`]): a key that names no layer of the model, or whose shapes do not
+//! fit the layer, makes the LoRA incompatible with that model (an error naming the key).
+//!
+//! Scale per layer: kohya `alpha / rank` (no alpha: 1, as diffusers); PEFT `lora_alpha / r` from
+//! the adapter config diffusers saves in the file's metadata (`lora_adapter_metadata`), else 1.
+//!
+//! Which LoRAs a forward pass uses is a scoped, per-thread context ([`scoped`]), like the stop
+//! check of [`super::stop`]: the caller installs, for one component (UNet, text encoder), groups of
+//! batch rows with their adapters and weights; [`super::nn::Linear`] and [`super::nn::Conv2d`] add
+//! each group's side products to that group's rows only (rows of no group pay nothing), so rows of
+//! different LoRA sets share one batch and each row's result is the same as when its group runs
+//! alone. Without a context the layers do nothing extra. The caller installs a context only around
+//! the component it is meant for (never around a ControlNet, which has the UNet's layer names, nor
+//! the VAE).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::ModelError;
+use super::weights::Weights;
+
+/// The components a LoRA adapts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+    TextEncoder2,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
+/// The kind and shape of a layer a LoRA can adapt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerShape {
+    Linear { d_in: usize, d_out: usize },
+    Conv { c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize },
+}
+
+/// The adaptable layers of one component, by diffusers / transformers module name.
+#[derive(Clone, Debug, Default)]
+pub struct LayerIndex {
+    pub layers: BTreeMap<String, LayerShape>,
+}
+
+/// What a LoRA file is resolved against: the layers of a model's components, and (for SDXL
+/// kohya files with SGM names) the UNet's `layers_per_block`.
+pub struct Targets<'a> {
+    pub unet: &'a LayerIndex,
+    pub text_encoder: &'a LayerIndex,
+    pub text_encoder_2: Option<&'a LayerIndex>,
+    pub layers_per_block: &'a [usize],
+}
+
+/// The file format of a LoRA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormat {
+    Kohya,
+    Peft,
+}
+
+impl LoraFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoraFormat::Kohya => "kohya",
+            LoraFormat::Peft => "peft",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Delta {
+    /// `a` [in, r], `b` [r, out].
+    Linear { a: Tensor<2>, b: Tensor<2> },
+    /// `down` [r, c_in, k, k] with the layer's stride and padding, `up` [c_out, r, 1, 1].
+    Conv { down: Tensor<4>, up: Tensor<4>, stride: usize, padding: usize },
+}
+
+/// One adapted layer: its low-rank pair and its scale (alpha / rank).
+#[derive(Clone, Debug)]
+pub struct LoraLayer {
+    delta: Delta,
+    pub scale: f32,
+    pub rank: usize,
+}
+
+impl LoraLayer {
+    fn linear<const D: usize>(&self, x: Tensor<D>) -> Option<Tensor<D>> {
+        match &self.delta {
+            Delta::Linear { a, b } => {
+                let h = burn::tensor::module::linear(x, a.clone(), None);
+                Some(burn::tensor::module::linear(h, b.clone(), None))
+            }
+            Delta::Conv { .. } => None,
+        }
+    }
+
+    fn conv(&self, x: Tensor<4>) -> Option<Tensor<4>> {
+        match &self.delta {
+            Delta::Conv { down, up, stride, padding } => {
+                let h = conv2d(x, down.clone(), None, ConvOptions::new([*stride, *stride], [*padding, *padding], [1, 1], 1));
+                Some(conv2d(h, up.clone(), None, ConvOptions::new([1, 1], [0, 0], [1, 1], 1)))
+            }
+            Delta::Linear { a, b } => {
+                // A 1×1 convolution adapted by a linear pair: apply it per pixel.
+                let [n, c, h, w] = x.dims();
+                let t = x.swap_dims(1, 3).reshape([n * w * h, c]);
+                let d = burn::tensor::module::linear(burn::tensor::module::linear(t, a.clone(), None), b.clone(), None);
+                let out = d.dims()[1];
+                Some(d.reshape([n, w, h, out]).swap_dims(1, 3))
+            }
+        }
+    }
+}
+
+/// A LoRA resolved against one model's layers. Equality is identity (the same loaded LoRA).
+#[derive(Debug)]
+pub struct Lora {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: LoraFormat,
+    /// The largest rank of its layers.
+    pub rank: usize,
+    /// Bytes its tensors take in memory (f32).
+    pub bytes: u64,
+    layers: HashMap<(Component, String), LoraLayer>,
+}
+
+impl PartialEq for Lora {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+fn lora_err(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::Lora { file: path.to_path_buf(), message: message.into() }
+}
+
+/// kohya's key form of a module name: `.` → `_`.
+fn kohya(name: &str) -> String {
+    name.replace('.', "_")
+}
+
+/// The SGM / LDM name of a diffusers UNet module (kohya's SDXL form), for resnets, attentions
+/// and the samplers; `None` for the rest (those keep their diffusers form).
+pub fn sgm_name(name: &str, layers_per_block: &[usize]) -> Option<String> {
+    let p: Vec<&str> = name.split('.').collect();
+    let num = |i: usize| p.get(i).and_then(|s| s.parse::<usize>().ok());
+    let resnet = |tail: &[&str]| -> Option<String> {
+        let head = match tail.first()? {
+            &"conv1" => "in_layers.2",
+            &"conv2" => "out_layers.3",
+            &"time_emb_proj" => "emb_layers.1",
+            &"conv_shortcut" => "skip_connection",
+            _ => return None,
+        };
+        Some(std::iter::once(head).chain(tail[1..].iter().copied()).collect::<Vec<_>>().join("."))
+    };
+    let join = |head: String, tail: String| if tail.is_empty() { head } else { format!("{head}.{tail}") };
+    match p.as_slice() {
+        ["down_blocks", _, kind, _, rest @ ..] => {
+            let (b, j) = (num(1)?, num(3)?);
+            let first = 1 + layers_per_block.iter().take(b).map(|l| l + 1).sum::<usize>();
+            match *kind {
+                "resnets" => Some(join(format!("input_blocks.{}.0", first + j), resnet(rest)?)),
+                "attentions" => Some(join(format!("input_blocks.{}.1", first + j), rest.join("."))),
+                "downsamplers" if rest.first() == Some(&"conv") => {
+                    Some(join(format!("input_blocks.{}.0.op", first + layers_per_block.get(b)?), rest[1..].join(".")))
+                }
+                _ => None,
+            }
+        }
+        ["mid_block", kind, _, rest @ ..] => {
+            let j = num(2)?;
+            match (*kind, j) {
+                ("resnets", 0) => Some(join("middle_block.0".into(), resnet(rest)?)),
+                ("attentions", 0) => Some(join("middle_block.1".into(), rest.join("."))),
+                ("resnets", 1) => Some(join("middle_block.2".into(), resnet(rest)?)),
+                _ => None,
+            }
+        }
+        ["up_blocks", _, kind, _, rest @ ..] => {
+            let (b, j) = (num(1)?, num(3)?);
+            let rev: Vec<usize> = layers_per_block.iter().rev().map(|l| l + 1).collect();
+            let first = rev.iter().take(b).sum::<usize>();
+            match *kind {
+                "resnets" => Some(join(format!("output_blocks.{}.0", first + j), resnet(rest)?)),
+                "attentions" => Some(join(format!("output_blocks.{}.1", first + j), rest.join("."))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A kohya key prefix → (component, layer name) lookup over a model's layers.
+fn kohya_lookup(t: &Targets) -> HashMap<String, (Component, String)> {
+    let mut m = HashMap::new();
+    for name in t.unet.layers.keys() {
+        m.insert(format!("lora_unet_{}", kohya(name)), (Component::Unet, name.clone()));
+        if let Some(s) = sgm_name(name, t.layers_per_block) {
+            m.insert(format!("lora_unet_{}", kohya(&s)), (Component::Unet, name.clone()));
+        }
+    }
+    for name in t.text_encoder.layers.keys() {
+        for form in text_forms(name) {
+            for p in ["lora_te", "lora_te1"] {
+                m.insert(format!("{p}_{}", kohya(form)), (Component::TextEncoder, name.clone()));
+            }
+        }
+    }
+    if let Some(te2) = t.text_encoder_2 {
+        for name in te2.layers.keys() {
+            for form in text_forms(name) {
+                m.insert(format!("lora_te2_{}", kohya(form)), (Component::TextEncoder2, name.clone()));
+            }
+        }
+    }
+    m
+}
+
+/// A text encoder layer's names in LoRA files: `text_model.encoder.…`, and the flattened
+/// `encoder.…` of recent transformers.
+fn text_forms(name: &str) -> Vec<&str> {
+    std::iter::once(name).chain(name.strip_prefix("text_model.")).collect()
+}
+
+/// The pieces of one adapted layer as stored: down / up keys, an optional alpha.
+#[derive(Default)]
+struct Pair {
+    down: Option<String>,
+    up: Option<String>,
+    alpha: Option<String>,
+}
+
+impl Lora {
+    /// Reads `path` and resolves it against `targets`. `name` is how it is served.
+    pub fn load(name: &str, path: &Path, targets: &Targets, device: &Device) -> Result<Self, ModelError> {
+        let w = Weights::open(path, device)?;
+        let keys: Vec<String> = w.keys().map(str::to_string).collect();
+        if keys.is_empty() {
+            return Err(lora_err(path, "the file holds no tensors"));
+        }
+        let peft = keys.iter().any(|k| k.contains(".lora_A.") || k.contains(".lora_B."));
+        let kohya_keys = keys.iter().any(|k| k.contains(".lora_down.") || k.contains(".lora_up."));
+        let format = match (peft, kohya_keys) {
+            (true, false) => LoraFormat::Peft,
+            (false, true) => LoraFormat::Kohya,
+            (true, true) => return Err(lora_err(path, "mixes PEFT (lora_A/lora_B) and kohya (lora_down/lora_up) keys")),
+            (false, false) => {
+                return Err(lora_err(
+                    path,
+                    format!("not a LoRA: no `.lora_down`/`.lora_up` (kohya) or `.lora_A`/`.lora_B` (PEFT) keys (first key `{}`)", keys[0]),
+                ));
+            }
+        };
+        // Group the keys by layer.
+        let mut pairs: BTreeMap<(Component, String), Pair> = BTreeMap::new();
+        let mut unknown: Vec<String> = Vec::new();
+        match format {
+            LoraFormat::Kohya => {
+                let lookup = kohya_lookup(targets);
+                for k in &keys {
+                    let (base, part) = match k.split_once('.') {
+                        Some(x) => x,
+                        None => {
+                            unknown.push(k.clone());
+                            continue;
+                        }
+                    };
+                    let Some(target) = lookup.get(base) else {
+                        unknown.push(k.clone());
+                        continue;
+                    };
+                    let pair = pairs.entry(target.clone()).or_default();
+                    match part {
+                        "lora_down.weight" => pair.down = Some(k.clone()),
+                        "lora_up.weight" => pair.up = Some(k.clone()),
+                        "alpha" => pair.alpha = Some(k.clone()),
+                        _ => {
+                            return Err(lora_err(
+                                path,
+                                format!("key `{k}`: `{part}` is not supported (LoRA/LoCon only: lora_down, lora_up, alpha)"),
+                            ));
+                        }
+                    }
+                }
+            }
+            LoraFormat::Peft => {
+                for k in &keys {
+                    let parsed = [
+                        ("unet.", Component::Unet, Some(targets.unet)),
+                        ("text_encoder.", Component::TextEncoder, Some(targets.text_encoder)),
+                        ("text_encoder_2.", Component::TextEncoder2, targets.text_encoder_2),
+                    ]
+                    .into_iter()
+                    .find_map(|(prefix, comp, index)| {
+                        let rest = k.strip_prefix(prefix)?;
+                        let (module, part) = rest
+                            .strip_suffix(".lora_A.weight")
+                            .map(|m| (m, 'A'))
+                            .or(rest.strip_suffix(".lora_B.weight").map(|m| (m, 'B')))?;
+                        let index = index?;
+                        let module = if comp != Component::Unet && !index.layers.contains_key(module) {
+                            format!("text_model.{module}")
+                        } else {
+                            module.to_string()
+                        };
+                        index.layers.contains_key(&module).then_some((comp, module, part))
+                    });
+                    match parsed {
+                        Some((comp, module, part)) => {
+                            let pair = pairs.entry((comp, module)).or_default();
+                            if part == 'A' { pair.down = Some(k.clone()) } else { pair.up = Some(k.clone()) }
+                        }
+                        None => unknown.push(k.clone()),
+                    }
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            let shown: Vec<&str> = unknown.iter().take(5).map(String::as_str).collect();
+            return Err(lora_err(
+                path,
+                format!(
+                    "incompatible with this model: {} key(s) match none of its layers: {}{}",
+                    unknown.len(),
+                    shown.join(", "),
+                    if unknown.len() > 5 { ", …" } else { "" }
+                ),
+            ));
+        }
+        let peft_alpha = peft_alphas(path)?;
+        let mut layers = HashMap::new();
+        let mut rank = 0;
+        let mut bytes = 0u64;
+        for ((comp, module), pair) in pairs {
+            let index = match comp {
+                Component::Unet => targets.unet,
+                Component::TextEncoder => targets.text_encoder,
+                Component::TextEncoder2 => targets.text_encoder_2.expect("matched above"),
+            };
+            let shape = index.layers[&module];
+            let (Some(down), Some(up)) = (&pair.down, &pair.up) else {
+                return Err(lora_err(
+                    path,
+                    format!("layer `{}.{module}` has no {} matrix", comp.as_str(), if pair.down.is_none() { "down (A)" } else { "up (B)" }),
+                ));
+            };
+            let layer = read_layer(&w, path, down, up, shape)?;
+            let alpha = match (&pair.alpha, format) {
+                (Some(k), _) => Some(read_scalar(&w, path, k)?),
+                (None, LoraFormat::Peft) => peft_alpha.get(&comp).copied(),
+                (None, LoraFormat::Kohya) => None,
+            };
+            let scale = alpha.map_or(1.0, |a| a / layer.rank as f32);
+            if !scale.is_finite() {
+                return Err(lora_err(path, format!("layer `{}.{module}`: alpha gives a non-finite scale", comp.as_str())));
+            }
+            rank = rank.max(layer.rank);
+            bytes += layer_bytes(&layer);
+            layers.insert((comp, module), LoraLayer { scale, ..layer });
+        }
+        Ok(Self { name: name.to_string(), path: path.to_path_buf(), format, rank, bytes, layers })
+    }
+
+    /// The adapted layer `name` of `component`, if any.
+    pub fn layer(&self, component: Component, name: &str) -> Option<&LoraLayer> {
+        self.layers.get(&(component, name.to_string()))
+    }
+
+    /// How many layers it adapts.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether it adapts any layer of `component`.
+    pub fn adapts(&self, component: Component) -> bool {
+        self.layers.keys().any(|(c, _)| *c == component)
+    }
+}
+
+fn layer_bytes(l: &LoraLayer) -> u64 {
+    let n = match &l.delta {
+        Delta::Linear { a, b } => a.dims().iter().product::<usize>() + b.dims().iter().product::<usize>(),
+        Delta::Conv { down, up, .. } => down.dims().iter().product::<usize>() + up.dims().iter().product::<usize>(),
+    };
+    4 * n as u64
+}
+
+/// PEFT scales from diffusers' `lora_adapter_metadata` (JSON in the safetensors metadata, with
+/// `<component>.lora_alpha` / `<component>.r` or a nested config per component).
+fn peft_alphas(path: &Path) -> Result<HashMap<Component, f32>, ModelError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| lora_err(path, e.to_string());
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len).min(100_000_000) as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| lora_err(path, format!("invalid header: {e}")))?;
+    let Some(raw) = header.get("__metadata__").and_then(|m| m.get("lora_adapter_metadata")).and_then(|m| m.as_str()) else {
+        return Ok(HashMap::new());
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| lora_err(path, format!("metadata `lora_adapter_metadata` is not JSON: {e}")))?;
+    let mut out = HashMap::new();
+    for comp in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+        let c = comp.as_str();
+        let alpha = v.get(format!("{c}.lora_alpha")).or_else(|| v.get(c).and_then(|x| x.get("lora_alpha"))).and_then(|a| a.as_f64());
+        let r = v.get(format!("{c}.r")).or_else(|| v.get(c).and_then(|x| x.get("r"))).and_then(|a| a.as_f64());
+        if let (Some(a), Some(r)) = (alpha, r)
+            && r > 0.0
+        {
+            // Stored as alpha; the scale divides by the layer's rank (= r).
+            out.insert(comp, a as f32);
+        }
+    }
+    Ok(out)
+}
+
+fn read_scalar(w: &Weights, path: &Path, key: &str) -> Result<f32, ModelError> {
+    let shape = w.shape_of(key).map(<[usize]>::to_vec).unwrap_or_default();
+    if shape.iter().product::<usize>() != 1 {
+        return Err(lora_err(path, format!("`{key}` has shape {shape:?}, expected a scalar")));
+    }
+    let v = w.read_f32(key, &shape)?;
+    Ok(v[0])
+}
+
+/// Reads a `[rows, cols]` matrix stored as `[rows, cols]` or `[rows, cols, 1, 1]` and returns it
+/// transposed, `[cols, rows]` (burn's linear layout).
+fn read_transposed(w: &Weights, key: &str, shape: &[usize]) -> Result<Tensor<2>, ModelError> {
+    let (rows, cols) = (shape[0], shape[1]);
+    let values = w.read_f32(key, shape)?;
+    let mut t = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = values[r * cols + c];
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(t, [cols, rows]), w.device()))
+}
+
+fn read_layer(w: &Weights, path: &Path, down: &str, up: &str, shape: LayerShape) -> Result<LoraLayer, ModelError> {
+    let ds = w.shape_of(down).map(<[usize]>::to_vec).unwrap_or_default();
+    let us = w.shape_of(up).map(<[usize]>::to_vec).unwrap_or_default();
+    let bad = |what: String| lora_err(path, what);
+    let rank = *ds.first().ok_or_else(|| bad(format!("`{down}` is a scalar")))?;
+    if rank == 0 {
+        return Err(bad(format!("`{down}` has rank 0")));
+    }
+    let is_matrix = |s: &[usize]| s.len() == 2 || (s.len() == 4 && s[2] == 1 && s[3] == 1);
+    match shape {
+        LayerShape::Linear { d_in, d_out } | LayerShape::Conv { c_in: d_in, c_out: d_out, kernel: 1, stride: 1, padding: 0 }
+            if is_matrix(&ds) && is_matrix(&us) =>
+        {
+            if ds[1] != d_in || us[0] != d_out || us[1] != rank {
+                return Err(bad(format!(
+                    "`{down}` {ds:?} / `{up}` {us:?} do not fit the layer ({d_in} → {d_out}): expected [r, {d_in}] and [{d_out}, r]"
+                )));
+            }
+            Ok(LoraLayer { delta: Delta::Linear { a: read_transposed(w, down, &ds)?, b: read_transposed(w, up, &us)? }, scale: 1.0, rank })
+        }
+        LayerShape::Conv { c_in, c_out, kernel, stride, padding } => {
+            if ds != [rank, c_in, kernel, kernel] || us != [c_out, rank, 1, 1] {
+                return Err(bad(format!(
+                    "`{down}` {ds:?} / `{up}` {us:?} do not fit the {kernel}×{kernel} convolution ({c_in} → {c_out}): expected [r, {c_in}, {kernel}, {kernel}] and [{c_out}, r, 1, 1]"
+                )));
+            }
+            let down_t = w.tensor(down, [rank, c_in, kernel, kernel])?;
+            let up_t = w.tensor(up, [c_out, rank, 1, 1])?;
+            Ok(LoraLayer { delta: Delta::Conv { down: down_t, up: up_t, stride, padding }, scale: 1.0, rank })
+        }
+        LayerShape::Linear { d_in, d_out } => {
+            Err(bad(format!("`{down}` {ds:?} / `{up}` {us:?} do not fit the linear layer ({d_in} → {d_out})")))
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The active adapters of a forward pass
+// ------------------------------------------------------------------------------------------
+
+/// Adapters with their weights (the weight multiplies each layer's scale; it may be negative).
+pub type Adapters = Vec<(Arc<Lora>, f32)>;
+
+/// Rows of a batch that use the same adapters.
+#[derive(Clone, Debug)]
+pub struct RowGroup {
+    /// Sorted row indices.
+    pub rows: Vec<usize>,
+    pub adapters: Adapters,
+}
+
+/// The adapters of one component's forward pass: groups of rows of a batch of `rows`.
+#[derive(Debug)]
+pub struct Active {
+    component: Component,
+    rows: usize,
+    groups: Vec<(RowGroup, Option<Tensor<1, Int>>)>,
+}
+
+impl Active {
+    /// `groups` with no adapters are dropped; a group covering every row is applied without
+    /// selecting rows.
+    pub fn new(component: Component, rows: usize, groups: Vec<RowGroup>, device: &Device) -> Self {
+        let groups = groups
+            .into_iter()
+            .filter(|g| !g.adapters.is_empty() && !g.rows.is_empty() && g.adapters.iter().any(|(l, _)| l.adapts(component)))
+            .map(|g| {
+                let index = (g.rows.len() != rows).then(|| {
+                    let ids: Vec<i64> = g.rows.iter().map(|&r| r as i64).collect();
+                    Tensor::<1, Int>::from_data(TensorData::new(ids, [g.rows.len()]), device)
+                });
+                (g, index)
+            })
+            .collect();
+        Self { component, rows, groups }
+    }
+
+    /// Every row uses `adapters` (whatever the batch size of the calls made in its scope).
+    pub fn uniform(component: Component, rows: usize, adapters: Adapters, device: &Device) -> Self {
+        Self::new(component, rows, vec![RowGroup { rows: (0..rows).collect(), adapters }], device)
+    }
+
+    /// No adapters.
+    pub fn none(component: Component) -> Self {
+        Self { component, rows: 0, groups: Vec::new() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+thread_local! {
+    static ACTIVE: RefCell<Vec<Rc<Active>>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Guard;
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| {
+            a.borrow_mut().pop();
+        });
+    }
+}
+
+/// Runs `f` with `active` as this thread's adapters (the innermost scope wins).
+pub fn scoped<R>(active: Active, f: impl FnOnce() -> R) -> R {
+    if active.is_empty() && ACTIVE.with(|a| a.borrow().is_empty()) {
+        return f();
+    }
+    ACTIVE.with(|a| a.borrow_mut().push(Rc::new(active)));
+    let _guard = Guard;
+    f()
+}
+
+/// Runs `f` on a batch made of the current batch's `rows` joined into one row (e.g. attention
+/// over a group's concatenated tokens): the adapters are those of those rows, which must share
+/// them (rows of one group). Without an active context, just `f()`.
+pub fn with_joined_rows<R>(rows: &[usize], device: &Device, f: impl FnOnce() -> R) -> R {
+    let Some(cur) = current() else { return f() };
+    let mut adapters: Option<Adapters> = None;
+    for &r in rows {
+        let a = cur.groups.iter().find(|(g, _)| g.rows.binary_search(&r).is_ok()).map(|(g, _)| g.adapters.clone()).unwrap_or_default();
+        match &adapters {
+            None => adapters = Some(a),
+            Some(prev) => debug_assert!(same_adapters(prev, &a), "joined rows with different adapters"),
+        }
+    }
+    scoped(Active::uniform(cur.component, 1, adapters.unwrap_or_default(), device), f)
+}
+
+fn same_adapters(a: &Adapters, b: &Adapters) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((la, wa), (lb, wb))| Arc::ptr_eq(la, lb) && wa == wb)
+}
+
+fn current() -> Option<Rc<Active>> {
+    ACTIVE.with(|a| a.borrow().last().cloned())
+}
+
+/// `out` (a linear layer `name`'s output for `x`, rows along axis 0) plus the active adapters'
+/// side products on their rows.
+pub fn add_linear<const D: usize>(name: &str, x: Tensor<D>, out: Tensor<D>) -> Tensor<D> {
+    let Some(cur) = current() else { return out };
+    apply(&cur, name, x, out, |l, x| l.linear(x))
+}
+
+/// `out` (a convolution `name`'s output for `x`) plus the active adapters' side products.
+pub fn add_conv(name: &str, x: Tensor<4>, out: Tensor<4>) -> Tensor<4> {
+    let Some(cur) = current() else { return out };
+    apply(&cur, name, x, out, |l, x| l.conv(x))
+}
+
+/// Whether a context is active (layers keep their input only then).
+pub fn active() -> bool {
+    ACTIVE.with(|a| !a.borrow().is_empty())
+}
+
+fn apply<const D: usize>(
+    cur: &Active,
+    name: &str,
+    x: Tensor<D>,
+    mut out: Tensor<D>,
+    delta: impl Fn(&LoraLayer, Tensor<D>) -> Option<Tensor<D>>,
+) -> Tensor<D> {
+    let b = x.dims()[0];
+    for (g, index) in &cur.groups {
+        let layers: Vec<(&LoraLayer, f32)> =
+            g.adapters.iter().filter_map(|(l, w)| l.layer(cur.component, name).map(|ly| (ly, w * ly.scale))).collect();
+        if layers.is_empty() {
+            continue;
+        }
+        let (xs, index) = match index {
+            // Row groups apply to a batch of the context's size only (see `with_joined_rows`).
+            Some(_) if b != cur.rows => {
+                debug_assert!(false, "batch of {b} rows in a context of {}", cur.rows);
+                continue;
+            }
+            Some(ix) => (x.clone().select(0, ix.clone()), Some(ix)),
+            None => (x.clone(), None),
+        };
+        let mut sum: Option<Tensor<D>> = None;
+        for (ly, s) in layers {
+            let Some(d) = delta(ly, xs.clone()) else { continue };
+            let d = d * s;
+            sum = Some(match sum {
+                None => d,
+                Some(p) => p + d,
+            });
+        }
+        let Some(sum) = sum else { continue };
+        out = match index {
+            Some(ix) => out.select_assign(0, ix.clone(), sum, IndexingUpdateOp::Add),
+            None => out + sum,
+        };
+    }
+    out
+}
