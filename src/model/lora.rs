@@ -662,3 +662,70 @@ fn apply<const D: usize>(
     }
     out
 }
+
+// ------------------------------------------------------------------------------------------
+// Synthetic LoRAs
+// ------------------------------------------------------------------------------------------
+
+/// A random LoRA for every adaptable layer of `targets` (safetensors bytes, F32): rank `rank`,
+/// both matrices random (`down` ±1/√fan_in, `up` ±gain/√rank), kohya with `alpha = rank / 2` on
+/// every layer (scale 0.5) or PEFT (scale 1). Deterministic in `seed`. For tests, benchmarks and
+/// the embedded demo model, which has no trained LoRA.
+pub fn synthetic_file(targets: &Targets, format: LoraFormat, seed: u64, rank: usize, gain: f32) -> Vec<u8> {
+    let mut state = seed ^ 0x5851_f42d_4c95_7f2d;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let sdxl = targets.text_encoder_2.is_some();
+    let components: Vec<(Component, &LayerIndex)> = [
+        Some((Component::Unet, targets.unet)),
+        Some((Component::TextEncoder, targets.text_encoder)),
+        targets.text_encoder_2.map(|t| (Component::TextEncoder2, t)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (comp, index) in components {
+        for (name, shape) in &index.layers {
+            let (down_shape, up_shape, fan) = match *shape {
+                LayerShape::Linear { d_in, d_out } => (vec![rank, d_in], vec![d_out, rank], d_in),
+                LayerShape::Conv { c_in, c_out, kernel, .. } => {
+                    (vec![rank, c_in, kernel, kernel], vec![c_out, rank, 1, 1], c_in * kernel * kernel)
+                }
+            };
+            let down: Vec<f32> = (0..down_shape.iter().product::<usize>()).map(|_| next() / (fan as f32).sqrt()).collect();
+            let up: Vec<f32> = (0..up_shape.iter().product::<usize>()).map(|_| next() * gain / (rank as f32).sqrt()).collect();
+            match format {
+                LoraFormat::Kohya => {
+                    let prefix = match comp {
+                        Component::Unet => "lora_unet",
+                        Component::TextEncoder if sdxl => "lora_te1",
+                        Component::TextEncoder => "lora_te",
+                        Component::TextEncoder2 => "lora_te2",
+                    };
+                    let base = format!("{prefix}_{}", kohya(name));
+                    tensors.push((format!("{base}.lora_down.weight"), down_shape, down));
+                    tensors.push((format!("{base}.lora_up.weight"), up_shape, up));
+                    tensors.push((format!("{base}.alpha"), vec![], vec![rank as f32 / 2.0]));
+                }
+                LoraFormat::Peft => {
+                    let base = format!("{}.{name}", comp.as_str());
+                    tensors.push((format!("{base}.lora_A.weight"), down_shape, down));
+                    tensors.push((format!("{base}.lora_B.weight"), up_shape, up));
+                }
+            }
+        }
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(k, s, v)| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let views = bytes.iter().map(|(k, s, b)| {
+        (k.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("shape matches the data"))
+    });
+    safetensors::serialize(views, None).expect("serializable tensors")
+}
