@@ -383,6 +383,9 @@ mod refusing {
         async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
             Err(refusal())
         }
+        async fn list_loras(&self, _: Request<pb::ListLorasRequest>) -> Result<Response<pb::ListLorasResponse>, Status> {
+            Err(refusal())
+        }
     }
 
     /// Serves on a free loopback port from a background thread; returns the address.

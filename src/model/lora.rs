@@ -135,6 +135,17 @@ impl LoraLayer {
     }
 }
 
+/// What [`Lora::inspect`] tells of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraSummary {
+    pub format: LoraFormat,
+    pub rank: usize,
+    /// Bytes its matrices take in memory (f32).
+    pub bytes: u64,
+    /// Layers it adapts.
+    pub layers: usize,
+}
+
 /// A LoRA resolved against one model's layers. Equality is identity (the same loaded LoRA).
 #[derive(Debug)]
 pub struct Lora {
@@ -258,6 +269,10 @@ struct Pair {
 impl Lora {
     /// Reads `path` and resolves it against `targets`. `name` is how it is served.
     pub fn load(name: &str, path: &Path, targets: &Targets, device: &Device) -> Result<Self, ModelError> {
+        Ok(Self::load_impl(name, path, targets, device, true)?.0)
+    }
+
+    fn load_impl(name: &str, path: &Path, targets: &Targets, device: &Device, read: bool) -> Result<(Self, usize), ModelError> {
         let w = Weights::open(path, device)?;
         let keys: Vec<String> = w.keys().map(str::to_string).collect();
         if keys.is_empty() {
@@ -356,6 +371,7 @@ impl Lora {
         let mut layers = HashMap::new();
         let mut rank = 0;
         let mut bytes = 0u64;
+        let mut count = 0;
         for ((comp, module), pair) in pairs {
             let index = match comp {
                 Component::Unet => targets.unet,
@@ -369,21 +385,31 @@ impl Lora {
                     format!("layer `{}.{module}` has no {} matrix", comp.as_str(), if pair.down.is_none() { "down (A)" } else { "up (B)" }),
                 ));
             };
-            let layer = read_layer(&w, path, down, up, shape)?;
+            let (layer_rank, layer_bytes, delta) = read_layer(&w, path, down, up, shape, read)?;
             let alpha = match (&pair.alpha, format) {
                 (Some(k), _) => Some(read_scalar(&w, path, k)?),
                 (None, LoraFormat::Peft) => peft_alpha.get(&comp).copied(),
                 (None, LoraFormat::Kohya) => None,
             };
-            let scale = alpha.map_or(1.0, |a| a / layer.rank as f32);
+            let scale = alpha.map_or(1.0, |a| a / layer_rank as f32);
             if !scale.is_finite() {
                 return Err(lora_err(path, format!("layer `{}.{module}`: alpha gives a non-finite scale", comp.as_str())));
             }
-            rank = rank.max(layer.rank);
-            bytes += layer_bytes(&layer);
-            layers.insert((comp, module), LoraLayer { scale, ..layer });
+            rank = rank.max(layer_rank);
+            bytes += layer_bytes;
+            count += 1;
+            if let Some(delta) = delta {
+                layers.insert((comp, module), LoraLayer { delta, scale, rank: layer_rank });
+            }
         }
-        Ok(Self { name: name.to_string(), path: path.to_path_buf(), format, rank, bytes, layers })
+        Ok((Self { name: name.to_string(), path: path.to_path_buf(), format, rank, bytes, layers }, count))
+    }
+
+    /// Checks `path` against `targets` from its header (and alphas) without reading the
+    /// matrices: what [`Lora::load`] would give, or its error.
+    pub fn inspect(path: &Path, targets: &Targets, device: &Device) -> Result<LoraSummary, ModelError> {
+        let (l, layers) = Self::load_impl("", path, targets, device, false)?;
+        Ok(LoraSummary { format: l.format, rank: l.rank, bytes: l.bytes, layers })
     }
 
     /// The adapted layer `name` of `component`, if any.
@@ -400,14 +426,6 @@ impl Lora {
     pub fn adapts(&self, component: Component) -> bool {
         self.layers.keys().any(|(c, _)| *c == component)
     }
-}
-
-fn layer_bytes(l: &LoraLayer) -> u64 {
-    let n = match &l.delta {
-        Delta::Linear { a, b } => a.dims().iter().product::<usize>() + b.dims().iter().product::<usize>(),
-        Delta::Conv { down, up, .. } => down.dims().iter().product::<usize>() + up.dims().iter().product::<usize>(),
-    };
-    4 * n as u64
 }
 
 /// PEFT scales from diffusers' `lora_adapter_metadata` (JSON in the safetensors metadata, with
@@ -464,7 +482,16 @@ fn read_transposed(w: &Weights, key: &str, shape: &[usize]) -> Result<Tensor<2>,
     Ok(Tensor::from_data(TensorData::new(t, [cols, rows]), w.device()))
 }
 
-fn read_layer(w: &Weights, path: &Path, down: &str, up: &str, shape: LayerShape) -> Result<LoraLayer, ModelError> {
+/// Checks a layer's pair against the layer; with `read`, reads it. Returns the rank, the bytes in
+/// memory (f32) and the pair when read.
+fn read_layer(
+    w: &Weights,
+    path: &Path,
+    down: &str,
+    up: &str,
+    shape: LayerShape,
+    read: bool,
+) -> Result<(usize, u64, Option<Delta>), ModelError> {
     let ds = w.shape_of(down).map(<[usize]>::to_vec).unwrap_or_default();
     let us = w.shape_of(up).map(<[usize]>::to_vec).unwrap_or_default();
     let bad = |what: String| lora_err(path, what);
@@ -482,7 +509,10 @@ fn read_layer(w: &Weights, path: &Path, down: &str, up: &str, shape: LayerShape)
                     "`{down}` {ds:?} / `{up}` {us:?} do not fit the layer ({d_in} → {d_out}): expected [r, {d_in}] and [{d_out}, r]"
                 )));
             }
-            Ok(LoraLayer { delta: Delta::Linear { a: read_transposed(w, down, &ds)?, b: read_transposed(w, up, &us)? }, scale: 1.0, rank })
+            let bytes = 4 * (rank * (d_in + d_out)) as u64;
+            let delta =
+                if read { Some(Delta::Linear { a: read_transposed(w, down, &ds)?, b: read_transposed(w, up, &us)? }) } else { None };
+            Ok((rank, bytes, delta))
         }
         LayerShape::Conv { c_in, c_out, kernel, stride, padding } => {
             if ds != [rank, c_in, kernel, kernel] || us != [c_out, rank, 1, 1] {
@@ -490,9 +520,13 @@ fn read_layer(w: &Weights, path: &Path, down: &str, up: &str, shape: LayerShape)
                     "`{down}` {ds:?} / `{up}` {us:?} do not fit the {kernel}×{kernel} convolution ({c_in} → {c_out}): expected [r, {c_in}, {kernel}, {kernel}] and [{c_out}, r, 1, 1]"
                 )));
             }
+            let bytes = 4 * (rank * (c_in * kernel * kernel + c_out)) as u64;
+            if !read {
+                return Ok((rank, bytes, None));
+            }
             let down_t = w.tensor(down, [rank, c_in, kernel, kernel])?;
             let up_t = w.tensor(up, [c_out, rank, 1, 1])?;
-            Ok(LoraLayer { delta: Delta::Conv { down: down_t, up: up_t, stride, padding }, scale: 1.0, rank })
+            Ok((rank, bytes, Some(Delta::Conv { down: down_t, up: up_t, stride, padding })))
         }
         LayerShape::Linear { d_in, d_out } => {
             Err(bad(format!("`{down}` {ds:?} / `{up}` {us:?} do not fit the linear layer ({d_in} → {d_out})")))

@@ -235,6 +235,7 @@ pub fn session_to_proto(s: &Session, ttl: Duration, model_levels: Option<&[Level
         created_at: Some(timestamp(s.created)),
         expires_at: Some(timestamp(s.expires)),
         idle_ttl_seconds: ttl.as_secs().min(u32::MAX as u64) as u32,
+        loras: s.loras.iter().map(|l| pb::LoraWeight { name: l.name.clone(), weight: l.weight }).collect(),
     }
 }
 
