@@ -170,7 +170,8 @@ fn bad_loras_are_refused_naming_the_field() {
         let server = start(lora_config(&dir)).await;
         let mut c = connect(&server).await;
         let me = Identity::client("lora-bad");
-        let cases: Vec<(Vec<(&str, f32)>, &str, &str)> = vec![
+        type Case<'a> = (Vec<(&'a str, f32)>, &'a str, &'a str);
+        let cases: Vec<Case> = vec![
             (vec![("nope", 1.0)], "loras[0].name", "unknown LoRA"),
             (vec![("ink", 1.0), ("sdxl_style", 1.0)], "loras[1].name", "does not fit model \"tiny\""),
             (vec![("broken", 1.0)], "loras[0].name", "does not fit"),

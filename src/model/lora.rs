@@ -180,11 +180,11 @@ pub fn sgm_name(name: &str, layers_per_block: &[usize]) -> Option<String> {
     let p: Vec<&str> = name.split('.').collect();
     let num = |i: usize| p.get(i).and_then(|s| s.parse::<usize>().ok());
     let resnet = |tail: &[&str]| -> Option<String> {
-        let head = match tail.first()? {
-            &"conv1" => "in_layers.2",
-            &"conv2" => "out_layers.3",
-            &"time_emb_proj" => "emb_layers.1",
-            &"conv_shortcut" => "skip_connection",
+        let head = match *tail.first()? {
+            "conv1" => "in_layers.2",
+            "conv2" => "out_layers.3",
+            "time_emb_proj" => "emb_layers.1",
+            "conv_shortcut" => "skip_connection",
             _ => return None,
         };
         Some(std::iter::once(head).chain(tail[1..].iter().copied()).collect::<Vec<_>>().join("."))
