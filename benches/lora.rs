@@ -94,7 +94,12 @@ fn main() {
     println!("  one mixed batch          {:>9.1} ms", ms(m));
     println!("  one after another        {:>9.1} ms", ms(s));
     println!("  throughput ratio (sequential / mixed): {:.2}x", s.as_secs_f64() / m.as_secs_f64());
-    println!("  same 4 sets without LoRA: one batch {:.1} ms, one after another {:.1} ms (ratio {:.2}x)", ms(p), ms(sp), sp.as_secs_f64() / p.as_secs_f64());
+    println!(
+        "  same 4 sets without LoRA: one batch {:.1} ms, one after another {:.1} ms (ratio {:.2}x)",
+        ms(p),
+        ms(sp),
+        sp.as_secs_f64() / p.as_secs_f64()
+    );
     println!("  LoRA cost in the mixed batch: {:.2}x the batch without LoRA", m.as_secs_f64() / p.as_secs_f64());
 
     // Memory: sessions hold LoRA names and weights only.
@@ -108,7 +113,11 @@ fn main() {
     let per_session = rss_bytes().saturating_sub(rss2) as f64 / n as f64;
     println!("memory:");
     println!("  base model (RSS after load)        {:>10.1} MiB", rss_model as f64 / (1 << 20) as f64);
-    println!("  one loaded LoRA (f32 matrices)     {:>10.1} KiB (RSS for 4: {:.1} KiB)", lora_bytes as f64 / 1024.0, rss_loras as f64 / 1024.0);
+    println!(
+        "  one loaded LoRA (f32 matrices)     {:>10.1} KiB (RSS for 4: {:.1} KiB)",
+        lora_bytes as f64 / 1024.0,
+        rss_loras as f64 / 1024.0
+    );
     println!("  one extra session with a LoRA      {:>10.0} bytes (RSS over {n} sessions)", per_session);
     println!(
         "  1000 sessions over 10 LoRAs: base + 10 LoRAs + sessions = {:.1} MiB + {:.1} MiB + {:.1} MiB",

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::ModelError;
 use super::weights::Weights;
@@ -554,25 +554,35 @@ pub struct RowGroup {
 pub struct Active {
     component: Component,
     rows: usize,
-    groups: Vec<(RowGroup, Option<Tensor<1, Int>>)>,
+    groups: Vec<RowGroup>,
+    /// The batch as runs of consecutive rows `(start, len, group)`: rows of one group are
+    /// adapted run by run (views of the batch, no gathering), rows of no group are left as they are.
+    runs: Vec<(usize, usize, Option<usize>)>,
 }
 
 impl Active {
-    /// `groups` with no adapters are dropped; a group covering every row is applied without
-    /// selecting rows.
-    pub fn new(component: Component, rows: usize, groups: Vec<RowGroup>, device: &Device) -> Self {
-        let groups = groups
+    /// `groups` with no adapters (for this component) are dropped.
+    pub fn new(component: Component, rows: usize, groups: Vec<RowGroup>, _device: &Device) -> Self {
+        let groups: Vec<RowGroup> = groups
             .into_iter()
             .filter(|g| !g.adapters.is_empty() && !g.rows.is_empty() && g.adapters.iter().any(|(l, _)| l.adapts(component)))
-            .map(|g| {
-                let index = (g.rows.len() != rows).then(|| {
-                    let ids: Vec<i64> = g.rows.iter().map(|&r| r as i64).collect();
-                    Tensor::<1, Int>::from_data(TensorData::new(ids, [g.rows.len()]), device)
-                });
-                (g, index)
-            })
             .collect();
-        Self { component, rows, groups }
+        let mut of_row: Vec<Option<usize>> = vec![None; rows];
+        for (k, g) in groups.iter().enumerate() {
+            for &r in &g.rows {
+                if let Some(slot) = of_row.get_mut(r) {
+                    *slot = Some(k);
+                }
+            }
+        }
+        let mut runs: Vec<(usize, usize, Option<usize>)> = Vec::new();
+        for (r, g) in of_row.into_iter().enumerate() {
+            match runs.last_mut() {
+                Some((_, len, last)) if *last == g => *len += 1,
+                _ => runs.push((r, 1, g)),
+            }
+        }
+        Self { component, rows, groups, runs }
     }
 
     /// Every row uses `adapters` (whatever the batch size of the calls made in its scope).
@@ -582,11 +592,16 @@ impl Active {
 
     /// No adapters.
     pub fn none(component: Component) -> Self {
-        Self { component, rows: 0, groups: Vec::new() }
+        Self { component, rows: 0, groups: Vec::new(), runs: Vec::new() }
     }
 
     fn is_empty(&self) -> bool {
         self.groups.is_empty()
+    }
+
+    /// One group covering every row: applied to whole batches of any size.
+    fn is_uniform(&self) -> bool {
+        self.groups.len() == 1 && self.runs.len() == 1
     }
 }
 
@@ -621,7 +636,7 @@ pub fn with_joined_rows<R>(rows: &[usize], device: &Device, f: impl FnOnce() -> 
     let Some(cur) = current() else { return f() };
     let mut adapters: Option<Adapters> = None;
     for &r in rows {
-        let a = cur.groups.iter().find(|(g, _)| g.rows.binary_search(&r).is_ok()).map(|(g, _)| g.adapters.clone()).unwrap_or_default();
+        let a = cur.groups.iter().find(|g| g.rows.contains(&r)).map(|g| g.adapters.clone()).unwrap_or_default();
         match &adapters {
             None => adapters = Some(a),
             Some(prev) => debug_assert!(same_adapters(prev, &a), "joined rows with different adapters"),
@@ -660,41 +675,52 @@ fn apply<const D: usize>(
     cur: &Active,
     name: &str,
     x: Tensor<D>,
-    mut out: Tensor<D>,
+    out: Tensor<D>,
     delta: impl Fn(&LoraLayer, Tensor<D>) -> Option<Tensor<D>>,
 ) -> Tensor<D> {
-    let b = x.dims()[0];
-    for (g, index) in &cur.groups {
-        let layers: Vec<(&LoraLayer, f32)> =
-            g.adapters.iter().filter_map(|(l, w)| l.layer(cur.component, name).map(|ly| (ly, w * ly.scale))).collect();
-        if layers.is_empty() {
-            continue;
-        }
-        let (xs, index) = match index {
-            // Row groups apply to a batch of the context's size only (see `with_joined_rows`).
-            Some(_) if b != cur.rows => {
-                debug_assert!(false, "batch of {b} rows in a context of {}", cur.rows);
-                continue;
-            }
-            Some(ix) => (x.clone().select(0, ix.clone()), Some(ix)),
-            None => (x.clone(), None),
-        };
+    let per_group: Vec<Vec<(&LoraLayer, f32)>> = cur
+        .groups
+        .iter()
+        .map(|g| g.adapters.iter().filter_map(|(l, w)| l.layer(cur.component, name).map(|ly| (ly, w * ly.scale))).collect())
+        .collect();
+    if per_group.iter().all(Vec::is_empty) {
+        return out;
+    }
+    // Σ s·(x·A)·B of a group's adapters, in their order.
+    let sum = |layers: &[(&LoraLayer, f32)], xs: Tensor<D>| -> Option<Tensor<D>> {
         let mut sum: Option<Tensor<D>> = None;
         for (ly, s) in layers {
             let Some(d) = delta(ly, xs.clone()) else { continue };
-            let d = d * s;
+            let d = d * *s;
             sum = Some(match sum {
                 None => d,
                 Some(p) => p + d,
             });
         }
-        let Some(sum) = sum else { continue };
-        out = match index {
-            Some(ix) => out.select_assign(0, ix.clone(), sum, IndexingUpdateOp::Add),
-            None => out + sum,
+        sum
+    };
+    if cur.is_uniform() {
+        return match sum(&per_group[0], x) {
+            Some(d) => out + d,
+            None => out,
         };
     }
-    out
+    let b = x.dims()[0];
+    if b != cur.rows {
+        // Row groups apply to a batch of the context's size only (see `with_joined_rows`).
+        debug_assert!(false, "batch of {b} rows in a context of {}", cur.rows);
+        return out;
+    }
+    let mut pieces = Vec::with_capacity(cur.runs.len());
+    for &(start, len, g) in &cur.runs {
+        let o = out.clone().narrow(0, start, len);
+        let d = g.filter(|&g| !per_group[g].is_empty()).and_then(|g| sum(&per_group[g], x.clone().narrow(0, start, len)));
+        pieces.push(match d {
+            Some(d) => o + d,
+            None => o,
+        });
+    }
+    Tensor::cat(pieces, 0)
 }
 
 // ------------------------------------------------------------------------------------------
