@@ -711,16 +711,15 @@ fn apply<const D: usize>(
         debug_assert!(false, "batch of {b} rows in a context of {}", cur.rows);
         return out;
     }
-    let mut pieces = Vec::with_capacity(cur.runs.len());
+    let mut out = out;
     for &(start, len, g) in &cur.runs {
+        let Some(d) = g.filter(|&g| !per_group[g].is_empty()).and_then(|g| sum(&per_group[g], x.clone().narrow(0, start, len))) else {
+            continue;
+        };
         let o = out.clone().narrow(0, start, len);
-        let d = g.filter(|&g| !per_group[g].is_empty()).and_then(|g| sum(&per_group[g], x.clone().narrow(0, start, len)));
-        pieces.push(match d {
-            Some(d) => o + d,
-            None => o,
-        });
+        out = out.slice_assign([start..start + len], o + d);
     }
-    Tensor::cat(pieces, 0)
+    out
 }
 
 // ------------------------------------------------------------------------------------------
