@@ -101,6 +101,7 @@ fn main() {
         sp.as_secs_f64() / p.as_secs_f64()
     );
     println!("  LoRA cost in the mixed batch: {:.2}x the batch without LoRA", m.as_secs_f64() / p.as_secs_f64());
+    println!("  LoRA cost one after another:  {:.2}x the same without LoRA", s.as_secs_f64() / sp.as_secs_f64());
 
     // Memory: sessions hold LoRA names and weights only.
     let store = SessionStore::new(Duration::from_secs(3600), 1_000_000, 1_000_000);

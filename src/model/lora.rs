@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::ModelError;
 use super::weights::Weights;
@@ -555,14 +555,16 @@ pub struct Active {
     component: Component,
     rows: usize,
     groups: Vec<RowGroup>,
-    /// The batch as runs of consecutive rows `(start, len, group)`: rows of one group are
-    /// adapted run by run (views of the batch, no gathering), rows of no group are left as they are.
+    /// The batch as runs of consecutive rows `(start, len, group)`: a group's side products are
+    /// computed once over its rows and added run by run; rows of no group are left as they are.
     runs: Vec<(usize, usize, Option<usize>)>,
+    /// Per group, its rows as an index (`None` when they are one run: a view is enough).
+    gather: Vec<Option<Tensor<1, Int>>>,
 }
 
 impl Active {
     /// `groups` with no adapters (for this component) are dropped.
-    pub fn new(component: Component, rows: usize, groups: Vec<RowGroup>, _device: &Device) -> Self {
+    pub fn new(component: Component, rows: usize, groups: Vec<RowGroup>, device: &Device) -> Self {
         let groups: Vec<RowGroup> = groups
             .into_iter()
             .filter(|g| !g.adapters.is_empty() && !g.rows.is_empty() && g.adapters.iter().any(|(l, _)| l.adapts(component)))
@@ -582,7 +584,17 @@ impl Active {
                 _ => runs.push((r, 1, g)),
             }
         }
-        Self { component, rows, groups, runs }
+        let gather = (0..groups.len())
+            .map(|k| {
+                let mine: Vec<&(usize, usize, Option<usize>)> = runs.iter().filter(|r| r.2 == Some(k)).collect();
+                (mine.len() > 1).then(|| {
+                    let ids: Vec<i64> = mine.iter().flat_map(|&&(start, len, _)| (start..start + len).map(|r| r as i64)).collect();
+                    let n = ids.len();
+                    Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), device)
+                })
+            })
+            .collect();
+        Self { component, rows, groups, runs, gather }
     }
 
     /// Every row uses `adapters` (whatever the batch size of the calls made in its scope).
@@ -592,7 +604,7 @@ impl Active {
 
     /// No adapters.
     pub fn none(component: Component) -> Self {
-        Self { component, rows: 0, groups: Vec::new(), runs: Vec::new() }
+        Self { component, rows: 0, groups: Vec::new(), runs: Vec::new(), gather: Vec::new() }
     }
 
     fn is_empty(&self) -> bool {
@@ -711,11 +723,32 @@ fn apply<const D: usize>(
         debug_assert!(false, "batch of {b} rows in a context of {}", cur.rows);
         return out;
     }
+    // Each group's side products over its rows at once (gathered when they are several runs),
+    // then added to its runs in place.
+    let deltas: Vec<Option<Tensor<D>>> = per_group
+        .iter()
+        .enumerate()
+        .map(|(g, layers)| {
+            if layers.is_empty() {
+                return None;
+            }
+            let xs = match &cur.gather[g] {
+                Some(ix) => x.clone().select(0, ix.clone()),
+                None => {
+                    let &(start, len, _) = cur.runs.iter().find(|r| r.2 == Some(g))?;
+                    x.clone().narrow(0, start, len)
+                }
+            };
+            sum(layers, xs)
+        })
+        .collect();
     let mut out = out;
+    let mut offset = vec![0usize; deltas.len()];
     for &(start, len, g) in &cur.runs {
-        let Some(d) = g.filter(|&g| !per_group[g].is_empty()).and_then(|g| sum(&per_group[g], x.clone().narrow(0, start, len))) else {
-            continue;
-        };
+        let Some(g) = g else { continue };
+        let Some(d) = &deltas[g] else { continue };
+        let d = d.clone().narrow(0, offset[g], len);
+        offset[g] += len;
         let o = out.clone().narrow(0, start, len);
         out = out.slice_assign([start..start + len], o + d);
     }
