@@ -103,6 +103,13 @@ fn session_loras_change_the_images_and_match_the_library() {
         let prompts = ["a house", "a tree"];
         let a = generate(&mut c, &me, request(&plain, &prompts, 32, 4, 5)).await.expect("plain set");
         let b = generate(&mut c, &me, request(&patched.session_id, &prompts, 32, 4, 5)).await.expect("set with LoRAs");
+        let params: serde_json::Value = serde_json::from_str(&b.images[1].parameters).unwrap();
+        assert_eq!(params["loras"][0]["name"], "ink");
+        assert_eq!(params["loras"][1]["weight"].as_f64(), Some(-0.6));
+        let sha = stylealign::model::hash::sha256_file(&dir.join("paper.safetensors")).unwrap();
+        assert_eq!(params["loras"][1]["sha256"].as_str(), Some(sha.as_str()));
+        let text = Image::from_png(&pngs(&b.images)[1]).unwrap().1.into_iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert!(text.contains(&format!("Lora hashes: \"ink: ")) && text.contains(&format!("paper: {}", &sha[..10])), "{text}");
         let (a, b) = (pixels(&a.images), pixels(&b.images));
         assert_ne!(a[0], b[0], "the LoRAs change the reference too");
         assert_ne!(a[1], b[1], "the LoRAs change the target");

@@ -290,6 +290,18 @@ pub struct ImageParameters<'a> {
     /// The ControlNets on the set's targets.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub controls: &'a [ControlParameters],
+    /// The session's LoRAs.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub loras: &'a [LoraParameters],
+}
+
+/// A LoRA of an image's set, as recorded in its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LoraParameters {
+    pub name: String,
+    pub weight: f32,
+    /// SHA-256 of its file.
+    pub sha256: String,
 }
 
 /// A ControlNet of an image's set, as recorded in its parameters.

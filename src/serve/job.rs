@@ -42,7 +42,7 @@ pub struct JobSpec {
     /// The session's LoRAs (names and weights): each worker binds them to its device's loaded
     /// LoRAs when the batch starts. Not part of batch compatibility: sets with different LoRAs
     /// share a batch.
-    pub loras: Vec<super::loras::LoraWeight>,
+    pub loras: Vec<super::convert::LoraParameters>,
     /// Past it, the job stops wherever it is (queued, or running: within a step).
     pub deadline: Option<Instant>,
     /// The request's span (see [`crate::telemetry`]); the worker's spans for this set go below it.

@@ -591,7 +591,19 @@ impl Service {
             reference_sha256,
             init_images: init_recorded,
             controls: control_recorded,
-            loras: session.loras.clone(),
+            loras: session
+                .loras
+                .iter()
+                .map(|l| super::convert::LoraParameters {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                    sha256: st
+                        .loras
+                        .get()
+                        .and_then(|lib| lib.files().find(|f| f.name == l.name))
+                        .map_or(String::new(), |f| f.sha256.clone()),
+                })
+                .collect(),
             deadline,
             span: span.clone(),
             admitted,

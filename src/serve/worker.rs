@@ -268,6 +268,7 @@ fn send_images(
             size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
             init_images: &js.init_images,
             controls: &js.controls,
+            loras: &js.loras,
         };
         let parameters = serde_json::to_string(&params).expect("parameters serialize");
         let png = img.to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);
