@@ -80,6 +80,19 @@ fn list_loras_shows_family_format_and_fitting_models() {
         assert_eq!(broken.family, pb::Family::Unspecified as i32);
         assert!(broken.models.is_empty() && !broken.problems.is_empty());
         assert_eq!(list.cache_budget_bytes, ServeConfig::default().lora_cache_bytes);
+
+        // The HTTP/JSON route.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        let req = format!("GET /v1/loras HTTP/1.1\r\nHost: {}\r\nx-client-id: web\r\nConnection: close\r\n\r\n", server.addr());
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).to_string();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let body: serde_json::Value = serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(body["loras"][1]["name"], "ink");
+        assert_eq!(body["loras"][1]["models"][0], "tiny");
         server.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
     });
