@@ -122,7 +122,7 @@ fn session_loras_change_the_images_and_match_the_library() {
         let sha = stylealign::model::hash::sha256_file(&dir.join("paper.safetensors")).unwrap();
         assert_eq!(params["loras"][1]["sha256"].as_str(), Some(sha.as_str()));
         let text = Image::from_png(&pngs(&b.images)[1]).unwrap().1.into_iter().find(|(k, _)| k == "parameters").unwrap().1;
-        assert!(text.contains(&format!("Lora hashes: \"ink: ")) && text.contains(&format!("paper: {}", &sha[..10])), "{text}");
+        assert!(text.contains("Lora hashes: \"ink: ") && text.contains(&format!("paper: {}", &sha[..10])), "{text}");
         let (a, b) = (pixels(&a.images), pixels(&b.images));
         assert_ne!(a[0], b[0], "the LoRAs change the reference too");
         assert_ne!(a[1], b[1], "the LoRAs change the target");

@@ -750,7 +750,7 @@ fn apply<const D: usize>(
         let d = d.clone().narrow(0, offset[g], len);
         offset[g] += len;
         let o = out.clone().narrow(0, start, len);
-        out = out.slice_assign([start..start + len], o + d);
+        out = out.slice_assign(burn::tensor::s![start..start + len], o + d);
     }
     out
 }
