@@ -2,7 +2,8 @@
 //! and the models it fits; a session's LoRAs change its images, which equal the library's with
 //! the same LoRAs; sessions with different LoRAs share one batch and get the images they get
 //! alone; bad LoRAs (unknown, another family, malformed file, bad weight, over the cache budget)
-//! are refused naming the field.
+//! are refused naming the field; the cache shares, evicts least recently used unheld LoRAs and
+//! refuses what a running batch's LoRAs leave no room for.
 
 mod service_common;
 
@@ -227,4 +228,45 @@ fn bad_loras_are_refused_naming_the_field() {
         server.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
     });
+}
+
+/// The cache loads a LoRA once per model and device, evicts the least recently used LoRA that no
+/// batch holds to make room, and refuses (naming the LoRA) when the room is held by a batch.
+#[test]
+fn the_lora_cache_evicts_least_recently_used_unheld_loras() {
+    use stylealign::serve::loras::{LoraError, LoraLibrary};
+    let dir = lora_dir("cache");
+    let pipe = tiny_pipeline(&device()).unwrap();
+    let probe = LoraLibrary::open(&dir, &[("tiny".to_string(), pipe.clone())], u64::MAX).unwrap();
+    let one = probe.files().find(|f| f.name == "ink").unwrap().summary().unwrap().bytes;
+    // Room for one of the two (same size) LoRAs.
+    let lib = LoraLibrary::open(&dir, &[("tiny".to_string(), pipe.clone())], one + one / 2).unwrap();
+    let ink = lib.get("tiny", &pipe, "ink").unwrap();
+    let again = lib.get("tiny", &pipe, "ink").unwrap();
+    assert!(Arc::ptr_eq(&ink, &again), "loaded once, shared");
+    assert_eq!(lib.stats().loads, 1);
+    // `ink` is held (a running batch): `paper` does not fit beside it.
+    match lib.get("tiny", &pipe, "paper") {
+        Err(e @ LoraError::Busy { .. }) => assert!(e.to_string().contains("\"paper\""), "{e}"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    drop((ink, again));
+    // No longer held: evicted for `paper`.
+    let paper = lib.get("tiny", &pipe, "paper").unwrap();
+    let s = lib.stats();
+    assert_eq!((s.resident, s.loads, s.evictions), (1, 2, 1));
+    assert_eq!(s.resident_bytes, paper.bytes);
+    // A LoRA loaded for another model is refused by the pipeline, naming it.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens");
+    let sd15 = stylealign::pipeline::Pipeline::load(&golden.join("tiny_sd15"), &device()).unwrap();
+    let foreign = Arc::new(sd15.load_lora("sd15_kohya", &golden.join("loras/sd15_kohya.safetensors")).unwrap());
+    let set = SetSpec { prompts: vec!["a".into()], loras: vec![(foreign, 1.0)], ..Default::default() };
+    match pipe.validate(&BatchSpec::patched(32, 2, 7.5, SamplerKind::Ddim), &[set]) {
+        Err(stylealign::pipeline::PipelineError::Invalid { field, message }) => {
+            assert_eq!(field, "loras[0]", "{message}");
+            assert!(message.contains("another model"), "{message}");
+        }
+        other => panic!("expected an invalid loras[0], got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

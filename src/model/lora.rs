@@ -74,6 +74,23 @@ pub struct Targets<'a> {
     pub layers_per_block: &'a [usize],
 }
 
+impl Targets<'_> {
+    /// A hash of every layer's component, name and shape (and `layers_per_block`).
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (k, index) in [Some(self.unet), Some(self.text_encoder), self.text_encoder_2].into_iter().enumerate() {
+            k.hash(&mut h);
+            for (name, shape) in index.map(|i| &i.layers).into_iter().flatten() {
+                name.hash(&mut h);
+                format!("{shape:?}").hash(&mut h);
+            }
+        }
+        self.layers_per_block.hash(&mut h);
+        h.finish()
+    }
+}
+
 /// The file format of a LoRA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraFormat {
@@ -157,6 +174,8 @@ pub struct Lora {
     /// Bytes its tensors take in memory (f32).
     pub bytes: u64,
     layers: HashMap<(Component, String), LoraLayer>,
+    /// [`Targets::fingerprint`] of the model it was resolved against.
+    targets: u64,
 }
 
 impl PartialEq for Lora {
@@ -402,7 +421,8 @@ impl Lora {
                 layers.insert((comp, module), LoraLayer { delta, scale, rank: layer_rank });
             }
         }
-        Ok((Self { name: name.to_string(), path: path.to_path_buf(), format, rank, bytes, layers }, count))
+        let fingerprint = targets.fingerprint();
+        Ok((Self { name: name.to_string(), path: path.to_path_buf(), format, rank, bytes, layers, targets: fingerprint }, count))
     }
 
     /// Checks `path` against `targets` from its header (and alphas) without reading the
@@ -410,6 +430,12 @@ impl Lora {
     pub fn inspect(path: &Path, targets: &Targets, device: &Device) -> Result<LoraSummary, ModelError> {
         let (l, layers) = Self::load_impl("", path, targets, device, false)?;
         Ok(LoraSummary { format: l.format, rank: l.rank, bytes: l.bytes, layers })
+    }
+
+    /// Whether it was resolved against a model with these layers (a LoRA used with another model
+    /// would name layers it does not have, or misfit their shapes).
+    pub fn resolved_for(&self, targets: &Targets) -> bool {
+        self.targets == targets.fingerprint()
     }
 
     /// The adapted layer `name` of `component`, if any.

@@ -495,6 +495,17 @@ impl Pipeline {
         for set in sets {
             self.validate_controls(set)?;
         }
+        let targets = self.lora_targets();
+        for set in sets {
+            for (k, (l, w)) in set.loras.iter().enumerate() {
+                if !l.resolved_for(&targets) {
+                    return Err(invalid(&format!("loras[{k}]"), format!("LoRA {} was loaded for another model", l.name)));
+                }
+                if !w.is_finite() {
+                    return Err(invalid(&format!("loras[{k}].weight"), format!("{w} is not a number")));
+                }
+            }
+        }
         Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps).map_err(|e| match e {
             ModelError::Input { field, message } => invalid(&field, message),
             other => PipelineError::Model(other),
