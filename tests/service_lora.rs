@@ -270,3 +270,27 @@ fn the_lora_cache_evicts_least_recently_used_unheld_loras() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A session with LoRAs adopted from its token by a replica that does not serve them: Generate is
+/// INVALID_ARGUMENT naming `session_id` and the LoRA, before anything is queued.
+#[test]
+fn a_replica_without_the_sessions_lora_refuses_naming_it() {
+    run(Duration::from_secs(120), || async {
+        use stylealign::serve::session::SessionSecret;
+        let secret = || Some(SessionSecret::new(b"lora-replica-test-secret-0123456789abcdefghij").unwrap());
+        let dir = lora_dir("replica");
+        let a = start(ServeConfig { session_secret: secret(), ..lora_config(&dir) }).await;
+        let b = start(ServeConfig { session_secret: secret(), warmup: false, ..test_config() }).await;
+        let me = Identity::client("lora-replica");
+        let mut ca = connect(&a).await;
+        let s = session(&mut ca, &me, with_loras(&[("ink", 0.5)])).await;
+        let mut cb = connect(&b).await;
+        let err = generate(&mut cb, &me, request(&s, &["a hill"], 32, 2, 1)).await.expect_err("no such LoRA here");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("session_id") && err.message().contains("\"ink\""), "{}", err.message());
+        generate(&mut ca, &me, request(&s, &["a hill"], 32, 2, 1)).await.expect("the replica with the LoRA runs it");
+        a.shutdown().await;
+        b.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}

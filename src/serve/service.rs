@@ -529,6 +529,17 @@ impl Service {
         let model = st
             .model(&session.model)
             .ok_or_else(|| errors::error(Reason::ModelNotLoaded, format!("the session's model {:?} is no longer loaded", session.model)))?;
+        // A session adopted from its token on a replica that serves other LoRAs.
+        for l in &session.loras {
+            let served = st
+                .loras
+                .get()
+                .ok_or_else(|| LoraError::Unknown(l.name.clone()))
+                .and_then(|lib| lib.check(&model.name, &l.name).map(|_| ()));
+            if let Err(e) = served {
+                return Err(FieldError::new("session_id", format!("the session's LoRA cannot be used on this server: {e}")).status());
+            }
+        }
         let facts = ModelFacts {
             native_size: model.native_size,
             size_multiple: model.size_multiple,
