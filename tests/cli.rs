@@ -383,6 +383,9 @@ mod refusing {
         async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
             Err(refusal())
         }
+        async fn list_loras(&self, _: Request<pb::ListLorasRequest>) -> Result<Response<pb::ListLorasResponse>, Status> {
+            Err(refusal())
+        }
     }
 
     /// Serves on a free loopback port from a background thread; returns the address.
@@ -534,4 +537,38 @@ fn style_window_and_levels_from_flags() {
         assert!(text(&o.stderr).contains(flag), "{flag} {value}: {}", text(&o.stderr));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `serve --lora-dir` and `generate --lora NAME[:WEIGHT]`: the images record the LoRAs with their
+/// weights (a negative one too), and an unknown LoRA is refused naming the field.
+#[test]
+fn generate_with_loras_from_the_lora_dir() {
+    use stylealign::model::lora::{LoraFormat, synthetic_file};
+    let dir = temp_dir("loras");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dev = stylealign::device::open(&stylealign::device::DeviceSpec::Cpu).unwrap();
+    let pipe = stylealign::pipeline::tiny::tiny_pipeline(&dev).unwrap();
+    std::fs::write(dir.join("ink.safetensors"), synthetic_file(&pipe.lora_targets(), LoraFormat::Kohya, 3, 4, 1.0)).unwrap();
+    std::fs::write(dir.join("paper.safetensors"), synthetic_file(&pipe.lora_targets(), LoraFormat::Peft, 4, 4, 1.0)).unwrap();
+    let server = Server::spawn_with(&["--lora-dir", dir.to_str().unwrap(), "--lora-cache-mb", "64"]);
+    let out = temp_dir("loras-out");
+    let o = generate(&server, &out, &["--lora", "ink:0.8", "--lora", "paper:-0.5"]);
+    assert!(o.status.success(), "stderr: {}", text(&o.stderr));
+    assert_clean(&o);
+    let first = text(&o.stdout).lines().next().unwrap().to_string();
+    let png = std::fs::read(first.trim()).unwrap();
+    let (_, chunks) = stylealign::pipeline::Image::from_png(&png).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&chunks.iter().find(|(k, _)| k == "stylealign").unwrap().1).unwrap();
+    assert_eq!(json["loras"][0]["name"], "ink");
+    assert_eq!(json["loras"][0]["weight"].as_f64(), Some(0.8));
+    assert_eq!(json["loras"][1]["name"], "paper");
+    assert_eq!(json["loras"][1]["weight"].as_f64(), Some(-0.5));
+    let bad = generate(&server, &out, &["--lora", "nope"]);
+    assert!(!bad.status.success());
+    let err = text(&bad.stderr);
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("loras[0].name") && err.contains("unknown LoRA"), "{err}");
+    assert_clean(&bad);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&out);
 }

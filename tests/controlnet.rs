@@ -300,6 +300,40 @@ fn controlled_and_plain_sets_batched_equal_running_alone() {
     }
 }
 
+/// Sets with ControlNets and different LoRAs share a batch and get the images they get alone: the
+/// LoRAs act on the UNet only (the ControlNet, with the UNet's layer names, never sees them).
+#[test]
+fn controlled_sets_with_different_loras_batched_equal_running_alone() {
+    use stylealign::model::lora::{LoraFormat, synthetic_file};
+    let dev = Device::flex();
+    let pipe = tiny_pipeline(&dev).unwrap();
+    let net = Arc::new(tiny_controlnet(&dev).unwrap());
+    let dir = scratch("loras");
+    let mut loras = Vec::new();
+    for (k, format) in [LoraFormat::Kohya, LoraFormat::Peft].into_iter().enumerate() {
+        let path = dir.join(format!("l{k}.safetensors"));
+        std::fs::write(&path, synthetic_file(&pipe.lora_targets(), format, 60 + k as u64, 4, 1.0)).unwrap();
+        loras.push(Arc::new(pipe.load_lora(&format!("l{k}"), &path).unwrap()));
+    }
+    let mut a = plain_set(&["a lighthouse, linocut", "a fox, linocut"], 31);
+    a.controls.push(control(net.clone(), vec![gradient(32, 32)], 1.0, 0.0, 1.0));
+    a.loras = vec![(loras[0].clone(), 0.9)];
+    let mut b_set = plain_set(&["a tree, watercolor", "a house, watercolor"], 32);
+    b_set.controls.push(control(net.clone(), vec![gradient(20, 36)], 0.6, 0.2, 1.0));
+    b_set.loras = vec![(loras[1].clone(), -0.7)];
+    let c = plain_set(&["a cat, ink", "a dog, ink"], 33);
+    let sets = [a.clone(), b_set, c];
+    let b = batch(SamplerKind::Ddim);
+    let together = run(&pipe, &b, &sets);
+    for (k, s) in sets.iter().enumerate() {
+        let alone = run(&pipe, &b, std::slice::from_ref(s)).remove(0);
+        assert!(alone == together[k], "set {k} batched differs from running alone");
+    }
+    a.loras.clear();
+    assert_ne!(run(&pipe, &b, &[a]).remove(0), together[0], "the LoRA changes the controlled set");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_controls_name_the_field() {
     let dev = Device::flex();

@@ -139,6 +139,7 @@ fn forged_ids_and_tokens_are_refused() {
                 model: "tiny".into(),
                 patch: Default::default(),
                 scope: Default::default(),
+                loras: Vec::new(),
                 owner: other.owner_tag("alice"),
                 iat: 0,
                 idle_ms: 60_000,

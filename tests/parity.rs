@@ -8,6 +8,8 @@ mod common;
 mod parity_controlnet;
 #[path = "parity/img2img.rs"]
 mod parity_img2img;
+#[path = "parity/lora.rs"]
+mod parity_lora;
 #[path = "parity/sampler.rs"]
 mod parity_sampler;
 #[path = "parity/single_file.rs"]
@@ -512,6 +514,7 @@ fn sdxl_pipe_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             replay: None,
             entries: Vec::new(),
             controls: Vec::new(),
+            loras: Vec::new(),
         };
         let (fin, steps_x) = denoise_recording(&pipe, &batch, &mut sampler, state());
         let golden_steps = g.get(&format!("{p}latents_steps"));
@@ -586,6 +589,7 @@ fn inversion_file(dir: &Path, g: &Golden, t: &mut FileTally, device: &Device) {
             replay: Some(ReferenceReplay { zts: zts.clone(), offset }),
             entries: Vec::new(),
             controls: Vec::new(),
+            loras: Vec::new(),
         };
         let batch = BatchSpec {
             width: w,
@@ -655,6 +659,7 @@ fn parity() {
             }
             "controlnet_pipe" => parity_controlnet::controlnet_pipe_file(&dir, &g, &mut t, &device),
             "single_file" => parity_single_file::single_file_file(&dir, &g, &mut t, &device),
+            "lora" => parity_lora::lora_file(&dir, &g, &mut t, &device),
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(

@@ -198,6 +198,7 @@ fn session_from_one_replica_works_on_another() {
             model: "tiny".into(),
             patch: StyleAligned::default(),
             scope: Default::default(),
+            loras: Vec::new(),
             owner: key.owner_tag("alice"),
             iat: now - 7200,
             idle_ms: 60_000,

@@ -63,6 +63,11 @@ pub struct SetArgs {
     /// `down.2:gain=0.5,norm=off`). Repeat the flag, once per level.
     #[arg(long, value_name = "LEVEL[:OPTS]", value_parser = parse_style_level)]
     pub style_level: Vec<pb::LevelOptions>,
+    /// A LoRA of the server's LoRA folder (see `ListLoras`) and its weight: `NAME[:WEIGHT]`
+    /// (weight 1 when left out; negative weights allowed, e.g. `detail:-0.5`). Repeat the flag,
+    /// once per LoRA.
+    #[arg(long = "lora", value_name = "NAME[:WEIGHT]", value_parser = parse_lora, allow_hyphen_values = true)]
+    pub loras: Vec<pb::LoraWeight>,
     /// A PNG or JPEG to use as the set's style reference (real-image mode; every prompt is then
     /// a target). Needs `--reference-caption` and the ddim sampler.
     #[arg(long)]
@@ -129,6 +134,7 @@ impl SetArgs {
             advanced: None,
             window: self.style_window,
             levels: self.style_level.clone(),
+            loras: self.loras.clone(),
         }
     }
 
@@ -186,6 +192,18 @@ pub fn parse_style_window(s: &str) -> Result<pb::StepWindow, String> {
     let (a, b) = s.split_once(',').ok_or_else(|| format!("expected START,END (e.g. 0,0.6), got {s:?}"))?;
     let num = |v: &str| v.trim().parse::<f32>().map_err(|_| format!("{v:?} is not a number"));
     Ok(pb::StepWindow { start: Some(num(a)?), end: Some(num(b)?) })
+}
+
+/// `--lora NAME[:WEIGHT]` (weight 1 when left out).
+pub fn parse_lora(s: &str) -> Result<pb::LoraWeight, String> {
+    let (name, weight) = match s.rsplit_once(':') {
+        Some((n, w)) => (n, w.trim().parse::<f32>().map_err(|_| format!("weight {w:?} is not a number (expected NAME[:WEIGHT])"))?),
+        None => (s, 1.0),
+    };
+    if name.is_empty() {
+        return Err(format!("expected NAME[:WEIGHT] (e.g. ink:0.8), got {s:?}"));
+    }
+    Ok(pb::LoraWeight { name: name.to_string(), weight })
 }
 
 /// `--style-level NAME[:OPT,...]` (OPT: `off`, `on`, `gain=X`, `norm=on|off`, `attn=on|off`);

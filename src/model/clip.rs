@@ -111,6 +111,8 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
+    /// The layers a LoRA can adapt (the encoder layers' projections and MLPs).
+    lora_layers: std::sync::Arc<super::lora::LayerIndex>,
 }
 
 impl ClipTextModel {
@@ -147,12 +149,18 @@ impl ClipTextModel {
             w.read_f32(&pos_ids_key, &shape).ok();
         }
         let final_layer_norm = LayerNorm::load(w, &format!("{p}.final_layer_norm"), d, eps)?;
+        let lora_layers = std::sync::Arc::new(w.layer_index());
         let text_projection = match config.projection_dim {
             Some(pd) => Some(Linear::load(w, "text_projection", d, pd, false)?),
             None => None,
         };
         w.finish()?;
-        Ok(Self { config, token_embedding, position_embedding, layers, final_layer_norm, text_projection })
+        Ok(Self { config, token_embedding, position_embedding, layers, final_layer_norm, text_projection, lora_layers })
+    }
+
+    /// The layers a LoRA can adapt, by transformers module name.
+    pub fn lora_layers(&self) -> &super::lora::LayerIndex {
+        &self.lora_layers
     }
 
     /// Encodes token ids (B rows of equal length ≤ max_position_embeddings).

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod config;
 pub mod controlnet;
 pub mod hash;
+pub mod lora;
 pub mod nn;
 pub mod single_file;
 pub mod stop;
@@ -49,6 +50,9 @@ pub enum ModelError {
     ExtraTensors { file: PathBuf, keys: Vec<String> },
     #[error("invalid input `{field}`: {message}")]
     Input { field: String, message: String },
+    /// A LoRA file that cannot be used with the model it is resolved against.
+    #[error("LoRA {file}: {message}")]
+    Lora { file: PathBuf, message: String },
     /// A stop check installed with [`stop::scoped`] fired.
     #[error("stopped")]
     Stopped,

@@ -9,33 +9,44 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 
+use std::sync::Arc;
+
 use super::ModelError;
+use super::lora::{self, LayerShape};
 use super::weights::Weights;
 
 fn key(prefix: &str, name: &str) -> String {
     if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") }
 }
 
-/// `nn.Linear`; the weight is kept as `[in, out]`.
+/// `nn.Linear`; the weight is kept as `[in, out]`. `name` (its module name) is how active LoRAs
+/// find their adapter of it ([`super::lora`]).
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
+    pub name: Arc<str>,
 }
 
 impl Linear {
     pub fn load(w: &Weights, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Self, ModelError> {
         let weight = w.linear_weight(&key(prefix, "weight"), d_out, d_in)?;
         let bias = if bias { Some(w.tensor(&key(prefix, "bias"), [d_out])?) } else { None };
-        Ok(Self { weight, bias })
+        w.record_layer(prefix, LayerShape::Linear { d_in, d_out });
+        Ok(Self { weight, bias, name: Arc::from(prefix) })
     }
 
     pub fn d_out(&self) -> usize {
         self.weight.dims()[1]
     }
 
+    /// `x·W + b`, plus the side products of the active LoRAs that adapt this layer.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        burn::tensor::module::linear(x, self.weight.clone(), self.bias.clone())
+        if !lora::active() {
+            return burn::tensor::module::linear(x, self.weight.clone(), self.bias.clone());
+        }
+        let out = burn::tensor::module::linear(x.clone(), self.weight.clone(), self.bias.clone());
+        lora::add_linear(&self.name, x, out)
     }
 }
 
@@ -46,6 +57,8 @@ pub struct Conv2d {
     pub bias: Option<Tensor<1>>,
     pub stride: usize,
     pub padding: usize,
+    /// The module name (see [`Linear`]).
+    pub name: Arc<str>,
 }
 
 impl Conv2d {
@@ -61,16 +74,18 @@ impl Conv2d {
     ) -> Result<Self, ModelError> {
         let weight = w.tensor(&key(prefix, "weight"), [c_out, c_in, kernel, kernel])?;
         let bias = Some(w.tensor(&key(prefix, "bias"), [c_out])?);
-        Ok(Self { weight, bias, stride, padding })
+        w.record_layer(prefix, LayerShape::Conv { c_in, c_out, kernel, stride, padding });
+        Ok(Self { weight, bias, stride, padding, name: Arc::from(prefix) })
     }
 
+    /// The convolution, plus the side products of the active LoRAs that adapt this layer.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv2d(
-            x,
-            self.weight.clone(),
-            self.bias.clone(),
-            ConvOptions::new([self.stride, self.stride], [self.padding, self.padding], [1, 1], 1),
-        )
+        let options = ConvOptions::new([self.stride, self.stride], [self.padding, self.padding], [1, 1], 1);
+        if !lora::active() {
+            return conv2d(x, self.weight.clone(), self.bias.clone(), options);
+        }
+        let out = conv2d(x.clone(), self.weight.clone(), self.bias.clone(), options);
+        lora::add_conv(&self.name, x, out)
     }
 }
 

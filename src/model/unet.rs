@@ -6,6 +6,7 @@
 //! model itself holds weights only, so a patched model is the same `UNet` plus a hooks value.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::interpolate;
@@ -752,6 +753,8 @@ pub struct UNet {
     conv_out: Conv2d,
     self_attention_layers: usize,
     group_norms: usize,
+    /// The layers a LoRA can adapt.
+    lora_layers: Arc<crate::model::lora::LayerIndex>,
 }
 
 impl UNet {
@@ -823,7 +826,8 @@ impl UNet {
         w.finish()?;
 
         let self_attention_layers = layer_counter + DownHalf::mid_self_attention_layers(cfg);
-        let mut unet = Self { config, half, up, conv_norm_out, conv_out, self_attention_layers, group_norms: 0 };
+        let lora_layers = Arc::new(w.layer_index());
+        let mut unet = Self { config, half, up, conv_norm_out, conv_out, self_attention_layers, group_norms: 0, lora_layers };
         unet.group_norms = unet.count_group_norms();
         Ok(unet)
     }
@@ -832,6 +836,11 @@ impl UNet {
         let resnets = self.half.resnets() + self.up.iter().map(|b| b.resnets.len()).sum::<usize>();
         let transformers = self.half.transformers() + self.up.iter().map(|b| b.attentions.len()).sum::<usize>();
         2 * resnets + transformers + 1
+    }
+
+    /// The layers a LoRA can adapt, by diffusers module name.
+    pub fn lora_layers(&self) -> &crate::model::lora::LayerIndex {
+        &self.lora_layers
     }
 
     /// Number of self-attention layers (the length of a per-layer switch vector).

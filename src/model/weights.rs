@@ -77,6 +77,8 @@ pub struct Weights {
     layout: Option<LayoutMap>,
     /// Which stored tensors [`Weights::finish`] expects to be used (`None`: all of them).
     scope: Option<Scope>,
+    /// The layers built from these weights that a LoRA can adapt, by module name.
+    layers: Mutex<super::lora::LayerIndex>,
 }
 
 /// How a requested tensor is stored: under `key`, optionally as block `part.0` of `part.1` equal
@@ -181,6 +183,7 @@ impl Weights {
             names: None,
             layout: None,
             scope: None,
+            layers: Mutex::default(),
         })
     }
 
@@ -204,6 +207,7 @@ impl Weights {
             names: None,
             layout: None,
             scope: None,
+            layers: Mutex::default(),
         }
     }
 
@@ -244,6 +248,16 @@ impl Weights {
         let s = self.stored_as(key);
         let shape = self.tensors.get(&s.key)?.shape.clone();
         Some(effective_shape(&shape, &s).unwrap_or(shape))
+    }
+
+    /// Records a layer built from these weights (see [`super::lora`]).
+    pub fn record_layer(&self, name: &str, shape: super::lora::LayerShape) {
+        self.layers.lock().expect("weights lock").layers.insert(name.to_string(), shape);
+    }
+
+    /// The layers recorded so far.
+    pub fn layer_index(&self) -> super::lora::LayerIndex {
+        self.layers.lock().expect("weights lock").clone()
     }
 
     /// The stored keys, in order.

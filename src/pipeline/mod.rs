@@ -22,6 +22,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::model::ModelError;
 use crate::model::clip::ClipTextModel;
+use crate::model::lora::{self, Active, Adapters, Component, Lora, RowGroup, Targets};
 use crate::model::tokenizer::{ClipTokenizer, PadMode};
 use crate::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
 use crate::model::vae::Vae;
@@ -97,6 +98,10 @@ pub struct SetSpec {
     pub init_images: Vec<(usize, img2img::InitImage)>,
     /// ControlNets on the set's targets (none: plain generation); see [`ControlSpec`].
     pub controls: Vec<ControlSpec>,
+    /// LoRAs of the set with their weights (resolved against this model, see
+    /// [`Pipeline::load_lora`]): its text encoding, every UNet row of the set (reference
+    /// included) and a reference image's inversion use them.
+    pub loras: Adapters,
 }
 
 /// What the sets of one batch share.
@@ -192,6 +197,8 @@ pub struct SetState {
     pub entries: Vec<img2img::Entry>,
     /// ControlNets on the target rows (every row but row 0).
     pub controls: Vec<SetControl>,
+    /// The set's LoRAs: its UNet rows use them.
+    pub loras: Adapters,
 }
 
 impl SetState {
@@ -345,6 +352,21 @@ impl Pipeline {
         &self.inner.scheduler
     }
 
+    /// What a LoRA file is resolved against: this model's adaptable layers.
+    pub fn lora_targets(&self) -> Targets<'_> {
+        Targets {
+            unet: self.inner.unet.lora_layers(),
+            text_encoder: self.inner.text_encoder.lora_layers(),
+            text_encoder_2: self.inner.text_encoder_2.as_ref().map(|t| t.lora_layers()),
+            layers_per_block: &self.inner.unet.config.layers_per_block,
+        }
+    }
+
+    /// Reads a LoRA file for this model (an error when it does not fit the model).
+    pub fn load_lora(&self, name: &str, path: &Path) -> Result<Lora, ModelError> {
+        Lora::load(name, path, &self.lora_targets(), &self.inner.device)
+    }
+
     /// Pixels per latent cell.
     pub fn pixel_factor(&self) -> usize {
         self.inner.vae.config.downscale()
@@ -378,10 +400,23 @@ impl Pipeline {
     /// pooled embeddings (B, P). SD1/SD2 use the last hidden state; SDXL the penultimate hidden
     /// states of both encoders, concatenated.
     pub fn encode_ids(&self, ids: &[Vec<u32>], ids_2: Option<&[Vec<u32>]>) -> Result<(Tensor<3>, Option<Tensor<2>>), PipelineError> {
-        let out = self.inner.text_encoder.forward(ids)?;
+        self.encode_ids_with(ids, ids_2, &Vec::new())
+    }
+
+    /// [`encode_ids`](Self::encode_ids) with LoRAs on the text encoders.
+    pub fn encode_ids_with(
+        &self,
+        ids: &[Vec<u32>],
+        ids_2: Option<&[Vec<u32>]>,
+        adapters: &Adapters,
+    ) -> Result<(Tensor<3>, Option<Tensor<2>>), PipelineError> {
+        let dev = &self.inner.device;
+        let te1 = Active::uniform(Component::TextEncoder, ids.len(), adapters.clone(), dev);
+        let out = lora::scoped(te1, || self.inner.text_encoder.forward(ids))?;
         match (&self.inner.text_encoder_2, ids_2) {
             (Some(te2), Some(ids_2)) => {
-                let out2 = te2.forward(ids_2)?;
+                let active = Active::uniform(Component::TextEncoder2, ids_2.len(), adapters.clone(), dev);
+                let out2 = lora::scoped(active, || te2.forward(ids_2))?;
                 let ehs = Tensor::cat(vec![out.penultimate_hidden_state, out2.penultimate_hidden_state], 2);
                 let pooled = out2.text_embeds.ok_or_else(|| invalid("model", "text_encoder_2 has no text_projection"))?;
                 Ok((ehs, Some(pooled)))
@@ -394,8 +429,13 @@ impl Pipeline {
     /// Conditioning of prompts; `zero_if_empty` gives zeros for empty prompts (SDXL's
     /// `force_zeros_for_empty_prompt` for the negative prompt).
     pub fn encode_prompts(&self, prompts: &[&str], zero_if_empty: bool) -> Result<TextCond, PipelineError> {
+        self.encode_prompts_with(prompts, zero_if_empty, &Vec::new())
+    }
+
+    /// [`encode_prompts`](Self::encode_prompts) with LoRAs on the text encoders.
+    pub fn encode_prompts_with(&self, prompts: &[&str], zero_if_empty: bool, adapters: &Adapters) -> Result<TextCond, PipelineError> {
         let (ids, ids_2) = self.tokenize(prompts);
-        let (mut hidden, mut pooled) = self.encode_ids(&ids, ids_2.as_deref())?;
+        let (mut hidden, mut pooled) = self.encode_ids_with(&ids, ids_2.as_deref(), adapters)?;
         if zero_if_empty {
             let [b, l, d] = hidden.dims();
             let mask: Vec<f32> = prompts.iter().map(|p| if p.is_empty() { 0.0 } else { 1.0 }).collect();
@@ -414,6 +454,11 @@ impl Pipeline {
     /// Conditioning of a set's negative prompt, repeated per row: SDXL with
     /// `force_zeros_for_empty_prompt` gives zeros for an empty negative prompt.
     pub fn encode_negative(&self, negative_prompt: &str, rows: usize) -> Result<TextCond, PipelineError> {
+        self.encode_negative_with(negative_prompt, rows, &Vec::new())
+    }
+
+    /// [`encode_negative`](Self::encode_negative) with LoRAs on the text encoders.
+    pub fn encode_negative_with(&self, negative_prompt: &str, rows: usize, adapters: &Adapters) -> Result<TextCond, PipelineError> {
         let zero = self.inner.family == Family::Sdxl && self.inner.force_zeros_for_empty_prompt;
         if zero && negative_prompt.is_empty() {
             // Nothing is encoded: zeros of the conditioning's shape.
@@ -424,7 +469,7 @@ impl Pipeline {
             let dev = &self.inner.device;
             return Ok(TextCond { hidden: Tensor::zeros([rows, len, dim], dev), pooled: pooled.map(|p| Tensor::zeros([rows, p], dev)) });
         }
-        let one = self.encode_prompts(&[negative_prompt], false)?;
+        let one = self.encode_prompts_with(&[negative_prompt], false, adapters)?;
         Ok(one.repeat(rows))
     }
 
@@ -450,6 +495,17 @@ impl Pipeline {
         }
         for set in sets {
             self.validate_controls(set)?;
+        }
+        let targets = self.lora_targets();
+        for set in sets {
+            for (k, (l, w)) in set.loras.iter().enumerate() {
+                if !l.resolved_for(&targets) {
+                    return Err(invalid(&format!("loras[{k}]"), format!("LoRA {} was loaded for another model", l.name)));
+                }
+                if !w.is_finite() {
+                    return Err(invalid(&format!("loras[{k}].weight"), format!("{w} is not a number")));
+                }
+            }
         }
         Sampler::new(batch.sampler, &self.inner.scheduler, batch.steps).map_err(|e| match e {
             ModelError::Input { field, message } => invalid(&field, message),
@@ -526,8 +582,8 @@ impl Pipeline {
             prompts.insert(0, r.caption.as_str());
         }
         let rows = prompts.len();
-        let cond = self.encode_prompts(&prompts, false)?;
-        let uncond = self.encode_negative(&set.negative_prompt, rows)?;
+        let cond = self.encode_prompts_with(&prompts, false, &set.loras)?;
+        let uncond = self.encode_negative_with(&set.negative_prompt, rows, &set.loras)?;
         let noise = gaussian_tensor(set.seed, INITIAL, [rows, c, h, w], &self.inner.device);
         let skip = usize::from(set.reference.is_some());
         let inits: Vec<(usize, &img2img::InitImage)> = set.init_images.iter().map(|(p, init)| (p + skip, init)).collect();
@@ -535,14 +591,14 @@ impl Pipeline {
         let mut x = noise * sampler.init_noise_sigma();
         let replay = match &set.reference {
             Some(r) => {
-                let zts = self.inverted_trajectory(r, batch)?;
+                let zts = self.inverted_trajectory(r, batch, &set.loras)?;
                 x = Tensor::cat(vec![zts[r.offset].clone(), x.narrow(0, 1, rows - 1)], 0);
                 Some(ReferenceReplay { zts, offset: r.offset })
             }
             None => None,
         };
         let controls = self.prepare_controls(set, batch)?;
-        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay, entries, controls })
+        Ok(SetState { set: index, seed: set.seed, x, uncond, cond, replay, entries, controls, loras: set.loras.clone() })
     }
 
     /// Runs the sampler over the live sets (one UNet batch per step: all sets' unconditional rows,
@@ -636,7 +692,11 @@ impl Pipeline {
             let all_stopped = stop.clone();
             let eps = crate::model::stop::scoped(Rc::new(move || ids.iter().all(|&s| all_stopped(s))), || {
                 let residuals = self.control_residuals(&live, &x_in, t, &cond, i, n)?;
-                guided_output_with(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks, residuals.as_ref())
+                // Each set's LoRAs on its own rows (both CFG halves); only around the UNet.
+                let active = unet_adapters(&live, dev);
+                lora::scoped(active, || {
+                    guided_output_with(&self.inner.unet, x_in, t, &cond, batch.guidance, step_hooks, residuals.as_ref())
+                })
             });
             let eps = match eps {
                 Ok(eps) => eps,
@@ -681,6 +741,23 @@ impl Pipeline {
         let img = vae.decode(z)?;
         Ok(Image::from_tensor(img))
     }
+}
+
+/// The UNet's adapters for a step of `live`: rows `[uncond of every set, cond of every set]`,
+/// each set's rows in both halves use its LoRAs.
+fn unet_adapters(live: &[SetState], device: &Device) -> Active {
+    let half: usize = live.iter().map(SetState::rows).sum();
+    let mut groups = Vec::new();
+    let mut offset = 0;
+    for l in live {
+        let rows = l.rows();
+        if !l.loras.is_empty() {
+            let rows: Vec<usize> = (offset..offset + rows).chain(half + offset..half + offset + rows).collect();
+            groups.push(RowGroup { rows, adapters: l.loras.clone() });
+        }
+        offset += rows;
+    }
+    Active::new(Component::Unet, 2 * half, groups, device)
 }
 
 /// Which sets must stop, by index in the request list (see [`Pipeline::generate_until`]).

@@ -3,6 +3,7 @@
 //! reference row after every step. Inversions are cached per scope (the client's session), image,
 //! caption, size, steps and guidance.
 
+use crate::model::lora::{self, Active, Component};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -208,8 +209,20 @@ impl Pipeline {
     }
 
     /// The (cached) inverted trajectory of a set's reference image at the batch's size and steps.
-    pub(super) fn inverted_trajectory(&self, r: &ReferenceImage, batch: &BatchSpec) -> Result<Vec<Tensor<4>>, PipelineError> {
+    pub(super) fn inverted_trajectory(
+        &self,
+        r: &ReferenceImage,
+        batch: &BatchSpec,
+        adapters: &crate::model::lora::Adapters,
+    ) -> Result<Vec<Tensor<4>>, PipelineError> {
         let mut hasher = Sha256::new();
+        for (l, w) in adapters {
+            hasher.update(l.name.as_bytes());
+            hasher.update([0]);
+            hasher.update(l.path.as_os_str().as_encoded_bytes());
+            hasher.update([0]);
+            hasher.update(w.to_le_bytes());
+        }
         hasher.update(r.scope.as_bytes());
         hasher.update([0]);
         hasher.update(r.caption.as_bytes());
@@ -225,9 +238,11 @@ impl Pipeline {
         }
         let fitted = ReferenceImage::fit(&r.image, batch.width, batch.height);
         let z0 = self.encode_image(&fitted)?;
-        let caption = self.encode_prompts(&[r.caption.as_str()], false)?;
-        let uncond = self.encode_negative("", 1)?;
-        let zts = self.invert(z0, &caption, &uncond, batch.steps, r.guidance, (batch.width, batch.height))?;
+        let caption = self.encode_prompts_with(&[r.caption.as_str()], false, adapters)?;
+        let uncond = self.encode_negative_with("", 1, adapters)?;
+        // The set's LoRAs act on the inversion's UNet calls too.
+        let active = Active::uniform(Component::Unet, 2, adapters.clone(), &self.inner.device);
+        let zts = lora::scoped(active, || self.invert(z0, &caption, &uncond, batch.steps, r.guidance, (batch.width, batch.height)))?;
         self.inner.inversions.put(key, Arc::new(zts.clone()));
         Ok(zts)
     }

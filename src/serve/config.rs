@@ -186,6 +186,10 @@ pub struct ServeConfig {
     /// Memory budget per device for the requests (`None`: derived after loading, see
     /// [`super::admission`]).
     pub memory_budget: Option<u64>,
+    /// The LoRA folder: every `.safetensors` file is a LoRA, served under its stem.
+    pub lora_dir: Option<PathBuf>,
+    /// Memory budget of the loaded-LoRA cache, per device, in bytes.
+    pub lora_cache_bytes: u64,
 }
 
 impl Default for ServeConfig {
@@ -225,6 +229,14 @@ pub struct ServeArgs {
     /// `.safetensors` files.
     #[arg(long, env = "STYLEALIGN_CONTROLNET_DIR")]
     pub controlnet_dir: Option<PathBuf>,
+    /// Serve every `.safetensors` file of this folder as a LoRA (kohya/A1111 or diffusers/PEFT
+    /// format), under its file stem; sessions pick them with PatchModel `loras`.
+    #[arg(long, env = "STYLEALIGN_LORA_DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// Memory budget of the loaded-LoRA cache per device, in MiB: least recently used LoRAs that
+    /// no running batch uses are evicted to load others.
+    #[arg(long, env = "STYLEALIGN_LORA_CACHE_MB", default_value_t = 2048)]
+    pub lora_cache_mb: u64,
     #[arg(long, env = "STYLEALIGN_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Admin HTTP/gRPC listener (`/metrics`, `/healthz`, grpc.health.v1). `off` disables it.
@@ -399,6 +411,8 @@ impl ServeArgs {
             tls: self.tls.files()?,
             transport: self.transport.transport()?,
             memory_budget: self.memory.memory_budget,
+            lora_dir: self.lora_dir.clone(),
+            lora_cache_bytes: self.lora_cache_mb.saturating_mul(1 << 20),
         };
         cfg.check().map_err(anyhow::Error::msg)?;
         Ok(cfg)

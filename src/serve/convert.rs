@@ -235,6 +235,7 @@ pub fn session_to_proto(s: &Session, ttl: Duration, model_levels: Option<&[Level
         created_at: Some(timestamp(s.created)),
         expires_at: Some(timestamp(s.expires)),
         idle_ttl_seconds: ttl.as_secs().min(u32::MAX as u64) as u32,
+        loras: s.loras.iter().map(|l| pb::LoraWeight { name: l.name.clone(), weight: l.weight }).collect(),
     }
 }
 
@@ -289,6 +290,18 @@ pub struct ImageParameters<'a> {
     /// The ControlNets on the set's targets.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub controls: &'a [ControlParameters],
+    /// The session's LoRAs.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub loras: &'a [LoraParameters],
+}
+
+/// A LoRA of an image's set, as recorded in its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LoraParameters {
+    pub name: String,
+    pub weight: f32,
+    /// SHA-256 of its file.
+    pub sha256: String,
 }
 
 /// A ControlNet of an image's set, as recorded in its parameters.

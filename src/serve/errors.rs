@@ -44,6 +44,9 @@ pub enum Reason {
     OverMemoryBudget,
     /// RESOURCE_EXHAUSTED: the queued reference images already hold their share of the budget.
     ReferencePoolFull,
+    /// RESOURCE_EXHAUSTED: a LoRA does not fit the LoRA cache's memory budget (`--lora-cache-mb`),
+    /// alone or next to the LoRAs running batches use.
+    LoraOverBudget,
     /// RESOURCE_EXHAUSTED: too many unary calls in progress (`--max-concurrent-unary`).
     TooManyCalls,
     /// RESOURCE_EXHAUSTED: the request message is over `--max-message-bytes`.
@@ -76,6 +79,7 @@ impl Reason {
             Reason::QueueFull => "QUEUE_FULL",
             Reason::OverMemoryBudget => "OVER_MEMORY_BUDGET",
             Reason::ReferencePoolFull => "REFERENCE_POOL_FULL",
+            Reason::LoraOverBudget => "LORA_OVER_BUDGET",
             Reason::TooManyCalls => "TOO_MANY_CALLS",
             Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
             Reason::WarmingUp => "WARMING_UP",
@@ -97,6 +101,7 @@ impl Reason {
             | Reason::QueueFull
             | Reason::OverMemoryBudget
             | Reason::ReferencePoolFull
+            | Reason::LoraOverBudget
             | Reason::TooManyCalls
             | Reason::MessageTooLarge => Code::ResourceExhausted,
             Reason::WarmingUp | Reason::ShuttingDown => Code::Unavailable,
@@ -119,6 +124,7 @@ impl Reason {
             // The same request will not fit until the server is reconfigured: retry much later
             // (or, better, ask for fewer images or a smaller size).
             Reason::OverMemoryBudget => Some(Duration::from_secs(60)),
+            Reason::LoraOverBudget => Some(Duration::from_secs(5)),
             Reason::WarmingUp => Some(Duration::from_secs(2)),
             // Another replica takes over.
             Reason::ShuttingDown => Some(Duration::from_secs(1)),

@@ -3,6 +3,7 @@
 //! | route | RPC | body → answer |
 //! |---|---|---|
 //! | `GET /v1/models` | `ListModels` | — → `ListModelsResponse` |
+//! | `GET /v1/loras` | `ListLoras` | — → `ListLorasResponse` |
 //! | `POST /v1/sessions` | `PatchModel` | `PatchModelRequest` → `Session` |
 //! | `GET /v1/sessions/{id}` | `GetSession` | — → `Session` |
 //! | `DELETE /v1/sessions/{id}` | `ReleaseSession` | — → `ReleaseSessionResponse` (`{}`) |
@@ -72,6 +73,7 @@ const METADATA_HEADERS: [&str; 3] = ["authorization", "x-client-id", "grpc-timeo
 pub fn router(service: Service, max_body: usize) -> Router {
     Router::new()
         .route("/v1/models", get(list_models))
+        .route("/v1/loras", get(list_loras))
         .route("/v1/sessions", post(patch_model))
         .route("/v1/sessions/{id}", get(get_session).delete(release_session))
         .route("/v1/generate", post(generate))
@@ -303,13 +305,18 @@ fn grpc_request<T>(headers: &HeaderMap, caller: Identified, msg: T) -> Result<to
 
 async fn unknown_route(method: Method, Path(path): Path<String>) -> ApiError {
     let message = format!(
-        "no route {method} /v1/{path}; the routes are GET /v1/models, POST /v1/sessions, GET and DELETE /v1/sessions/{{id}}, POST /v1/generate"
+        "no route {method} /v1/{path}; the routes are GET /v1/models, GET /v1/loras, POST /v1/sessions, GET and DELETE /v1/sessions/{{id}}, POST /v1/generate"
     );
     ApiError::new(StatusCode::NOT_FOUND, Code::Unimplemented, message, None)
 }
 
 async fn list_models(State(svc): State<Service>, headers: HeaderMap, caller: Identified) -> Result<Response, ApiError> {
     let r = svc.list_models(grpc_request(&headers, caller, pb::ListModelsRequest {})?).await?;
+    Ok(json_response(StatusCode::OK, r.get_ref()))
+}
+
+async fn list_loras(State(svc): State<Service>, headers: HeaderMap, caller: Identified) -> Result<Response, ApiError> {
+    let r = svc.list_loras(grpc_request(&headers, caller, pb::ListLorasRequest {})?).await?;
     Ok(json_response(StatusCode::OK, r.get_ref()))
 }
 

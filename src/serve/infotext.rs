@@ -116,6 +116,12 @@ pub fn infotext(p: &ImageParameters) -> String {
             fields.push((["ControlNet 0", "ControlNet 1", "ControlNet 2", "ControlNet 3"].get(k).copied().unwrap_or("ControlNet"), v));
         }
     }
+    if !p.loras.is_empty() {
+        // A1111's form: `Lora hashes: "name: hash, …"` (first 10 hex digits of the file's SHA-256).
+        fields
+            .push(("Lora hashes", p.loras.iter().map(|l| format!("{}: {}", l.name, short_hash(&l.sha256))).collect::<Vec<_>>().join(", ")));
+        fields.push(("Lora weights", p.loras.iter().map(|l| format!("{}: {}", l.name, num(l.weight))).collect::<Vec<_>>().join(", ")));
+    }
     if let Some(s) = p.size_conditioning {
         fields.push(("Size conditioning", s.iter().map(|v| num(*v)).collect::<Vec<_>>().join(", ")));
     }

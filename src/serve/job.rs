@@ -39,6 +39,10 @@ pub struct JobSpec {
     /// The set's ControlNets as recorded in the images' parameters (`model`: the name each worker
     /// resolves to its device's copy), in the order of `set.controls`.
     pub controls: Vec<super::convert::ControlParameters>,
+    /// The session's LoRAs (names and weights): each worker binds them to its device's loaded
+    /// LoRAs when the batch starts. Not part of batch compatibility: sets with different LoRAs
+    /// share a batch.
+    pub loras: Vec<super::convert::LoraParameters>,
     /// Past it, the job stops wherever it is (queued, or running: within a step).
     pub deadline: Option<Instant>,
     /// The request's span (see [`crate::telemetry`]); the worker's spans for this set go below it.
@@ -66,6 +70,8 @@ pub enum FailCode {
     DeadlineExceeded,
     Cancelled,
     Unavailable,
+    /// A resource the job needs is exhausted (a LoRA does not fit the LoRA cache).
+    ResourceExhausted,
     Internal,
 }
 

@@ -25,6 +25,7 @@ pub mod infotext;
 pub mod job;
 pub mod layers;
 mod loading;
+pub mod loras;
 pub mod metrics;
 pub mod playground;
 pub mod queue;

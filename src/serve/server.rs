@@ -74,6 +74,7 @@ impl Server {
             limits: cfg.limits.clone(),
             models: RwLock::new(BTreeMap::new()),
             controlnets: RwLock::new(BTreeMap::new()),
+            loras: std::sync::OnceLock::new(),
             sessions: SessionStore::with_secret(
                 cfg.session_ttl,
                 cfg.max_sessions_per_client,
@@ -306,7 +307,24 @@ impl Server {
             source = adm.source(),
             "memory budget"
         );
-        for Loaded { spec, models, .. } in loaded {
+        // The LoRA folder, checked against every served model (headers only).
+        let library = match st.cfg.lora_dir.clone() {
+            Some(dir) => {
+                let served: Vec<(String, crate::pipeline::Pipeline)> =
+                    loaded[0].entries.iter().map(|e| (e.name.to_string(), e.pipeline.clone())).collect();
+                let budget = st.cfg.lora_cache_bytes;
+                let lib = tokio::task::spawn_blocking(move || super::loras::LoraLibrary::open(&dir, &served, budget))
+                    .await
+                    .context("LoRA folder scan panicked")??;
+                let lib = Arc::new(lib);
+                tracing::info!(loras = ?lib.names(), cache_budget_bytes = lib.budget(), "LoRAs");
+                let _ = st.loras.set(lib.clone());
+                Some(lib)
+            }
+            None => None,
+        };
+        for Loaded { spec, mut models, .. } in loaded {
+            models.loras = library.clone();
             let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
             for i in 0..n {
                 st.engine.start_worker(format!("worker-{spec}-{i}"), models.clone()).context("spawning a worker thread")?;

@@ -23,6 +23,7 @@ use super::engine::{Engine, JobStream, SubmitError};
 use super::errors::{self, Reason};
 use super::job::{FailCode, JobEvent, JobSpec, Provenance};
 use super::layers::Caller;
+use super::loras::{LoraError, LoraLibrary, LoraWeight};
 use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::StyleAlign;
@@ -98,7 +99,7 @@ pub(super) fn fits(net: &crate::model::controlnet::ControlNet, pipeline: &Pipeli
     Ok(())
 }
 
-fn family_to_proto(f: Family) -> pb::Family {
+pub(super) fn family_to_proto(f: Family) -> pb::Family {
     match f {
         Family::Sd1 => pb::Family::Sd1,
         Family::Sd2 => pb::Family::Sd2,
@@ -132,6 +133,8 @@ pub struct State {
     pub(super) active_streams: AtomicUsize,
     /// The memory budget, set once the models are loaded.
     pub(super) admission: std::sync::OnceLock<Arc<Admission>>,
+    /// The LoRA folder's LoRAs (`--lora-dir`), set once the models are loaded.
+    pub(super) loras: std::sync::OnceLock<Arc<LoraLibrary>>,
 }
 
 impl State {
@@ -202,6 +205,48 @@ impl State {
 
     pub(super) fn update_session_gauge(&self) {
         metrics::gauge!(m::SESSIONS).set(self.sessions.len() as f64);
+    }
+
+    /// Checks a PatchModel's `loras` against `model`: known names that fit it, distinct, finite
+    /// weights within range, within the LoRA cache budget.
+    fn check_loras(&self, model: &ModelEntry, loras: &[pb::LoraWeight]) -> Result<Vec<LoraWeight>, Status> {
+        if loras.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(lib) = self.loras.get() else {
+            return Err(FieldError::new("loras", "this server serves no LoRAs (no --lora-dir)").status());
+        };
+        if loras.len() > super::loras::MAX_LORAS {
+            return Err(
+                FieldError::new("loras", format!("{} LoRAs, at most {} per session", loras.len(), super::loras::MAX_LORAS)).status()
+            );
+        }
+        let mut errors = Vec::new();
+        let mut out = Vec::with_capacity(loras.len());
+        for (i, l) in loras.iter().enumerate() {
+            if !l.weight.is_finite() || l.weight.abs() > super::loras::MAX_WEIGHT {
+                errors.push(FieldError::new(
+                    format!("loras[{i}].weight"),
+                    format!("{} is not a number in [-{m}, {m}]", l.weight, m = super::loras::MAX_WEIGHT),
+                ));
+            }
+            if loras[..i].iter().any(|o| o.name == l.name) {
+                errors.push(FieldError::new(format!("loras[{i}].name"), format!("{:?} is given twice", convert::bounded(&l.name))));
+                continue;
+            }
+            match lib.check(&model.name, &l.name) {
+                Ok(_) => out.push(LoraWeight { name: l.name.clone(), weight: l.weight }),
+                Err(e @ LoraError::TooLarge { .. }) => {
+                    return Err(errors::error_with(Reason::LoraOverBudget, format!("loras[{i}].name: {e}"), &[("lora", l.name.clone())]));
+                }
+                Err(LoraError::Unknown(_)) => errors.push(FieldError::new(
+                    format!("loras[{i}].name"),
+                    format!("unknown LoRA {:?}; served LoRAs: {}", convert::bounded(&l.name), lib.names().join(", ")),
+                )),
+                Err(e) => errors.push(FieldError::new(format!("loras[{i}].name"), e.to_string())),
+            }
+        }
+        if errors.is_empty() { Ok(out) } else { Err(errors::invalid_fields(&errors)) }
     }
 
     /// The memory budget (set by [`Server::load`], before SERVING).
@@ -360,6 +405,21 @@ impl StyleAlign for Service {
         )
     }
 
+    async fn list_loras(&self, request: Request<pb::ListLorasRequest>) -> Result<Response<pb::ListLorasResponse>, Status> {
+        counted(
+            "ListLoras",
+            (|| {
+                let st = &self.state;
+                st.check_serving()?;
+                Caller::of(&request)?;
+                Ok(Response::new(match st.loras.get() {
+                    Some(lib) => pb::ListLorasResponse { loras: lib.to_proto(), cache_budget_bytes: lib.budget() },
+                    None => pb::ListLorasResponse { loras: Vec::new(), cache_budget_bytes: st.cfg.lora_cache_bytes },
+                }))
+            })(),
+        )
+    }
+
     async fn list_models(&self, request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
         counted(
             "ListModels",
@@ -432,7 +492,8 @@ impl Service {
                 return Err(errors::invalid_fields(&e));
             }
         };
-        let s = st.sessions.create_scoped(&owner, &model.name, patch, scope).map_err(session_status)?;
+        let loras = st.check_loras(&model, &req.loras)?;
+        let s = st.sessions.create_with_loras(&owner, &model.name, patch, scope, loras).map_err(session_status)?;
         st.update_session_gauge();
         tracing::info!(client = %owner, session = %s.short_id(), model = %s.model, options = ?s.patch, scope = ?s.scope, "session created");
         Ok(Response::new(convert::session_to_proto(&s, s.idle_ttl, Some(&levels))))
@@ -490,6 +551,17 @@ impl Service {
         let model = st
             .model(&session.model)
             .ok_or_else(|| errors::error(Reason::ModelNotLoaded, format!("the session's model {:?} is no longer loaded", session.model)))?;
+        // A session adopted from its token on a replica that serves other LoRAs.
+        for l in &session.loras {
+            let served = st
+                .loras
+                .get()
+                .ok_or_else(|| LoraError::Unknown(l.name.clone()))
+                .and_then(|lib| lib.check(&model.name, &l.name).map(|_| ()));
+            if let Err(e) = served {
+                return Err(FieldError::new("session_id", format!("the session's LoRA cannot be used on this server: {e}")).status());
+            }
+        }
         let facts = ModelFacts {
             native_size: model.native_size,
             size_multiple: model.size_multiple,
@@ -527,7 +599,16 @@ impl Service {
             guidance: r.guidance,
             scope: session.id.to_string(),
         });
-        let set = SetSpec { prompts: v.prompts, negative_prompt: v.negative_prompt, seed: v.seed, reference, init_images, controls };
+        let set = SetSpec {
+            prompts: v.prompts,
+            negative_prompt: v.negative_prompt,
+            seed: v.seed,
+            reference,
+            init_images,
+            controls,
+            // Bound by the worker to its device's loaded LoRAs (`JobSpec::loras`).
+            loras: Vec::new(),
+        };
         validate::with_model(&model.pipeline, &batch, &set).map_err(|e| errors::invalid_fields(&e))?;
 
         let id = st.engine.next_id();
@@ -543,6 +624,19 @@ impl Service {
             reference_sha256,
             init_images: init_recorded,
             controls: control_recorded,
+            loras: session
+                .loras
+                .iter()
+                .map(|l| super::convert::LoraParameters {
+                    name: l.name.clone(),
+                    weight: l.weight,
+                    sha256: st
+                        .loras
+                        .get()
+                        .and_then(|lib| lib.files().find(|f| f.name == l.name))
+                        .map_or(String::new(), |f| f.sha256.clone()),
+                })
+                .collect(),
             deadline,
             span: span.clone(),
             admitted,
@@ -598,6 +692,7 @@ async fn forward(st: Arc<State>, mut job: JobStream, out: mpsc::Sender<Result<pb
                 FailCode::DeadlineExceeded => errors::error(Reason::Deadline, message),
                 FailCode::Cancelled => errors::error(Reason::Cancelled, message),
                 FailCode::Unavailable => errors::error(Reason::ShuttingDown, message),
+                FailCode::ResourceExhausted => errors::error(Reason::LoraOverBudget, message),
                 FailCode::Internal => errors::error(Reason::Internal, message),
             }),
             None => Err(errors::error(Reason::Internal, "the job ended without a result")),

@@ -59,6 +59,8 @@ pub struct Session {
     pub patch: StyleAligned,
     /// Where and when the patch acts.
     pub scope: StyleScope,
+    /// LoRAs (names and weights; each batch resolves them to the loaded LoRAs).
+    pub loras: Vec<super::loras::LoraWeight>,
     pub created: SystemTime,
     /// Expiry if left idle from now on (never after `hard_expires`).
     pub expires: SystemTime,
@@ -266,6 +268,18 @@ impl SessionStore {
 
     /// Creates a session for `owner` whose patch acts within `scope`.
     pub fn create_scoped(&self, owner: &str, model: &str, patch: StyleAligned, scope: StyleScope) -> Result<Session, SessionError> {
+        self.create_with_loras(owner, model, patch, scope, Vec::new())
+    }
+
+    /// [`create_scoped`](Self::create_scoped) with LoRAs (checked by the caller).
+    pub fn create_with_loras(
+        &self,
+        owner: &str,
+        model: &str,
+        patch: StyleAligned,
+        scope: StyleScope,
+        loras: Vec<super::loras::LoraWeight>,
+    ) -> Result<Session, SessionError> {
         let now = Instant::now();
         let wall = SystemTime::now();
         let iat = unix_secs(wall);
@@ -284,6 +298,7 @@ impl SessionStore {
                 model: model.to_string(),
                 patch,
                 scope: scope.clone(),
+                loras: loras.clone(),
                 owner: owner_tag.clone(),
                 iat,
                 idle_ms: self.ttl.as_millis() as u64,
@@ -302,6 +317,7 @@ impl SessionStore {
             model: Arc::from(model),
             patch,
             scope,
+            loras,
             created,
             expires: (wall + self.ttl).min(hard_expires),
             idle_ttl: self.ttl,
@@ -378,6 +394,7 @@ impl SessionStore {
             model: Arc::from(claims.model.as_str()),
             patch: claims.patch,
             scope: claims.scope,
+            loras: claims.loras,
             created: UNIX_EPOCH + Duration::from_secs(claims.iat),
             expires: (wall + idle_ttl).min(hard_expires),
             idle_ttl,
@@ -645,6 +662,7 @@ mod tests {
             model: "tiny".into(),
             patch: StyleAligned::default(),
             scope: Default::default(),
+            loras: Vec::new(),
             owner: k.owner_tag("alice"),
             iat: now - 100,
             idle_ms: 60_000,

@@ -153,6 +153,9 @@ pub struct Claims {
     /// Where and when the patch acts (absent: the default scope).
     #[serde(default, skip_serializing_if = "StyleScope::is_default")]
     pub scope: StyleScope,
+    /// The session's LoRAs (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<super::loras::LoraWeight>,
     /// [`SessionSecret::owner_tag`] of the client identity.
     pub owner: String,
     /// Created, unix seconds.
@@ -215,6 +218,7 @@ mod tests {
                 model: "tiny".into(),
                 patch: p,
                 scope: Default::default(),
+                loras: Vec::new(),
                 owner: k.owner_tag("me"),
                 iat: 1,
                 idle_ms: 5,
@@ -249,6 +253,7 @@ mod tests {
             model: "tiny".into(),
             patch: StyleAligned::default(),
             scope: scope.clone(),
+            loras: Vec::new(),
             owner: k.owner_tag("me"),
             iat: 1,
             idle_ms: 5,

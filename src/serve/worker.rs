@@ -28,6 +28,8 @@ use crate::pipeline::{Pipeline, PipelineError, RunEvent, SetSpec, SetStop};
 pub struct Models {
     pub pipelines: HashMap<Arc<str>, Pipeline>,
     pub controlnets: HashMap<Arc<str>, Arc<ControlNet>>,
+    /// The served LoRAs and their cache (`--lora-dir`).
+    pub loras: Option<Arc<super::loras::LoraLibrary>>,
 }
 
 /// Spawns a worker thread; it ends when the queue is closed and empty.
@@ -56,12 +58,28 @@ fn step_span(batch: &tracing::Span, step: usize, total: usize) -> tracing::Span 
     tracing::info_span!(target: crate::telemetry::TARGET, parent: batch, "step", step = step as i64, total = total as i64)
 }
 
-/// A job's set with its ControlNets bound to this device's copies (by name).
-fn on_this_device(models: &Models, j: &GenJob) -> Result<SetSpec, String> {
+/// A job's set with its ControlNets bound to this device's copies (by name), and its LoRAs to
+/// this device's loaded LoRAs (held until the batch ends).
+fn on_this_device(models: &Models, pipeline: &Pipeline, j: &GenJob) -> Result<SetSpec, (FailCode, String)> {
     let mut set = j.spec.set.clone();
     for (c, rec) in set.controls.iter_mut().zip(&j.spec.controls) {
-        let net = models.controlnets.get(rec.model.as_str()).ok_or_else(|| format!("ControlNet {} is not loaded", rec.model))?;
+        let net = models
+            .controlnets
+            .get(rec.model.as_str())
+            .ok_or_else(|| (FailCode::Internal, format!("ControlNet {} is not loaded", rec.model)))?;
         c.net = net.clone();
+    }
+    if !j.spec.loras.is_empty() {
+        let lib = models.loras.as_ref().ok_or_else(|| (FailCode::Internal, "no LoRAs are served".to_string()))?;
+        for l in &j.spec.loras {
+            let lora = lib.get(&j.spec.model, pipeline, &l.name).map_err(|e| match e {
+                super::loras::LoraError::Busy { .. } | super::loras::LoraError::TooLarge { .. } => {
+                    (FailCode::ResourceExhausted, e.to_string())
+                }
+                other => (FailCode::Internal, other.to_string()),
+            })?;
+            set.loras.push((lora, l.weight));
+        }
     }
     Ok(set)
 }
@@ -96,15 +114,23 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
     tracing::info!(jobs = ?jobs.iter().map(|j| j.spec.id).collect::<Vec<_>>(), "batch started");
     let started = Instant::now();
 
-    let sets: Vec<SetSpec> = match jobs.iter().map(|j| on_this_device(models, j)).collect::<Result<_, String>>() {
-        Ok(sets) => sets,
-        Err(message) => {
-            for j in &jobs {
-                j.fail(FailCode::Internal, format!("{message} on worker {worker}"));
+    // A job whose ControlNets or LoRAs cannot be bound fails alone; the others run.
+    let bound: Vec<Result<SetSpec, (FailCode, String)>> = jobs.iter().map(|j| on_this_device(models, &pipeline, j)).collect();
+    let mut sets: Vec<SetSpec> = Vec::with_capacity(jobs.len());
+    let mut kept = Vec::with_capacity(jobs.len());
+    for (j, b) in jobs.into_iter().zip(bound) {
+        match b {
+            Ok(set) => {
+                sets.push(set);
+                kept.push(j);
             }
-            return;
+            Err((code, message)) => j.fail(code, format!("{message} on worker {worker}")),
         }
-    };
+    }
+    let jobs = kept;
+    if jobs.is_empty() {
+        return;
+    }
     let set_spans: Vec<tracing::Span> = jobs
         .iter()
         .map(|j| tracing::info_span!(target: crate::telemetry::TARGET, parent: &j.spec.span, "batch", worker, sets = jobs.len() as i64, rows = rows as i64, width = spec.width as i64, height = spec.height as i64))
@@ -242,6 +268,7 @@ fn send_images(
             size_conditioning: spec.size_conditioning.map(|s| s.time_ids()),
             init_images: &js.init_images,
             controls: &js.controls,
+            loras: &js.loras,
         };
         let parameters = serde_json::to_string(&params).expect("parameters serialize");
         let png = img.to_png(&[("parameters".to_string(), infotext(&params)), ("stylealign".to_string(), parameters.clone())]);

@@ -154,7 +154,9 @@ pub fn full_share_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan) -
     for rows in &groups {
         let idx = index(rows, &device);
         let g = x.clone().select(0, idx).reshape([1, rows.len() * n, c]);
-        outputs.push(attn.forward(g, None).reshape([rows.len(), n, c]));
+        // The group's rows joined into one: the adapters of a LoRA context are those rows'.
+        let out = crate::model::lora::with_joined_rows(rows, &device, || attn.forward(g, None));
+        outputs.push(out.reshape([rows.len(), n, c]));
         order.extend(rows.iter().copied());
     }
     let joined = Tensor::cat(outputs, 0);

@@ -211,6 +211,7 @@ pub fn controlnet_pipe_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: 
         replay: None,
         entries: Vec::new(),
         controls,
+        loras: Vec::new(),
     };
 
     let (plain, _) = crate::denoise_recording(&pipe, &batch, &mut new_sampler(), state(Vec::new()));

@@ -85,8 +85,17 @@ pub fn img2img_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Device)
         t.check(&format!("{p}entry_latents"), max_abs_diff(Tensor::cat(entered, 0), g.get(&format!("{p}entry_latents"))), TOL_ELEMENTWISE);
 
         let x = noise.clone() * sampler.init_noise_sigma();
-        let state =
-            SetState { set: 0, seed: 0, x, uncond: uncond.clone(), cond: cond.clone(), replay: None, entries, controls: Vec::new() };
+        let state = SetState {
+            set: 0,
+            seed: 0,
+            x,
+            uncond: uncond.clone(),
+            cond: cond.clone(),
+            replay: None,
+            entries,
+            controls: Vec::new(),
+            loras: Vec::new(),
+        };
         let batch = BatchSpec {
             width: w * f,
             height: h * f,

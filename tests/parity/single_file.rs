@@ -82,7 +82,7 @@ pub fn single_file_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Dev
         scope: Default::default(),
         size_conditioning: None,
     };
-    let state = SetState { set: 0, seed: 0, x, uncond, cond, replay: None, entries: Vec::new(), controls: Vec::new() };
+    let state = SetState { set: 0, seed: 0, x, uncond, cond, replay: None, entries: Vec::new(), controls: Vec::new(), loras: Vec::new() };
     let mut on_step = |_: &stylealign::pipeline::StepView| vec![true];
     let fin = pipe.denoise(&batch, &mut sampler, vec![state], &mut on_step).expect("denoise").pop().expect("one set").1;
     t.check("latents_final", max_abs_diff(fin.clone(), g.get("latents_final")), TOL_FINAL);
