@@ -23,7 +23,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file stylealign/v1/stylealign.proto.
  */
 export const file_stylealign_v1_stylealign: GenFile = /*@__PURE__*/
-  fileDesc("Ch5zdHlsZWFsaWduL3YxL3N0eWxlYWxpZ24ucHJvdG8SDXN0eWxlYWxpZ24udjEiiAQKDE9mZmljaWFsQXJncxIdChBzaGFyZV9ncm91cF9ub3JtGAEgASgISACIAQESHQoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCEgBiAEBEhwKD3NoYXJlX2F0dGVudGlvbhgDIAEoCEgCiAEBEhoKDWFkYWluX3F1ZXJpZXMYBCABKAhIA4gBARIXCgphZGFpbl9rZXlzGAUgASgISASIAQESGQoMYWRhaW5fdmFsdWVzGAYgASgISAWIAQESIQoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAhIBogBARIfChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAJIB4gBARIfChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAJICIgBARIcCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAJICYgBAUITChFfc2hhcmVfZ3JvdXBfbm9ybUITChFfc2hhcmVfbGF5ZXJfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uQhAKDl9hZGFpbl9xdWVyaWVzQg0KC19hZGFpbl9rZXlzQg8KDV9hZGFpbl92YWx1ZXNCFwoVX2Z1bGxfYXR0ZW50aW9uX3NoYXJlQhUKE19zaGFyZWRfc2NvcmVfc2NhbGVCFQoTX3NoYXJlZF9zY29yZV9zaGlmdEISChBfb25seV9zZWxmX2xldmVsIqMCChFQYXRjaE1vZGVsUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIsCgpzaGFyZV9ub3JtGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgDIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEhIKBXNjYWxlGAQgASgCSACIAQESLQoIYWR2YW5jZWQYBSABKAsyGy5zdHlsZWFsaWduLnYxLk9mZmljaWFsQXJncxIpCgZ3aW5kb3cYBiABKAsyGS5zdHlsZWFsaWduLnYxLlN0ZXBXaW5kb3cSKwoGbGV2ZWxzGAcgAygLMhsuc3R5bGVhbGlnbi52MS5MZXZlbE9wdGlvbnNCCAoGX3NjYWxlIkQKClN0ZXBXaW5kb3cSEgoFc3RhcnQYASABKAJIAIgBARIQCgNlbmQYAiABKAJIAYgBAUIICgZfc3RhcnRCBgoEX2VuZCLAAQoMTGV2ZWxPcHRpb25zEgwKBG5hbWUYASABKAkSFAoHZW5hYmxlZBgCIAEoCEgAiAEBEhEKBGdhaW4YAyABKAJIAYgBARIdChBzaGFyZV9ncm91cF9ub3JtGAQgASgISAKIAQESHAoPc2hhcmVfYXR0ZW50aW9uGAUgASgISAOIAQFCCgoIX2VuYWJsZWRCBwoFX2dhaW5CEwoRX3NoYXJlX2dyb3VwX25vcm1CEgoQX3NoYXJlX2F0dGVudGlvbiJ4CgtOb2RlT3B0aW9ucxIsCgpzaGFyZV9ub3JtGAEgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgCIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEg0KBXNjYWxlGAMgASgCIpMCChRSZXNvbHZlZE9mZmljaWFsQXJncxIYChBzaGFyZV9ncm91cF9ub3JtGAEgASgIEhgKEHNoYXJlX2xheWVyX25vcm0YAiABKAgSFwoPc2hhcmVfYXR0ZW50aW9uGAMgASgIEhUKDWFkYWluX3F1ZXJpZXMYBCABKAgSEgoKYWRhaW5fa2V5cxgFIAEoCBIUCgxhZGFpbl92YWx1ZXMYBiABKAgSHAoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAgSGgoSc2hhcmVkX3Njb3JlX3NjYWxlGAggASgCEhoKEnNoYXJlZF9zY29yZV9zaGlmdBgJIAEoAhIXCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAIi+AEKCFN3aXRjaGVzEhgKEHNoYXJlX2dyb3VwX25vcm0YASABKAgSGAoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCBISCgphZGFpbl9zaXRlGAMgASgJEg8KB2FkYWluX3EYBCABKAgSDwoHYWRhaW5faxgFIAEoCBIPCgdhZGFpbl92GAYgASgIEhcKD3NoYXJlX2F0dGVudGlvbhgHIAEoCBIcChRmdWxsX2F0dGVudGlvbl9zaGFyZRgIIAEoCBITCgtzY29yZV9zaGlmdBgJIAEoAhIMCgRnYWluGAogASgCEhcKD29ubHlfc2VsZl9sZXZlbBgLIAEoAiKBAgoMUGF0Y2hPcHRpb25zEioKBG5vZGUYASABKAsyGi5zdHlsZWFsaWduLnYxLk5vZGVPcHRpb25zSAASNwoIb2ZmaWNpYWwYAiABKAsyIy5zdHlsZWFsaWduLnYxLlJlc29sdmVkT2ZmaWNpYWxBcmdzSAASKQoIc3dpdGNoZXMYAyABKAsyFy5zdHlsZWFsaWduLnYxLlN3aXRjaGVzEikKBndpbmRvdxgEIAEoCzIZLnN0eWxlYWxpZ24udjEuU3RlcFdpbmRvdxIrCgZsZXZlbHMYBSADKAsyGy5zdHlsZWFsaWduLnYxLkxldmVsT3B0aW9uc0IJCgdmbGF2b3VyItQBCgdTZXNzaW9uEhIKCnNlc3Npb25faWQYASABKAkSDQoFbW9kZWwYAiABKAkSLAoHb3B0aW9ucxgDIAEoCzIbLnN0eWxlYWxpZ24udjEuUGF0Y2hPcHRpb25zEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGlkbGVfdHRsX3NlY29uZHMYBiABKA0i0wQKD0dlbmVyYXRlUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEg8KB3Byb21wdHMYAiADKAkSDQoFY291bnQYAyABKA0SFwoPbmVnYXRpdmVfcHJvbXB0GAQgASgJEhEKBHNlZWQYBSABKARIAIgBARINCgVzdGVwcxgGIAEoDRIbCg5ndWlkYW5jZV9zY2FsZRgHIAEoAkgBiAEBEg0KBXdpZHRoGAggASgNEg4KBmhlaWdodBgJIAEoDRInCgdzYW1wbGVyGAogASgOMhYuc3R5bGVhbGlnbi52MS5TYW1wbGVyEikKCHByaW9yaXR5GAsgASgOMhcuc3R5bGVhbGlnbi52MS5Qcmlvcml0eRIXCg9yZWZlcmVuY2VfaW1hZ2UYDCABKAwSGQoRcmVmZXJlbmNlX2NhcHRpb24YDSABKAkSGAoQcmVmZXJlbmNlX29mZnNldBgOIAEoDRIlChhyZWZlcmVuY2VfZ3VpZGFuY2Vfc2NhbGUYDyABKAJIAogBARI6ChFzaXplX2NvbmRpdGlvbmluZxgQIAEoCzIfLnN0eWxlYWxpZ24udjEuU2l6ZUNvbmRpdGlvbmluZxItCgtpbml0X2ltYWdlcxgRIAMoCzIYLnN0eWxlYWxpZ24udjEuSW5pdEltYWdlEigKCGNvbnRyb2xzGBIgAygLMhYuc3R5bGVhbGlnbi52MS5Db250cm9sQgcKBV9zZWVkQhEKD19ndWlkYW5jZV9zY2FsZUIbChlfcmVmZXJlbmNlX2d1aWRhbmNlX3NjYWxlIpgBCgdDb250cm9sEg0KBW1vZGVsGAEgASgJEg4KBmltYWdlcxgCIAMoDBIfChJjb25kaXRpb25pbmdfc2NhbGUYAyABKAJIAIgBARISCgVzdGFydBgEIAEoAkgBiAEBEhAKA2VuZBgFIAEoAkgCiAEBQhUKE19jb25kaXRpb25pbmdfc2NhbGVCCAoGX3N0YXJ0QgYKBF9lbmQiTQoJSW5pdEltYWdlEg0KBWluZGV4GAEgASgNEg0KBWltYWdlGAIgASgMEhUKCHN0cmVuZ3RoGAMgASgCSACIAQFCCwoJX3N0cmVuZ3RoIpUBChBTaXplQ29uZGl0aW9uaW5nEhYKDm9yaWdpbmFsX3dpZHRoGAEgASgNEhcKD29yaWdpbmFsX2hlaWdodBgCIAEoDRIQCghjcm9wX3RvcBgDIAEoDRIRCgljcm9wX2xlZnQYBCABKA0SFAoMdGFyZ2V0X3dpZHRoGAUgASgNEhUKDXRhcmdldF9oZWlnaHQYBiABKA0iLwoGUXVldWVkEhAKCHBvc2l0aW9uGAEgASgNEhMKC3F1ZXVlX2RlcHRoGAIgASgNIkgKB1N0YXJ0ZWQSEgoKYmF0Y2hfcm93cxgBIAEoDRISCgpiYXRjaF9zZXRzGAIgASgNEhUKDXF1ZXVlX3NlY29uZHMYAyABKAEiLQoIUHJvZ3Jlc3MSDAoEc3RlcBgBIAEoDRITCgt0b3RhbF9zdGVwcxgCIAEoDSJ9Cg5HZW5lcmF0ZWRJbWFnZRINCgVpbmRleBgBIAEoDRIOCgZwcm9tcHQYAiABKAkSDQoFd2lkdGgYAyABKA0SDgoGaGVpZ2h0GAQgASgNEgwKBHNlZWQYBSABKAQSCwoDcG5nGAYgASgMEhIKCnBhcmFtZXRlcnMYByABKAkizAEKEEdlbmVyYXRlUmVzcG9uc2USJwoGcXVldWVkGAEgASgLMhUuc3R5bGVhbGlnbi52MS5RdWV1ZWRIABIpCgdzdGFydGVkGAIgASgLMhYuc3R5bGVhbGlnbi52MS5TdGFydGVkSAASKwoIcHJvZ3Jlc3MYAyABKAsyFy5zdHlsZWFsaWduLnYxLlByb2dyZXNzSAASLgoFaW1hZ2UYBCABKAsyHS5zdHlsZWFsaWduLnYxLkdlbmVyYXRlZEltYWdlSABCBwoFZXZlbnQiJwoRR2V0U2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSIrChVSZWxlYXNlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSIYChZSZWxlYXNlU2Vzc2lvblJlc3BvbnNlIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IswBCglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIlCgZmYW1pbHkYAiABKA4yFS5zdHlsZWFsaWduLnYxLkZhbWlseRIUCgxuYXRpdmVfd2lkdGgYAyABKA0SFQoNbmF0aXZlX2hlaWdodBgEIAEoDRIVCg1zaXplX211bHRpcGxlGAUgASgNEg4KBnNvdXJjZRgGIAEoCRIMCgRoYXNoGAcgASgJEhAKCG1heF9zaXplGAggASgNEhYKDm1heF9iYXRjaF9yb3dzGAkgASgNInMKDkNvbnRyb2xOZXRJbmZvEgwKBG5hbWUYASABKAkSJQoGZmFtaWx5GAIgASgOMhUuc3R5bGVhbGlnbi52MS5GYW1pbHkSDgoGc291cmNlGAMgASgJEgwKBGhhc2gYBCABKAkSDgoGbW9kZWxzGAUgAygJIpICChJMaXN0TW9kZWxzUmVzcG9uc2USKAoGbW9kZWxzGAEgAygLMhguc3R5bGVhbGlnbi52MS5Nb2RlbEluZm8SEAoIc2FtcGxlcnMYAiADKAkSEwoLbWF4X3Byb21wdHMYAyABKA0SEQoJbWF4X3N0ZXBzGAQgASgNEhAKCG1heF9zaXplGAUgASgNEhUKDWRlZmF1bHRfc3RlcHMYBiABKA0SHgoWZGVmYXVsdF9ndWlkYW5jZV9zY2FsZRgHIAEoAhIbChNtZW1vcnlfYnVkZ2V0X2J5dGVzGAggASgEEjIKC2NvbnRyb2xuZXRzGAkgAygLMh0uc3R5bGVhbGlnbi52MS5Db250cm9sTmV0SW5mbyqBAQoJU2hhcmVOb3JtEhoKFlNIQVJFX05PUk1fVU5TUEVDSUZJRUQQABITCg9TSEFSRV9OT1JNX0JPVEgQARIUChBTSEFSRV9OT1JNX0dST1VQEAISFAoQU0hBUkVfTk9STV9MQVlFUhADEhcKE1NIQVJFX05PUk1fRElTQUJMRUQQBCpqCglTaGFyZUF0dG4SGgoWU0hBUkVfQVRUTl9VTlNQRUNJRklFRBAAEhIKDlNIQVJFX0FUVE5fUV9LEAESFAoQU0hBUkVfQVRUTl9RX0tfVhACEhcKE1NIQVJFX0FUVE5fRElTQUJMRUQQAyqPAQoHU2FtcGxlchIXChNTQU1QTEVSX1VOU1BFQ0lGSUVEEAASEAoMU0FNUExFUl9ERElNEAESEQoNU0FNUExFUl9FVUxFUhACEhMKD1NBTVBMRVJfRVVMRVJfQRADEhQKEFNBTVBMRVJfRFBNUFBfMk0QBBIbChdTQU1QTEVSX0RQTVBQXzJNX0tBUlJBUxAFKl4KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASEAoMUFJJT1JJVFlfTE9XEAESEwoPUFJJT1JJVFlfTk9STUFMEAISEQoNUFJJT1JJVFlfSElHSBADKlEKBkZhbWlseRIWChJGQU1JTFlfVU5TUEVDSUZJRUQQABIOCgpGQU1JTFlfU0QxEAESDgoKRkFNSUxZX1NEMhACEg8KC0ZBTUlMWV9TRFhMEAMynQMKClN0eWxlQWxpZ24SRgoKUGF0Y2hNb2RlbBIgLnN0eWxlYWxpZ24udjEuUGF0Y2hNb2RlbFJlcXVlc3QaFi5zdHlsZWFsaWduLnYxLlNlc3Npb24STQoIR2VuZXJhdGUSHi5zdHlsZWFsaWduLnYxLkdlbmVyYXRlUmVxdWVzdBofLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVSZXNwb25zZTABEkYKCkdldFNlc3Npb24SIC5zdHlsZWFsaWduLnYxLkdldFNlc3Npb25SZXF1ZXN0GhYuc3R5bGVhbGlnbi52MS5TZXNzaW9uEl0KDlJlbGVhc2VTZXNzaW9uEiQuc3R5bGVhbGlnbi52MS5SZWxlYXNlU2Vzc2lvblJlcXVlc3QaJS5zdHlsZWFsaWduLnYxLlJlbGVhc2VTZXNzaW9uUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLnN0eWxlYWxpZ24udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5zdHlsZWFsaWduLnYxLkxpc3RNb2RlbHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Ch5zdHlsZWFsaWduL3YxL3N0eWxlYWxpZ24ucHJvdG8SDXN0eWxlYWxpZ24udjEiiAQKDE9mZmljaWFsQXJncxIdChBzaGFyZV9ncm91cF9ub3JtGAEgASgISACIAQESHQoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCEgBiAEBEhwKD3NoYXJlX2F0dGVudGlvbhgDIAEoCEgCiAEBEhoKDWFkYWluX3F1ZXJpZXMYBCABKAhIA4gBARIXCgphZGFpbl9rZXlzGAUgASgISASIAQESGQoMYWRhaW5fdmFsdWVzGAYgASgISAWIAQESIQoUZnVsbF9hdHRlbnRpb25fc2hhcmUYByABKAhIBogBARIfChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAJIB4gBARIfChJzaGFyZWRfc2NvcmVfc2hpZnQYCSABKAJICIgBARIcCg9vbmx5X3NlbGZfbGV2ZWwYCiABKAJICYgBAUITChFfc2hhcmVfZ3JvdXBfbm9ybUITChFfc2hhcmVfbGF5ZXJfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uQhAKDl9hZGFpbl9xdWVyaWVzQg0KC19hZGFpbl9rZXlzQg8KDV9hZGFpbl92YWx1ZXNCFwoVX2Z1bGxfYXR0ZW50aW9uX3NoYXJlQhUKE19zaGFyZWRfc2NvcmVfc2NhbGVCFQoTX3NoYXJlZF9zY29yZV9zaGlmdEISChBfb25seV9zZWxmX2xldmVsIs0CChFQYXRjaE1vZGVsUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIsCgpzaGFyZV9ub3JtGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZU5vcm0SLAoKc2hhcmVfYXR0bhgDIAEoDjIYLnN0eWxlYWxpZ24udjEuU2hhcmVBdHRuEhIKBXNjYWxlGAQgASgCSACIAQESLQoIYWR2YW5jZWQYBSABKAsyGy5zdHlsZWFsaWduLnYxLk9mZmljaWFsQXJncxIpCgZ3aW5kb3cYBiABKAsyGS5zdHlsZWFsaWduLnYxLlN0ZXBXaW5kb3cSKwoGbGV2ZWxzGAcgAygLMhsuc3R5bGVhbGlnbi52MS5MZXZlbE9wdGlvbnMSKAoFbG9yYXMYCCADKAsyGS5zdHlsZWFsaWduLnYxLkxvcmFXZWlnaHRCCAoGX3NjYWxlIioKCkxvcmFXZWlnaHQSDAoEbmFtZRgBIAEoCRIOCgZ3ZWlnaHQYAiABKAIiRAoKU3RlcFdpbmRvdxISCgVzdGFydBgBIAEoAkgAiAEBEhAKA2VuZBgCIAEoAkgBiAEBQggKBl9zdGFydEIGCgRfZW5kIsABCgxMZXZlbE9wdGlvbnMSDAoEbmFtZRgBIAEoCRIUCgdlbmFibGVkGAIgASgISACIAQESEQoEZ2FpbhgDIAEoAkgBiAEBEh0KEHNoYXJlX2dyb3VwX25vcm0YBCABKAhIAogBARIcCg9zaGFyZV9hdHRlbnRpb24YBSABKAhIA4gBAUIKCghfZW5hYmxlZEIHCgVfZ2FpbkITChFfc2hhcmVfZ3JvdXBfbm9ybUISChBfc2hhcmVfYXR0ZW50aW9uIngKC05vZGVPcHRpb25zEiwKCnNoYXJlX25vcm0YASABKA4yGC5zdHlsZWFsaWduLnYxLlNoYXJlTm9ybRIsCgpzaGFyZV9hdHRuGAIgASgOMhguc3R5bGVhbGlnbi52MS5TaGFyZUF0dG4SDQoFc2NhbGUYAyABKAIikwIKFFJlc29sdmVkT2ZmaWNpYWxBcmdzEhgKEHNoYXJlX2dyb3VwX25vcm0YASABKAgSGAoQc2hhcmVfbGF5ZXJfbm9ybRgCIAEoCBIXCg9zaGFyZV9hdHRlbnRpb24YAyABKAgSFQoNYWRhaW5fcXVlcmllcxgEIAEoCBISCgphZGFpbl9rZXlzGAUgASgIEhQKDGFkYWluX3ZhbHVlcxgGIAEoCBIcChRmdWxsX2F0dGVudGlvbl9zaGFyZRgHIAEoCBIaChJzaGFyZWRfc2NvcmVfc2NhbGUYCCABKAISGgoSc2hhcmVkX3Njb3JlX3NoaWZ0GAkgASgCEhcKD29ubHlfc2VsZl9sZXZlbBgKIAEoAiL4AQoIU3dpdGNoZXMSGAoQc2hhcmVfZ3JvdXBfbm9ybRgBIAEoCBIYChBzaGFyZV9sYXllcl9ub3JtGAIgASgIEhIKCmFkYWluX3NpdGUYAyABKAkSDwoHYWRhaW5fcRgEIAEoCBIPCgdhZGFpbl9rGAUgASgIEg8KB2FkYWluX3YYBiABKAgSFwoPc2hhcmVfYXR0ZW50aW9uGAcgASgIEhwKFGZ1bGxfYXR0ZW50aW9uX3NoYXJlGAggASgIEhMKC3Njb3JlX3NoaWZ0GAkgASgCEgwKBGdhaW4YCiABKAISFwoPb25seV9zZWxmX2xldmVsGAsgASgCIoECCgxQYXRjaE9wdGlvbnMSKgoEbm9kZRgBIAEoCzIaLnN0eWxlYWxpZ24udjEuTm9kZU9wdGlvbnNIABI3CghvZmZpY2lhbBgCIAEoCzIjLnN0eWxlYWxpZ24udjEuUmVzb2x2ZWRPZmZpY2lhbEFyZ3NIABIpCghzd2l0Y2hlcxgDIAEoCzIXLnN0eWxlYWxpZ24udjEuU3dpdGNoZXMSKQoGd2luZG93GAQgASgLMhkuc3R5bGVhbGlnbi52MS5TdGVwV2luZG93EisKBmxldmVscxgFIAMoCzIbLnN0eWxlYWxpZ24udjEuTGV2ZWxPcHRpb25zQgkKB2ZsYXZvdXIi/gEKB1Nlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRIsCgdvcHRpb25zGAMgASgLMhsuc3R5bGVhbGlnbi52MS5QYXRjaE9wdGlvbnMSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQaWRsZV90dGxfc2Vjb25kcxgGIAEoDRIoCgVsb3JhcxgHIAMoCzIZLnN0eWxlYWxpZ24udjEuTG9yYVdlaWdodCLTBAoPR2VuZXJhdGVSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSDwoHcHJvbXB0cxgCIAMoCRINCgVjb3VudBgDIAEoDRIXCg9uZWdhdGl2ZV9wcm9tcHQYBCABKAkSEQoEc2VlZBgFIAEoBEgAiAEBEg0KBXN0ZXBzGAYgASgNEhsKDmd1aWRhbmNlX3NjYWxlGAcgASgCSAGIAQESDQoFd2lkdGgYCCABKA0SDgoGaGVpZ2h0GAkgASgNEicKB3NhbXBsZXIYCiABKA4yFi5zdHlsZWFsaWduLnYxLlNhbXBsZXISKQoIcHJpb3JpdHkYCyABKA4yFy5zdHlsZWFsaWduLnYxLlByaW9yaXR5EhcKD3JlZmVyZW5jZV9pbWFnZRgMIAEoDBIZChFyZWZlcmVuY2VfY2FwdGlvbhgNIAEoCRIYChByZWZlcmVuY2Vfb2Zmc2V0GA4gASgNEiUKGHJlZmVyZW5jZV9ndWlkYW5jZV9zY2FsZRgPIAEoAkgCiAEBEjoKEXNpemVfY29uZGl0aW9uaW5nGBAgASgLMh8uc3R5bGVhbGlnbi52MS5TaXplQ29uZGl0aW9uaW5nEi0KC2luaXRfaW1hZ2VzGBEgAygLMhguc3R5bGVhbGlnbi52MS5Jbml0SW1hZ2USKAoIY29udHJvbHMYEiADKAsyFi5zdHlsZWFsaWduLnYxLkNvbnRyb2xCBwoFX3NlZWRCEQoPX2d1aWRhbmNlX3NjYWxlQhsKGV9yZWZlcmVuY2VfZ3VpZGFuY2Vfc2NhbGUimAEKB0NvbnRyb2wSDQoFbW9kZWwYASABKAkSDgoGaW1hZ2VzGAIgAygMEh8KEmNvbmRpdGlvbmluZ19zY2FsZRgDIAEoAkgAiAEBEhIKBXN0YXJ0GAQgASgCSAGIAQESEAoDZW5kGAUgASgCSAKIAQFCFQoTX2NvbmRpdGlvbmluZ19zY2FsZUIICgZfc3RhcnRCBgoEX2VuZCJNCglJbml0SW1hZ2USDQoFaW5kZXgYASABKA0SDQoFaW1hZ2UYAiABKAwSFQoIc3RyZW5ndGgYAyABKAJIAIgBAUILCglfc3RyZW5ndGgilQEKEFNpemVDb25kaXRpb25pbmcSFgoOb3JpZ2luYWxfd2lkdGgYASABKA0SFwoPb3JpZ2luYWxfaGVpZ2h0GAIgASgNEhAKCGNyb3BfdG9wGAMgASgNEhEKCWNyb3BfbGVmdBgEIAEoDRIUCgx0YXJnZXRfd2lkdGgYBSABKA0SFQoNdGFyZ2V0X2hlaWdodBgGIAEoDSIvCgZRdWV1ZWQSEAoIcG9zaXRpb24YASABKA0SEwoLcXVldWVfZGVwdGgYAiABKA0iSAoHU3RhcnRlZBISCgpiYXRjaF9yb3dzGAEgASgNEhIKCmJhdGNoX3NldHMYAiABKA0SFQoNcXVldWVfc2Vjb25kcxgDIAEoASItCghQcm9ncmVzcxIMCgRzdGVwGAEgASgNEhMKC3RvdGFsX3N0ZXBzGAIgASgNIn0KDkdlbmVyYXRlZEltYWdlEg0KBWluZGV4GAEgASgNEg4KBnByb21wdBgCIAEoCRINCgV3aWR0aBgDIAEoDRIOCgZoZWlnaHQYBCABKA0SDAoEc2VlZBgFIAEoBBILCgNwbmcYBiABKAwSEgoKcGFyYW1ldGVycxgHIAEoCSLMAQoQR2VuZXJhdGVSZXNwb25zZRInCgZxdWV1ZWQYASABKAsyFS5zdHlsZWFsaWduLnYxLlF1ZXVlZEgAEikKB3N0YXJ0ZWQYAiABKAsyFi5zdHlsZWFsaWduLnYxLlN0YXJ0ZWRIABIrCghwcm9ncmVzcxgDIAEoCzIXLnN0eWxlYWxpZ24udjEuUHJvZ3Jlc3NIABIuCgVpbWFnZRgEIAEoCzIdLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVkSW1hZ2VIAEIHCgVldmVudCInChFHZXRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIisKFVJlbGVhc2VTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIhgKFlJlbGVhc2VTZXNzaW9uUmVzcG9uc2UiEwoRTGlzdE1vZGVsc1JlcXVlc3QisQIKCU1vZGVsSW5mbxIMCgRuYW1lGAEgASgJEiUKBmZhbWlseRgCIAEoDjIVLnN0eWxlYWxpZ24udjEuRmFtaWx5EhQKDG5hdGl2ZV93aWR0aBgDIAEoDRIVCg1uYXRpdmVfaGVpZ2h0GAQgASgNEhUKDXNpemVfbXVsdGlwbGUYBSABKA0SDgoGc291cmNlGAYgASgJEgwKBGhhc2gYByABKAkSEAoIbWF4X3NpemUYCCABKA0SFgoObWF4X2JhdGNoX3Jvd3MYCSABKA0SDgoGZm9ybWF0GAogASgJEg0KBWR0eXBlGAsgASgJEhcKD3ByZWRpY3Rpb25fdHlwZRgMIAEoCRIeChZwcmVkaWN0aW9uX3R5cGVfc291cmNlGA0gASgJEgsKA2VtYRgOIAEoCCJzCg5Db250cm9sTmV0SW5mbxIMCgRuYW1lGAEgASgJEiUKBmZhbWlseRgCIAEoDjIVLnN0eWxlYWxpZ24udjEuRmFtaWx5Eg4KBnNvdXJjZRgDIAEoCRIMCgRoYXNoGAQgASgJEg4KBm1vZGVscxgFIAMoCSKSAgoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLnN0eWxlYWxpZ24udjEuTW9kZWxJbmZvEhAKCHNhbXBsZXJzGAIgAygJEhMKC21heF9wcm9tcHRzGAMgASgNEhEKCW1heF9zdGVwcxgEIAEoDRIQCghtYXhfc2l6ZRgFIAEoDRIVCg1kZWZhdWx0X3N0ZXBzGAYgASgNEh4KFmRlZmF1bHRfZ3VpZGFuY2Vfc2NhbGUYByABKAISGwoTbWVtb3J5X2J1ZGdldF9ieXRlcxgIIAEoBBIyCgtjb250cm9sbmV0cxgJIAMoCzIdLnN0eWxlYWxpZ24udjEuQ29udHJvbE5ldEluZm8iEgoQTGlzdExvcmFzUmVxdWVzdCLHAQoITG9yYUluZm8SDAoEbmFtZRgBIAEoCRIlCgZmYW1pbHkYAiABKA4yFS5zdHlsZWFsaWduLnYxLkZhbWlseRIOCgZmb3JtYXQYAyABKAkSDAoEcmFuaxgEIAEoDRIOCgZsYXllcnMYBSABKA0SDAoEaGFzaBgGIAEoCRISCgpzaXplX2J5dGVzGAcgASgEEhQKDG1lbW9yeV9ieXRlcxgIIAEoBBIOCgZtb2RlbHMYCSADKAkSEAoIcHJvYmxlbXMYCiADKAkiVwoRTGlzdExvcmFzUmVzcG9uc2USJgoFbG9yYXMYASADKAsyFy5zdHlsZWFsaWduLnYxLkxvcmFJbmZvEhoKEmNhY2hlX2J1ZGdldF9ieXRlcxgCIAEoBCqBAQoJU2hhcmVOb3JtEhoKFlNIQVJFX05PUk1fVU5TUEVDSUZJRUQQABITCg9TSEFSRV9OT1JNX0JPVEgQARIUChBTSEFSRV9OT1JNX0dST1VQEAISFAoQU0hBUkVfTk9STV9MQVlFUhADEhcKE1NIQVJFX05PUk1fRElTQUJMRUQQBCpqCglTaGFyZUF0dG4SGgoWU0hBUkVfQVRUTl9VTlNQRUNJRklFRBAAEhIKDlNIQVJFX0FUVE5fUV9LEAESFAoQU0hBUkVfQVRUTl9RX0tfVhACEhcKE1NIQVJFX0FUVE5fRElTQUJMRUQQAyqPAQoHU2FtcGxlchIXChNTQU1QTEVSX1VOU1BFQ0lGSUVEEAASEAoMU0FNUExFUl9ERElNEAESEQoNU0FNUExFUl9FVUxFUhACEhMKD1NBTVBMRVJfRVVMRVJfQRADEhQKEFNBTVBMRVJfRFBNUFBfMk0QBBIbChdTQU1QTEVSX0RQTVBQXzJNX0tBUlJBUxAFKl4KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASEAoMUFJJT1JJVFlfTE9XEAESEwoPUFJJT1JJVFlfTk9STUFMEAISEQoNUFJJT1JJVFlfSElHSBADKlEKBkZhbWlseRIWChJGQU1JTFlfVU5TUEVDSUZJRUQQABIOCgpGQU1JTFlfU0QxEAESDgoKRkFNSUxZX1NEMhACEg8KC0ZBTUlMWV9TRFhMEAMy7QMKClN0eWxlQWxpZ24SRgoKUGF0Y2hNb2RlbBIgLnN0eWxlYWxpZ24udjEuUGF0Y2hNb2RlbFJlcXVlc3QaFi5zdHlsZWFsaWduLnYxLlNlc3Npb24STQoIR2VuZXJhdGUSHi5zdHlsZWFsaWduLnYxLkdlbmVyYXRlUmVxdWVzdBofLnN0eWxlYWxpZ24udjEuR2VuZXJhdGVSZXNwb25zZTABEkYKCkdldFNlc3Npb24SIC5zdHlsZWFsaWduLnYxLkdldFNlc3Npb25SZXF1ZXN0GhYuc3R5bGVhbGlnbi52MS5TZXNzaW9uEl0KDlJlbGVhc2VTZXNzaW9uEiQuc3R5bGVhbGlnbi52MS5SZWxlYXNlU2Vzc2lvblJlcXVlc3QaJS5zdHlsZWFsaWduLnYxLlJlbGVhc2VTZXNzaW9uUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLnN0eWxlYWxpZ24udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5zdHlsZWFsaWduLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJOCglMaXN0TG9yYXMSHy5zdHlsZWFsaWduLnYxLkxpc3RMb3Jhc1JlcXVlc3QaIC5zdHlsZWFsaWduLnYxLkxpc3RMb3Jhc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * The official google/style-aligned `StyleAlignedArgs`. Unset fields take the official defaults
@@ -144,6 +144,17 @@ export type PatchModelRequest = Message<"stylealign.v1.PatchModelRequest"> & {
    * @generated from field: repeated stylealign.v1.LevelOptions levels = 7;
    */
   levels: LevelOptions[];
+
+  /**
+   * LoRAs from ListLoras with their weights (at most 8, distinct names, |weight| <= 10, negative
+   * allowed), applied unmerged to the text encoders and the UNet of every image of the session's
+   * sets (the reference included). An unknown name, or a LoRA that does not fit the model
+   * (another family, a malformed file), is INVALID_ARGUMENT naming `loras[i].name`; a LoRA over
+   * the LoRA cache's memory budget is RESOURCE_EXHAUSTED (reason LORA_OVER_BUDGET).
+   *
+   * @generated from field: repeated stylealign.v1.LoraWeight loras = 8;
+   */
+  loras: LoraWeight[];
 };
 
 /**
@@ -152,6 +163,30 @@ export type PatchModelRequest = Message<"stylealign.v1.PatchModelRequest"> & {
  */
 export const PatchModelRequestSchema: GenMessage<PatchModelRequest> = /*@__PURE__*/
   messageDesc(file_stylealign_v1_stylealign, 1);
+
+/**
+ * A LoRA and its weight (the multiplier of its alpha / rank scale).
+ *
+ * @generated from message stylealign.v1.LoraWeight
+ */
+export type LoraWeight = Message<"stylealign.v1.LoraWeight"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: float weight = 2;
+   */
+  weight: number;
+};
+
+/**
+ * Describes the message stylealign.v1.LoraWeight.
+ * Use `create(LoraWeightSchema)` to create a new message.
+ */
+export const LoraWeightSchema: GenMessage<LoraWeight> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 2);
 
 /**
  * The steps of the schedule the patch acts on, as fractions of it: step i of n (0-based) is
@@ -178,7 +213,7 @@ export type StepWindow = Message<"stylealign.v1.StepWindow"> & {
  * Use `create(StepWindowSchema)` to create a new message.
  */
 export const StepWindowSchema: GenMessage<StepWindow> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 2);
+  messageDesc(file_stylealign_v1_stylealign, 3);
 
 /**
  * The patch in one UNet level. Unset fields follow the session's options: the level is enabled,
@@ -231,7 +266,7 @@ export type LevelOptions = Message<"stylealign.v1.LevelOptions"> & {
  * Use `create(LevelOptionsSchema)` to create a new message.
  */
 export const LevelOptionsSchema: GenMessage<LevelOptions> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 3);
+  messageDesc(file_stylealign_v1_stylealign, 4);
 
 /**
  * The node's options, resolved (no UNSPECIFIED values).
@@ -260,7 +295,7 @@ export type NodeOptions = Message<"stylealign.v1.NodeOptions"> & {
  * Use `create(NodeOptionsSchema)` to create a new message.
  */
 export const NodeOptionsSchema: GenMessage<NodeOptions> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 4);
+  messageDesc(file_stylealign_v1_stylealign, 5);
 
 /**
  * The official arguments, resolved (every field set).
@@ -324,7 +359,7 @@ export type ResolvedOfficialArgs = Message<"stylealign.v1.ResolvedOfficialArgs">
  * Use `create(ResolvedOfficialArgsSchema)` to create a new message.
  */
 export const ResolvedOfficialArgsSchema: GenMessage<ResolvedOfficialArgs> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 5);
+  messageDesc(file_stylealign_v1_stylealign, 6);
 
 /**
  * What the patch executes, whichever flavour it was given in.
@@ -395,7 +430,7 @@ export type Switches = Message<"stylealign.v1.Switches"> & {
  * Use `create(SwitchesSchema)` to create a new message.
  */
 export const SwitchesSchema: GenMessage<Switches> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 6);
+  messageDesc(file_stylealign_v1_stylealign, 7);
 
 /**
  * @generated from message stylealign.v1.PatchOptions
@@ -444,7 +479,7 @@ export type PatchOptions = Message<"stylealign.v1.PatchOptions"> & {
  * Use `create(PatchOptionsSchema)` to create a new message.
  */
 export const PatchOptionsSchema: GenMessage<PatchOptions> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 7);
+  messageDesc(file_stylealign_v1_stylealign, 8);
 
 /**
  * @generated from message stylealign.v1.Session
@@ -481,6 +516,13 @@ export type Session = Message<"stylealign.v1.Session"> & {
    * @generated from field: uint32 idle_ttl_seconds = 6;
    */
   idleTtlSeconds: number;
+
+  /**
+   * The session's LoRAs, as given to PatchModel.
+   *
+   * @generated from field: repeated stylealign.v1.LoraWeight loras = 7;
+   */
+  loras: LoraWeight[];
 };
 
 /**
@@ -488,7 +530,7 @@ export type Session = Message<"stylealign.v1.Session"> & {
  * Use `create(SessionSchema)` to create a new message.
  */
 export const SessionSchema: GenMessage<Session> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 8);
+  messageDesc(file_stylealign_v1_stylealign, 9);
 
 /**
  * @generated from message stylealign.v1.GenerateRequest
@@ -624,7 +666,7 @@ export type GenerateRequest = Message<"stylealign.v1.GenerateRequest"> & {
  * Use `create(GenerateRequestSchema)` to create a new message.
  */
 export const GenerateRequestSchema: GenMessage<GenerateRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 9);
+  messageDesc(file_stylealign_v1_stylealign, 10);
 
 /**
  * A ControlNet on the set's targets.
@@ -675,7 +717,7 @@ export type Control = Message<"stylealign.v1.Control"> & {
  * Use `create(ControlSchema)` to create a new message.
  */
 export const ControlSchema: GenMessage<Control> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 10);
+  messageDesc(file_stylealign_v1_stylealign, 11);
 
 /**
  * An img2img target: its image starts from `image` noised to the level where `strength` cuts the
@@ -714,7 +756,7 @@ export type InitImage = Message<"stylealign.v1.InitImage"> & {
  * Use `create(InitImageSchema)` to create a new message.
  */
 export const InitImageSchema: GenMessage<InitImage> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 11);
+  messageDesc(file_stylealign_v1_stylealign, 12);
 
 /**
  * SDXL size conditioning, in pixels.
@@ -758,7 +800,7 @@ export type SizeConditioning = Message<"stylealign.v1.SizeConditioning"> & {
  * Use `create(SizeConditioningSchema)` to create a new message.
  */
 export const SizeConditioningSchema: GenMessage<SizeConditioning> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 12);
+  messageDesc(file_stylealign_v1_stylealign, 13);
 
 /**
  * @generated from message stylealign.v1.Queued
@@ -782,7 +824,7 @@ export type Queued = Message<"stylealign.v1.Queued"> & {
  * Use `create(QueuedSchema)` to create a new message.
  */
 export const QueuedSchema: GenMessage<Queued> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 13);
+  messageDesc(file_stylealign_v1_stylealign, 14);
 
 /**
  * @generated from message stylealign.v1.Started
@@ -811,7 +853,7 @@ export type Started = Message<"stylealign.v1.Started"> & {
  * Use `create(StartedSchema)` to create a new message.
  */
 export const StartedSchema: GenMessage<Started> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 14);
+  messageDesc(file_stylealign_v1_stylealign, 15);
 
 /**
  * @generated from message stylealign.v1.Progress
@@ -833,7 +875,7 @@ export type Progress = Message<"stylealign.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 15);
+  messageDesc(file_stylealign_v1_stylealign, 16);
 
 /**
  * @generated from message stylealign.v1.GeneratedImage
@@ -885,7 +927,7 @@ export type GeneratedImage = Message<"stylealign.v1.GeneratedImage"> & {
  * Use `create(GeneratedImageSchema)` to create a new message.
  */
 export const GeneratedImageSchema: GenMessage<GeneratedImage> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 16);
+  messageDesc(file_stylealign_v1_stylealign, 17);
 
 /**
  * @generated from message stylealign.v1.GenerateResponse
@@ -926,7 +968,7 @@ export type GenerateResponse = Message<"stylealign.v1.GenerateResponse"> & {
  * Use `create(GenerateResponseSchema)` to create a new message.
  */
 export const GenerateResponseSchema: GenMessage<GenerateResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 17);
+  messageDesc(file_stylealign_v1_stylealign, 18);
 
 /**
  * @generated from message stylealign.v1.GetSessionRequest
@@ -943,7 +985,7 @@ export type GetSessionRequest = Message<"stylealign.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 18);
+  messageDesc(file_stylealign_v1_stylealign, 19);
 
 /**
  * @generated from message stylealign.v1.ReleaseSessionRequest
@@ -960,7 +1002,7 @@ export type ReleaseSessionRequest = Message<"stylealign.v1.ReleaseSessionRequest
  * Use `create(ReleaseSessionRequestSchema)` to create a new message.
  */
 export const ReleaseSessionRequestSchema: GenMessage<ReleaseSessionRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 19);
+  messageDesc(file_stylealign_v1_stylealign, 20);
 
 /**
  * @generated from message stylealign.v1.ReleaseSessionResponse
@@ -973,7 +1015,7 @@ export type ReleaseSessionResponse = Message<"stylealign.v1.ReleaseSessionRespon
  * Use `create(ReleaseSessionResponseSchema)` to create a new message.
  */
 export const ReleaseSessionResponseSchema: GenMessage<ReleaseSessionResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 20);
+  messageDesc(file_stylealign_v1_stylealign, 21);
 
 /**
  * @generated from message stylealign.v1.ListModelsRequest
@@ -986,7 +1028,7 @@ export type ListModelsRequest = Message<"stylealign.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 21);
+  messageDesc(file_stylealign_v1_stylealign, 22);
 
 /**
  * @generated from message stylealign.v1.ModelInfo
@@ -1050,6 +1092,44 @@ export type ModelInfo = Message<"stylealign.v1.ModelInfo"> & {
    * @generated from field: uint32 max_batch_rows = 9;
    */
   maxBatchRows: number;
+
+  /**
+   * How it is stored: "diffusers" (a folder), "single_file" (one .safetensors checkpoint in
+   * the original layout; its hash is then the whole file's SHA-256), "embedded".
+   *
+   * @generated from field: string format = 10;
+   */
+  format: string;
+
+  /**
+   * Element type of the UNet weights as stored: "fp32", "fp16", "bf16" (computation is f32).
+   *
+   * @generated from field: string dtype = 11;
+   */
+  dtype: string;
+
+  /**
+   * What the UNet predicts: "epsilon", "v_prediction", "sample".
+   *
+   * @generated from field: string prediction_type = 12;
+   */
+  predictionType: string;
+
+  /**
+   * Where prediction_type comes from: "config" (the folder's scheduler config), "sidecar" (the
+   * file's <stem>.json), "option" (the server's --prediction-type), "family_default" (a single
+   * file's family default; an SD2 file's ε/v cannot be told from its weights).
+   *
+   * @generated from field: string prediction_type_source = 13;
+   */
+  predictionTypeSource: string;
+
+  /**
+   * A single file whose UNet was read from its EMA weights (the file held both).
+   *
+   * @generated from field: bool ema = 14;
+   */
+  ema: boolean;
 };
 
 /**
@@ -1057,7 +1137,7 @@ export type ModelInfo = Message<"stylealign.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 22);
+  messageDesc(file_stylealign_v1_stylealign, 23);
 
 /**
  * A ControlNet the server serves.
@@ -1102,7 +1182,7 @@ export type ControlNetInfo = Message<"stylealign.v1.ControlNetInfo"> & {
  * Use `create(ControlNetInfoSchema)` to create a new message.
  */
 export const ControlNetInfoSchema: GenMessage<ControlNetInfo> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 23);
+  messageDesc(file_stylealign_v1_stylealign, 24);
 
 /**
  * @generated from message stylealign.v1.ListModelsResponse
@@ -1170,7 +1250,128 @@ export type ListModelsResponse = Message<"stylealign.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_stylealign_v1_stylealign, 24);
+  messageDesc(file_stylealign_v1_stylealign, 25);
+
+/**
+ * @generated from message stylealign.v1.ListLorasRequest
+ */
+export type ListLorasRequest = Message<"stylealign.v1.ListLorasRequest"> & {
+};
+
+/**
+ * Describes the message stylealign.v1.ListLorasRequest.
+ * Use `create(ListLorasRequestSchema)` to create a new message.
+ */
+export const ListLorasRequestSchema: GenMessage<ListLorasRequest> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 26);
+
+/**
+ * A LoRA file of the server's LoRA folder.
+ *
+ * @generated from message stylealign.v1.LoraInfo
+ */
+export type LoraInfo = Message<"stylealign.v1.LoraInfo"> & {
+  /**
+   * The file's stem; what PatchModel's `loras[i].name` takes.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The family of the served models it fits (else what its keys point to: SDXL text encoder 2
+   * or SGM-named UNet keys; else UNSPECIFIED).
+   *
+   * @generated from field: stylealign.v1.Family family = 2;
+   */
+  family: Family;
+
+  /**
+   * "kohya" (lora_unet_*\/lora_te*_*, lora_down/lora_up/alpha) or "peft" (lora_A/lora_B); empty
+   * when it fits no served model.
+   *
+   * @generated from field: string format = 3;
+   */
+  format: string;
+
+  /**
+   * The largest rank of its layers.
+   *
+   * @generated from field: uint32 rank = 4;
+   */
+  rank: number;
+
+  /**
+   * How many layers it adapts.
+   *
+   * @generated from field: uint32 layers = 5;
+   */
+  layers: number;
+
+  /**
+   * Short hash as A1111 shows it: the first 10 hex digits of the SHA-256 of the file.
+   *
+   * @generated from field: string hash = 6;
+   */
+  hash: string;
+
+  /**
+   * @generated from field: uint64 size_bytes = 7;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Bytes it takes once loaded (float32), counted against the LoRA cache budget.
+   *
+   * @generated from field: uint64 memory_bytes = 8;
+   */
+  memoryBytes: bigint;
+
+  /**
+   * The served models it fits.
+   *
+   * @generated from field: repeated string models = 9;
+   */
+  models: string[];
+
+  /**
+   * "model: reason" for each served model it does not fit (malformed file, another family, ...).
+   *
+   * @generated from field: repeated string problems = 10;
+   */
+  problems: string[];
+};
+
+/**
+ * Describes the message stylealign.v1.LoraInfo.
+ * Use `create(LoraInfoSchema)` to create a new message.
+ */
+export const LoraInfoSchema: GenMessage<LoraInfo> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 27);
+
+/**
+ * @generated from message stylealign.v1.ListLorasResponse
+ */
+export type ListLorasResponse = Message<"stylealign.v1.ListLorasResponse"> & {
+  /**
+   * @generated from field: repeated stylealign.v1.LoraInfo loras = 1;
+   */
+  loras: LoraInfo[];
+
+  /**
+   * The LoRA cache's memory budget per device, in bytes (`--lora-cache-mb`).
+   *
+   * @generated from field: uint64 cache_budget_bytes = 2;
+   */
+  cacheBudgetBytes: bigint;
+};
+
+/**
+ * Describes the message stylealign.v1.ListLorasResponse.
+ * Use `create(ListLorasResponseSchema)` to create a new message.
+ */
+export const ListLorasResponseSchema: GenMessage<ListLorasResponse> = /*@__PURE__*/
+  messageDesc(file_stylealign_v1_stylealign, 28);
 
 /**
  * ComfyUI StyleAlignedBatchAlign `share_norm`. Default (UNSPECIFIED): BOTH.
@@ -1409,6 +1610,16 @@ export const StyleAlign: GenService<{
     methodKind: "unary";
     input: typeof ListModelsRequestSchema;
     output: typeof ListModelsResponseSchema;
+  },
+  /**
+   * The LoRAs of the server's LoRA folder (`--lora-dir`), with the models each fits.
+   *
+   * @generated from rpc stylealign.v1.StyleAlign.ListLoras
+   */
+  listLoras: {
+    methodKind: "unary";
+    input: typeof ListLorasRequestSchema;
+    output: typeof ListLorasResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_stylealign_v1_stylealign, 0);

@@ -96,7 +96,7 @@ class OfficialArgs(_message.Message):
     def __init__(self, share_group_norm: _Optional[bool] = ..., share_layer_norm: _Optional[bool] = ..., share_attention: _Optional[bool] = ..., adain_queries: _Optional[bool] = ..., adain_keys: _Optional[bool] = ..., adain_values: _Optional[bool] = ..., full_attention_share: _Optional[bool] = ..., shared_score_scale: _Optional[float] = ..., shared_score_shift: _Optional[float] = ..., only_self_level: _Optional[float] = ...) -> None: ...
 
 class PatchModelRequest(_message.Message):
-    __slots__ = ("model", "share_norm", "share_attn", "scale", "advanced", "window", "levels")
+    __slots__ = ("model", "share_norm", "share_attn", "scale", "advanced", "window", "levels", "loras")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SHARE_NORM_FIELD_NUMBER: _ClassVar[int]
     SHARE_ATTN_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class PatchModelRequest(_message.Message):
     ADVANCED_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     share_norm: ShareNorm
     share_attn: ShareAttn
@@ -111,7 +112,16 @@ class PatchModelRequest(_message.Message):
     advanced: OfficialArgs
     window: StepWindow
     levels: _containers.RepeatedCompositeFieldContainer[LevelOptions]
-    def __init__(self, model: _Optional[str] = ..., share_norm: _Optional[_Union[ShareNorm, str]] = ..., share_attn: _Optional[_Union[ShareAttn, str]] = ..., scale: _Optional[float] = ..., advanced: _Optional[_Union[OfficialArgs, _Mapping]] = ..., window: _Optional[_Union[StepWindow, _Mapping]] = ..., levels: _Optional[_Iterable[_Union[LevelOptions, _Mapping]]] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
+    def __init__(self, model: _Optional[str] = ..., share_norm: _Optional[_Union[ShareNorm, str]] = ..., share_attn: _Optional[_Union[ShareAttn, str]] = ..., scale: _Optional[float] = ..., advanced: _Optional[_Union[OfficialArgs, _Mapping]] = ..., window: _Optional[_Union[StepWindow, _Mapping]] = ..., levels: _Optional[_Iterable[_Union[LevelOptions, _Mapping]]] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ...) -> None: ...
+
+class LoraWeight(_message.Message):
+    __slots__ = ("name", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StepWindow(_message.Message):
     __slots__ = ("start", "end")
@@ -210,20 +220,22 @@ class PatchOptions(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeOptions, _Mapping]] = ..., official: _Optional[_Union[ResolvedOfficialArgs, _Mapping]] = ..., switches: _Optional[_Union[Switches, _Mapping]] = ..., window: _Optional[_Union[StepWindow, _Mapping]] = ..., levels: _Optional[_Iterable[_Union[LevelOptions, _Mapping]]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "options", "created_at", "expires_at", "idle_ttl_seconds")
+    __slots__ = ("session_id", "model", "options", "created_at", "expires_at", "idle_ttl_seconds", "loras")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     options: PatchOptions
     created_at: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
     idle_ttl_seconds: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., options: _Optional[_Union[PatchOptions, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl_seconds: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraWeight]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., options: _Optional[_Union[PatchOptions, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_ttl_seconds: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraWeight, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompts", "count", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "sampler", "priority", "reference_image", "reference_caption", "reference_offset", "reference_guidance_scale", "size_conditioning", "init_images", "controls")
@@ -382,7 +394,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "native_width", "native_height", "size_multiple", "source", "hash", "max_size", "max_batch_rows")
+    __slots__ = ("name", "family", "native_width", "native_height", "size_multiple", "source", "hash", "max_size", "max_batch_rows", "format", "dtype", "prediction_type", "prediction_type_source", "ema")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NATIVE_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +404,11 @@ class ModelInfo(_message.Message):
     HASH_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_TYPE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EMA_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: Family
     native_width: int
@@ -401,7 +418,12 @@ class ModelInfo(_message.Message):
     hash: str
     max_size: int
     max_batch_rows: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., native_width: _Optional[int] = ..., native_height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., source: _Optional[str] = ..., hash: _Optional[str] = ..., max_size: _Optional[int] = ..., max_batch_rows: _Optional[int] = ...) -> None: ...
+    format: str
+    dtype: str
+    prediction_type: str
+    prediction_type_source: str
+    ema: bool
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., native_width: _Optional[int] = ..., native_height: _Optional[int] = ..., size_multiple: _Optional[int] = ..., source: _Optional[str] = ..., hash: _Optional[str] = ..., max_size: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., format: _Optional[str] = ..., dtype: _Optional[str] = ..., prediction_type: _Optional[str] = ..., prediction_type_source: _Optional[str] = ..., ema: _Optional[bool] = ...) -> None: ...
 
 class ControlNetInfo(_message.Message):
     __slots__ = ("name", "family", "source", "hash", "models")
@@ -438,3 +460,39 @@ class ListModelsResponse(_message.Message):
     memory_budget_bytes: int
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., samplers: _Optional[_Iterable[str]] = ..., max_prompts: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_size: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetInfo, _Mapping]]] = ...) -> None: ...
+
+class ListLorasRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoraInfo(_message.Message):
+    __slots__ = ("name", "family", "format", "rank", "layers", "hash", "size_bytes", "memory_bytes", "models", "problems")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: Family
+    format: str
+    rank: int
+    layers: int
+    hash: str
+    size_bytes: int
+    memory_bytes: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[_Union[Family, str]] = ..., format: _Optional[str] = ..., rank: _Optional[int] = ..., layers: _Optional[int] = ..., hash: _Optional[str] = ..., size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListLorasResponse(_message.Message):
+    __slots__ = ("loras", "cache_budget_bytes")
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    loras: _containers.RepeatedCompositeFieldContainer[LoraInfo]
+    cache_budget_bytes: int
+    def __init__(self, loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., cache_budget_bytes: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class StyleAlignStub:
                 request_serializer=stylealign_dot_v1_dot_stylealign__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=stylealign_dot_v1_dot_stylealign__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/stylealign.v1.StyleAlign/ListLoras',
+                request_serializer=stylealign_dot_v1_dot_stylealign__pb2.ListLorasRequest.SerializeToString,
+                response_deserializer=stylealign_dot_v1_dot_stylealign__pb2.ListLorasResponse.FromString,
+                _registered_method=True)
 
 
 class StyleAlignServicer:
@@ -105,6 +110,13 @@ class StyleAlignServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLoras(self, request, context):
+        """The LoRAs of the server's LoRA folder (`--lora-dir`), with the models each fits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StyleAlignServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +144,11 @@ def add_StyleAlignServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=stylealign_dot_v1_dot_stylealign__pb2.ListModelsRequest.FromString,
                     response_serializer=stylealign_dot_v1_dot_stylealign__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=stylealign_dot_v1_dot_stylealign__pb2.ListLorasRequest.FromString,
+                    response_serializer=stylealign_dot_v1_dot_stylealign__pb2.ListLorasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +286,33 @@ class StyleAlign:
             '/stylealign.v1.StyleAlign/ListModels',
             stylealign_dot_v1_dot_stylealign__pb2.ListModelsRequest.SerializeToString,
             stylealign_dot_v1_dot_stylealign__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stylealign.v1.StyleAlign/ListLoras',
+            stylealign_dot_v1_dot_stylealign__pb2.ListLorasRequest.SerializeToString,
+            stylealign_dot_v1_dot_stylealign__pb2.ListLorasResponse.FromString,
             options,
             channel_credentials,
             insecure,
