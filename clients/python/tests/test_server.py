@@ -23,6 +23,7 @@ def test_list_models(client):
     assert "tiny" in models and models.names == ["tiny"]
     tiny = models["tiny"]
     assert (tiny.family, tiny.native_width, tiny.native_height, tiny.size_multiple, tiny.source) == ("SD1", 64, 64, 16, "<embedded>")
+    assert (tiny.format, tiny.dtype, tiny.prediction_type, tiny.prediction_type_source, tiny.ema) == ("embedded", "fp32", "epsilon", "config", False)
     assert set(models.samplers) == {"ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"}
     assert (models.max_steps, models.max_prompts, models.default_steps) == (150, 8, 30)
     # The limits the memory budget allows (derived from this machine's memory).

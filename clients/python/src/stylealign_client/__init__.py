@@ -11,8 +11,8 @@
 from .client import Client
 from .errors import StyleAlignError
 from .retry import RetryPolicy
-from .types import Control, ControlNetInfo, Event, ImageResult, ModelInfo, Models, Progress, Queued, Session, Started
+from .types import Control, ControlNetInfo, Event, ImageResult, LoraInfo, Loras, ModelInfo, Models, Progress, Queued, Session, Started
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "Control", "ControlNetInfo", "Event", "ImageResult", "ModelInfo", "Models", "Progress", "Queued", "RetryPolicy", "Session", "Started", "StyleAlignError"]
+__all__ = ["Client", "Control", "ControlNetInfo", "Event", "ImageResult", "LoraInfo", "Loras", "ModelInfo", "Models", "Progress", "Queued", "RetryPolicy", "Session", "Started", "StyleAlignError"]

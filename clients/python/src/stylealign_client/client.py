@@ -17,7 +17,7 @@ from ._pb.stylealign.v1 import stylealign_pb2 as pb
 from ._pb.stylealign.v1 import stylealign_pb2_grpc as pb_grpc
 from .errors import StyleAlignError
 from .retry import RetryPolicy
-from .types import PRIORITIES, SAMPLERS, SHARE_ATTN, SHARE_NORM, Control, Event, ImageResult, Models, Session, _event
+from .types import PRIORITIES, SAMPLERS, SHARE_ATTN, SHARE_NORM, Control, Event, ImageResult, Loras, Models, Session, _event
 
 SERVICE = "stylealign.v1.StyleAlign"
 
@@ -110,6 +110,22 @@ def _init_images(init_images: Any, strength: Any) -> list[pb.InitImage]:
 
 
 _CONTROL_FIELDS = [f.name for f in dataclasses.fields(Control)]
+
+
+def _loras(loras: Any) -> list[pb.LoraWeight]:
+    """`loras` as a mapping name -> weight, or a list of names (weight 1) and (name, weight) pairs."""
+    if loras is None:
+        return []
+    if isinstance(loras, str):
+        raise ValueError(f"loras: expected a mapping name -> weight or a list, got the string {loras!r}")
+    items = loras.items() if isinstance(loras, Mapping) else loras
+    out = []
+    for i, item in enumerate(items):
+        name, weight = (item, 1.0) if isinstance(item, str) else item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
+        if name is None:
+            raise ValueError(f"loras[{i}]: expected a name or a (name, weight) pair, got {item!r}")
+        out.append(pb.LoraWeight(name=_text(f"loras[{i}].name", name), weight=_number(f"loras[{i}].weight", weight)))
+    return out
 
 
 def _controls(controls: Any) -> list[pb.Control]:
@@ -256,6 +272,10 @@ class Client:
         """The loaded models, samplers and server limits."""
         return Models._from_pb(self._unary("ListModels", pb.ListModelsRequest()))
 
+    def list_loras(self) -> Loras:
+        """The LoRAs of the server's LoRA folder, each with its family, format and the models it fits."""
+        return Loras._from_pb(self._unary("ListLoras", pb.ListLorasRequest()))
+
     def patch_model(
         self,
         model: str,
@@ -265,6 +285,7 @@ class Client:
         *,
         window: tuple[float, float] | None = None,
         levels: Mapping[str, Mapping[str, bool | float]] | None = None,
+        loras: Mapping[str, float] | Iterable[str | tuple[str, float]] | None = None,
         **advanced: bool | float,
     ) -> Session:
         """Creates a session on `model` with the StyleAligned options.
@@ -281,8 +302,12 @@ class Client:
         ``(start, end)``, fractions of the schedule; `levels` maps a UNet level (``"down.0"``,
         ``"mid"``, ``"up.1"``, ``"out"``, ...) to its options (``enabled``, ``share_group_norm``,
         ``share_attention``: bool; ``gain``: float), e.g. ``{"up.1": {"enabled": False}}``.
+
+        `loras`: LoRAs of the server's LoRA folder (`list_loras()`) applied to every image of the
+        session, e.g. ``{"ink": 0.8, "paper": -0.5}`` or ``["ink", ("paper", -0.5)]`` (weight 1
+        when left out; weights may be negative).
         """
-        request = pb.PatchModelRequest(model=_text("model", model))
+        request = pb.PatchModelRequest(model=_text("model", model), loras=_loras(loras))
         if window is not None:
             if not isinstance(window, (tuple, list)) or len(window) != 2:
                 raise ValueError(f"window: must be (start, end), got {window!r}")

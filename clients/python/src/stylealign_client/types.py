@@ -49,10 +49,86 @@ class ModelInfo:
     # budget admits for this model (0 from servers that do not report them).
     max_size: int = 0
     max_batch_rows: int = 0
+    # How it is stored ("diffusers", "single_file", "embedded"), the dtype of its UNet weights as
+    # stored ("fp32", "fp16", "bf16"), what the UNet predicts ("epsilon", "v_prediction") and
+    # where that comes from ("config", "sidecar", "option", "family_default"); whether a single
+    # file's UNet was read from its EMA weights. Empty from servers that do not report them.
+    format: str = ""
+    dtype: str = ""
+    prediction_type: str = ""
+    prediction_type_source: str = ""
+    ema: bool = False
 
     @classmethod
     def _from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
-        return cls(m.name, _family(m.family), m.native_width, m.native_height, m.size_multiple, m.source, m.hash, m.max_size, m.max_batch_rows)
+        return cls(
+            m.name,
+            _family(m.family),
+            m.native_width,
+            m.native_height,
+            m.size_multiple,
+            m.source,
+            m.hash,
+            m.max_size,
+            m.max_batch_rows,
+            m.format,
+            m.dtype,
+            m.prediction_type,
+            m.prediction_type_source,
+            m.ema,
+        )
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A LoRA of the server's LoRA folder (usable in `patch_model(loras=...)`)."""
+
+    name: str  # the file's stem
+    family: str  # "SD1", "SD2", "SDXL" or "UNSPECIFIED"
+    format: str  # "kohya" or "peft" ("" when it fits no served model)
+    rank: int
+    layers: int  # how many layers it adapts
+    hash: str  # A1111-style short hash of the file
+    size_bytes: int
+    memory_bytes: int  # once loaded, counted against the server's LoRA cache budget
+    models: list[str]  # the served models it fits
+    problems: list[str]  # "model: reason" for the served models it does not fit
+
+    @classmethod
+    def _from_pb(cls, l: pb.LoraInfo) -> "LoraInfo":
+        return cls(l.name, _family(l.family), l.format, l.rank, l.layers, l.hash, l.size_bytes, l.memory_bytes, list(l.models), list(l.problems))
+
+
+@dataclass(frozen=True)
+class Loras:
+    """`ListLoras`: the LoRA folder. Iterating gives the LoRAs; ``"ink" in loras`` tests a name;
+    ``loras["ink"]`` gets one by name."""
+
+    loras: list[LoraInfo]
+    cache_budget_bytes: int
+
+    @classmethod
+    def _from_pb(cls, r: pb.ListLorasResponse) -> "Loras":
+        return cls([LoraInfo._from_pb(l) for l in r.loras], r.cache_budget_bytes)
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.loras]
+
+    def __iter__(self) -> Iterator[LoraInfo]:
+        return iter(self.loras)
+
+    def __len__(self) -> int:
+        return len(self.loras)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> LoraInfo:
+        for l in self.loras:
+            if l.name == name:
+                return l
+        raise KeyError(f"LoRA {name!r} is not served (served: {', '.join(self.names) or 'none'})")
 
 
 @dataclass(frozen=True)
@@ -171,6 +247,8 @@ class Session:
     idle_ttl_seconds: int
     window: tuple[float, float] = (0.0, 1.0)
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The session's LoRAs: name -> weight, in the order given.
+    loras: dict[str, float] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -198,6 +276,7 @@ class Session:
             s.idle_ttl_seconds,
             window,
             levels,
+            {l.name: l.weight for l in s.loras},
         )
 
 
