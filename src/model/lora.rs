@@ -790,15 +790,7 @@ fn apply<const D: usize>(
 /// every layer (scale 0.5) or PEFT (scale 1). Deterministic in `seed`. For tests, benchmarks and
 /// the embedded demo model, which has no trained LoRA.
 pub fn synthetic_file(targets: &Targets, format: LoraFormat, seed: u64, rank: usize, gain: f32) -> Vec<u8> {
-    let mut state = seed ^ 0x5851_f42d_4c95_7f2d;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut next = super::weights::uniform_stream(seed ^ 0x5851_f42d_4c95_7f2d);
     let sdxl = targets.text_encoder_2.is_some();
     let components: Vec<(Component, &LayerIndex)> = [
         Some((Component::Unet, targets.unet)),

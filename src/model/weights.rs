@@ -456,17 +456,22 @@ fn synthetic_values(seed: u64, gain: fn(&str) -> f32, key: &str, shape: &[usize]
     values
 }
 
-fn synthetic_base(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
-    // FNV-1a of the key, mixed with the seed, drives a SplitMix64 stream.
-    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) ^ seed;
-    let mut next = move || {
+/// A SplitMix64 stream from `state`, as uniform values in [-1, 1) (24-bit resolution): the
+/// deterministic randomness of synthetic weights.
+pub(crate) fn uniform_stream(mut state: u64) -> impl FnMut() -> f32 {
+    move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
         ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    }
+}
+
+fn synthetic_base(seed: u64, key: &str, shape: &[usize]) -> Vec<f32> {
+    // FNV-1a of the key, mixed with the seed, drives a SplitMix64 stream.
+    let mut next = uniform_stream(key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)) ^ seed);
     let n: usize = shape.iter().product();
     let leaf = key.rsplit('.').next().unwrap_or(key);
     let (offset, scale) = if key.contains("embedding") {

@@ -223,6 +223,18 @@ pub struct StepView<'a> {
     pub sets: Vec<(usize, &'a Tensor<4>)>,
 }
 
+/// The loaded components of a model, however they were stored.
+pub(crate) struct Parts {
+    pub tokenizer: ClipTokenizer,
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_encoder: ClipTextModel,
+    pub text_encoder_2: Option<ClipTextModel>,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub scheduler: SchedulerConfig,
+    pub force_zeros_for_empty_prompt: bool,
+}
+
 impl Pipeline {
     /// Loads a diffusers folder: `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`
     /// and, for SDXL, `text_encoder_2/` (+ `tokenizer_2/`, else `tokenizer/` padded with `!`).
@@ -257,35 +269,13 @@ impl Pipeline {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("force_zeros_for_empty_prompt").and_then(|b| b.as_bool()))
             .unwrap_or(text_encoder_2.is_some());
-        Self::assemble(
-            name,
-            dir.to_path_buf(),
-            tokenizer,
-            tokenizer_2,
-            text_encoder,
-            text_encoder_2,
-            unet,
-            vae,
-            scheduler,
-            force_zeros_for_empty_prompt,
-            device,
-        )
+        let parts = Parts { tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler, force_zeros_for_empty_prompt };
+        Self::assemble(name, dir.to_path_buf(), parts, device)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        name: String,
-        source: PathBuf,
-        tokenizer: ClipTokenizer,
-        tokenizer_2: Option<ClipTokenizer>,
-        text_encoder: ClipTextModel,
-        text_encoder_2: Option<ClipTextModel>,
-        unet: UNet,
-        vae: Vae,
-        scheduler: SchedulerConfig,
-        force_zeros_for_empty_prompt: bool,
-        device: &Device,
-    ) -> Result<Self, PipelineError> {
+    /// A pipeline of loaded components.
+    pub(crate) fn assemble(name: String, source: PathBuf, parts: Parts, device: &Device) -> Result<Self, PipelineError> {
+        let Parts { tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler, force_zeros_for_empty_prompt } = parts;
         let family = if text_encoder_2.is_some() {
             Family::Sdxl
         } else if unet.config.use_linear_projection || unet.config.cross_attention_dim[0] == 1024 {

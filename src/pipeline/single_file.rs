@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde_json::{Map, Value};
 
-use super::{Pipeline, PipelineError, tiny};
+use super::{Parts, Pipeline, PipelineError, tiny};
 use crate::model::clip::ClipConfig;
 use crate::model::config::RawConfig;
 use crate::model::single_file::{self, Checkpoint, TextLayout, pickle_refusal};
@@ -217,19 +217,17 @@ pub fn load(path: &Path, opts: &SingleFileOptions, device: &Device) -> Result<(P
         None => text_encoder_2.is_some(),
     };
     let name = path.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let pipe = Pipeline::assemble(
-        name,
-        path.to_path_buf(),
-        tokenizer_1,
+    let parts = Parts {
+        tokenizer: tokenizer_1,
         tokenizer_2,
         text_encoder,
         text_encoder_2,
         unet,
         vae,
         scheduler,
-        force_zeros,
-        device,
-    )?;
+        force_zeros_for_empty_prompt: force_zeros,
+    };
+    let pipe = Pipeline::assemble(name, path.to_path_buf(), parts, device)?;
     Ok((pipe, SingleFileInfo { ema: ckpt.ema, dtype: ckpt.dtype, prediction_origin, vae: vae_path }))
 }
 

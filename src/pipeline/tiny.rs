@@ -17,7 +17,7 @@ use crate::model::vae::{Vae, VaeConfig};
 use crate::model::weights::Weights;
 use crate::sampling::SchedulerConfig;
 
-use super::{Pipeline, PipelineError};
+use super::{Parts, Pipeline, PipelineError};
 
 /// Name under which the embedded model is served.
 pub const TINY_MODEL: &str = "tiny";
@@ -179,19 +179,17 @@ pub fn tiny_pipeline(device: &Device) -> Result<Pipeline, PipelineError> {
     let unet = UNet::from_weights(unet_config()?, &unet_weights(device))?;
     let text_encoder = ClipTextModel::from_weights(clip_cfg, &Weights::synthetic_with_gain("tiny/text_encoder", SEED + 1, gain, device))?;
     let vae = Vae::from_weights(vae_cfg, &Weights::synthetic_with_gain("tiny/vae", SEED + 2, gain, device))?;
-    Pipeline::assemble(
-        TINY_MODEL.to_string(),
-        PathBuf::from("<embedded>"),
-        embedded_tokenizer()?,
-        None,
+    let parts = Parts {
+        tokenizer: embedded_tokenizer()?,
+        tokenizer_2: None,
         text_encoder,
-        None,
+        text_encoder_2: None,
         unet,
         vae,
-        SchedulerConfig::default(),
-        false,
-        device,
-    )
+        scheduler: SchedulerConfig::default(),
+        force_zeros_for_empty_prompt: false,
+    };
+    Pipeline::assemble(TINY_MODEL.to_string(), PathBuf::from("<embedded>"), parts, device)
 }
 
 /// A ControlNet for the embedded model: the down half of its UNet's architecture, a conditioning
