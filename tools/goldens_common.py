@@ -4,10 +4,10 @@ make_lora_goldens.py).
 Import it before torch: at import it sets the environment (one OpenMP thread, hub offline, quiet
 diffusers / transformers), then imports torch with one thread and turns off the progress bars.
 
-It holds what the scripts share: `gen`, `mad`, `versions`, `write_json`, `Out` (collects one
-run's files and their manifest entries, tagged with the script's name), `compare` (the bitwise
-`--check` comparison), `merge_manifest` (replaces only one script's entries in manifest.json) and
-`check_or_write` (the `--check` / `--out DIR` / default driver).
+It holds what the scripts share: `gen`, `mad`, `randomize_norm_affine`, `versions`, `write_json`,
+`Out` (collects one run's files and their manifest entries, tagged with the script's name),
+`compare` (the bitwise `--check` comparison), `merge_manifest` (replaces only one script's entries
+in manifest.json) and `check_or_write` (the `--check` / `--out DIR` / default driver).
 """
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def gen(seed: int) -> torch.Generator:
 
 def mad(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+def randomize_norm_affine(model: torch.nn.Module, seed: int):
+    """Norm layers start as weight=1 / bias=0; make them random (as the refharness tiny models)."""
+    g = gen(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and getattr(m, "weight", None) is not None:
+                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
 
 
 def versions(*extra) -> dict:

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 # goldens_common first: it sets the environment (threads, offline hub) before torch is imported
-from goldens_common import GOLDENS, Out, check_or_write, gen, mad, versions, write_json
+from goldens_common import GOLDENS, Out, check_or_write, gen, mad, randomize_norm_affine, versions, write_json
 
 import numpy
 import torch
@@ -105,17 +105,6 @@ def load_sdxl(goldens: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 # tiny ControlNets
 # ------------------------------------------------------------------------------------------
-def randomize_norm_affine(model: nn.Module, seed: int):
-    """Norm layers start as weight=1 / bias=0; make them random (as the refharness tiny models)."""
-    g = gen(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
-                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-
-
 def build_controlnet(unet: UNet2DConditionModel, cond_channels: tuple, seed: int) -> ControlNetModel:
     """A ControlNet with the UNet's encoder architecture and ALL weights random: PyTorch's default
     init under `seed` (not copied from the UNet), then the zero-initialised layers (zero convs

@@ -41,11 +41,10 @@ import tempfile
 from pathlib import Path
 
 # goldens_common first: it sets the environment (threads, offline hub) before torch is imported
-from goldens_common import GOLDENS, Out, check_or_write, gen, versions, write_json
+from goldens_common import GOLDENS, Out, check_or_write, gen, randomize_norm_affine, versions, write_json
 
 import numpy
 import torch
-import torch.nn as nn
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import save_file
@@ -197,16 +196,6 @@ def open_clip_to_ldm(sd: dict, prefix: str) -> dict:
 # ------------------------------------------------------------------------------------------
 # the three tiny pipelines
 # ------------------------------------------------------------------------------------------
-def randomize_norm_affine(model: nn.Module, seed: int):
-    g = gen(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
-                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-
-
 def sd2_text_encoder(width: int) -> CLIPTextModel:
     """A random OpenCLIP-like text encoder for the SD2-like pipeline (gelu, `width` = the UNet's
     cross-attention width)."""
