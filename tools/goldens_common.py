@@ -7,10 +7,12 @@ diffusers / transformers), then imports torch with one thread and turns off the 
 It holds what the scripts share: `gen`, `mad`, `randomize_norm_affine`, `versions`, `write_json`,
 `Out` (collects one run's files and their manifest entries, tagged with the script's name),
 `compare` (the bitwise `--check` comparison), `merge_manifest` (replaces only one script's entries
-in manifest.json) and `check_or_write` (the `--check` / `--out DIR` / default driver).
+in manifest.json), `arg_parser` (`--check`, `--out DIR`) and `check_or_write` (the driver of
+those modes and of the default one).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -169,6 +171,15 @@ def merge_manifest(path: Path, entries: dict, generator: str, generator_versions
         f.write(json.dumps(m, indent=1, sort_keys=True, allow_nan=False) + "\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def arg_parser(doc: str) -> tuple[argparse.ArgumentParser, argparse._MutuallyExclusiveGroup]:
+    """The scripts' command line: `--check` or `--out DIR` (the returned group, for more exclusive modes)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
+    g.add_argument("--out", type=Path, help="write into this folder instead (no manifest update)")
+    return ap, g
 
 
 def check_or_write(generate: Callable[[Path], Out], check: bool, out_dir: Path | None, generator_versions: dict) -> int:

@@ -29,7 +29,6 @@ records how far the manual loop is from diffusers' own pipeline run with the sam
 """
 from __future__ import annotations
 
-import argparse
 import math
 import copy
 import json
@@ -39,7 +38,7 @@ import sys
 from pathlib import Path
 
 # goldens_common first: it sets the environment (threads, offline hub) before torch is imported
-from goldens_common import GOLDENS, Out, check_or_write, gen, mad, randomize_norm_affine, versions, write_json
+from goldens_common import GOLDENS, Out, arg_parser, check_or_write, gen, mad, randomize_norm_affine, versions, write_json
 
 import numpy
 import torch
@@ -1267,10 +1266,7 @@ def generate(root: Path, parts: tuple) -> Out:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
-    g.add_argument("--out", type=Path, help="write into this folder instead (no manifest update)")
+    ap, g = arg_parser(__doc__)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list out of {PARTS} (default: all)")
     g.add_argument("--refharness", type=Path, default=None,
                    help="folder with sa_ref.py: compare this script's StyleAligned patch with it (writes nothing)")

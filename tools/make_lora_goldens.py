@@ -3,6 +3,7 @@
 
     <venv>/bin/python tools/make_lora_goldens.py            # writes the files below + manifest entries
     <venv>/bin/python tools/make_lora_goldens.py --check    # regenerates in memory, compares bitwise
+    <venv>/bin/python tools/make_lora_goldens.py --out DIR  # writes the same files into DIR (no manifest)
 
 Writes, under tests/fixtures/goldens/:
     loras/sd15_kohya.safetensors   kohya keys (lora_unet_*, lora_te_*), `alpha`, LoCon 3x3 conv layers
@@ -21,13 +22,12 @@ the decoded image), plus the same without LoRA ("base"). CPU, float32, one threa
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 # goldens_common first: it sets the environment (threads, offline hub) before torch is imported
-from goldens_common import GOLDENS, Out, check_or_write, gen, mad, versions
+from goldens_common import GOLDENS, Out, arg_parser, check_or_write, gen, mad, versions
 
 import peft
 import torch
@@ -327,10 +327,9 @@ def generate(root: Path) -> Out:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare bitwise")
+    ap, _ = arg_parser(__doc__)
     args = ap.parse_args()
-    return check_or_write(generate, args.check, None, versions(peft))
+    return check_or_write(generate, args.check, args.out, versions(peft))
 
 
 if __name__ == "__main__":

@@ -34,14 +34,13 @@ CPU, float32, one thread.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 # goldens_common first: it sets the environment (threads, offline hub) before torch is imported
-from goldens_common import GOLDENS, Out, check_or_write, gen, randomize_norm_affine, versions, write_json
+from goldens_common import GOLDENS, Out, arg_parser, check_or_write, gen, randomize_norm_affine, versions, write_json
 
 import numpy
 import torch
@@ -388,10 +387,7 @@ def generate(root: Path) -> Out:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
-    g.add_argument("--out", type=Path, help="write into this folder instead (no manifest update)")
+    ap, g = arg_parser(__doc__)
     args = ap.parse_args()
     return check_or_write(generate, args.check, args.out, versions(numpy))
 
