@@ -29,44 +29,24 @@ records how far the manual loop is from diffusers' own pipeline run with the sam
 """
 from __future__ import annotations
 
-import argparse
 import math
 import copy
 import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# goldens_common first: it sets the environment (threads, offline hub) before torch is imported
+from goldens_common import GOLDENS, Out, arg_parser, check_or_write, gen, mad, randomize_norm_affine, versions, write_json
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import numpy
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
 
-torch.set_num_threads(1)
-
-import diffusers  # noqa: E402
-import numpy  # noqa: E402
-import safetensors  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler,  # noqa: E402
-                       UNet2DConditionModel)
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import CLIPTextModel  # noqa: E402
-import diffusers.utils.logging as _dlog  # noqa: E402
-import transformers.utils.logging as _tlog  # noqa: E402
-
-_dlog.disable_progress_bar()
-_tlog.disable_progress_bar()
-
-ROOT = Path(__file__).resolve().parent.parent
-GOLDENS = ROOT / "tests" / "fixtures" / "goldens"
 GENERATOR = "tools/make_control_goldens.py"
 
 CN_SD15 = "tiny_controlnet_sd15"
@@ -88,71 +68,12 @@ SEEDS = dict(cn_sd15=701, cn_sdxl=702, cn_unet_sd15=710, cn_unet_sdxl=720, cn_pi
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def randn(seed: int, *shape) -> torch.Tensor:
     return torch.randn(*shape, generator=gen(seed), dtype=torch.float32)
 
 
 def rand(seed: int, *shape) -> torch.Tensor:
     return torch.rand(*shape, generator=gen(seed), dtype=torch.float32)
-
-
-def mad(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
-
-
-def versions() -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-            "numpy": numpy.__version__}
-
-
-def write_json(path: Path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(path, 0o644)
-
-
-class Out:
-    """Collects the files of one run (into `root`) and their manifest entries."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.entries: dict = {}
-        self.files: list[str] = []
-
-    def tensors(self, rel: str, tensors: dict, info: dict):
-        tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-        for k, v in tensors.items():
-            assert v.dtype in (torch.float32, torch.int64), (rel, k, v.dtype)
-            assert torch.isfinite(v.double()).all(), (rel, k)
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = dict(info, generator=GENERATOR)
-        save_file(tensors, str(path), metadata={"info": json.dumps(info, sort_keys=True, allow_nan=False)})
-        os.chmod(path, 0o644)
-        size = path.stat().st_size
-        assert size < 2_000_000, f"{rel}: {size} bytes (limit 2 MB)"
-        entry = dict(info)
-        entry["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                            for k, v in tensors.items()}
-        entry["size_bytes"] = size
-        self.entries[rel] = entry
-        self.files.append(rel)
-
-    def folder(self, rel: str, entry: dict):
-        d = self.root / rel
-        files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-        for f in files:
-            os.chmod(d / f, 0o644)
-            assert (d / f).stat().st_size < 2_000_000, f"{rel}/{f} over 2 MB"
-        self.entries[rel + "/"] = dict(entry, files=files, generator=GENERATOR,
-                                       size_bytes=sum((d / f).stat().st_size for f in files))
-        self.files += [f"{rel}/{f}" for f in files]
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,17 +104,6 @@ def load_sdxl(goldens: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 # tiny ControlNets
 # ------------------------------------------------------------------------------------------
-def randomize_norm_affine(model: nn.Module, seed: int):
-    """Norm layers start as weight=1 / bias=0; make them random (as the refharness tiny models)."""
-    g = gen(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
-                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-
-
 def build_controlnet(unet: UNet2DConditionModel, cond_channels: tuple, seed: int) -> ControlNetModel:
     """A ControlNet with the UNet's encoder architecture and ALL weights random: PyTorch's default
     init under `seed` (not copied from the UNet), then the zero-initialised layers (zero convs
@@ -1330,7 +1240,7 @@ PARTS = ("controlnet", "img2img", "window", "cnpipe", "sd2")
 
 
 def generate(root: Path, parts: tuple) -> Out:
-    out = Out(root)
+    out = Out(root, GENERATOR)
     sd15 = load_sd15(GOLDENS)
     sdxl = load_sdxl(GOLDENS)
     nets = None
@@ -1355,51 +1265,8 @@ def generate(root: Path, parts: tuple) -> Out:
     return out
 
 
-def compare(new: Out, old_root: Path) -> list[str]:
-    fails = []
-    for rel in new.files:
-        a, b = new.root / rel, old_root / rel
-        if not b.exists():
-            fails.append(f"{rel}: missing")
-            continue
-        if a.read_bytes() == b.read_bytes():
-            continue
-        if rel.endswith(".safetensors"):
-            ta, tb = load_file(str(a)), load_file(str(b))
-            for k in sorted(set(ta) | set(tb)):
-                if k not in ta or k not in tb:
-                    fails.append(f"{rel}:{k} only in one file")
-                elif ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]):
-                    d = mad(ta[k], tb[k]) if ta[k].shape == tb[k].shape else float("nan")
-                    fails.append(f"{rel}:{k} differs (max abs {d:.3g})")
-            with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
-                if fa.metadata() != fb.metadata():
-                    fails.append(f"{rel}: metadata differs")
-        fails.append(f"{rel}: bytes differ")
-    stored = json.loads((old_root / "manifest.json").read_text()).get("files", {})
-    for rel, entry in new.entries.items():
-        if stored.get(rel) != json.loads(json.dumps(entry, allow_nan=False)):
-            fails.append(f"manifest.json entry {rel} differs or is missing")
-    return fails
-
-
-def merge_manifest(path: Path, entries: dict):
-    """Read-modify-write: only this script's entries are replaced, everything else is kept."""
-    m = json.loads(path.read_text())
-    m.setdefault("files", {}).update(entries)
-    m.setdefault("generator_versions", {})[GENERATOR] = versions()
-    tmp = path.with_name(path.name + ".tmp-control")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(m, indent=1, sort_keys=True, allow_nan=False) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
-    g.add_argument("--out", type=Path, help="write into this folder instead (no manifest update)")
+    ap, g = arg_parser(__doc__)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list out of {PARTS} (default: all)")
     g.add_argument("--refharness", type=Path, default=None,
                    help="folder with sa_ref.py: compare this script's StyleAligned patch with it (writes nothing)")
@@ -1408,23 +1275,7 @@ def main():
         return crosscheck(args.refharness)
     parts = tuple(p for p in args.parts.split(",") if p)
     assert all(p in PARTS for p in parts), parts
-    if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = generate(Path(tmp), parts)
-            fails = compare(out, GOLDENS)
-        if fails:
-            print("\n".join(fails))
-            print(f"CHECK FAILED: {len(fails)} differences")
-            return 1
-        print(f"CHECK OK: {len(out.files)} regenerated files bitwise identical, manifest entries equal")
-        return 0
-    root = args.out if args.out else GOLDENS
-    root.mkdir(parents=True, exist_ok=True)
-    out = generate(root, parts)
-    if args.out is None:
-        merge_manifest(GOLDENS / "manifest.json", out.entries)
-    print(f"wrote {len(out.files)} files")
-    return 0
+    return check_or_write(lambda root: generate(root, parts), args.check, args.out, versions(numpy))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     <venv>/bin/python tools/make_lora_goldens.py            # writes the files below + manifest entries
     <venv>/bin/python tools/make_lora_goldens.py --check    # regenerates in memory, compares bitwise
+    <venv>/bin/python tools/make_lora_goldens.py --out DIR  # writes the same files into DIR (no manifest)
 
 Writes, under tests/fixtures/goldens/:
     loras/sd15_kohya.safetensors   kohya keys (lora_unet_*, lora_te_*), `alpha`, LoCon 3x3 conv layers
@@ -21,57 +22,26 @@ the decoded image), plus the same without LoRA ("base"). CPU, float32, one threa
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# goldens_common first: it sets the environment (threads, offline hub) before torch is imported
+from goldens_common import GOLDENS, Out, arg_parser, check_or_write, gen, mad, versions
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import peft
+import torch
+import torch.nn as nn
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-torch.set_num_threads(1)
-
-import diffusers  # noqa: E402
-import peft  # noqa: E402
-import safetensors  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,  # noqa: E402
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
-import diffusers.utils.logging as _dlog  # noqa: E402
-
-_dlog.disable_progress_bar()
-
-ROOT = Path(__file__).resolve().parent.parent
-GOLDENS = ROOT / "tests" / "fixtures" / "goldens"
 GENERATOR = "tools/make_lora_goldens.py"
 RANK = 4
 STEPS = 4
 GUIDANCE = 5.0
 SEEDS = dict(sd15=901, sdxl=902)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def versions() -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "safetensors": safetensors.__version__}
-
-
-def mad(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,7 +218,10 @@ def run_case(pipe, x: dict, sdxl: bool) -> dict:
     return out
 
 
-def make_family(fam: str, out_dir: Path) -> tuple[dict, dict]:
+def make_family(fam: str, out: Out) -> dict:
+    """Writes the family's two LoRA files and its golden into `out`; returns how much each LoRA changes each
+    output (max abs against "base")."""
+    out_dir = out.root
     seed = SEEDS[fam]
     tok = CLIPTokenizer.from_pretrained(str(GOLDENS / "tokenizer"))
     if fam == "sd15":
@@ -283,7 +256,7 @@ def make_family(fam: str, out_dir: Path) -> tuple[dict, dict]:
         p = out_dir / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(p), metadata={"format": "pt"})
-        os.chmod(p, 0o644)
+        out.plain(rel, {"kind": "lora_file", "format": "kohya" if "kohya" in rel else "peft", "family": fam})
 
     # inputs
     n = 2
@@ -337,50 +310,26 @@ def make_family(fam: str, out_dir: Path) -> tuple[dict, dict]:
     info = {
         "kind": "lora", "family": fam, "model": model, "rank": RANK, "steps": STEPS, "guidance_scale": GUIDANCE,
         "scheduler": {"class": "DDIMScheduler", "config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}},
-        "n_images": n, "cases": cases, "lora_effect_max_abs": effect, "generator": GENERATOR, "versions": versions(),
+        "n_images": n, "cases": cases, "lora_effect_max_abs": effect, "versions": versions(peft),
         "note": "rows: uncond rows (input_ids[:n]) then cond rows; unet_in.* is one UNet call on fixed inputs; "
                 "latents_init (x init_noise_sigma) go through a CFG + DDIM loop",
     }
-    rel = f"lora_{fam}.safetensors"
-    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-    path = out_dir / rel
-    save_file(tensors, str(path), metadata={"info": json.dumps(info, sort_keys=True)})
-    os.chmod(path, 0o644)
-    entry = dict(info, size_bytes=path.stat().st_size,
-                 tensors={k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()})
-    entries = {rel: entry}
-    for f in files:
-        entries[f] = {"kind": "lora_file", "generator": GENERATOR, "size_bytes": (out_dir / f).stat().st_size,
-                      "format": "kohya" if "kohya" in f else "peft", "family": fam}
-    return entries, effect
+    out.tensors(f"lora_{fam}.safetensors", tensors, info)
+    return effect
+
+
+def generate(root: Path) -> Out:
+    out = Out(root, GENERATOR)
+    for fam in ("sd15", "sdxl"):
+        effect = make_family(fam, out)
+        print(fam, "LoRA effect (max abs vs base):", json.dumps(effect))
+    return out
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare bitwise")
+    ap, _ = arg_parser(__doc__)
     args = ap.parse_args()
-    if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            entries = {}
-            for fam in ("sd15", "sdxl"):
-                entries.update(make_family(fam, tmp)[0])
-            bad = [rel for rel in entries if (tmp / rel).read_bytes() != (GOLDENS / rel).read_bytes()]
-            if bad:
-                print("CHECK FAILED, differ:", bad)
-                return 1
-            print(f"CHECK OK: {len(entries)} regenerated files bitwise identical")
-            return 0
-    manifest_path = GOLDENS / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for fam in ("sd15", "sdxl"):
-        entries, effect = make_family(fam, GOLDENS)
-        manifest["files"].update(entries)
-        print(fam, "LoRA effect (max abs vs base):", json.dumps(effect))
-    manifest.setdefault("generator_versions", {})[GENERATOR] = versions()
-    with open(manifest_path, "w") as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n")
-    return 0
+    return check_or_write(generate, args.check, args.out, versions(peft))
 
 
 if __name__ == "__main__":

@@ -34,104 +34,26 @@ CPU, float32, one thread.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# goldens_common first: it sets the environment (threads, offline hub) before torch is imported
+from goldens_common import GOLDENS, Out, arg_parser, check_or_write, gen, randomize_norm_affine, versions, write_json
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-torch.set_num_threads(1)
-
-import diffusers  # noqa: E402
-import numpy  # noqa: E402
-import safetensors  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,  # noqa: E402
+import numpy
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
-import diffusers.utils.logging as _dlog  # noqa: E402
-import transformers.utils.logging as _tlog  # noqa: E402
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-_dlog.disable_progress_bar()
-_tlog.disable_progress_bar()
-
-ROOT = Path(__file__).resolve().parent.parent
-GOLDENS = ROOT / "tests" / "fixtures" / "goldens"
 GENERATOR = "tools/make_single_file_goldens.py"
 SINGLE = "tiny_single"
 SEEDS = dict(sd2_text=801, sd15=810, sd2=820, sdxl=830)
 STEPS = 3
 GUIDANCE = 5.0
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def mad(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max())
-
-
-def versions() -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-            "numpy": numpy.__version__}
-
-
-def write_json(path: Path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(path, 0o644)
-
-
-class Out:
-    """Collects the files of one run (into `root`) and their manifest entries."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.entries: dict = {}
-        self.files: list[str] = []
-
-    def tensors(self, rel: str, tensors: dict, info: dict):
-        tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-        for k, v in tensors.items():
-            assert v.dtype in (torch.float32, torch.int64), (rel, k, v.dtype)
-            assert torch.isfinite(v.double()).all(), (rel, k)
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = dict(info, generator=GENERATOR)
-        save_file(tensors, str(path), metadata={"info": json.dumps(info, sort_keys=True, allow_nan=False)})
-        os.chmod(path, 0o644)
-        size = path.stat().st_size
-        assert size < 2_000_000, f"{rel}: {size} bytes (limit 2 MB)"
-        entry = dict(info)
-        entry["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                            for k, v in tensors.items()}
-        entry["size_bytes"] = size
-        self.entries[rel] = entry
-        self.files.append(rel)
-
-    def plain(self, rel: str, entry: dict):
-        path = self.root / rel
-        os.chmod(path, 0o644)
-        size = path.stat().st_size
-        assert size < 2_000_000, f"{rel}: {size} bytes (limit 2 MB)"
-        self.entries[rel] = dict(entry, generator=GENERATOR, size_bytes=size)
-        self.files.append(rel)
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,16 +195,6 @@ def open_clip_to_ldm(sd: dict, prefix: str) -> dict:
 # ------------------------------------------------------------------------------------------
 # the three tiny pipelines
 # ------------------------------------------------------------------------------------------
-def randomize_norm_affine(model: nn.Module, seed: int):
-    g = gen(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
-                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-
-
 def sd2_text_encoder(width: int) -> CLIPTextModel:
     """A random OpenCLIP-like text encoder for the SD2-like pipeline (gelu, `width` = the UNet's
     cross-attention width)."""
@@ -467,74 +379,17 @@ def golden(out: Out, tag: str, tmp: Path):
 
 
 def generate(root: Path) -> Out:
-    out = Out(root)
+    out = Out(root, GENERATOR)
     with tempfile.TemporaryDirectory() as tmp:
         for tag in ("sd15", "sd2", "sdxl"):
             golden(out, tag, Path(tmp))
     return out
 
 
-def compare(new: Out, old_root: Path) -> list[str]:
-    fails = []
-    for rel in new.files:
-        a, b = new.root / rel, old_root / rel
-        if not b.exists():
-            fails.append(f"{rel}: missing")
-        elif a.read_bytes() != b.read_bytes():
-            if rel.endswith(".safetensors"):
-                ta, tb = load_file(str(a)), load_file(str(b))
-                for k in sorted(set(ta) | set(tb)):
-                    if k not in ta or k not in tb:
-                        fails.append(f"{rel}:{k} only in one file")
-                    elif ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k]):
-                        d = mad(ta[k], tb[k]) if ta[k].shape == tb[k].shape else float("nan")
-                        fails.append(f"{rel}:{k} differs (max abs {d:.3g})")
-                with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
-                    if fa.metadata() != fb.metadata():
-                        fails.append(f"{rel}: metadata differs")
-            fails.append(f"{rel}: bytes differ")
-    stored = json.loads((old_root / "manifest.json").read_text()).get("files", {})
-    for rel, entry in new.entries.items():
-        if stored.get(rel) != json.loads(json.dumps(entry, allow_nan=False)):
-            fails.append(f"manifest.json entry {rel} differs or is missing")
-    return fails
-
-
-def merge_manifest(path: Path, entries: dict):
-    """Read-modify-write: only this script's entries are replaced, everything else is kept."""
-    m = json.loads(path.read_text())
-    m.setdefault("files", {}).update(entries)
-    m.setdefault("generator_versions", {})[GENERATOR] = versions()
-    tmp = path.with_name(path.name + ".tmp-single")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(m, indent=1, sort_keys=True, allow_nan=False) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--check", action="store_true", help="regenerate into a temporary folder and compare")
-    g.add_argument("--out", type=Path, help="write into this folder instead (no manifest update)")
+    ap, g = arg_parser(__doc__)
     args = ap.parse_args()
-    if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = generate(Path(tmp))
-            fails = compare(out, GOLDENS)
-        if fails:
-            print("\n".join(fails))
-            print(f"CHECK FAILED: {len(fails)} differences")
-            return 1
-        print(f"CHECK OK: {len(out.files)} regenerated files bitwise identical, manifest entries equal")
-        return 0
-    root = args.out if args.out else GOLDENS
-    root.mkdir(parents=True, exist_ok=True)
-    out = generate(root)
-    if args.out is None:
-        merge_manifest(GOLDENS / "manifest.json", out.entries)
-    print(f"wrote {len(out.files)} files")
-    return 0
+    return check_or_write(generate, args.check, args.out, versions(numpy))
 
 
 if __name__ == "__main__":
