@@ -55,6 +55,22 @@ fn pixels(images: &[pb::GeneratedImage]) -> Vec<Vec<u8>> {
     pngs(images).iter().map(|p| Image::from_png(p).unwrap().0.rgb).collect()
 }
 
+/// `tests/fixtures/loras/tiny-ink.safetensors`, the LoRA of the embedded model that the Python
+/// client's and the browser playground's tests serve: the synthetic kohya LoRA of seed 11, rank 1
+/// (`STYLEALIGN_WRITE_FIXTURES=1` rewrites it).
+#[test]
+fn the_committed_embedded_model_lora_is_the_synthetic_one() {
+    let pipe = tiny_pipeline(&device()).unwrap();
+    let bytes = synthetic_file(&pipe.lora_targets(), LoraFormat::Kohya, 11, 1, 1.0);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loras/tiny-ink.safetensors");
+    if std::env::var_os("STYLEALIGN_WRITE_FIXTURES").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(committed == bytes, "{} is not the synthetic LoRA (STYLEALIGN_WRITE_FIXTURES=1 rewrites it)", path.display());
+}
+
 #[test]
 fn list_loras_shows_family_format_and_fitting_models() {
     run(Duration::from_secs(120), || async {

@@ -68,6 +68,11 @@ def server():
 
 
 @pytest.fixture(scope="module")
+def lora_server():
+    yield from serve("--lora-dir", str(ROOT / "tests" / "fixtures" / "loras"))
+
+
+@pytest.fixture(scope="module")
 def auth_server():
     yield from serve("--auth-tokens", "alice=s3cret-token")
 
@@ -300,6 +305,35 @@ def test_step_window_and_levels_reach_the_session(server, browser):
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 10).until(lambda d: "unknown option" in d.find_element(By.ID, "error").text)
     assert "levels[0]" in browser.find_element(By.ID, "error").text
+    assert console_errors(browser) == []
+
+
+def test_loras_are_offered_and_reach_the_session(lora_server, browser):
+    open_playground(browser, lora_server)
+    console_errors(browser)
+    assert "tiny-ink for tiny" in browser.find_element(By.ID, "lora-list").text
+    options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#lora-names option")]
+    assert options == ["tiny-ink:1"], options
+    assert "embedded · fp32 · epsilon (config)" in browser.find_element(By.ID, "model-info").text
+    fill(browser, "prompts", "a lighthouse\na fox")
+    fill(browser, "width", "32")
+    fill(browser, "height", "32")
+    fill(browser, "steps", "2")
+    fill(browser, "loras", "tiny-ink:-0.7")
+    browser.find_element(By.ID, "generate").click()
+    wait_finished(browser)
+    assert "LoRAs tiny-ink -0.70" in browser.find_element(By.ID, "session-info").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "img.generated")) == 2
+    # An unknown LoRA: the server's error names the field.
+    fill(browser, "loras", "tiny-ink:0.5, nope")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "phase").get_attribute("data-phase") == "failed")
+    error = browser.find_element(By.ID, "error").text
+    assert error.startswith("INVALID_ARGUMENT:") and "loras[1].name" in error, error
+    # A malformed weight is refused in the page.
+    fill(browser, "loras", "tiny-ink:heavy")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 10).until(lambda d: "loras[0].weight" in d.find_element(By.ID, "error").text)
     assert console_errors(browser) == []
 
 

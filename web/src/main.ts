@@ -10,6 +10,7 @@ import {
   Family,
   GenerateRequestSchema,
   LevelOptionsSchema,
+  LoraWeightSchema,
   OfficialArgsSchema,
   PatchModelRequestSchema,
   Sampler,
@@ -18,6 +19,7 @@ import {
   StepWindowSchema,
   StyleAlign,
   type LevelOptions,
+  type LoraWeight,
   type GeneratedImage,
   type GenerateRequest,
   type ListModelsResponse,
@@ -66,6 +68,9 @@ const ui = {
   windowStart: $<HTMLInputElement>("window-start"),
   windowEnd: $<HTMLInputElement>("window-end"),
   levels: $<HTMLInputElement>("levels"),
+  loras: $<HTMLInputElement>("loras"),
+  loraList: $("lora-list"),
+  loraNames: $<HTMLDataListElement>("lora-names"),
   official: $("official"),
   sessionInfo: $("session-info"),
   prompts: $<HTMLTextAreaElement>("prompts"),
@@ -213,6 +218,15 @@ async function loadCatalog() {
   ui.prompts.dataset.max = String(catalog.maxPrompts);
   applyModel();
   ui.generate.disabled = catalog.models.length === 0;
+  await loadLoras();
+}
+
+/** The server's LoRA folder, offered as completions of the LoRAs field. */
+async function loadLoras() {
+  const res = await api.listLoras({}, { headers: callHeaders() });
+  const usable = res.loras.filter((l) => l.models.length > 0);
+  ui.loraNames.replaceChildren(...usable.map((l) => el("option", { value: `${l.name}:1`, text: `${familyName(l.family)} · ${l.format} · rank ${l.rank}` })));
+  ui.loraList.textContent = usable.length === 0 ? "(none served)" : `(served: ${usable.map((l) => `${l.name} for ${l.models.join(", ")}`).join("; ")})`;
 }
 
 function applyModel() {
@@ -225,6 +239,9 @@ function applyModel() {
     input.value = String(native);
   }
   const facts = [`${familyName(m.family)}`, `native ${m.nativeWidth}×${m.nativeHeight}`, `sizes in multiples of ${m.sizeMultiple}`];
+  if (m.format) facts.push(m.format === "single_file" ? "single file" : m.format);
+  if (m.dtype) facts.push(m.dtype);
+  if (m.predictionType) facts.push(`${m.predictionType} (${m.predictionTypeSource.replace("_", " ")})`);
   if (m.hash) facts.push(`hash ${m.hash}`);
   facts.push(m.source);
   ui.modelInfo.textContent = facts.join(" · ");
@@ -300,6 +317,21 @@ function levelOptions(): LevelOptions[] {
   });
 }
 
+/** The LoRAs field: `NAME[:WEIGHT]` entries separated by `,` (the CLI's `--lora` syntax; weight 1 when left out). */
+function loraWeights(): LoraWeight[] {
+  return ui.loras.value
+    .split(",")
+    .map((e) => e.trim())
+    .filter((e) => e !== "")
+    .map((entry, i) => {
+      const [name, weight] = entry.split(/:(.*)/s, 2);
+      const w = weight === undefined ? 1 : Number(weight);
+      if (!name.trim()) throw new FieldProblem(`loras[${i}].name`, `expected NAME[:WEIGHT], got ${JSON.stringify(entry)}`, ui.loras);
+      if (weight !== undefined && (weight.trim() === "" || !Number.isFinite(w))) throw new FieldProblem(`loras[${i}].weight`, "must be a number", ui.loras);
+      return create(LoraWeightSchema, { name: name.trim(), weight: w });
+    });
+}
+
 /** The step window, when it is not the default [0, 1]. */
 function stepWindow() {
   const number = (input: HTMLInputElement, field: string) => {
@@ -314,7 +346,7 @@ function stepWindow() {
 
 function patchRequest(): PatchModelRequest {
   if (!ui.model.value) throw new FieldProblem("model", "no model loaded", ui.model);
-  const scope = { window: stepWindow(), levels: levelOptions() };
+  const scope = { window: stepWindow(), levels: levelOptions(), loras: loraWeights() };
   if (ui.useOfficial.checked) return create(PatchModelRequestSchema, { model: ui.model.value, advanced: officialArgs(), ...scope });
   return create(PatchModelRequestSchema, {
     model: ui.model.value,
@@ -345,6 +377,7 @@ function describeSession(s: Session): string {
           .join(", "),
     );
   }
+  if (s.loras.length > 0) parts.push("LoRAs " + s.loras.map((l) => `${l.name} ${l.weight.toFixed(2)}`).join(", "));
   return parts.join(" · ");
 }
 
