@@ -43,7 +43,7 @@ def test_check_stubs_fails_on_a_changed_proto(tmp_path):
     assert "stubs up to date" in ok.stdout
 
     proto = tmp_path / "proto" / "stylealign" / "v1" / "stylealign.proto"
-    proto.write_text(proto.read_text().replace("  string hash = 7;\n", "  string hash = 7;\n  string license = 10;\n"))
+    proto.write_text(proto.read_text().replace("  string hash = 7;\n", "  string hash = 7;\n  string license = 99;\n"))
     stale = subprocess.run(["bash", str(copy / "check_stubs.sh")], env=env, capture_output=True, text=True)
     assert stale.returncode == 1, stale.stdout + stale.stderr
     assert "stale" in stale.stderr and "license" in stale.stdout
