@@ -163,10 +163,10 @@ impl ControlNet {
             return Self::load_dir(path, device);
         }
         let io = |message: String| ModelError::Io { path: path.to_path_buf(), message };
-        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        let ext = super::weights::extension(path);
         match ext.as_str() {
             "safetensors" => {}
-            "ckpt" | "pt" | "pth" | "bin" => {
+            _ if super::weights::is_pickle(path) => {
                 return Err(io(format!(
                     "is a pickle checkpoint (.{ext}), which is not read (unpickling can run code); convert it to safetensors, e.g. \
                      `python -c \"from diffusers import ControlNetModel as C; C.from_single_file('{0}').save_pretrained('controlnet-folder')\"` \

@@ -213,8 +213,7 @@ pub fn load_vae(path: &Path, config: VaeConfig, device: &Device) -> Result<Vae, 
         let w = Weights::open(&weight_file(path, "diffusion_pytorch_model")?, device)?;
         return Vae::from_weights(config, &w);
     }
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+    if super::weights::is_pickle(path) {
         return Err(pickle_refusal(path));
     }
     let w = Weights::open(path, device)?;

@@ -114,6 +114,17 @@ impl std::fmt::Debug for Weights {
     }
 }
 
+/// A file's extension, lower-cased ("" without one).
+pub fn extension(path: &Path) -> String {
+    path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
+}
+
+/// Whether `path` names a pickle checkpoint (`.ckpt`, `.pt`, `.pth`, `.bin`): such files are never
+/// read (unpickling can run code).
+pub fn is_pickle(path: &Path) -> bool {
+    matches!(extension(path).as_str(), "ckpt" | "pt" | "pth" | "bin")
+}
+
 /// The weight file of a component folder: `<stem>.safetensors`, or the `<stem>.fp16.safetensors`
 /// variant when only that one exists.
 pub fn weight_file(dir: &Path, stem: &str) -> Result<PathBuf, ModelError> {

@@ -93,10 +93,9 @@ const SIDECAR_KEYS: [&str; 7] =
 /// Loads a single-file checkpoint; the model is named after the file's stem.
 pub fn load(path: &Path, opts: &SingleFileOptions, device: &Device) -> Result<(Pipeline, SingleFileInfo), PipelineError> {
     let io = |message: String| PipelineError::Model(ModelError::Io { path: path.to_path_buf(), message });
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    match ext.as_str() {
+    match crate::model::weights::extension(path).as_str() {
         "safetensors" => {}
-        "ckpt" | "pt" | "pth" | "bin" => return Err(pickle_refusal(path).into()),
+        _ if crate::model::weights::is_pickle(path) => return Err(pickle_refusal(path).into()),
         _ if !path.exists() => return Err(io("does not exist".into())),
         _ => return Err(io("is neither a diffusers folder nor a .safetensors checkpoint".into())),
     }

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use super::convert::Limits;
 use super::session::SessionSecret;
 use crate::device::DeviceSpec;
+use crate::model::weights::{extension, is_pickle};
 
 /// Where a served model comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,9 +25,6 @@ pub enum ModelSource {
     File(PathBuf),
 }
 
-/// Extensions of pickle checkpoints, which are never read.
-const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
-
 impl std::str::FromStr for ModelSource {
     type Err = std::convert::Infallible;
     /// `tiny`, a folder, or a file: an existing file, or a path ending in `.safetensors` (or a
@@ -36,8 +34,7 @@ impl std::str::FromStr for ModelSource {
             return Ok(ModelSource::Tiny);
         }
         let path = PathBuf::from(s);
-        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-        Ok(if path.is_file() || ext == "safetensors" || PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+        Ok(if path.is_file() || extension(&path) == "safetensors" || is_pickle(&path) {
             ModelSource::File(path)
         } else {
             ModelSource::Dir(path)
@@ -45,29 +42,56 @@ impl std::str::FromStr for ModelSource {
     }
 }
 
+/// The entries of the folder given to `flag` that `pick` takes, in the folder's order. A pickle
+/// checkpoint in the folder is an error saying `refusal` of it: such files are never read.
+pub(crate) fn scan_folder<T>(
+    flag: &str,
+    dir: &Path,
+    refusal: impl Fn(&Path) -> String,
+    pick: impl Fn(&Path) -> Option<T>,
+) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("{flag} {}", dir.display()))? {
+        let path = e.with_context(|| format!("{flag} {}", dir.display()))?.path();
+        if path.is_file() && is_pickle(&path) {
+            anyhow::bail!("{flag}: {}", refusal(&path));
+        }
+        out.extend(pick(&path));
+    }
+    Ok(out)
+}
+
+/// Why a pickle checkpoint in a served folder is refused.
+pub(crate) fn pickle_in_folder(path: &Path) -> String {
+    format!(
+        "{} is a pickle checkpoint, which is not read (unpickling can run code); convert it to safetensors or move it out of the folder",
+        path.display()
+    )
+}
+
+pub(crate) fn is_safetensors_file(path: &Path) -> bool {
+    path.is_file() && extension(path) == "safetensors"
+}
+
 /// The models of `--models-dir`: every subfolder that is a diffusers pipeline (a
 /// `model_index.json` or a `unet/` folder) and every `.safetensors` file (a `.json` beside a
 /// file is its sidecar config, not a model), sorted by name. Pickle checkpoints are named in the
 /// error: they are never read.
 pub fn models_dir(dir: &Path) -> anyhow::Result<Vec<ModelSource>> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("--models-dir {}", dir.display()))?;
-    let mut out = Vec::new();
-    for e in entries {
-        let path = e.with_context(|| format!("--models-dir {}", dir.display()))?.path();
-        let ext = path.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let refusal = |path: &Path| {
+        crate::model::single_file::pickle_refusal(path)
+            .to_string()
+            .replace(" and serve the .safetensors file", " (or move it out of the folder)")
+    };
+    let mut out = scan_folder("--models-dir", dir, refusal, |path| {
         if path.is_dir() && (path.join("model_index.json").is_file() || path.join("unet").is_dir()) {
-            out.push(ModelSource::Dir(path));
-        } else if path.is_file() && ext == "safetensors" {
-            out.push(ModelSource::File(path));
-        } else if path.is_file() && PICKLE_EXTENSIONS.contains(&ext.as_str()) {
-            anyhow::bail!(
-                "--models-dir: {}",
-                crate::model::single_file::pickle_refusal(&path)
-                    .to_string()
-                    .replace(" and serve the .safetensors file", " (or move it out of the folder)")
-            );
+            Some(ModelSource::Dir(path.to_path_buf()))
+        } else if is_safetensors_file(path) {
+            Some(ModelSource::File(path.to_path_buf()))
+        } else {
+            None
         }
-    }
+    })?;
     out.sort_by_key(|s| match s {
         ModelSource::Dir(p) | ModelSource::File(p) => p.file_name().map(|n| n.to_os_string()),
         ModelSource::Tiny => None,
@@ -112,22 +136,10 @@ impl std::str::FromStr for ControlNetSource {
 /// `.safetensors` file (a `.json` beside a file is its config, not a ControlNet), sorted by name.
 /// Pickle checkpoints are named in the error: they are never read.
 pub fn controlnet_dir(dir: &Path) -> anyhow::Result<Vec<ControlNetSource>> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("--controlnet-dir {}", dir.display()))?;
-    let mut out = Vec::new();
-    for e in entries {
-        let path = e.with_context(|| format!("--controlnet-dir {}", dir.display()))?.path();
-        let ext = path.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let mut out = scan_folder("--controlnet-dir", dir, pickle_in_folder, |path| {
         let folder = path.is_dir() && path.join("config.json").is_file();
-        if folder || (path.is_file() && ext == "safetensors") {
-            out.push(ControlNetSource::Path(path));
-        } else if path.is_file() && matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
-            anyhow::bail!(
-                "--controlnet-dir: {} is a pickle checkpoint, which is not read (unpickling can run code); convert it to \
-                 safetensors or move it out of the folder",
-                path.display()
-            );
-        }
-    }
+        (folder || is_safetensors_file(path)).then(|| ControlNetSource::Path(path.to_path_buf()))
+    })?;
     out.sort_by_key(|s| s.name());
     Ok(out)
 }

@@ -102,21 +102,8 @@ pub struct CacheStats {
 
 /// The `.safetensors` files of `dir`, sorted. Pickle checkpoints are an error (never read).
 pub fn scan_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    use anyhow::Context as _;
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("--lora-dir {}", dir.display()))? {
-        let path = e.with_context(|| format!("--lora-dir {}", dir.display()))?.path();
-        let ext = path.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-        if path.is_file() && ext == "safetensors" {
-            out.push(path);
-        } else if path.is_file() && matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
-            anyhow::bail!(
-                "--lora-dir: {} is a pickle checkpoint, which is not read (unpickling can run code); convert it to safetensors or \
-                 move it out of the folder",
-                path.display()
-            );
-        }
-    }
+    use super::config::{is_safetensors_file, pickle_in_folder, scan_folder};
+    let mut out = scan_folder("--lora-dir", dir, pickle_in_folder, |path| is_safetensors_file(path).then(|| path.to_path_buf()))?;
     out.sort();
     Ok(out)
 }
