@@ -173,7 +173,8 @@ pub struct Lora {
     pub rank: usize,
     /// Bytes its tensors take in memory (f32).
     pub bytes: u64,
-    layers: HashMap<(Component, String), LoraLayer>,
+    /// Adapted layers by component, then module name (looked up by `&str` on every adapted call).
+    layers: HashMap<Component, HashMap<String, LoraLayer>>,
     /// [`Targets::fingerprint`] of the model it was resolved against.
     targets: u64,
 }
@@ -418,7 +419,7 @@ impl Lora {
             bytes += layer_bytes;
             count += 1;
             if let Some(delta) = delta {
-                layers.insert((comp, module), LoraLayer { delta, scale, rank: layer_rank });
+                layers.entry(comp).or_insert_with(HashMap::new).insert(module, LoraLayer { delta, scale, rank: layer_rank });
             }
         }
         let fingerprint = targets.fingerprint();
@@ -440,17 +441,17 @@ impl Lora {
 
     /// The adapted layer `name` of `component`, if any.
     pub fn layer(&self, component: Component, name: &str) -> Option<&LoraLayer> {
-        self.layers.get(&(component, name.to_string()))
+        self.layers.get(&component)?.get(name)
     }
 
     /// How many layers it adapts.
     pub fn layer_count(&self) -> usize {
-        self.layers.len()
+        self.layers.values().map(HashMap::len).sum()
     }
 
     /// Whether it adapts any layer of `component`.
     pub fn adapts(&self, component: Component) -> bool {
-        self.layers.keys().any(|(c, _)| *c == component)
+        self.layers.get(&component).is_some_and(|m| !m.is_empty())
     }
 }
 
