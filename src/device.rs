@@ -6,6 +6,11 @@
 //! depends on the features this crate was built with, so [`open`] reports a missing feature as an
 //! error instead of failing to compile.
 //!
+//! `Device::wgpu(..)` (feature `wgpu`) runs on whatever graphics API wgpu settles on: Vulkan, Metal
+//! or DX12, and OpenGL where none of those has an adapter. The OpenGL path cannot run f16 and is
+//! not a supported target, so [`open`] refuses it (see [`WgpuApi`]): on Linux without a GPU, Mesa's
+//! software Vulkan driver (lavapipe, Debian package `mesa-vulkan-drivers`) is a Vulkan device.
+//!
 //! A CUDA device cannot be probed through burn: without an NVIDIA driver, the first operation on
 //! a CUDA device panics. [`cuda_device_count`] therefore asks the driver directly (`dlopen` of
 //! `libcuda.so.1`, `cuInit`, `cuDeviceGetCount`) and turns every failure into a
@@ -34,8 +39,9 @@ use libloading::Library;
 pub enum DeviceError {
     /// A device spec that is not one of the accepted forms.
     #[error(
-        "invalid device {input:?}: expected `cpu`, `cuda` (the first CUDA device) or `cuda:N` \
-         (CUDA device index N, e.g. `cuda:1`)"
+        "invalid device {input:?}: expected `cpu`, `cuda` (the first CUDA device), `cuda:N` \
+         (CUDA device index N, e.g. `cuda:1`), `wgpu` (the default wgpu adapter: Vulkan, Metal or \
+         DX12) or `wgpu:N` (wgpu adapter index N)"
     )]
     InvalidSpec {
         /// What was given.
@@ -85,6 +91,29 @@ pub enum DeviceError {
     #[error("the CUDA driver reports no CUDA device")]
     NoDevice,
 
+    /// wgpu found no adapter on Vulkan, Metal or DX12 (only OpenGL, or nothing).
+    #[error(
+        "wgpu found no Vulkan, Metal or DX12 adapter for {spec} (it settled on {api}; OpenGL \
+         cannot run this service's kernels in f16). Install a Vulkan driver: the GPU vendor's, or \
+         on Linux without a GPU Mesa's software driver lavapipe (Debian/Ubuntu package \
+         `mesa-vulkan-drivers`)"
+    )]
+    WgpuNoVulkan {
+        /// The requested device.
+        spec: String,
+        /// The graphics API wgpu settled on.
+        api: String,
+    },
+
+    /// The requested wgpu adapter index is past the last adapter.
+    #[error("wgpu adapter {index} does not exist: wgpu lists {count} adapter(s)")]
+    NoSuchWgpuAdapter {
+        /// The requested index.
+        index: usize,
+        /// How many adapters wgpu lists.
+        count: usize,
+    },
+
     /// The requested index is past the last device.
     #[error("CUDA device {index} does not exist: the driver reports {count} device(s) (cuda:0 .. cuda:{last})", last = count.saturating_sub(1))]
     NoSuchDevice {
@@ -113,25 +142,44 @@ pub enum DeviceSpec {
     Cpu,
     /// The CUDA device with this index.
     Cuda(usize),
+    /// A wgpu adapter: `None` for the default one (`wgpu`), `Some(n)` for the n-th one wgpu
+    /// lists (`wgpu:N`).
+    Wgpu(Option<usize>),
+}
+
+impl DeviceSpec {
+    /// Whether this is a GPU (anything but the CPU backend).
+    pub fn is_gpu(&self) -> bool {
+        !matches!(self, DeviceSpec::Cpu)
+    }
 }
 
 impl FromStr for DeviceSpec {
     type Err = DeviceError;
 
-    /// Accepts `cpu`, `cuda` (same as `cuda:0`) and `cuda:N`, ignoring case and surrounding
-    /// whitespace.
+    /// Accepts `cpu`, `cuda` (same as `cuda:0`), `cuda:N`, `wgpu` and `wgpu:N`, ignoring case and
+    /// surrounding whitespace.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let invalid = || DeviceError::InvalidSpec { input: s.to_string() };
         let lower = s.trim().to_ascii_lowercase();
+        let index = |digits: &str| -> Result<usize, DeviceError> {
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid());
+            }
+            digits.parse().map_err(|_| invalid())
+        };
         match lower.as_str() {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "wgpu" => Ok(DeviceSpec::Wgpu(None)),
             other => {
-                let index = other.strip_prefix("cuda:").ok_or_else(invalid)?;
-                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(invalid());
+                if let Some(digits) = other.strip_prefix("cuda:") {
+                    index(digits).map(DeviceSpec::Cuda)
+                } else if let Some(digits) = other.strip_prefix("wgpu:") {
+                    index(digits).map(|i| DeviceSpec::Wgpu(Some(i)))
+                } else {
+                    Err(invalid())
                 }
-                index.parse().map(DeviceSpec::Cuda).map_err(|_| invalid())
             }
         }
     }
@@ -142,6 +190,8 @@ impl fmt::Display for DeviceSpec {
         match self {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(index) => write!(f, "cuda:{index}"),
+            DeviceSpec::Wgpu(None) => f.write_str("wgpu"),
+            DeviceSpec::Wgpu(Some(index)) => write!(f, "wgpu:{index}"),
         }
     }
 }
@@ -387,7 +437,77 @@ pub fn open(spec: &DeviceSpec) -> Result<burn::tensor::Device, DeviceError> {
             }
             open_cuda(spec, *index)
         }
+        DeviceSpec::Wgpu(index) => open_wgpu(spec, *index),
     }
+}
+
+/// The graphics API wgpu runs its devices on in this process, checked to be one that can run the
+/// service: wgpu's automatic choice takes the first of Vulkan, DX12 and OpenGL (Metal on macOS)
+/// that has an adapter, so a machine without a Vulkan driver silently lands on OpenGL, where f16
+/// fails; and with no adapter at all the first tensor operation panics. Both are an error here,
+/// checked by asking that API for its adapters before any device is opened.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_api(spec: &DeviceSpec) -> Result<String, DeviceError> {
+    use cubecl_wgpu::GraphicsApi;
+    use cubecl_wgpu::wgpu::{Backend, Backends, Instance, InstanceDescriptor};
+    static CHECKED: OnceLock<Result<String, String>> = OnceLock::new();
+    let checked = CHECKED.get_or_init(|| {
+        let api = cubecl_wgpu::AutoGraphicsApi::backend();
+        let name = format!("{api:?}");
+        if !matches!(api, Backend::Vulkan | Backend::Metal | Backend::Dx12) {
+            return Err(name);
+        }
+        let instance =
+            Instance::new(InstanceDescriptor { backends: Backends::from(api), ..InstanceDescriptor::new_without_display_handle() });
+        // On native targets the adapter list is ready at once; poll it once.
+        let mut future = std::pin::pin!(instance.enumerate_adapters(Backends::from(api)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(adapters) if !adapters.is_empty() => Ok(name),
+            _ => Err(format!("{name} without any adapter")),
+        }
+    });
+    checked.clone().map_err(|api| DeviceError::WgpuNoVulkan { spec: spec.to_string(), api })
+}
+
+#[cfg(feature = "wgpu")]
+fn open_wgpu(spec: &DeviceSpec, index: Option<usize>) -> Result<burn::tensor::Device, DeviceError> {
+    use burn::tensor::{Device, DeviceKind, DeviceType};
+    wgpu_api(spec)?;
+    match index {
+        None => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
+        Some(index) => {
+            let all: Vec<Device> = Device::enumerate(DeviceType::Wgpu).into_iter().collect();
+            let count = all.len();
+            all.into_iter().nth(index).ok_or(DeviceError::NoSuchWgpuAdapter { index, count })
+        }
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn open_wgpu(spec: &DeviceSpec, _index: Option<usize>) -> Result<burn::tensor::Device, DeviceError> {
+    Err(DeviceError::FeatureMissing { spec: spec.to_string(), feature: "wgpu" })
+}
+
+/// `spec` described for logs: the adapter's name and the graphics API.
+#[cfg(feature = "wgpu")]
+fn describe_wgpu(spec: &DeviceSpec) -> String {
+    let api = match wgpu_api(spec) {
+        Ok(api) => api,
+        Err(err) => return format!("{spec} (unavailable: {err})"),
+    };
+    match open(spec) {
+        Ok(device) => {
+            let name = device.identity().map_or_else(|| "unnamed adapter".to_string(), |i| i.name);
+            format!("{spec} ({name}; wgpu on {api})")
+        }
+        Err(err) => format!("{spec} (unavailable: {err})"),
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn describe_wgpu(spec: &DeviceSpec) -> String {
+    format!("{spec} (unavailable: built without the `wgpu` feature)")
 }
 
 #[cfg(feature = "cpu")]
@@ -444,6 +564,7 @@ pub fn describe(spec: &DeviceSpec) -> String {
                 Err(err) => format!("{spec} ({name}; {summary}; unusable: {err})"),
             }
         }
+        DeviceSpec::Wgpu(_) => describe_wgpu(spec),
     }
 }
 
@@ -459,17 +580,32 @@ mod tests {
         assert_eq!("cuda:0".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
         assert_eq!("cuda:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
         assert_eq!("Cuda:12".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(12)));
+        assert_eq!("wgpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Wgpu(None)));
+        assert_eq!(" WGPU:2".parse::<DeviceSpec>(), Ok(DeviceSpec::Wgpu(Some(2))));
     }
 
     #[test]
     fn rejects_other_forms_naming_the_accepted_ones() {
-        for bad in
-            ["", "gpu", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "cuda:1:2", "cuda1", "cpu:0", "cuda: 1", "cuda:99999999999999999999999"]
-        {
+        for bad in [
+            "",
+            "gpu",
+            "cuda:",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda:x",
+            "cuda:1:2",
+            "cuda1",
+            "cpu:0",
+            "cuda: 1",
+            "cuda:99999999999999999999999",
+            "wgpu:",
+            "wgpu:x",
+            "vulkan",
+        ] {
             let err = bad.parse::<DeviceSpec>().unwrap_err();
             assert_eq!(err, DeviceError::InvalidSpec { input: bad.to_string() });
             let message = err.to_string();
-            for form in ["`cpu`", "`cuda`", "`cuda:N`"] {
+            for form in ["`cpu`", "`cuda`", "`cuda:N`", "`wgpu`", "`wgpu:N`"] {
                 assert!(message.contains(form), "{message:?} lacks {form}");
             }
         }
@@ -477,7 +613,7 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for spec in [DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Cuda(3)] {
+        for spec in [DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Cuda(3), DeviceSpec::Wgpu(None), DeviceSpec::Wgpu(Some(1))] {
             assert_eq!(spec.to_string().parse::<DeviceSpec>(), Ok(spec));
         }
     }

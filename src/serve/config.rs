@@ -254,7 +254,7 @@ pub struct ServeArgs {
     /// Admin HTTP/gRPC listener (`/metrics`, `/healthz`, grpc.health.v1). `off` disables it.
     #[arg(long, env = "STYLEALIGN_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: String,
-    /// Devices, one worker each: `cpu`, `cuda`, `cuda:N`. Repeat or comma-separate.
+    /// Devices, one worker each: `cpu`, `cuda`, `cuda:N`, `wgpu`, `wgpu:N`. Repeat or comma-separate.
     #[arg(long = "device", env = "STYLEALIGN_DEVICE", value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<DeviceSpec>,
     /// Workers sharing the CPU device.
