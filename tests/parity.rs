@@ -54,23 +54,35 @@ const TOL_FINAL: f64 = 2e-3;
 /// Least PSNR (dB, images mapped to [0, 1]) of an end-to-end image against the f32 golden.
 const MIN_PSNR_DB: f64 = 35.0;
 
-/// The tolerance of every non-exact check of a golden kind when the models run in f16 or bf16
-/// (a check's own f32 tolerance when larger). The table and its justification: docs/precision.md.
-fn half_tolerance(kind: &str, precision: Precision) -> f64 {
-    // Unit ops take f16 inputs (|x| ≲ 4): a few half-precision ulps of the result. Single
-    // model calls: the f16 rounding of weights and activations through a network, about 1e-3 of
-    // the outputs' scale. Denoising loops: that error, amplified over the steps (latents |x| ≲ 4,
-    // images in [-1, 1]). bf16 keeps 8 bits of mantissa to f16's 11: 8 times the tolerance.
-    let f16 = match kind {
+/// A check's class, from its f32 tolerance: a single op or model call (tolerance below
+/// [`TRAJECTORY_TOL`]), or the result of a denoising loop (latents after steps, decoded images).
+const TRAJECTORY_TOL: f64 = 2e-4;
+
+/// The tolerances `(single calls, trajectories)` of the non-exact checks of a golden kind when
+/// the models run in f16 or bf16 (a check's own f32 tolerance when larger). The table, the
+/// measured errors and the justification: docs/precision.md.
+fn half_tolerance(kind: &str, precision: Precision) -> (f64, f64) {
+    // f16 keeps 11 significant bits (relative rounding 4.9e-4): single model calls, whose
+    // outputs are of order 1, land a few 1e-3 from f32 through their depth. Loops amplify that
+    // error by their steps and by the noise level they work at (latents |x| up to ~20 at the
+    // first steps of Euler-type samplers). The LoRA goldens' adapters are strong random ones (they
+    // move the UNet's output by up to 1.6 and the final latents by up to 17), which amplifies it
+    // further. bf16 keeps 8 significant bits: 8 times the f16 tolerances.
+    let single = match kind {
         "unit_ops" => 1e-2,
         "clip_text" | "vae" | "unet_stylealigned" | "controlnet_unet" => 2e-2,
-        "single_file" | "lora" => 5e-2,
-        _ => 2e-1,
+        // Their single calls include CFG-guided predictions (the difference times the guidance).
+        "lora" => 0.2,
+        _ => 5e-2,
+    };
+    let trajectory = match kind {
+        "lora" => 1.5,
+        _ => 0.25,
     };
     match precision {
-        Precision::F32 => 0.0,
-        Precision::F16 => f16,
-        Precision::Bf16 => 8.0 * f16,
+        Precision::F32 => (0.0, 0.0),
+        Precision::F16 => (single, trajectory),
+        Precision::Bf16 => (8.0 * single, 8.0 * trajectory),
     }
 }
 
@@ -146,8 +158,12 @@ struct FileTally {
     different: usize,
     max_err: f64,
     notes: Vec<String>,
-    /// The tolerance of non-exact checks in f16/bf16 (0 in f32: each check's own).
-    half_tol: f64,
+    /// The tolerances of non-exact single-call and trajectory checks in f16/bf16 (0 in f32: each
+    /// check's own).
+    half_tol: (f64, f64),
+    /// The largest error of the single-call and the trajectory checks.
+    max_single: f64,
+    max_trajectory: f64,
 }
 
 impl FileTally {
@@ -156,8 +172,16 @@ impl FileTally {
     }
 
     fn check(&mut self, what: &str, err: f64, tol: f64) {
-        // Exact checks stay exact; others take the half-precision tolerance when larger.
-        let tol = if tol == 0.0 { tol } else { tol.max(self.half_tol) };
+        // Exact checks stay exact; others take the half-precision tolerance of their class when larger.
+        let tol = if tol == 0.0 {
+            tol
+        } else if tol < TRAJECTORY_TOL {
+            self.max_single = self.max_single.max(err);
+            tol.max(self.half_tol.0)
+        } else {
+            self.max_trajectory = self.max_trajectory.max(err);
+            tol.max(self.half_tol.1)
+        };
         if err <= tol {
             self.passed += 1;
             self.max_err = self.max_err.max(err);
@@ -791,7 +815,7 @@ fn run_parity(precision: Precision) {
             other => t.skip(&g.name, &format!("golden kind `{other}` is not implemented")),
         }
         println!(
-            "{:<40} {:>3} run ({} passed, {} failed, {} skipped, {} intentionally-different)  max abs {:.3e}  [{:.1}s]",
+            "{:<40} {:>3} run ({} passed, {} failed, {} skipped, {} intentionally-different)  max abs {:.3e} (single calls {:.3e}, trajectories {:.3e})  [{:.1}s]",
             g.name,
             t.passed + t.failed + t.different,
             t.passed,
@@ -799,6 +823,8 @@ fn run_parity(precision: Precision) {
             t.skipped,
             t.different,
             t.max_err,
+            t.max_single,
+            t.max_trajectory,
             start.elapsed().as_secs_f64()
         );
         for n in &t.notes {

@@ -371,7 +371,8 @@ impl Pipeline {
 
     /// Reads a LoRA file for this model (an error when it does not fit the model).
     pub fn load_lora(&self, name: &str, path: &Path) -> Result<Lora, ModelError> {
-        Lora::load(name, path, &self.lora_targets(), &self.inner.device)
+        // In the model's dtype, as its layers.
+        precision::loading(self.precision(), || Lora::load(name, path, &self.lora_targets(), &self.inner.device))
     }
 
     /// Pixels per latent cell.
