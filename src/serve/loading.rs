@@ -146,7 +146,7 @@ fn load_controlnets(
 
 /// The dtype models load in on `dev`: `--dtype`, else the device's default; refused when the
 /// device cannot compute in it.
-fn choose_precision(wanted: Option<Precision>, spec: &DeviceSpec, dev: &burn::tensor::Device) -> anyhow::Result<Precision> {
+fn choose_precision(wanted: Option<Precision>, spec: &str, dev: &burn::tensor::Device) -> anyhow::Result<Precision> {
     let dtype = wanted.unwrap_or_else(|| Precision::default_for(dev));
     if !dtype.supported_on(dev) {
         let usable: Vec<&str> = Precision::ALL.iter().filter(|p| p.supported_on(dev)).map(|p| p.as_str()).collect();
@@ -168,7 +168,7 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
     let mut hashes: Vec<Option<Arc<str>>> = vec![None; cfg.models.len()];
     for spec in &cfg.devices {
         let dev = device::open(spec).with_context(|| format!("opening device {spec}"))?;
-        let dtype = choose_precision(cfg.dtype, spec, &dev)?;
+        let dtype = choose_precision(cfg.dtype, &spec.to_string(), &dev)?;
         tracing::info!(device = %spec, dtype = %dtype, explicit = cfg.dtype.is_some(), "model dtype");
         let mut models = Models::default();
         let mut entries = Vec::new();
@@ -235,4 +235,34 @@ fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
     };
     let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, ..Default::default() };
     p.generate(&batch, &[set], &mut |_, _| vec![true]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "cpu")]
+    #[test]
+    fn the_cpu_takes_every_dtype_and_defaults_to_f32() {
+        let dev = burn::tensor::Device::flex();
+        assert_eq!(choose_precision(None, "cpu", &dev).unwrap(), Precision::F32);
+        for p in Precision::ALL {
+            assert_eq!(choose_precision(Some(p), "cpu", &dev).unwrap(), p);
+        }
+    }
+
+    /// A Vulkan device (lavapipe here) stores bf16 but cannot compute in it.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn a_dtype_the_device_cannot_compute_in_is_refused_naming_the_flag() {
+        let dev = burn::tensor::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        if dev.supports_dtype(burn::tensor::FloatDType::BF16) {
+            eprintln!("skipped: this wgpu device computes in bf16");
+            return;
+        }
+        let err = choose_precision(Some(Precision::Bf16), "wgpu", &dev).unwrap_err().to_string();
+        assert!(err.contains("--dtype bf16 is not supported on device wgpu"), "{err}");
+        assert!(!err.contains("bf16)"), "bf16 is not listed as supported: {err}");
+        assert_eq!(choose_precision(Some(Precision::F16), "wgpu", &dev).unwrap(), Precision::F16);
+    }
 }
