@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::activation::{gelu, sigmoid};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use super::ModelError;
 use super::config::RawConfig;
@@ -234,7 +234,14 @@ impl ClipTextModel {
         let rows: Vec<Tensor<2>> =
             eos_pos.iter().enumerate().map(|(r, &p)| last.clone().narrow(0, r, 1).narrow(1, p as usize, 1).reshape([1, d])).collect();
         let pooled = Tensor::cat(rows, 0);
-        let text_embeds = self.text_projection.as_ref().map(|p| p.forward(pooled.clone()));
-        Ok(ClipOutput { last_hidden_state: last, penultimate_hidden_state: penultimate, pooler_output: pooled, text_embeds })
+        let text_embeds = self.text_projection.as_ref().map(|p| p.forward(pooled.clone()).cast(FloatDType::F32));
+        // The text conditioning is f32 outside the model (the UNet's projections cast it).
+        let f32 = |t: Tensor<3>| t.cast(FloatDType::F32);
+        Ok(ClipOutput {
+            last_hidden_state: f32(last),
+            penultimate_hidden_state: f32(penultimate),
+            pooler_output: pooled.cast(FloatDType::F32),
+            text_embeds,
+        })
     }
 }

@@ -359,7 +359,7 @@ impl ControlNet {
             if scales.len() == 1 {
                 t * scales[0]
             } else {
-                let s = Tensor::<1>::from_data(TensorData::new(scales.to_vec(), [b]), &t.device()).reshape([b, 1, 1, 1]);
+                let s = Tensor::<1>::from_data(TensorData::new(scales.to_vec(), [b]), &t.device()).cast(t.dtype()).reshape([b, 1, 1, 1]);
                 t * s
             }
         };

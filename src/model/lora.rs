@@ -124,17 +124,34 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
+    /// The pair's dtype (a LoRA is read in f32, or in the dtype of the scope it is loaded in).
+    fn dtype(&self) -> burn::tensor::DType {
+        match &self.delta {
+            Delta::Linear { a, .. } => a.dtype(),
+            Delta::Conv { down, .. } => down.dtype(),
+        }
+    }
+
+    /// The side product for `x`, computed in the pair's dtype and returned in `x`'s.
     fn linear<const D: usize>(&self, x: Tensor<D>) -> Option<Tensor<D>> {
+        let dtype = x.dtype();
+        let x = x.cast(self.dtype());
         match &self.delta {
             Delta::Linear { a, b } => {
                 let h = burn::tensor::module::linear(x, a.clone(), None);
-                Some(burn::tensor::module::linear(h, b.clone(), None))
+                Some(burn::tensor::module::linear(h, b.clone(), None).cast(dtype))
             }
             Delta::Conv { .. } => None,
         }
     }
 
+    /// Like [`LoraLayer::linear`], for a convolution.
     fn conv(&self, x: Tensor<4>) -> Option<Tensor<4>> {
+        let dtype = x.dtype();
+        self.conv_in_own_dtype(x.cast(self.dtype())).map(|d| d.cast(dtype))
+    }
+
+    fn conv_in_own_dtype(&self, x: Tensor<4>) -> Option<Tensor<4>> {
         match &self.delta {
             Delta::Conv { down, up, stride, padding } => {
                 let h = conv2d(x, down.clone(), None, ConvOptions::new([*stride, *stride], [*padding, *padding], [1, 1], 1));

@@ -8,6 +8,7 @@ pub mod controlnet;
 pub mod hash;
 pub mod lora;
 pub mod nn;
+pub mod precision;
 pub mod single_file;
 pub mod stop;
 pub mod tokenizer;
@@ -16,6 +17,8 @@ pub mod vae;
 pub mod weights;
 
 use std::path::PathBuf;
+
+pub use precision::Precision;
 
 /// Model family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

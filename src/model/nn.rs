@@ -7,7 +7,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use std::sync::Arc;
 
@@ -40,8 +40,10 @@ impl Linear {
         self.weight.dims()[1]
     }
 
-    /// `x·W + b`, plus the side products of the active LoRAs that adapt this layer.
+    /// `x·W + b`, plus the side products of the active LoRAs that adapt this layer. `x` is cast
+    /// to the weights' dtype first (a no-op when it has it).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = x.cast(self.weight.dtype());
         if !lora::active() {
             return burn::tensor::module::linear(x, self.weight.clone(), self.bias.clone());
         }
@@ -78,8 +80,10 @@ impl Conv2d {
         Ok(Self { weight, bias, stride, padding, name: Arc::from(prefix) })
     }
 
-    /// The convolution, plus the side products of the active LoRAs that adapt this layer.
+    /// The convolution, plus the side products of the active LoRAs that adapt this layer. `x` is
+    /// cast to the kernel's dtype first (a no-op when it has it).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = x.cast(self.weight.dtype());
         let options = ConvOptions::new([self.stride, self.stride], [self.padding, self.padding], [1, 1], 1);
         if !lora::active() {
             return conv2d(x, self.weight.clone(), self.bias.clone(), options);
@@ -110,24 +114,29 @@ impl GroupNorm {
         Ok(Self { weight: w.tensor(&key(prefix, "weight"), [channels])?, bias: w.tensor(&key(prefix, "bias"), [channels])?, groups, eps })
     }
 
-    /// Per-sample, per-group mean and biased variance of `x` (B, C, H, W): two (B, G, 1) tensors.
+    /// Per-sample, per-group mean and biased variance of `x` (B, C, H, W): two (B, G, 1) f32
+    /// tensors (computed in f32 whatever `x`'s dtype, as PyTorch's GroupNorm does).
     pub fn group_stats(&self, x: Tensor<4>) -> (Tensor<3>, Tensor<3>) {
         let [b, c, h, w] = x.dims();
         let g = self.groups;
-        let x = x.reshape([b, g, (c / g) * h * w]);
+        let x = x.cast(FloatDType::F32).reshape([b, g, (c / g) * h * w]);
         let mean = x.clone().mean_dim(2);
         let var = (x - mean.clone()).square().mean_dim(2);
         (mean, var)
     }
 
-    /// Normalises `x` with the given group statistics and applies the affine parameters.
+    /// Normalises `x` with the given (f32) group statistics and applies the affine parameters,
+    /// in f32; the result has `x`'s dtype.
     pub fn apply_stats(&self, x: Tensor<4>, mean: Tensor<3>, var: Tensor<3>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let g = self.groups;
-        let xg = x.reshape([b, g, (c / g) * h * w]);
-        let xn = (xg - mean) / (var + self.eps).sqrt();
+        let dtype = x.dtype();
+        let xg = x.cast(FloatDType::F32).reshape([b, g, (c / g) * h * w]);
+        let xn = (xg - mean.cast(FloatDType::F32)) / (var.cast(FloatDType::F32) + self.eps).sqrt();
         let xn = xn.reshape([b, c, h, w]);
-        xn * self.weight.clone().reshape([1, c, 1, 1]) + self.bias.clone().reshape([1, c, 1, 1])
+        let weight = self.weight.clone().cast(FloatDType::F32).reshape([1, c, 1, 1]);
+        let bias = self.bias.clone().cast(FloatDType::F32).reshape([1, c, 1, 1]);
+        (xn * weight + bias).cast(dtype)
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -149,12 +158,17 @@ impl LayerNorm {
         Ok(Self { weight: w.tensor(&key(prefix, "weight"), [dim])?, bias: w.tensor(&key(prefix, "bias"), [dim])?, eps })
     }
 
+    /// Computed in f32 whatever `x`'s dtype; the result has `x`'s dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let mean = x.clone().mean_dim(D - 1);
         let centered = x - mean;
         let var = centered.clone().square().mean_dim(D - 1);
         let xn = centered / (var + self.eps).sqrt();
-        xn * self.weight.clone().unsqueeze::<D>() + self.bias.clone().unsqueeze::<D>()
+        let weight = self.weight.clone().cast(FloatDType::F32).unsqueeze::<D>();
+        let bias = self.bias.clone().cast(FloatDType::F32).unsqueeze::<D>();
+        (xn * weight + bias).cast(dtype)
     }
 }
 
@@ -164,7 +178,8 @@ impl LayerNorm {
 /// given, is added to the logits and broadcasts from (1, 1, 1, Nk) or (B, 1, Nq, Nk).
 /// This is the one place attention is computed. On the CPU backend it runs burn-flex's fused
 /// kernel (tiled, online softmax); elsewhere the explicit softmax(QKᵀ)V, which measured faster
-/// than burn-cuda's fused attention.
+/// than burn-cuda's fused attention, with the softmax computed in f32 whatever the inputs'
+/// dtype. `k`, `v` and `bias` are cast to `q`'s dtype.
 ///
 /// On the CPU, the queries are computed in tiles of at most [`QUERY_TILE`] queries, fewer when the
 /// keys are many (about [`TILE_WORK`] multiply-adds per tile), with a stop check
@@ -188,6 +203,8 @@ fn attention_tiled(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias:
     let [b, nq, c] = q.dims();
     let nk = k.dims()[1];
     let d = c / heads;
+    let dtype = q.dtype();
+    let (k, v, bias) = (k.cast(dtype), v.cast(dtype), bias.map(|b| b.cast(dtype)));
     let q = q.reshape([b, nq, heads, d]).swap_dims(1, 2);
     let k = k.reshape([b, nk, heads, d]).swap_dims(1, 2);
     let v = v.reshape([b, nk, heads, d]).swap_dims(1, 2);
@@ -204,7 +221,7 @@ fn attention_tiled(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias:
             while start < nq {
                 let len = tile.min(nq - start);
                 if super::stop::should_stop() {
-                    parts.push(Tensor::zeros([b, heads, nq - start, d], &q.device()));
+                    parts.push(Tensor::zeros([b, heads, nq - start, d], (&q.device(), dtype)));
                     break;
                 }
                 let qt = q.clone().narrow(2, start, len);
@@ -220,7 +237,7 @@ fn attention_tiled(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias:
         if let Some(bias) = bias {
             logits = logits + bias;
         }
-        softmax(logits, 3).matmul(v)
+        softmax(logits.cast(FloatDType::F32), 3).cast(dtype).matmul(v)
     };
     out.swap_dims(1, 2).reshape([b, nq, c])
 }
@@ -286,9 +303,11 @@ impl Attention {
 }
 
 /// diffusers `get_timestep_embedding`: sinusoidal features of `timesteps` (N,) → (N, dim),
-/// frequencies computed in f32 as diffusers does, `[cos, sin]` when `flip_sin_to_cos`.
+/// frequencies computed in f32 as diffusers does, `[cos, sin]` when `flip_sin_to_cos`. Always
+/// f32 (the following linear layer casts to its own dtype, as diffusers' `.to(dtype)` does).
 pub fn timestep_embedding(timesteps: Tensor<1>, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor<2> {
     let device = timesteps.device();
+    let timesteps = timesteps.cast(FloatDType::F32);
     let n = timesteps.dims()[0];
     let half = dim / 2;
     let ln_max = (10000f64).ln() as f32;

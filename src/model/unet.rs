@@ -11,7 +11,7 @@ use std::sync::Arc;
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use serde_json::json;
 
 use super::config::RawConfig;
@@ -678,7 +678,8 @@ impl DownHalf {
             }
             let time_embeds =
                 timestep_embedding(tt.time_ids.clone().reshape([b * 6]), d, cfg.flip_sin_to_cos, cfg.freq_shift).reshape([b, 6 * d]);
-            let add_in = Tensor::cat(vec![tt.text_embeds.clone(), time_embeds], 1);
+            // diffusers concatenates in f32 and casts to the model dtype (the linear layer does).
+            let add_in = Tensor::cat(vec![tt.text_embeds.clone().cast(time_embeds.dtype()), time_embeds], 1);
             emb = emb + add.forward(add_in);
         }
         Ok(emb)
@@ -758,6 +759,10 @@ pub struct UNet {
 }
 
 impl UNet {
+    /// The precision its weights are held (and its activations computed) in.
+    pub fn precision(&self) -> super::precision::Precision {
+        super::precision::Precision::of_dtype(self.conv_out.weight.dtype()).unwrap_or_default()
+    }
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
@@ -895,8 +900,17 @@ impl UNet {
         let x = self.half.conv_in(sample);
         let (mut x, mut skips) = self.half.forward(x, &emb, ctx, hooks)?;
         if let Some(r) = residuals {
-            skips = skips.into_iter().zip(&r.down).map(|(s, add)| s + add.clone()).collect();
-            x = x + r.mid.clone();
+            // A ControlNet's residuals are in its own dtype.
+            skips = skips
+                .into_iter()
+                .zip(&r.down)
+                .map(|(s, add)| {
+                    let dtype = s.dtype();
+                    s + add.clone().cast(dtype)
+                })
+                .collect();
+            let dtype = x.dtype();
+            x = x + r.mid.clone().cast(dtype);
         }
 
         for (k, block) in self.up.iter().enumerate() {
@@ -920,7 +934,8 @@ impl UNet {
 
         stop::check()?;
         let x = silu(hooks.group_norm(Site { level: Level::Out }, &self.conv_norm_out, x));
-        let out = self.conv_out.forward(x);
+        // The sampler works in f32: the output leaves the model's dtype here.
+        let out = self.conv_out.forward(x).cast(FloatDType::F32);
         // Attention tiles skipped after a stop leave garbage: never return it.
         stop::check()?;
         Ok(out)

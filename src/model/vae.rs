@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use serde_json::json;
 
 use super::config::RawConfig;
@@ -214,6 +214,11 @@ impl Vae {
         })
     }
 
+    /// The precision its weights are held (and its activations computed) in.
+    pub fn precision(&self) -> super::precision::Precision {
+        super::precision::Precision::of_dtype(self.dec_conv_out.weight.dtype()).unwrap_or_default()
+    }
+
     /// Encodes images in [-1, 1] (B, 3, H, W) to the latent posterior (unscaled).
     pub fn encode(&self, image: Tensor<4>) -> Result<Posterior, ModelError> {
         let [_, c, h, w] = image.dims();
@@ -244,8 +249,9 @@ impl Vae {
             x = q.forward(x);
         }
         let mut parts = x.chunk(2, 1);
-        let logvar = parts.pop().expect("two halves").clamp(-30.0, 20.0);
-        let mean = parts.pop().expect("two halves");
+        // Latents are f32 outside the models.
+        let logvar = parts.pop().expect("two halves").cast(FloatDType::F32).clamp(-30.0, 20.0);
+        let mean = parts.pop().expect("two halves").cast(FloatDType::F32);
         Ok(Posterior { mean, logvar })
     }
 
@@ -278,7 +284,7 @@ impl Vae {
             }
         }
         stop::check()?;
-        let out = self.dec_conv_out.forward(silu(self.dec_norm_out.forward(x)));
+        let out = self.dec_conv_out.forward(silu(self.dec_norm_out.forward(x))).cast(FloatDType::F32);
         stop::check()?;
         Ok(out)
     }

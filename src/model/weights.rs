@@ -2,8 +2,10 @@
 //!
 //! A file is read tensor by tensor with positioned reads (no memory map, no whole-file buffer):
 //! while a model loads, memory holds the tensors already built plus one tensor being converted,
-//! never two copies of the weights. `F32`, `F16` and `BF16` files are read and converted to the
-//! model's compute dtype (f32).
+//! never two copies of the weights. `F32`, `F16` and `BF16` files are read and converted on the
+//! host to the model's dtype ([`Weights::dtype`]: f32 unless set with [`Weights::with_dtype`] or a
+//! [`super::precision::loading`] scope); a tensor stored in that dtype is used as read (an f16
+//! file for an f16 model is never widened to f32 and back).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -11,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use serde::Deserialize;
 
 use super::ModelError;
@@ -79,6 +81,8 @@ pub struct Weights {
     scope: Option<Scope>,
     /// The layers built from these weights that a LoRA can adapt, by module name.
     layers: Mutex<super::lora::LayerIndex>,
+    /// The dtype tensors are created in.
+    dtype: FloatDType,
 }
 
 /// How a requested tensor is stored: under `key`, optionally as block `part.0` of `part.1` equal
@@ -195,6 +199,7 @@ impl Weights {
             layout: None,
             scope: None,
             layers: Mutex::default(),
+            dtype: super::precision::load_precision().float_dtype(),
         })
     }
 
@@ -219,7 +224,20 @@ impl Weights {
             layout: None,
             scope: None,
             layers: Mutex::default(),
+            dtype: super::precision::load_precision().float_dtype(),
         }
+    }
+
+    /// These weights creating their tensors in `dtype` (F32, F16 or BF16): the model's dtype,
+    /// converted once on the host as each tensor is read.
+    pub fn with_dtype(mut self, dtype: FloatDType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The dtype tensors are created in.
+    pub fn dtype(&self) -> FloatDType {
+        self.dtype
     }
 
     /// These weights with every requested key looked up under `names(key)` (a file in another
@@ -326,11 +344,17 @@ impl Weights {
 
     /// Reads `key` as f32 values after checking its shape.
     pub fn read_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, ModelError> {
+        Ok(self.read_values(key, expected, FloatDType::F32)?.into_f32())
+    }
+
+    /// Reads `key` after checking its shape, as `dtype` values (F32, F16 or BF16; any other is
+    /// read as F32): stored values of that dtype as they are, others converted on the host.
+    fn read_values(&self, key: &str, expected: &[usize], dtype: FloatDType) -> Result<HostValues, ModelError> {
         let file = match &self.source {
             Source::File(file) => file,
             Source::Synthetic { seed, gain } => {
                 self.generated.lock().expect("weights lock").insert(key.to_string(), expected.to_vec());
-                return Ok(synthetic_values(*seed, *gain, key, expected));
+                return Ok(HostValues::F32(synthetic_values(*seed, *gain, key, expected)).into_dtype(dtype));
             }
         };
         let stored = self.stored_as(key);
@@ -385,22 +409,16 @@ impl Weights {
         file.read_exact_at(&mut bytes, offset)
             .map_err(|e| ModelError::Io { path: self.path.clone(), message: format!("reading `{key}`: {e}") })?;
         self.used.lock().expect("weights lock").insert(key.to_string());
-        let values: Vec<f32> = match info.dtype {
-            StoredDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            StoredDType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            StoredDType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        let values = match info.dtype {
+            StoredDType::F32 => HostValues::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            StoredDType::F16 => HostValues::F16(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect()),
+            StoredDType::BF16 => HostValues::Bf16(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect()),
             StoredDType::Other => unreachable!("checked above"),
         };
+        let values = values.into_dtype(dtype);
         Ok(if stored.transposed {
             // Stored [r, c] (after the row block), requested [c, r].
-            let (r, c) = (expected[1], expected[0]);
-            let mut t = vec![0f32; values.len()];
-            for i in 0..r {
-                for j in 0..c {
-                    t[j * r + i] = values[i * c + j];
-                }
-            }
-            t
+            values.transposed(expected[1], expected[0])
         } else {
             values
         })
@@ -408,21 +426,15 @@ impl Weights {
 
     /// Reads `key` as a tensor of the given shape.
     pub fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Result<Tensor<D>, ModelError> {
-        let values = self.read_f32(key, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), &self.device))
+        let values = self.read_values(key, &shape, self.dtype)?;
+        Ok(values.into_tensor(shape, &self.device))
     }
 
     /// Reads a PyTorch `nn.Linear` weight stored `[out, in]` and returns it as `[in, out]`
     /// (burn's layout), transposed on the host so the device tensor is contiguous.
     pub fn linear_weight(&self, key: &str, d_out: usize, d_in: usize) -> Result<Tensor<2>, ModelError> {
-        let values = self.read_f32(key, &[d_out, d_in])?;
-        let mut t = vec![0f32; values.len()];
-        for o in 0..d_out {
-            for i in 0..d_in {
-                t[i * d_out + o] = values[o * d_in + i];
-            }
-        }
-        Ok(Tensor::from_data(TensorData::new(t, [d_in, d_out]), &self.device))
+        let values = self.read_values(key, &[d_out, d_in], self.dtype)?;
+        Ok(values.transposed(d_out, d_in).into_tensor([d_in, d_out], &self.device))
     }
 
     /// Errors if the file holds tensors the model did not read (an extra tensor means the config
@@ -436,6 +448,61 @@ impl Weights {
         let extra: Vec<String> =
             self.tensors.iter().filter(|(k, _)| in_scope(k) && !used.contains(*k)).map(|(k, t)| format!("{k} {:?}", t.shape)).collect();
         if extra.is_empty() { Ok(()) } else { Err(ModelError::ExtraTensors { file: self.path.clone(), keys: extra }) }
+    }
+}
+
+/// Host values of one tensor, in one of the three float dtypes.
+enum HostValues {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl HostValues {
+    /// These values as `dtype` (unchanged when they already are; F64/Flex32 are read as F32).
+    fn into_dtype(self, dtype: FloatDType) -> Self {
+        match (self, dtype) {
+            (v @ HostValues::F16(_), FloatDType::F16) | (v @ HostValues::Bf16(_), FloatDType::BF16) => v,
+            (v, FloatDType::F16) => HostValues::F16(v.into_f32().into_iter().map(half::f16::from_f32).collect()),
+            (v, FloatDType::BF16) => HostValues::Bf16(v.into_f32().into_iter().map(half::bf16::from_f32).collect()),
+            (v, _) => HostValues::F32(v.into_f32()),
+        }
+    }
+
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            HostValues::F32(v) => v,
+            HostValues::F16(v) => v.into_iter().map(half::f16::to_f32).collect(),
+            HostValues::Bf16(v) => v.into_iter().map(half::bf16::to_f32).collect(),
+        }
+    }
+
+    /// The `[rows, cols]` matrix these values hold, transposed to `[cols, rows]`.
+    fn transposed(self, rows: usize, cols: usize) -> Self {
+        fn t<T: Copy>(v: Vec<T>, rows: usize, cols: usize) -> Vec<T> {
+            let mut out = v.clone();
+            for r in 0..rows {
+                for c in 0..cols {
+                    out[c * rows + r] = v[r * cols + c];
+                }
+            }
+            out
+        }
+        match self {
+            HostValues::F32(v) => HostValues::F32(t(v, rows, cols)),
+            HostValues::F16(v) => HostValues::F16(t(v, rows, cols)),
+            HostValues::Bf16(v) => HostValues::Bf16(t(v, rows, cols)),
+        }
+    }
+
+    /// A device tensor of these values, in their dtype.
+    fn into_tensor<const D: usize>(self, shape: [usize; D], device: &Device) -> Tensor<D> {
+        let (data, dtype) = match self {
+            HostValues::F32(v) => (TensorData::new(v, shape), FloatDType::F32),
+            HostValues::F16(v) => (TensorData::new(v, shape), FloatDType::F16),
+            HostValues::Bf16(v) => (TensorData::new(v, shape), FloatDType::BF16),
+        };
+        Tensor::from_data(data, (device, burn::tensor::DType::from(dtype)))
     }
 }
 

@@ -237,7 +237,9 @@ impl Pipeline {
             let gather = Tensor::<1, Int>::from_data(TensorData::new(gather, [2 * half]), &dev);
             let spread = |x: Tensor<4>| {
                 let [_, c, hh, ww] = x.dims();
-                Tensor::cat(vec![Tensor::zeros([1, c, hh, ww], &dev), x], 0).select(0, gather.clone())
+                // The zero row in the residuals' dtype (the ControlNet's).
+                let zero = Tensor::zeros([1, c, hh, ww], (&dev, x.dtype()));
+                Tensor::cat(vec![zero, x], 0).select(0, gather.clone())
             };
             let r = AdditionalResiduals { down: r.down.into_iter().map(spread).collect(), mid: spread(r.mid) };
             total = Some(match total {

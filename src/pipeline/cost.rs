@@ -2,8 +2,11 @@
 //! allocated): what admission ([`crate::serve::admission`]) compares with the memory budget
 //! before a request is queued.
 //!
-//! Activations are f32. The estimate is the largest of the phases of a set's life, plus what lives
-//! through all of them:
+//! Activations take the model's element size ([`CostModel::activation_bytes`]: 4 bytes in f32, 2 in
+//! f16 and bf16; the VAE's own, [`CostModel::vae_bytes`], f32 for an upcast SDXL VAE); the
+//! attention matrices of the explicit path are counted in f32 (its softmax is computed in f32),
+//! and what lives outside the models (latents, text conditioning, sampler history) is f32. The
+//! estimate is the largest of the phases of a set's life, plus what lives through all of them:
 //!
 //! - **UNet step** (`2 × rows` batch rows: the CFG halves): the skip connections of every level
 //!   (kept until the up path consumes them), plus the working set of the costliest level: a
@@ -24,6 +27,7 @@
 //!   image's pixels (RGB, its copy while it is fitted, and the fitted float image) and its
 //!   inverted trajectory (`steps + 1` latents); and [`FIXED_BYTES`].
 
+use crate::model::precision::Precision;
 use crate::model::unet::UNetConfig;
 use crate::model::vae::VaeConfig;
 
@@ -48,6 +52,10 @@ pub struct CostModel {
     pub vae_mid_attention: bool,
     /// Attention runs as a fused kernel (no attention matrices allocated).
     pub fused_attention: bool,
+    /// Bytes per element of the UNet's activations (the model's dtype).
+    pub activation_bytes: u64,
+    /// Bytes per element of the VAE's activations.
+    pub vae_bytes: u64,
 }
 
 /// What one set asks for.
@@ -106,7 +114,14 @@ impl CostModel {
             vae_channels: vae.block_out_channels.clone(),
             vae_mid_attention: vae.mid_block_add_attention,
             fused_attention,
+            activation_bytes: F32,
+            vae_bytes: F32,
         }
+    }
+
+    /// This model with activations of `unet` and `vae` precision.
+    pub fn with_precision(self, unet: Precision, vae: Precision) -> Self {
+        Self { activation_bytes: unet.size() as u64, vae_bytes: vae.size() as u64, ..self }
     }
 
     /// Floats of one UNet call per batch row (`group_rows`: rows that attend together under
@@ -161,8 +176,8 @@ impl CostModel {
         let rows = s.images + usize::from(s.reference_pixels.is_some());
         let batch_rows = 2 * rows as u64;
         let (linear, quadratic) = self.unet_floats(h, w, rows, s.full_share);
-        let unet = batch_rows * (linear + quadratic) * F32;
-        let vae = s.images as u64 * self.vae_decode_floats(h, w) * F32 + s.images as u64 * 3 * (s.width * s.height) as u64;
+        let unet = batch_rows * (linear * self.activation_bytes + quadratic * F32);
+        let vae = s.images as u64 * self.vae_decode_floats(h, w) * self.vae_bytes + s.images as u64 * 3 * (s.width * s.height) as u64;
         let latent = (self.latent_channels * h * w) as u64;
         // Latents, model input and output, sampler history: a few latents per batch row; the
         // text conditioning (77 tokens) of both halves.
@@ -174,9 +189,9 @@ impl CostModel {
             let trajectory = (s.steps as u64 + 1) * latent * F32;
             resident += reference_pixels + trajectory;
             let c0 = self.vae_channels.first().copied().unwrap_or(128) as u64;
-            let encode = 5 * c0 * (s.width * s.height) as u64 * F32;
+            let encode = 5 * c0 * (s.width * s.height) as u64 * self.vae_bytes;
             let (l1, q1) = self.unet_floats(h, w, 1, false);
-            reference_encode = encode.max(2 * (l1 + q1) * F32);
+            reference_encode = encode.max(2 * (l1 * self.activation_bytes + q1 * F32));
         }
         if s.input_images > 0 {
             // Each decoded image and its copy while fitted; the fitted image as bytes and floats.
@@ -187,14 +202,14 @@ impl CostModel {
         }
         if s.init_images > 0 {
             let c0 = self.vae_channels.first().copied().unwrap_or(128) as u64;
-            reference_encode = reference_encode.max(5 * c0 * (s.width * s.height) as u64 * F32);
+            reference_encode = reference_encode.max(5 * c0 * (s.width * s.height) as u64 * self.vae_bytes);
         }
         let mut unet = unet;
         if s.controls > 0 {
             // Each ControlNet's residuals (one tensor per skip connection and the mid block's, for
             // both CFG halves of every row) and their sum live through the UNet's forward; a
             // ControlNet's own forward (a down half) peaks below the UNet's.
-            unet += (s.controls as u64 + 1) * batch_rows * self.residual_floats(h, w) * F32;
+            unet += (s.controls as u64 + 1) * batch_rows * self.residual_floats(h, w) * self.activation_bytes;
         }
         let total = unet.max(vae).max(reference_encode) + resident + FIXED_BYTES;
         Estimate { unet, vae, reference_encode, resident, reference_pixels, total }
@@ -222,7 +237,8 @@ impl CostModel {
         let f = self.pixel_factor;
         let (h, w) = ((height / f).max(1), (width / f).max(1));
         let (linear, quadratic) = self.unet_floats(h, w, 1, false);
-        2 * (linear + quadratic) * F32 + 2 * (6 * (self.latent_channels * h * w) as u64 + 77 * self.context_dim as u64) * F32
+        2 * (linear * self.activation_bytes + quadratic * F32)
+            + 2 * (6 * (self.latent_channels * h * w) as u64 + 77 * self.context_dim as u64) * F32
     }
 }
 
@@ -231,6 +247,7 @@ impl super::Pipeline {
     pub fn cost_model(&self) -> CostModel {
         let i = &self.inner;
         CostModel::new(&i.unet.config, &i.vae.config, self.pixel_factor(), crate::model::nn::fused_attention(&i.device))
+            .with_precision(self.precision(), self.vae_precision())
     }
 }
 
@@ -249,6 +266,8 @@ mod tests {
             vae_channels: vec![128, 256, 512, 512],
             vae_mid_attention: true,
             fused_attention: fused,
+            activation_bytes: 4,
+            vae_bytes: 4,
         }
     }
 
@@ -269,6 +288,19 @@ mod tests {
         // Full sharing attends over the group's tokens: quadratic in its rows.
         let full = m.estimate(&SetShape { full_share: true, ..shape(4, 512) }).unet;
         assert!(full > m.estimate(&shape(4, 512)).unet);
+    }
+
+    #[test]
+    fn half_precision_halves_the_activations() {
+        let full = sd15(true).estimate(&shape(2, 512));
+        let half = sd15(true).with_precision(Precision::F16, Precision::F16).estimate(&shape(2, 512));
+        assert_eq!(2 * half.unet, full.unet);
+        assert_eq!(half.resident, full.resident, "latents and conditioning stay f32");
+        assert!(half.vae < full.vae);
+        // An upcast VAE keeps its f32 activations.
+        let upcast = sd15(true).with_precision(Precision::Bf16, Precision::F32).estimate(&shape(2, 512));
+        assert_eq!(upcast.vae, full.vae);
+        assert!(sd15(true).with_precision(Precision::F16, Precision::F16).row_bytes(512, 512) < sd15(true).row_bytes(512, 512));
     }
 
     #[test]

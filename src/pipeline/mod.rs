@@ -23,9 +23,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::model::ModelError;
 use crate::model::clip::ClipTextModel;
 use crate::model::lora::{self, Active, Adapters, Component, Lora, RowGroup, Targets};
+use crate::model::precision::{self, Precision};
 use crate::model::tokenizer::{ClipTokenizer, PadMode};
 use crate::model::unet::{NoHooks, TextTime, UNet, UNetHooks};
-use crate::model::vae::Vae;
+use crate::model::vae::{Vae, VaeConfig};
 use crate::sampling::noise::{INITIAL, gaussian_tensor, step_stream};
 use crate::sampling::sampler::{Sampler, SamplerKind};
 use crate::sampling::{Conditioning, SchedulerConfig, guided_output_with};
@@ -261,7 +262,12 @@ impl Pipeline {
             (None, None)
         };
         let unet = UNet::load(&dir.join("unet"), device)?;
-        let vae = Vae::load(&dir.join("vae"), device)?;
+        let vae = if text_encoder_2.is_some() {
+            let force_upcast = VaeConfig::from_file(&dir.join("vae").join("config.json"))?.force_upcast;
+            precision::loading(precision::sdxl_vae_precision(force_upcast), || Vae::load(&dir.join("vae"), device))?
+        } else {
+            Vae::load(&dir.join("vae"), device)?
+        };
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler = if scheduler_path.is_file() { SchedulerConfig::from_file(&scheduler_path)? } else { SchedulerConfig::default() };
         let force_zeros_for_empty_prompt = std::fs::read_to_string(dir.join("model_index.json"))
@@ -330,6 +336,17 @@ impl Pipeline {
         &self.inner.device
     }
 
+    /// The precision the UNet and text encoders run in (`--dtype`).
+    pub fn precision(&self) -> Precision {
+        self.inner.unet.precision()
+    }
+
+    /// The precision the VAE runs in: the model's, or f32 for an SDXL VAE that asks for
+    /// `force_upcast`.
+    pub fn vae_precision(&self) -> Precision {
+        self.inner.vae.precision()
+    }
+
     pub fn unet(&self) -> &UNet {
         &self.inner.unet
     }
@@ -354,7 +371,8 @@ impl Pipeline {
 
     /// Reads a LoRA file for this model (an error when it does not fit the model).
     pub fn load_lora(&self, name: &str, path: &Path) -> Result<Lora, ModelError> {
-        Lora::load(name, path, &self.lora_targets(), &self.inner.device)
+        // In the model's dtype, as its layers.
+        precision::loading(self.precision(), || Lora::load(name, path, &self.lora_targets(), &self.inner.device))
     }
 
     /// Pixels per latent cell.

@@ -150,9 +150,17 @@ pub fn load(path: &Path, opts: &SingleFileOptions, device: &Device) -> Result<(P
     let unet_config = UNetConfig::from_raw(&raw("unet")?)?;
     let unet = ckpt.unet(unet_config, device)?;
     let vae_config = VaeConfig::from_raw(&raw("vae")?)?;
+    // An SDXL checkpoint (a second text encoder) keeps a `force_upcast` VAE in f32, as diffusers does.
+    let vae_precision = if ckpt.text_2.is_some() {
+        crate::model::precision::sdxl_vae_precision(vae_config.force_upcast)
+    } else {
+        crate::model::precision::load_precision()
+    };
     let (vae, vae_path) = match (&ckpt.has_vae, &opts.vae) {
-        (true, _) => (ckpt.vae(vae_config, device)?, None),
-        (false, Some(v)) => (single_file::load_vae(v, vae_config, device)?, Some(v.clone())),
+        (true, _) => (crate::model::precision::loading(vae_precision, || ckpt.vae(vae_config, device))?, None),
+        (false, Some(v)) => {
+            (crate::model::precision::loading(vae_precision, || single_file::load_vae(v, vae_config, device))?, Some(v.clone()))
+        }
         (false, None) => {
             return Err(io(
                 "holds no VAE (`first_stage_model.*`); give one with --vae (a diffusers VAE folder or .safetensors file)".into()

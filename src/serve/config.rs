@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use super::convert::Limits;
 use super::session::SessionSecret;
 use crate::device::DeviceSpec;
+use crate::model::precision::Precision;
 use crate::model::weights::{extension, is_pickle};
 
 /// Where a served model comes from.
@@ -159,6 +160,9 @@ pub struct ServeConfig {
     pub controlnets: Vec<ControlNetSource>,
     /// One worker per device; for the CPU, `cpu_workers` workers share the CPU device.
     pub devices: Vec<DeviceSpec>,
+    /// The models' dtype on every device (`None`: f16 on GPU devices, f32 on the CPU; see
+    /// [`Precision::default_for`]).
+    pub dtype: Option<Precision>,
     pub cpu_workers: usize,
     /// Admission queue capacity (requests waiting to run). Full: RESOURCE_EXHAUSTED at once.
     pub max_queue: usize,
@@ -257,6 +261,11 @@ pub struct ServeArgs {
     /// Devices, one worker each: `cpu`, `cuda`, `cuda:N`, `wgpu`, `wgpu:N`. Repeat or comma-separate.
     #[arg(long = "device", env = "STYLEALIGN_DEVICE", value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<DeviceSpec>,
+    /// The models' dtype: `f32`, `f16` or `bf16` (weights converted once at load; GroupNorm and
+    /// softmax statistics, timestep embeddings and the sampler stay f32). Default: f16 on GPU
+    /// devices, f32 on the CPU. A device that cannot compute in it is refused at startup.
+    #[arg(long, env = "STYLEALIGN_DTYPE")]
+    pub dtype: Option<Precision>,
     /// Workers sharing the CPU device.
     #[arg(long, env = "STYLEALIGN_CPU_WORKERS", default_value_t = 1)]
     pub cpu_workers: usize,
@@ -397,6 +406,7 @@ impl ServeArgs {
             single_file: crate::pipeline::single_file::SingleFileOptions { prediction_type: self.prediction_type, vae: self.vae.clone() },
             controlnets,
             devices: self.devices.clone(),
+            dtype: self.dtype,
             cpu_workers: self.cpu_workers,
             max_queue: self.max_queue,
             batching: !self.no_batching,
@@ -671,6 +681,11 @@ mod tests {
         assert!(
             Cli::try_parse_from(["x", "--device", "tpu"]).err().expect("an unknown device is refused").to_string().contains("--device")
         );
+        assert_eq!(d.dtype, None, "the default dtype follows the device");
+        let a = Cli::try_parse_from(["x", "--dtype", "f16"]).unwrap().serve.config().unwrap();
+        assert_eq!(a.dtype, Some(Precision::F16));
+        let e = Cli::try_parse_from(["x", "--dtype", "f8"]).err().expect("an unknown dtype is refused").to_string();
+        assert!(e.contains("--dtype") && e.contains("`bf16`"), "{e}");
         let e = Cli::try_parse_from(["x", "--max-steps", "4", "--default-steps", "5"]).unwrap().serve.config().unwrap_err();
         assert!(e.to_string().contains("--default-steps"), "{e}");
     }

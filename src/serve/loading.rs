@@ -9,6 +9,7 @@ use super::config::{ControlNetSource, ModelSource, ServeConfig};
 use super::service::{ControlNetEntry, ModelDetails, ModelEntry};
 use super::worker::Models;
 use crate::device::{self, DeviceSpec};
+use crate::model::precision::{self, Precision};
 use crate::pipeline::single_file::{self, PredictionOrigin};
 use crate::pipeline::{BatchSpec, Pipeline, PipelineError, SetSpec};
 use crate::sampling::sampler::SamplerKind;
@@ -143,6 +144,22 @@ fn load_controlnets(
     Ok(out)
 }
 
+/// The dtype models load in on `dev`: `--dtype`, else the device's default; refused when the
+/// device cannot compute in it.
+fn choose_precision(wanted: Option<Precision>, spec: &str, dev: &burn::tensor::Device) -> anyhow::Result<Precision> {
+    let dtype = wanted.unwrap_or_else(|| Precision::default_for(dev));
+    if !dtype.supported_on(dev) {
+        let usable: Vec<&str> = Precision::ALL.iter().filter(|p| p.supported_on(dev)).map(|p| p.as_str()).collect();
+        let origin = if wanted.is_some() { "--dtype" } else { "the default --dtype" };
+        anyhow::bail!(
+            "{origin} {dtype} is not supported on device {spec}: it cannot compute in {dtype}; pass --dtype {} (what it supports: {})",
+            usable.first().copied().unwrap_or("f32"),
+            if usable.is_empty() { "none".to_string() } else { usable.join(", ") }
+        );
+    }
+    Ok(dtype)
+}
+
 /// Loads every model and ControlNet on every device and warms each model up with one step.
 pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
     let mut out = Vec::new();
@@ -151,15 +168,18 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
     let mut hashes: Vec<Option<Arc<str>>> = vec![None; cfg.models.len()];
     for spec in &cfg.devices {
         let dev = device::open(spec).with_context(|| format!("opening device {spec}"))?;
+        let dtype = choose_precision(cfg.dtype, &spec.to_string(), &dev)?;
+        tracing::info!(device = %spec, dtype = %dtype, explicit = cfg.dtype.is_some(), "model dtype");
         let mut models = Models::default();
         let mut entries = Vec::new();
         for (src, hash) in cfg.models.iter().zip(hashes.iter_mut()) {
             let t = Instant::now();
-            let loaded = match src {
+            // Weights are converted to the dtype as they are read.
+            let loaded = precision::loading(dtype, || match src {
                 ModelSource::Tiny => crate::pipeline::tiny::tiny_pipeline(&dev).map(|p| (p, None)),
                 ModelSource::Dir(d) => Pipeline::load(d, &dev).map(|p| (p, None)),
                 ModelSource::File(f) => single_file::load(f, &cfg.single_file, &dev).map(|(p, i)| (p, Some(i))),
-            };
+            });
             let (p, file_info) = loaded.with_context(|| format!("loading model {} on {spec}", source_label(src)))?;
             let details = model_details(src, &p, file_info.as_ref());
             let sha256 = match hash {
@@ -170,7 +190,8 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
             if models.pipelines.contains_key(&name) {
                 anyhow::bail!("two models are named {name:?}; serve folders and files with distinct names");
             }
-            tracing::info!(model = %name, family = p.family().as_str(), device = %spec, elapsed_ms = t.elapsed().as_millis() as u64, "model loaded");
+            tracing::info!(model = %name, family = p.family().as_str(), device = %spec, dtype = %p.precision(), vae_dtype = %p.vae_precision(),
+                elapsed_ms = t.elapsed().as_millis() as u64, "model loaded");
             if cfg.warmup {
                 let t = Instant::now();
                 warm_up(&p).with_context(|| format!("warming up {name} on {spec}"))?;
@@ -193,7 +214,7 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
             });
             models.pipelines.insert(name, p);
         }
-        let controlnets = load_controlnets(cfg, spec, &dev, &mut models, &mut net_hashes)?;
+        let controlnets = precision::loading(dtype, || load_controlnets(cfg, spec, &dev, &mut models, &mut net_hashes))?;
         out.push(Loaded { spec: spec.clone(), models, entries, controlnets });
     }
     Ok(out)
@@ -214,4 +235,34 @@ fn warm_up(p: &Pipeline) -> Result<(), PipelineError> {
     };
     let set = SetSpec { prompts: vec!["warm-up".into(), "warm-up".into()], negative_prompt: String::new(), seed: 0, ..Default::default() };
     p.generate(&batch, &[set], &mut |_, _| vec![true]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "cpu")]
+    #[test]
+    fn the_cpu_takes_every_dtype_and_defaults_to_f32() {
+        let dev = burn::tensor::Device::flex();
+        assert_eq!(choose_precision(None, "cpu", &dev).unwrap(), Precision::F32);
+        for p in Precision::ALL {
+            assert_eq!(choose_precision(Some(p), "cpu", &dev).unwrap(), p);
+        }
+    }
+
+    /// A Vulkan device (lavapipe here) stores bf16 but cannot compute in it.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn a_dtype_the_device_cannot_compute_in_is_refused_naming_the_flag() {
+        let dev = burn::tensor::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        if dev.supports_dtype(burn::tensor::FloatDType::BF16) {
+            eprintln!("skipped: this wgpu device computes in bf16");
+            return;
+        }
+        let err = choose_precision(Some(Precision::Bf16), "wgpu", &dev).unwrap_err().to_string();
+        assert!(err.contains("--dtype bf16 is not supported on device wgpu"), "{err}");
+        assert!(!err.contains("bf16)"), "bf16 is not listed as supported: {err}");
+        assert_eq!(choose_precision(Some(Precision::F16), "wgpu", &dev).unwrap(), Precision::F16);
+    }
 }

@@ -1,7 +1,7 @@
 //! The patch's tensor operations: AdaIN, shared GroupNorm, reference features and the shared
 //! self-attention of both flavours.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use crate::model::nn::{Attention, GroupNorm, attention};
 
@@ -43,23 +43,29 @@ impl DevicePlan {
 }
 
 /// AdaIN over the token axis of `t` (B, N, C): every row is normalised with its own mean and
-/// unbiased standard deviation and given those of row `stats_reference_of[i]`.
+/// unbiased standard deviation and given those of row `stats_reference_of[i]`. Computed in f32
+/// whatever `t`'s dtype; the result has `t`'s dtype.
 pub fn adain(t: Tensor<3>, stats_reference_of: &Tensor<1, Int>) -> Tensor<3> {
     let n = t.dims()[1];
+    let dtype = t.dtype();
+    let t = t.cast(FloatDType::F32);
     let mean = t.clone().mean_dim(1);
     let centered = t - mean.clone();
     let var = centered.clone().square().sum_dim(1) / ((n.max(2) - 1) as f64);
     let sd = (var + ADAIN_EPS).sqrt();
     let ref_mean = mean.select(0, stats_reference_of.clone());
     let ref_sd = sd.clone().select(0, stats_reference_of.clone());
-    centered / sd * ref_sd + ref_mean
+    (centered / sd * ref_sd + ref_mean).cast(dtype)
 }
 
 /// The reference features of every row: `gain[i] · t[reference_of[i]]`, (B, N, C).
 pub fn reference_features(t: Tensor<3>, reference_of: &Tensor<1, Int>, gain: Option<&Tensor<3>>) -> Tensor<3> {
     let r = t.select(0, reference_of.clone());
     match gain {
-        Some(g) => r * g.clone(),
+        Some(g) => {
+            let dtype = r.dtype();
+            r * g.clone().cast(dtype)
+        }
         None => r,
     }
 }
@@ -72,7 +78,8 @@ pub fn with_reference(t: Tensor<3>, reference_of: &Tensor<1, Int>, gain: Option<
 
 /// GroupNorm where row i is normalised with the group statistics of its own elements and those
 /// of row `stats_reference_of[i]` together (equal sizes: the mean of the means, and the pooled
-/// biased variance). A row that is its own reference gets plain GroupNorm.
+/// biased variance). A row that is its own reference gets plain GroupNorm. Statistics in f32
+/// ([`GroupNorm::group_stats`]).
 pub fn shared_group_norm(norm: &GroupNorm, x: Tensor<4>, stats_reference_of: &Tensor<1, Int>) -> Tensor<4> {
     let (mean, var) = norm.group_stats(x.clone());
     let ref_mean = mean.clone().select(0, stats_reference_of.clone());

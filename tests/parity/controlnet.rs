@@ -80,7 +80,7 @@ pub fn controlnet_unet_file(dir: &Path, g: &Golden, unet: &UNet, t: &mut impl Ta
     {
         t.fail("controlnet_conditioning_downsampling", format!("ours {} != golden {f}", nets[0].1.config.hint_factor()));
     }
-    for case in info["cases"].as_array().into_iter().flatten() {
+    for case in crate::cases(&info["cases"]) {
         let p = case["tensor_prefix"].as_str().expect("tensor_prefix");
         let key = |k: &str| format!("{p}{k}");
         let sample: Tensor<4> = g.get(&key("input.sample")).tensor(device);
@@ -217,7 +217,7 @@ pub fn controlnet_pipe_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: 
     let (plain, _) = crate::denoise_recording(&pipe, &batch, &mut new_sampler(), state(Vec::new()));
     t.check("latents_final_no_control", max_abs_diff(plain.clone(), g.get("latents_final_no_control")), TOL_FINAL);
 
-    for case in info["cases"].as_array().into_iter().flatten() {
+    for case in crate::cases(&info["cases"]) {
         let p = case["tensor_prefix"].as_str().expect("tensor_prefix");
         let key = |k: &str| format!("{p}{k}");
         let control = SetControl {

@@ -43,7 +43,7 @@ pub fn img2img_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Device)
     let f = pipe.pixel_factor();
     let guidance = info["guidance_scale"].as_f64().expect("info.guidance_scale") as f32;
     let opts = options_of(&info["stylealigned"]).expect("stylealigned options");
-    for case in info["cases"].as_array().into_iter().flatten() {
+    for case in crate::cases(&info["cases"]) {
         let p = case["tensor_prefix"].as_str().expect("tensor_prefix");
         let kind = match case["scheduler_kind"].as_str() {
             Some("ddim") => SamplerKind::Ddim,

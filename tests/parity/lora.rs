@@ -39,7 +39,8 @@ pub fn lora_file(dir: &Path, g: &Golden, t: &mut impl Tally, device: &Device) {
     let [_, _, h, w] = init.dims();
     let f = pipe.pixel_factor();
 
-    for case in info["cases"].as_array().expect("cases") {
+    assert!(info["cases"].is_array(), "info.cases");
+    for case in crate::cases(&info["cases"]) {
         let c = case["name"].as_str().expect("case name");
         let mut adapters: Adapters = Vec::new();
         let mut failed = false;

@@ -131,7 +131,7 @@ pub fn style_window_file(g: &Golden, unet: &UNet, clip: &ClipTextModel, vae: &Va
         t.check(&format!("{p}image_decoded"), max_abs_diff(image, g.get(&format!("{p}image_decoded"))), TOL_FINAL);
     };
 
-    for case in info["cases"].as_array().into_iter().flatten().chain([&info["full"]]) {
+    for case in crate::cases(&info["cases"]).chain([&info["full"]]) {
         let p = case["tensor_prefix"].as_str().expect("tensor_prefix");
         let scope = match scope_of(case, &names) {
             Ok(s) => s,
