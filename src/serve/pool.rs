@@ -105,10 +105,11 @@ impl PoolDevice {
     /// A batch of `rows` rows ended after `busy`.
     pub fn batch_done(&self, rows: usize, busy: Duration) {
         let d = self.label.clone();
-        metrics::gauge!(m::DEVICE_RUNNING_ROWS, "device" => d.clone()).decrement(rows as f64);
-        metrics::counter!(m::DEVICE_BATCHES, "device" => d.clone()).increment(1);
-        metrics::gauge!(m::DEVICE_BUSY_SECONDS, "device" => d).increment(busy.as_secs_f64());
         self.update_memory();
+        metrics::gauge!(m::DEVICE_RUNNING_ROWS, "device" => d.clone()).decrement(rows as f64);
+        metrics::gauge!(m::DEVICE_BUSY_SECONDS, "device" => d.clone()).increment(busy.as_secs_f64());
+        // Last: a reader who sees the batch counted sees the rest of it.
+        metrics::counter!(m::DEVICE_BATCHES, "device" => d).increment(1);
     }
 
     /// The device failed: no more work goes to it.

@@ -624,4 +624,103 @@ mod tests {
         assert!(log.contains(&"b dropped Shutdown".to_string()));
         assert_eq!(q.depth(), 0);
     }
+
+    /// A lane whose cap is `cap` rows for every item.
+    fn cap(rows: usize) -> LaneCap<Item> {
+        Box::new(move |_: &Item| rows)
+    }
+
+    /// Takes a batch on `lane` from another thread (a worker), reporting it on `tx`.
+    fn worker(q: &Arc<Queue<Item>>, lane: usize, tx: &mpsc::Sender<(usize, Vec<&'static str>, usize)>) -> std::thread::JoinHandle<()> {
+        let (q, tx) = (q.clone(), tx.clone());
+        std::thread::spawn(move || {
+            if let Some(b) = q.next_batch_on(lane, &NO_BATCH) {
+                let _ = tx.send((lane, names(&b), b.rows));
+            }
+        })
+    }
+
+    #[test]
+    fn routes_to_the_least_loaded_lane() {
+        let (log, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let a = q.add_lane(cap(8), 1);
+        let b = q.add_lane(cap(8), 1);
+        // Lane a runs 3 rows; b is idle: the next request goes to b even though a waits too.
+        q.push(item("first", Priority::Normal, 3, 0, &log)).unwrap();
+        let first = q.next_batch_on(a, &NO_BATCH).unwrap();
+        assert_eq!(q.lane_loads()[a].rows, 3);
+        let (tx, rx) = mpsc::channel();
+        let wa = worker(&q, a, &tx);
+        let wb = worker(&q, b, &tx);
+        std::thread::sleep(Duration::from_millis(50));
+        q.push(item("second", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (b, vec!["second"], 1));
+        // Both loaded now (a: 3 rows, b: 1): the least-loaded is b.
+        q.finish_batch_on(a, first.rows, Duration::from_millis(5));
+        q.push(item("third", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (a, vec!["third"], 1), "b is busy, a waits");
+        wa.join().unwrap();
+        q.close();
+        wb.join().unwrap();
+    }
+
+    #[test]
+    fn equal_loads_go_to_the_less_busy_lane_then_the_first() {
+        let (log, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let a = q.add_lane(cap(8), 1);
+        let b = q.add_lane(cap(8), 1);
+        q.push(item("x", Priority::Normal, 1, 0, &log)).unwrap();
+        let x = q.next_batch_on(a, &NO_BATCH).unwrap();
+        q.finish_batch_on(a, x.rows, Duration::from_millis(10));
+        let (tx, rx) = mpsc::channel();
+        let wa = worker(&q, a, &tx);
+        let wb = worker(&q, b, &tx);
+        std::thread::sleep(Duration::from_millis(50));
+        q.push(item("y", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().0, b, "b has been busy less");
+        q.close();
+        wa.join().unwrap();
+        wb.join().unwrap();
+    }
+
+    #[test]
+    fn a_lane_never_gets_what_its_cap_cannot_take_and_batches_within_its_cap() {
+        let (log, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let small = q.add_lane(cap(2), 1);
+        let big = q.add_lane(cap(6), 1);
+        let batching = BatchPolicy { batching: true, max_rows: 8, max_delay: Duration::ZERO };
+        q.push(item("wide", Priority::Normal, 4, 0, &log)).unwrap();
+        q.push(item("s1", Priority::Normal, 1, 0, &log)).unwrap();
+        q.push(item("s2", Priority::Normal, 1, 0, &log)).unwrap();
+        q.push(item("s3", Priority::Normal, 1, 0, &log)).unwrap();
+        // The small lane skips `wide` (4 rows > its cap of 2) and batches up to 2 rows.
+        let b = q.next_batch_on(small, &batching).unwrap();
+        assert_eq!((names(&b), b.rows), (vec!["s1", "s2"], 2));
+        // The big lane takes `wide` and fills up to its cap of 6 rows.
+        let b = q.next_batch_on(big, &batching).unwrap();
+        assert_eq!((names(&b), b.rows), (vec!["wide", "s3"], 5));
+    }
+
+    #[test]
+    fn a_lane_down_or_without_workers_gets_nothing_and_with_none_left_requests_are_refused() {
+        let (log, rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let a = q.add_lane(cap(8), 1);
+        let b = q.add_lane(cap(8), 2);
+        q.lane_down(a);
+        assert!(q.next_batch_on(a, &NO_BATCH).is_none(), "a down lane's worker ends");
+        q.push(item("p", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(names(&q.next_batch_on(b, &NO_BATCH).unwrap()), ["p"]);
+        q.push(item("waiting", Priority::Normal, 1, 0, &log)).unwrap();
+        q.worker_stopped(b);
+        assert_eq!(q.depth(), 1, "b still has a worker");
+        q.worker_stopped(b);
+        assert_eq!(q.depth(), 0, "no lane left: the waiting request is dropped");
+        assert!(rx.try_iter().any(|l| l == "waiting dropped Shutdown"));
+        assert!(matches!(q.push(item("late", Priority::Normal, 1, 0, &log)), Err(PushError::NoDevice(_))));
+        assert_eq!(q.lane_loads().iter().map(|l| (l.live, l.down)).collect::<Vec<_>>(), [(1, true), (0, false)]);
+    }
 }
