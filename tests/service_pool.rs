@@ -8,7 +8,6 @@ mod service_common;
 
 use std::time::Duration;
 
-use burn::tensor::Device;
 use service_common::*;
 use stylealign::client::Identity;
 use stylealign::device::DeviceSpec;
@@ -146,41 +145,53 @@ fn sets_spread_over_both_devices_with_the_same_images() {
     });
 }
 
-/// Each device's row cap comes from its memory budget: with a budget that holds three 64² images
-/// per batch, the metrics show a cap of 3 on each device, ListModels too, and four images are
-/// refused.
+/// Each device's row cap comes from its memory budget and its own cost model: with a budget
+/// that holds three 64² images per batch on the CPU, the metrics show each device's cap (a GPU
+/// path that materialises attention has a lower one), ListModels the CPU's, four images are
+/// refused, and three run on a device whose cap takes them.
 #[test]
 fn the_per_device_cap_follows_the_memory_budget() {
     run(Duration::from_secs(600), || async {
         let devices = two_devices();
         let labels = pool::labels(&devices);
-        // The host's budget is shared by both devices' workers.
+        // The host's budget is shared by both devices' workers (neither reports free memory).
         let workers = devices.len();
-        let cost = tiny_pipeline(&Device::flex()).unwrap().cost_model();
-        let cap_of = |budget: u64| Admission::new(budget, "t", workers).max_rows(&cost, 64, 64, 3, 8);
-        let est = |rows: usize| cost.estimate(&SetShape { images: rows, width: 64, height: 64, steps: 3, ..Default::default() }).total;
-        // The smallest budget with a cap of 3 (a cap grows with the budget).
+        let costs: Vec<_> =
+            devices.iter().map(|d| tiny_pipeline(&stylealign::device::open(d).expect("the device opens")).unwrap().cost_model()).collect();
+        let cap_on = |i: usize, budget: u64| Admission::new(budget, "t", workers).max_rows(&costs[i], 64, 64, 3, 8);
+        let est = |rows: usize| costs[0].estimate(&SetShape { images: rows, width: 64, height: 64, steps: 3, ..Default::default() }).total;
+        // The smallest budget with a CPU cap of 3 (a cap grows with the budget).
         let (mut lo, mut hi) = (1u64, est(3) * 4 * workers as u64);
-        assert!(cap_of(hi) >= 3);
+        assert!(cap_on(0, hi) >= 3);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if cap_of(mid) >= 3 { hi = mid } else { lo = mid + 1 }
+            if cap_on(0, mid) >= 3 { hi = mid } else { lo = mid + 1 }
         }
-        assert_eq!(cap_of(lo), 3, "a budget with a cap of 3");
+        assert_eq!(cap_on(0, lo), 3, "a budget with a cap of 3");
         let server = start(ServeConfig { devices, memory_budget: Some(lo), cpu_workers: 1, ..test_config() }).await;
         let mut c = connect(&server).await;
         let me = Identity::client("pool-cap");
 
         let m = metrics(&server).await;
-        for d in &labels {
+        let mut caps = Vec::new();
+        for (i, d) in labels.iter().enumerate() {
             let l = format!("device=\"{d}\",model=\"tiny\"");
-            assert_eq!(sample(&m, "stylealign_device_max_batch_rows", &l), 3.0, "{d}'s cap at 64², 3 steps");
+            let cap = sample(&m, "stylealign_device_max_batch_rows", &l);
+            assert_eq!(cap, cap_on(i, lo) as f64, "{d}'s cap at 64², 3 steps");
+            caps.push(cap);
             assert_eq!(sample(&m, "stylealign_device_memory_budget_bytes", &format!("device=\"{d}\"")), lo as f64);
         }
+        assert_eq!(caps[0], 3.0);
         let models = c.list_models(me.request(pb::ListModelsRequest {}, None)).await.unwrap().into_inner();
         assert_eq!(models.models[0].max_batch_rows, 3);
         let s = session(&mut c, &me, default_patch()).await;
-        generate(&mut c, &me, request(&s, &["a", "b", "c"], 64, 3, 1)).await.expect("three images fit a device");
+        for seed in 0..3 {
+            let before = batches(&server, &labels).await;
+            generate(&mut c, &me, request(&s, &["a", "b", "c"], 64, 3, seed)).await.expect("three images fit a device");
+            let after = batches_when(&server, &labels, before.iter().sum::<f64>() + 1.0).await;
+            let ran = the_one_that_ran(&before, &after);
+            assert!(caps[ran] >= 3.0, "three images ran on {} whose cap is {}", labels[ran], caps[ran]);
+        }
         let e = generate(&mut c, &me, request(&s, &["a", "b", "c", "d"], 64, 3, 1)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
         assert_eq!(e.get_details_error_info().expect("ErrorInfo").reason, "OVER_MEMORY_BUDGET");
