@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod device;
+pub mod device_memory;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;

@@ -14,6 +14,14 @@
 //! refused (RESOURCE_EXHAUSTED, reason `OVER_MEMORY_BUDGET`, metadata `estimate_bytes`,
 //! `limit_bytes`, `budget_bytes`). The batch row cap at each size comes from the same limit, so
 //! batching never builds a batch the limit would refuse.
+//!
+//! Each device has its own budget ([`Admission::for_device`]): a CUDA device's is derived from
+//! its free memory after the models are loaded on it (`cuMemGetInfo`, see
+//! [`crate::device_memory`]): free less 10 % of its total, less [`MARGIN`]; the CPU's and other
+//! runtimes' (wgpu reports no free memory) as above. `--memory-budget` sets every device's. A
+//! request is admitted when it fits the largest device's request limit; each device's worker
+//! caps the batches it takes at its own limit ([`Admission::max_rows`]), and the router sends a
+//! request only to devices whose cap takes it (see [`super::pool`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +30,7 @@ use tonic::Status;
 
 use super::errors::{self, Reason};
 use super::validate::ValidRequest;
+use crate::device_memory::MemoryReport;
 use crate::pipeline::cost::{CostModel, Estimate, SetShape};
 use crate::style_aligned::StyleAligned;
 
@@ -112,6 +121,12 @@ pub fn derive_budget(limit: u64, rss: u64) -> u64 {
     (limit - limit * HEADROOM_PERCENT / 100).saturating_sub(rss).saturating_sub(MARGIN).max(1)
 }
 
+/// A GPU's default budget: its `free` memory once the models are loaded, less
+/// [`HEADROOM_PERCENT`] of its `total`, less [`MARGIN`] (at least 1 byte).
+pub fn derive_device_budget(free: u64, total: u64) -> u64 {
+    free.saturating_sub(total * HEADROOM_PERCENT / 100).saturating_sub(MARGIN).max(1)
+}
+
 /// The request limit of a budget shared by `workers` batches at once.
 pub fn request_limit_of(budget: u64, workers: usize) -> u64 {
     (budget - budget * REFERENCE_POOL_PERCENT / 100) / workers.max(1) as u64
@@ -153,6 +168,27 @@ impl Admission {
                 }
                 (None, _) => Self::new(u64::MAX / 4, "unknown memory limit (no budget)", workers),
             },
+        }
+    }
+
+    /// The budget of one device, `spec`, whose memory is `mem` once its models are loaded (see
+    /// the module docs), shared by its `workers`.
+    pub fn for_device(configured: Option<u64>, workers: usize, spec: &crate::device::DeviceSpec, mem: &MemoryReport) -> Self {
+        match (configured, mem.free, mem.total) {
+            (None, Some(free), Some(total)) => {
+                let source = format!(
+                    "{spec}: {} free of {} (cuMemGetInfo after loading) less 10 % of the total, less {}",
+                    show_bytes(free),
+                    show_bytes(total),
+                    show_bytes(MARGIN)
+                );
+                Self::new(derive_device_budget(free, total), source, workers)
+            }
+            (configured, _, _) => {
+                let a = Self::configure(configured, workers);
+                let source = format!("{spec}: {}", a.source);
+                Self { source, ..a }
+            }
         }
     }
 
@@ -321,6 +357,23 @@ mod tests {
         assert_eq!(derive_budget(1 << 30, 2 << 30), 1);
         assert_eq!(request_limit_of(1000, 1), 750);
         assert_eq!(request_limit_of(1000, 2), 375);
+        assert_eq!(derive_device_budget(60 << 30, 80 << 30), (60u64 << 30) - (8 << 30) - MARGIN);
+        assert_eq!(derive_device_budget(1 << 30, 80 << 30), 1);
+    }
+
+    #[test]
+    fn a_device_budget_comes_from_its_free_memory_unless_configured() {
+        let gpu = MemoryReport { in_use: Some(20 << 30), free: Some(60 << 30), total: Some(80 << 30) };
+        let spec = crate::device::DeviceSpec::Cuda(1);
+        let a = Admission::for_device(None, 1, &spec, &gpu);
+        assert_eq!(a.budget(), derive_device_budget(60 << 30, 80 << 30));
+        assert!(a.source().starts_with("cuda:1: 60.0 GiB free of 80.0 GiB"), "{}", a.source());
+        let c = Admission::for_device(Some(4 << 30), 1, &spec, &gpu);
+        assert_eq!(c.budget(), 4 << 30);
+        assert_eq!(c.source(), "cuda:1: --memory-budget");
+        // Nothing reported: the host's budget, as for the CPU.
+        let cpu = Admission::for_device(Some(1 << 30), 2, &crate::device::DeviceSpec::Cpu, &MemoryReport::default());
+        assert_eq!((cpu.budget(), cpu.request_limit()), (1 << 30, request_limit_of(1 << 30, 2)));
     }
 
     #[test]

@@ -31,7 +31,8 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use super::cancel::{CancelToken, StopReason};
 use super::job::{FailCode, GenJob, JobEvent, JobSpec};
 use super::metrics::{self as m, Stats};
-use super::queue::{BatchPolicy, PushError, Queue, Ticket};
+use super::pool::PoolDevice;
+use super::queue::{BatchPolicy, LaneLoad, PushError, Queue, Ticket};
 use super::worker::{self, Models};
 
 /// Why [`Engine::submit`] refused a job.
@@ -43,6 +44,9 @@ pub enum SubmitError {
     /// The engine is closed (draining; UNAVAILABLE).
     #[error("server is shutting down")]
     Closed,
+    /// Every device failed or stopped (UNAVAILABLE).
+    #[error("no device is left to run requests: every device's workers stopped or failed")]
+    NoDevice,
     /// Its deadline passed before it was queued (DEADLINE_EXCEEDED).
     #[error("deadline exceeded before the request was queued")]
     DeadlineExceeded,
@@ -79,6 +83,7 @@ struct Inner {
     stats: Arc<Stats>,
     registry: Arc<Registry>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    devices: Mutex<Vec<Arc<PoolDevice>>>,
     next_id: AtomicU64,
 }
 
@@ -98,6 +103,7 @@ impl Engine {
                 stats,
                 registry: Arc::default(),
                 workers: Mutex::new(Vec::new()),
+                devices: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(0),
             }),
         }
@@ -108,12 +114,38 @@ impl Engine {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Starts a worker thread running `models` (one device's copies); it ends when the engine is
-    /// closed and its queue empty.
-    pub fn start_worker(&self, name: String, models: Models) -> std::io::Result<()> {
-        let h = worker::spawn(name, models, self.inner.queue.clone(), self.inner.policy, self.inner.stats.clone())?;
-        self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()).push(h);
-        Ok(())
+    /// Adds `device` to the pool with `workers` worker threads running `models` (its copies),
+    /// named `worker-{label}-{i}`; they end when the engine is closed and its queue empty, or
+    /// when the device fails. Requests are routed to the least-loaded device (see
+    /// [`super::pool`]). Returns the device's lane.
+    pub fn add_device(&self, device: Arc<PoolDevice>, models: Models, workers: usize) -> std::io::Result<usize> {
+        let st = &self.inner;
+        let cap_of = device.clone();
+        let lane = st.queue.add_lane(Box::new(move |j: &GenJob| cap_of.cap(j)), workers);
+        for i in 0..workers {
+            let name = format!("worker-{}-{i}", device.label);
+            match worker::spawn(name, lane, device.clone(), models.clone(), st.queue.clone(), st.policy, st.stats.clone()) {
+                Ok(h) => st.workers.lock().unwrap_or_else(|p| p.into_inner()).push(h),
+                Err(e) => {
+                    for _ in i..workers {
+                        st.queue.worker_stopped(lane);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        st.devices.lock().unwrap_or_else(|p| p.into_inner()).push(device);
+        Ok(lane)
+    }
+
+    /// The devices of the pool, in lane order.
+    pub fn devices(&self) -> Vec<Arc<PoolDevice>> {
+        self.inner.devices.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Each device's load (rows running, busy time, workers), in lane order.
+    pub fn device_loads(&self) -> Vec<LaneLoad> {
+        self.inner.queue.lane_loads()
     }
 
     /// Queues a job; its events come through the returned stream. Dropping the stream cancels
@@ -142,6 +174,7 @@ impl Engine {
         let ticket = st.queue.push(job).map_err(|e| match e {
             PushError::Full(_) => SubmitError::Full { capacity: st.queue.capacity() },
             PushError::Closed(_) => SubmitError::Closed,
+            PushError::NoDevice(_) => SubmitError::NoDevice,
         })?;
         metrics::gauge!(m::QUEUE_DEPTH).set(st.queue.depth() as f64);
         Ok(JobStream { id, events: rx, token, ticket, engine: self.inner.clone(), done: false })

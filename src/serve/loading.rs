@@ -76,6 +76,8 @@ fn model_details(src: &ModelSource, p: &Pipeline, file: Option<&single_file::Sin
 /// What one device holds once loaded.
 pub(super) struct Loaded {
     pub spec: DeviceSpec,
+    /// The opened device.
+    pub device: burn::tensor::Device,
     pub models: Models,
     pub entries: Vec<ModelEntry>,
     pub controlnets: Vec<ControlNetEntry>,
@@ -215,7 +217,7 @@ pub(super) fn load_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Loaded>> {
             models.pipelines.insert(name, p);
         }
         let controlnets = precision::loading(dtype, || load_controlnets(cfg, spec, &dev, &mut models, &mut net_hashes))?;
-        out.push(Loaded { spec: spec.clone(), models, entries, controlnets });
+        out.push(Loaded { spec: spec.clone(), device: dev, models, entries, controlnets });
     }
     Ok(out)
 }

@@ -15,6 +15,14 @@
 //! | `stylealign_running_batches` | gauge | |
 //! | `stylealign_stop_seconds` | histogram | `reason` (as `stylealign_dropped_total`): a running set's stop request (for a deadline: the deadline) → the set stopped |
 //! | `process_resident_memory_bytes` | gauge | (Linux: `VmRSS`, read when `/metrics` is scraped) |
+//! | `stylealign_device_up` | gauge | `device`: 1 while it takes work, 0 once failed |
+//! | `stylealign_device_batches_total` | counter | `device`: batches it ran |
+//! | `stylealign_device_busy_seconds` | gauge | `device`: time its workers spent running batches (only grows) |
+//! | `stylealign_device_batch_rows` | histogram | `device`: images per UNet batch it ran |
+//! | `stylealign_device_running_rows` | gauge | `device`: rows of its running batches (the router's load) |
+//! | `stylealign_device_memory_bytes` | gauge | `device`: memory in use (CUDA: the device's used memory; CPU: resident memory; wgpu: burn's reserved pool), after each batch |
+//! | `stylealign_device_memory_budget_bytes` | gauge | `device`: its memory budget for requests |
+//! | `stylealign_device_max_batch_rows` | gauge | `device`, `model`: its batch row cap at the model's native size and the default steps |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -39,6 +47,14 @@ pub const STOP_TIME: &str = "stylealign_stop_seconds";
 pub const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 pub const INVERSION_CACHE_HITS: &str = "stylealign_inversion_cache_hits_total";
 pub const INVERSION_CACHE_MISSES: &str = "stylealign_inversion_cache_misses_total";
+pub const DEVICE_UP: &str = "stylealign_device_up";
+pub const DEVICE_BATCHES: &str = "stylealign_device_batches_total";
+pub const DEVICE_BUSY_SECONDS: &str = "stylealign_device_busy_seconds";
+pub const DEVICE_BATCH_ROWS: &str = "stylealign_device_batch_rows";
+pub const DEVICE_RUNNING_ROWS: &str = "stylealign_device_running_rows";
+pub const DEVICE_MEMORY: &str = "stylealign_device_memory_bytes";
+pub const DEVICE_MEMORY_BUDGET: &str = "stylealign_device_memory_budget_bytes";
+pub const DEVICE_MAX_BATCH_ROWS: &str = "stylealign_device_max_batch_rows";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -53,6 +69,7 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), &rows))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SETS.into()), &rows))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(DEVICE_BATCH_ROWS.into()), &rows))
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -82,6 +99,14 @@ fn describe() {
         metrics::Unit::Seconds,
         "Running sets: time from the stop request (or deadline) to the set stopped"
     );
+    metrics::describe_gauge!(DEVICE_UP, "1 while the device takes work, 0 once it failed");
+    metrics::describe_counter!(DEVICE_BATCHES, "UNet batches run on the device");
+    metrics::describe_gauge!(DEVICE_BUSY_SECONDS, metrics::Unit::Seconds, "Time the device's workers spent running batches");
+    metrics::describe_histogram!(DEVICE_BATCH_ROWS, "Images (rows) per UNet batch on the device");
+    metrics::describe_gauge!(DEVICE_RUNNING_ROWS, "Rows of the batches running on the device (the router's load)");
+    metrics::describe_gauge!(DEVICE_MEMORY, metrics::Unit::Bytes, "Memory in use on the device");
+    metrics::describe_gauge!(DEVICE_MEMORY_BUDGET, metrics::Unit::Bytes, "The device's memory budget for requests");
+    metrics::describe_gauge!(DEVICE_MAX_BATCH_ROWS, "The device's batch row cap at the model's native size and the default steps");
     metrics::describe_gauge!(RESIDENT_MEMORY, metrics::Unit::Bytes, "Resident memory size of the server process");
 }
 

@@ -28,6 +28,7 @@ mod loading;
 pub mod loras;
 pub mod metrics;
 pub mod playground;
+pub mod pool;
 pub mod queue;
 pub mod server;
 pub mod service;

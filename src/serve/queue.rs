@@ -9,6 +9,13 @@
 //!   limit). If the batch is not full, it waits for batch-mates until the head has been queued
 //!   for `max_delay`; a head that already waited that long (workers busy) runs at once.
 //! - Items that are stopped (cancelled, past their deadline) are dropped without running.
+//! - Devices ([`Queue::add_lane`]): with lanes, every worker belongs to one (its device), and a
+//!   request goes to the **least-loaded** device that can run it: among the lanes with a worker
+//!   waiting whose row cap ([`LaneCap`], from the device's memory) takes the request's rows, the
+//!   one with the fewest rows running, then the least busy time so far, then the first. A lane
+//!   whose workers all stopped, or that was marked down ([`Queue::lane_down`]), gets nothing;
+//!   when no lane is left, waiting requests are dropped and new ones refused. A worker skips
+//!   requests another waiting lane is chosen for, or that its device cannot take.
 //!
 //! The queue is generic over the item so its policy is tested without a model.
 
@@ -65,10 +72,16 @@ pub struct BatchPolicy {
     pub max_delay: Duration,
 }
 
+/// A device's row cap for an item: the most rows of a batch it heads on that device (from the
+/// device's memory budget); below the item's own rows, the device cannot run it.
+pub type LaneCap<T> = Box<dyn Fn(&T) -> usize + Send + Sync>;
+
 /// Why a push failed; the item comes back.
 pub enum PushError<T> {
     Full(T),
     Closed(T),
+    /// Lanes were added and none can run anything any more (every worker stopped or failed).
+    NoDevice(T),
 }
 
 impl<T> std::fmt::Debug for PushError<T> {
@@ -76,6 +89,7 @@ impl<T> std::fmt::Debug for PushError<T> {
         f.write_str(match self {
             PushError::Full(_) => "Full",
             PushError::Closed(_) => "Closed",
+            PushError::NoDevice(_) => "NoDevice",
         })
     }
 }
@@ -90,16 +104,60 @@ struct Waiting<T> {
     position: Option<usize>,
 }
 
+/// One device's workers (see the module docs).
+struct Lane<T> {
+    cap: LaneCap<T>,
+    /// Workers running (started, not yet stopped).
+    live: usize,
+    /// Workers waiting in [`Queue::next_batch_on`].
+    idle: usize,
+    /// Rows of its running batches: its load.
+    rows: usize,
+    /// Time its workers spent running batches.
+    busy: Duration,
+    /// Marked failed: gets no more work.
+    down: bool,
+}
+
+impl<T> Lane<T> {
+    fn usable(&self) -> bool {
+        !self.down && self.live > 0
+    }
+}
+
+/// A lane's load as the router sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaneLoad {
+    /// Rows of its running batches.
+    pub rows: usize,
+    /// Time its workers spent running batches so far.
+    pub busy: Duration,
+    /// Workers running.
+    pub live: usize,
+    /// Marked down.
+    pub down: bool,
+}
+
 struct State<T> {
     waiting: BTreeMap<Ticket, Waiting<T>>,
     next_seq: u64,
     closed: bool,
     running: usize,
+    lanes: Vec<Lane<T>>,
+}
+
+impl<T> State<T> {
+    /// Lanes were added and none is usable.
+    fn no_device(&self) -> bool {
+        !self.lanes.is_empty() && !self.lanes.iter().any(Lane::usable)
+    }
 }
 
 /// A batch taken by a worker: items and how long each waited.
 pub struct Batch<T> {
     pub items: Vec<(T, Duration)>,
+    /// Its rows (the items' rows).
+    pub rows: usize,
 }
 
 pub struct Queue<T> {
@@ -111,7 +169,7 @@ pub struct Queue<T> {
 impl<T: QueueItem> Queue<T> {
     pub fn new(capacity: usize) -> Self {
         Self {
-            state: Mutex::new(State { waiting: BTreeMap::new(), next_seq: 0, closed: false, running: 0 }),
+            state: Mutex::new(State { waiting: BTreeMap::new(), next_seq: 0, closed: false, running: 0, lanes: Vec::new() }),
             cond: Condvar::new(),
             capacity: capacity.max(1),
         }
@@ -146,6 +204,9 @@ impl<T: QueueItem> Queue<T> {
         let mut s = self.lock();
         if s.closed {
             return Err(PushError::Closed(item));
+        }
+        if s.no_device() {
+            return Err(PushError::NoDevice(item));
         }
         if s.waiting.len() >= self.capacity {
             return Err(PushError::Full(item));
@@ -201,6 +262,61 @@ impl<T: QueueItem> Queue<T> {
         self.cond.notify_all();
     }
 
+    /// Adds a device lane with `workers` workers (each calls [`next_batch_on`](Self::next_batch_on)
+    /// with its index and [`worker_stopped`](Self::worker_stopped) when it ends); returns its index.
+    pub fn add_lane(&self, cap: LaneCap<T>, workers: usize) -> usize {
+        let mut s = self.lock();
+        s.lanes.push(Lane { cap, live: workers, idle: 0, rows: 0, busy: Duration::ZERO, down: false });
+        s.lanes.len() - 1
+    }
+
+    /// A worker of `lane` is done with a batch of `rows` rows that ran for `busy`.
+    pub fn finish_batch_on(&self, lane: usize, rows: usize, busy: Duration) {
+        let mut s = self.lock();
+        s.running = s.running.saturating_sub(1);
+        if let Some(l) = s.lanes.get_mut(lane) {
+            l.rows = l.rows.saturating_sub(rows);
+            l.busy += busy;
+        }
+        drop(s);
+        self.cond.notify_all();
+    }
+
+    /// A worker of `lane` ended (its thread returns or unwinds).
+    pub fn worker_stopped(&self, lane: usize) {
+        let mut s = self.lock();
+        if let Some(l) = s.lanes.get_mut(lane) {
+            l.live = l.live.saturating_sub(1);
+        }
+        self.after_lane_change(s);
+    }
+
+    /// Marks `lane` failed: it gets no more work, its idle workers end.
+    pub fn lane_down(&self, lane: usize) {
+        let mut s = self.lock();
+        if let Some(l) = s.lanes.get_mut(lane) {
+            l.down = true;
+        }
+        self.after_lane_change(s);
+    }
+
+    /// After a lane lost a worker or went down: when no lane is left, the waiting items are
+    /// dropped (nothing can run them); the other workers re-route.
+    fn after_lane_change(&self, s: MutexGuard<'_, State<T>>) {
+        let orphans = s.no_device() && !s.waiting.is_empty();
+        drop(s);
+        if orphans {
+            let n = self.abort_waiting();
+            tracing::error!(dropped = n, "no device is left to run requests: the waiting ones were dropped");
+        }
+        self.cond.notify_all();
+    }
+
+    /// Each lane's load, in lane order.
+    pub fn lane_loads(&self) -> Vec<LaneLoad> {
+        self.lock().lanes.iter().map(|l| LaneLoad { rows: l.rows, busy: l.busy, live: l.live, down: l.down }).collect()
+    }
+
     fn report_positions(s: &mut State<T>) {
         let depth = s.waiting.len();
         for (i, w) in s.waiting.values_mut().enumerate() {
@@ -216,8 +332,59 @@ impl<T: QueueItem> Queue<T> {
         dead.into_iter().filter_map(|(t, r)| s.waiting.remove(&t).map(|w| (w.item, r))).collect()
     }
 
-    /// Blocks until a batch is ready; `None` once the queue is closed and empty.
+    /// Blocks until a batch is ready; `None` once the queue is closed and empty. Ignores lanes.
     pub fn next_batch(&self, policy: &BatchPolicy) -> Option<Batch<T>> {
+        self.take(None, policy)
+    }
+
+    /// [`next_batch`](Self::next_batch) for a worker of `lane`: a batch routed to that lane
+    /// (see the module docs), its rows within the lane's cap. `None` once the queue is closed
+    /// and empty, or the lane is down; finish it with [`finish_batch_on`](Self::finish_batch_on).
+    pub fn next_batch_on(&self, lane: usize, policy: &BatchPolicy) -> Option<Batch<T>> {
+        {
+            let mut s = self.lock();
+            let l = s.lanes.get_mut(lane)?;
+            l.idle += 1;
+        }
+        let batch = self.take(Some(lane), policy);
+        let mut s = self.lock();
+        let l = &mut s.lanes[lane];
+        l.idle -= 1;
+        if let Some(b) = &batch {
+            l.rows += b.rows;
+        }
+        drop(s);
+        // The lane's load changed: other workers route again.
+        self.cond.notify_all();
+        batch
+    }
+
+    /// The first waiting item routed to `lane` and its cap there (see the module docs).
+    fn routed_head(s: &State<T>, lane: usize) -> Option<(Ticket, usize)> {
+        let me = &s.lanes[lane];
+        if !me.usable() {
+            return None;
+        }
+        for (t, w) in &s.waiting {
+            let rows = w.item.rows();
+            let caps: Vec<usize> = s.lanes.iter().map(|l| if l.usable() { (l.cap)(&w.item) } else { 0 }).collect();
+            // A request no device fits runs alone wherever it is routed (its estimate passed
+            // admission, which checks against the largest device).
+            let fits_any = caps.iter().any(|&c| c >= rows);
+            let eligible = |i: usize| s.lanes[i].usable() && (!fits_any || caps[i] >= rows);
+            if !eligible(lane) {
+                continue;
+            }
+            let best =
+                (0..s.lanes.len()).filter(|&i| eligible(i) && s.lanes[i].idle > 0).min_by_key(|&i| (s.lanes[i].rows, s.lanes[i].busy, i));
+            if best == Some(lane) {
+                return Some((*t, caps[lane].max(rows)));
+            }
+        }
+        None
+    }
+
+    fn take(&self, lane: Option<usize>, policy: &BatchPolicy) -> Option<Batch<T>> {
         let mut s = self.lock();
         loop {
             let now = Instant::now();
@@ -231,18 +398,28 @@ impl<T: QueueItem> Queue<T> {
                 s = self.lock();
                 continue;
             }
-            let Some((&head_ticket, head)) = s.waiting.iter().next() else {
-                if s.closed {
-                    return None;
-                }
+            if let Some(l) = lane
+                && !s.lanes[l].usable()
+            {
+                return None;
+            }
+            if s.waiting.is_empty() && s.closed {
+                return None;
+            }
+            let routed = match lane {
+                None => s.waiting.keys().next().map(|t| (*t, usize::MAX)),
+                Some(l) => Self::routed_head(&s, l),
+            };
+            let Some((head_ticket, lane_cap)) = routed else {
                 s = self.cond.wait(s).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
+            let head = &s.waiting[&head_ticket];
             let mut chosen = vec![head_ticket];
             let mut rows = head.item.rows();
-            let policy = &BatchPolicy { max_rows: policy.max_rows.min(head.item.max_rows()), ..*policy };
+            let policy = &BatchPolicy { max_rows: policy.max_rows.min(head.item.max_rows()).min(lane_cap), ..*policy };
             if policy.batching {
-                for (t, w) in s.waiting.iter().skip(1) {
+                for (t, w) in s.waiting.range(head_ticket..).skip(1) {
                     if rows >= policy.max_rows {
                         break;
                     }
@@ -263,7 +440,7 @@ impl<T: QueueItem> Queue<T> {
                 chosen.into_iter().filter_map(|t| s.waiting.remove(&t)).map(|w| (w.item, now.duration_since(w.enqueued))).collect();
             s.running += 1;
             Self::report_positions(&mut s);
-            return Some(Batch { items });
+            return Some(Batch { items, rows });
         }
     }
 
@@ -446,5 +623,104 @@ mod tests {
         let log: Vec<String> = rx.try_iter().collect();
         assert!(log.contains(&"b dropped Shutdown".to_string()));
         assert_eq!(q.depth(), 0);
+    }
+
+    /// A lane whose cap is `cap` rows for every item.
+    fn cap(rows: usize) -> LaneCap<Item> {
+        Box::new(move |_: &Item| rows)
+    }
+
+    /// Takes a batch on `lane` from another thread (a worker), reporting it on `tx`.
+    fn worker(q: &Arc<Queue<Item>>, lane: usize, tx: &mpsc::Sender<(usize, Vec<&'static str>, usize)>) -> std::thread::JoinHandle<()> {
+        let (q, tx) = (q.clone(), tx.clone());
+        std::thread::spawn(move || {
+            if let Some(b) = q.next_batch_on(lane, &NO_BATCH) {
+                let _ = tx.send((lane, names(&b), b.rows));
+            }
+        })
+    }
+
+    #[test]
+    fn routes_to_the_least_loaded_lane() {
+        let (log, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let a = q.add_lane(cap(8), 1);
+        let b = q.add_lane(cap(8), 1);
+        // Lane a runs 3 rows; b is idle: the next request goes to b even though a waits too.
+        q.push(item("first", Priority::Normal, 3, 0, &log)).unwrap();
+        let first = q.next_batch_on(a, &NO_BATCH).unwrap();
+        assert_eq!(q.lane_loads()[a].rows, 3);
+        let (tx, rx) = mpsc::channel();
+        let wa = worker(&q, a, &tx);
+        let wb = worker(&q, b, &tx);
+        std::thread::sleep(Duration::from_millis(50));
+        q.push(item("second", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (b, vec!["second"], 1));
+        // Both loaded now (a: 3 rows, b: 1): the least-loaded is b.
+        q.finish_batch_on(a, first.rows, Duration::from_millis(5));
+        q.push(item("third", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (a, vec!["third"], 1), "b is busy, a waits");
+        wa.join().unwrap();
+        q.close();
+        wb.join().unwrap();
+    }
+
+    #[test]
+    fn equal_loads_go_to_the_less_busy_lane_then_the_first() {
+        let (log, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let a = q.add_lane(cap(8), 1);
+        let b = q.add_lane(cap(8), 1);
+        q.push(item("x", Priority::Normal, 1, 0, &log)).unwrap();
+        let x = q.next_batch_on(a, &NO_BATCH).unwrap();
+        q.finish_batch_on(a, x.rows, Duration::from_millis(10));
+        let (tx, rx) = mpsc::channel();
+        let wa = worker(&q, a, &tx);
+        let wb = worker(&q, b, &tx);
+        std::thread::sleep(Duration::from_millis(50));
+        q.push(item("y", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().0, b, "b has been busy less");
+        q.close();
+        wa.join().unwrap();
+        wb.join().unwrap();
+    }
+
+    #[test]
+    fn a_lane_never_gets_what_its_cap_cannot_take_and_batches_within_its_cap() {
+        let (log, _rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let small = q.add_lane(cap(2), 1);
+        let big = q.add_lane(cap(6), 1);
+        let batching = BatchPolicy { batching: true, max_rows: 8, max_delay: Duration::ZERO };
+        q.push(item("wide", Priority::Normal, 4, 0, &log)).unwrap();
+        q.push(item("s1", Priority::Normal, 1, 0, &log)).unwrap();
+        q.push(item("s2", Priority::Normal, 1, 0, &log)).unwrap();
+        q.push(item("s3", Priority::Normal, 1, 0, &log)).unwrap();
+        // The small lane skips `wide` (4 rows > its cap of 2) and batches up to 2 rows.
+        let b = q.next_batch_on(small, &batching).unwrap();
+        assert_eq!((names(&b), b.rows), (vec!["s1", "s2"], 2));
+        // The big lane takes `wide` and fills up to its cap of 6 rows.
+        let b = q.next_batch_on(big, &batching).unwrap();
+        assert_eq!((names(&b), b.rows), (vec!["wide", "s3"], 5));
+    }
+
+    #[test]
+    fn a_lane_down_or_without_workers_gets_nothing_and_with_none_left_requests_are_refused() {
+        let (log, rx) = mpsc::channel();
+        let q = Arc::new(Queue::new(10));
+        let a = q.add_lane(cap(8), 1);
+        let b = q.add_lane(cap(8), 2);
+        q.lane_down(a);
+        assert!(q.next_batch_on(a, &NO_BATCH).is_none(), "a down lane's worker ends");
+        q.push(item("p", Priority::Normal, 1, 0, &log)).unwrap();
+        assert_eq!(names(&q.next_batch_on(b, &NO_BATCH).unwrap()), ["p"]);
+        q.push(item("waiting", Priority::Normal, 1, 0, &log)).unwrap();
+        q.worker_stopped(b);
+        assert_eq!(q.depth(), 1, "b still has a worker");
+        q.worker_stopped(b);
+        assert_eq!(q.depth(), 0, "no lane left: the waiting request is dropped");
+        assert!(rx.try_iter().any(|l| l == "waiting dropped Shutdown"));
+        assert!(matches!(q.push(item("late", Priority::Normal, 1, 0, &log)), Err(PushError::NoDevice(_))));
+        assert_eq!(q.lane_loads().iter().map(|l| (l.live, l.down)).collect::<Vec<_>>(), [(1, true), (0, false)]);
     }
 }

@@ -31,6 +31,7 @@ use super::layers;
 use super::metrics::{self as m, Stats};
 use super::pb;
 use super::pb::style_align_server::StyleAlignServer;
+use super::pool::{self, PoolDevice};
 use super::queue::BatchPolicy;
 use super::session::{SessionSecret, SessionStore};
 use crate::device::DeviceSpec;
@@ -297,15 +298,37 @@ impl Server {
                 nets.insert(e.name.clone(), e.clone());
             }
         }
-        // The memory budget, now that the models are resident (a CPU's workers share it).
-        let workers = if st.cfg.devices.contains(&DeviceSpec::Cpu) { st.cfg.cpu_workers } else { 1 };
-        let adm = st.admission.get_or_init(|| Arc::new(Admission::configure(st.cfg.memory_budget, workers)));
+        // Each device's memory budget, now that the models are resident: a GPU's from its free
+        // memory; the host's (CPU, and GPUs that report none) shared by every worker using it.
+        let workers_of = |spec: &DeviceSpec| if *spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
+        let reports: Vec<_> = loaded.iter().map(|l| crate::device_memory::report(&l.spec, &l.device)).collect();
+        let host_workers: usize =
+            loaded.iter().zip(&reports).filter(|(_, r)| r.free.is_none()).map(|(l, _)| workers_of(&l.spec)).sum::<usize>().max(1);
+        let labels = pool::labels(&loaded.iter().map(|l| l.spec.clone()).collect::<Vec<_>>());
+        let mut devices = Vec::new();
+        for ((l, mem), label) in loaded.iter().zip(&reports).zip(labels) {
+            let sharing = if mem.free.is_some() { workers_of(&l.spec) } else { host_workers };
+            let adm = Arc::new(Admission::for_device(st.cfg.memory_budget, sharing, &l.spec, mem));
+            tracing::info!(
+                device = %label,
+                budget_bytes = adm.budget(),
+                request_limit_bytes = adm.request_limit(),
+                reference_pool_bytes = adm.reference_pool(),
+                source = adm.source(),
+                "memory budget"
+            );
+            let costs = l.models.pipelines.iter().map(|(n, p)| (n.clone(), p.cost_model())).collect();
+            devices.push(Arc::new(PoolDevice::new(label, l.spec.clone(), l.device.clone(), adm, st.cfg.max_batch_rows, costs)));
+        }
+        // Admission: a request must fit the largest device (each device's worker caps its batches).
+        let largest = devices.iter().max_by_key(|d| d.admission.request_limit()).map(|d| d.admission.clone());
+        let adm = st.admission.get_or_init(|| largest.unwrap_or_else(|| Arc::new(Admission::configure(st.cfg.memory_budget, 1))));
         tracing::info!(
             budget_bytes = adm.budget(),
             request_limit_bytes = adm.request_limit(),
             reference_pool_bytes = adm.reference_pool(),
             source = adm.source(),
-            "memory budget"
+            "admission budget (the largest device's)"
         );
         // The LoRA folder, checked against every served model (headers only).
         let library = match st.cfg.lora_dir.clone() {
@@ -323,12 +346,12 @@ impl Server {
             }
             None => None,
         };
-        for Loaded { spec, mut models, .. } in loaded {
+        let caps_at: Vec<(Arc<str>, usize, usize)> =
+            loaded[0].entries.iter().map(|e| (e.name.clone(), e.native_size, st.cfg.limits.default_steps)).collect();
+        for (Loaded { spec, mut models, .. }, device) in loaded.into_iter().zip(devices) {
             models.loras = library.clone();
-            let n = if spec == DeviceSpec::Cpu { st.cfg.cpu_workers } else { 1 };
-            for i in 0..n {
-                st.engine.start_worker(format!("worker-{spec}-{i}"), models.clone()).context("spawning a worker thread")?;
-            }
+            device.publish(&caps_at);
+            st.engine.add_device(device, models, workers_of(&spec)).context("spawning a worker thread")?;
         }
         if st.phase.compare_exchange(LOADING, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             st.set_health(ServingStatus::Serving).await;

@@ -645,7 +645,7 @@ impl Service {
             SubmitError::Full { capacity } => {
                 errors::error_with(Reason::QueueFull, e.to_string(), &[("queue_capacity", capacity.to_string())])
             }
-            SubmitError::Closed => errors::error(Reason::ShuttingDown, e.to_string()),
+            SubmitError::Closed | SubmitError::NoDevice => errors::error(Reason::ShuttingDown, e.to_string()),
             SubmitError::DeadlineExceeded => errors::error(Reason::Deadline, e.to_string()),
         })?;
         tracing::info!(job = id, client = %owner, session = %session.short_id(), rows, steps = v.steps, priority = v.priority.as_str(), timeout_ms = timeout.map(|t| t.as_millis() as u64), "generate queued");

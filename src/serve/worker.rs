@@ -18,7 +18,9 @@ use super::convert::{GENERATOR, ImageParameters, ReferenceParameters};
 use super::infotext::infotext;
 use super::job::{FailCode, GenJob, ImageOut, JobEvent};
 use super::metrics::{self as m, Stats, StopRecord};
+use super::pool::PoolDevice;
 use super::queue::{Batch, BatchPolicy, Queue};
+use crate::device::DeviceSpec;
 use crate::model::controlnet::ControlNet;
 use crate::pipeline::{Pipeline, PipelineError, RunEvent, SetSpec, SetStop};
 
@@ -32,22 +34,45 @@ pub struct Models {
     pub loras: Option<Arc<super::loras::LoraLibrary>>,
 }
 
-/// Spawns a worker thread; it ends when the queue is closed and empty.
+/// Spawns a worker thread of `device`, lane `lane` of the queue; it ends when the queue is
+/// closed and empty, or when its device fails (see [`super::pool`]).
 pub(crate) fn spawn(
     name: String,
+    lane: usize,
+    device: Arc<PoolDevice>,
     models: Models,
     queue: Arc<Queue<GenJob>>,
     policy: BatchPolicy,
     stats: Arc<Stats>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(name.clone()).spawn(move || {
-        tracing::info!(worker = %name, "worker started");
-        while let Some(batch) = queue.next_batch(&policy) {
+        /// Leaves the lane however the thread ends (also when it unwinds).
+        struct Leave(Arc<Queue<GenJob>>, usize);
+        impl Drop for Leave {
+            fn drop(&mut self) {
+                self.0.worker_stopped(self.1);
+            }
+        }
+        let _leave = Leave(queue.clone(), lane);
+        tracing::info!(worker = %name, device = %device.label, "worker started");
+        while let Some(batch) = queue.next_batch_on(lane, &policy) {
+            let rows = batch.rows;
             metrics::gauge!(m::QUEUE_DEPTH).set(queue.depth() as f64);
             metrics::gauge!(m::RUNNING).increment(1.0);
-            run_batch(&name, &models, batch, &stats);
+            device.batch_started(rows);
+            let started = Instant::now();
+            let panicked = run_batch(&name, &models, batch, &stats);
+            let busy = started.elapsed();
+            device.batch_done(rows, busy);
             metrics::gauge!(m::RUNNING).decrement(1.0);
-            queue.finish_batch();
+            queue.finish_batch_on(lane, rows, busy);
+            // A GPU that panicked (lost device, out of memory) is in an unknown state.
+            if panicked && device.spec != DeviceSpec::Cpu {
+                tracing::error!(worker = %name, device = %device.label, "a batch panicked on a GPU device: no more work goes to it");
+                device.mark_down();
+                queue.lane_down(lane);
+                break;
+            }
         }
         tracing::info!(worker = %name, "worker stopped");
     })
@@ -84,18 +109,19 @@ fn on_this_device(models: &Models, pipeline: &Pipeline, j: &GenJob) -> Result<Se
     Ok(set)
 }
 
-/// Runs one batch; every job gets its images or a failure, even if the model panics.
-fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats) {
+/// Runs one batch; every job gets its images or a failure, even if the model panics. True when
+/// it panicked.
+fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats) -> bool {
     let (mut jobs, waits): (Vec<GenJob>, Vec<Duration>) = batch.items.into_iter().unzip();
     for j in &mut jobs {
         j.queue_span = None;
     }
-    let Some(first) = jobs.first() else { return };
+    let Some(first) = jobs.first() else { return false };
     let Some(pipeline) = models.pipelines.get(&first.spec.model).cloned() else {
         for j in &jobs {
             j.fail(FailCode::Internal, format!("model {} is not loaded on worker {worker}", j.spec.model));
         }
-        return;
+        return false;
     };
     let spec = first.spec.batch.clone();
     let rows: usize = jobs.iter().map(|j| j.spec.set.prompts.len()).sum();
@@ -129,7 +155,7 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
     }
     let jobs = kept;
     if jobs.is_empty() {
-        return;
+        return false;
     }
     let set_spans: Vec<tracing::Span> = jobs
         .iter()
@@ -204,6 +230,7 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
                 }
             }
             tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "batch done");
+            false
         }
         Ok(Err(e)) => {
             let (code, msg) = match &e {
@@ -216,6 +243,7 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
                     j.fail(code, msg.clone());
                 }
             }
+            false
         }
         Err(panic) => {
             let what =
@@ -226,6 +254,7 @@ fn run_batch(worker: &str, models: &Models, batch: Batch<GenJob>, stats: &Stats)
                     j.fail(FailCode::Internal, format!("generation panicked: {what}"));
                 }
             }
+            true
         }
     }
 }
