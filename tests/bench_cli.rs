@@ -75,7 +75,8 @@ fn tiny_bench_measures_every_setting_and_operation() {
     let out_file = dir.join("ours.json");
     let o = run(&["bench", "--tiny", "--steps", "2", "--warmup", "1", "--op-iters", "2", "--json", "--out", out_file.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", text(&o.stdout)));
+    let doc: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {}", text(&o.stdout)));
     let saved: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
     assert_eq!(doc, saved, "--out holds the document printed");
     assert_eq!(doc["impl"], "stylealign");
@@ -121,8 +122,14 @@ fn tiny_bench_measures_every_setting_and_operation() {
                 .find(|r| r["model"] == model && r["op"] == op && r["variant"] == variant)
                 .unwrap_or_else(|| panic!("no {model} {op} {variant} row in {doc}"));
             assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
-            assert_eq!(r["shape"].as_array().unwrap()[0], if op == "ff_matmul" { Value::from(8 * 256) } else { Value::from(8) }, "{r}");
+            assert_eq!(r["dtype"], "f32", "{r}");
         }
+        // The feed-forward runs on the attention level's tokens of all 8 rows.
+        let find = |op: &str| ops.iter().find(|r| r["model"] == model && r["op"] == op).unwrap()["shape"].as_array().unwrap().clone();
+        let (attn, ff) = (find("attention"), find("ff_matmul"));
+        assert_eq!(attn[0], 8);
+        assert_eq!(ff[0].as_u64(), Some(8 * attn[1].as_u64().unwrap()));
+        assert_eq!((ff[1].clone(), ff[2].as_u64()), (attn[2].clone(), Some(4 * attn[2].as_u64().unwrap())));
     }
     // The tiny SD1.5 config: 16 channels at the first level, attention there on 16×16 tokens.
     let attn = ops.iter().find(|r| r["model"] == "sd15" && r["op"] == "attention").unwrap();
@@ -134,7 +141,23 @@ fn tiny_bench_measures_every_setting_and_operation() {
 
 #[test]
 fn a_dtype_the_unet_cannot_use_is_said_not_hidden() {
-    let o = run(&["bench", "--tiny", "--model", "sd15", "--dtype", "f16", "--steps", "1", "--warmup", "0", "--op-iters", "1", "--variant", "plain", "--json"]);
+    let o = run(&[
+        "bench",
+        "--tiny",
+        "--model",
+        "sd15",
+        "--dtype",
+        "f16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--op-iters",
+        "1",
+        "--variant",
+        "plain",
+        "--json",
+    ]);
     let err = text(&o.stderr);
     if !o.status.success() {
         // A device without f16 refuses the flag by name.
@@ -193,23 +216,19 @@ fn a_written_model_folder_is_served_and_generates_a_set() {
     cmd.args(["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"]);
     let (mut child, addrs, mut log, _stdout) = spawn_server(&mut cmd);
     let images = dir.join("images");
-    let o = run(&[
-        "generate",
-        "--server",
-        &addrs[0].to_string(),
-        "--model",
-        "sd15",
-        "--prompt",
-        "a lighthouse, watercolor",
-        "--prompt",
-        "a fox",
-        "--steps",
-        "2",
-        "--seed",
-        "7",
-        "--out",
-        images.to_str().unwrap(),
-    ]);
+    let addr = addrs[0].to_string();
+    let args =
+        ["generate", "--server", &addr, "--model", "sd15", "--prompt", "a lighthouse, watercolor", "--prompt", "a fox", "--steps", "2"];
+    let args = [&args[..], &["--seed", "7", "--out", images.to_str().unwrap()]].concat();
+    // The server answers UNAVAILABLE (WARMING_UP) until its models are loaded.
+    let end = Instant::now() + Duration::from_secs(120);
+    let o = loop {
+        let o = run(&args);
+        if o.status.success() || !text(&o.stderr).contains("WARMING_UP") || Instant::now() > end {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let _ = child.kill();
     let _ = child.wait();
     log.assert_no_panic();

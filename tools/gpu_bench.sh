@@ -147,19 +147,23 @@ if ! timeout -k 10 "$(set_left)" "$binary" bench "${model_flags[@]}" --write-mod
   serve_fail "writing the random SD1.5 folder failed (write_model.log)"
 else
   t0=$(now_ms)
-  "$binary" serve --model "$model_dir" --device "$device" --listen 127.0.0.1:0 --admin-listen off \
+  STYLEALIGN_LOG_FORMAT=text "$binary" serve --model "$model_dir" --device "$device" --listen 127.0.0.1:0 --admin-listen off \
     > "$work/server.out" 2> "$out_dir/server.log" &
   server_pid=$!
   addr=
   deadline=$(( $(date +%s) + $(set_left) ))
+  # The address comes first; requests are served once the log says SERVING (models loaded, one
+  # warm-up step run).
+  serving=
   while [ "$(date +%s)" -lt "$deadline" ]; do
     addr=$(sed -n 's/.*gRPC on \([0-9.:]*\).*/\1/p' "$work/server.out" | head -1)
-    [ -n "$addr" ] && break
+    grep -q 'server: SERVING' "$out_dir/server.log" && serving=1
+    [ -n "$addr" ] && [ -n "$serving" ] && break
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.5
   done
-  if [ -z "$addr" ]; then
-    serve_fail "the server did not start (server.log)"
+  if [ -z "$addr" ] || [ -z "$serving" ]; then
+    serve_fail "the server did not reach SERVING (server.log)"
   else
     startup=$(secs_since "$t0")
     prompts=(--prompt "a lighthouse, watercolor" --prompt "a fox" --prompt "a teapot" --prompt "a bicycle")
@@ -174,7 +178,7 @@ else
       if gen "$set_steps" "$work/set"; then
         secs=$(secs_since "$t1")
         images=$(find "$work/set" -name '*.png' | wc -l)
-        size=$set_size; [ "$size" = 0 ] && size=native
+        size=$set_size; [ "$size" = 0 ] && size="native size"
         printf '{"model":"sd15","variant":"sa-node","images":%s,"steps":%s,"size":"%s","seconds":%s,"startup_seconds":%s}\n' \
           "$images" "$set_steps" "$size" "$secs" "$startup" > "$serve_json"
         [ "$images" = 4 ] || serve_fail "the set wrote $images images, not 4"

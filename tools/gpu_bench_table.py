@@ -35,7 +35,14 @@ def fmt_ms(x):
 
 
 def ratio(a, b):
-    return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}×"
+    if a is None or b is None or b <= 0:
+        return "—"
+    r = a / b
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
+
+
+def size_cell(size):
+    return f"{size}² px" if str(size).isdigit() else str(size)
 
 
 def dtype_mark(ours, theirs):
@@ -80,7 +87,7 @@ def build(ours_docs, torch_docs, serve, title):
         c = torch_unet.get((model, variant, "compile"))
         size = (o or e or c or {}).get("size", "?")
         om, em, cm = (r["ms"] if r else None for r in (o, e, c))
-        lines.append(f"| UNet step | {model} | {variant} | {size}² px | {fmt_ms(om)}{dtype_mark(o, e or c)} | {fmt_ms(em)} | {fmt_ms(cm)} "
+        lines.append(f"| UNet step | {model} | {variant} | {size_cell(size)} | {fmt_ms(om)}{dtype_mark(o, e or c)} | {fmt_ms(em)} | {fmt_ms(cm)} "
                      f"| {ratio(om, em)} | {ratio(om, cm)} |")
     for key in order(set(torch_ops) | set(ours_ops)):
         model, op, variant = key
@@ -95,7 +102,7 @@ def build(ours_docs, torch_docs, serve, title):
         else:
             lines.append(
                 f"| full set via server ({serve['images']} images, {serve['steps']} steps, s) | {serve.get('model', '?')} "
-                f"| {serve.get('variant', '?')} | {serve.get('size', '?')}² px | {serve['seconds']:.2f} | — | — | — | — |")
+                f"| {serve.get('variant', '?')} | {size_cell(serve.get('size', '?'))} | {serve['seconds']:.2f} | — | — | — | — |")
             if serve.get("startup_seconds") is not None:
                 lines.append(f"| server start to SERVING (s) | {serve.get('model', '?')} | — | — | {serve['startup_seconds']:.1f} "
                              f"| — | — | — | — |")

@@ -305,7 +305,10 @@ fn unet_inputs(cfg: &UNetConfig, batch: usize, latent: usize, device: &Device) -
         let px = (latent * 8) as f32;
         TextTime {
             text_embeds: Tensor::from_data(TensorData::new(det(batch * td, 3), [batch, td]), device),
-            time_ids: Tensor::from_data(TensorData::new((0..batch).flat_map(|_| [px, px, 0.0, 0.0, px, px]).collect::<Vec<f32>>(), [batch, 6]), device),
+            time_ids: Tensor::from_data(
+                TensorData::new((0..batch).flat_map(|_| [px, px, 0.0, 0.0, px, px]).collect::<Vec<f32>>(), [batch, 6]),
+                device,
+            ),
         }
     });
     UnetInputs { sample, timesteps, ehs, text_time }
@@ -316,7 +319,10 @@ fn bench_unet(a: &BenchArgs, model: BenchModel, size: usize, device: &Device, re
     // The model loading of this build keeps every weight in f32.
     let dtype = BenchDtype::F32;
     if a.dtype != dtype {
-        let note = format!("the UNet steps ran in f32: this build loads UNet weights in f32 only (--dtype {} applies to the operations)", a.dtype.name());
+        let note = format!(
+            "the UNet steps ran in f32: this build loads UNet weights in f32 only (--dtype {} applies to the operations)",
+            a.dtype.name()
+        );
         eprintln!("bench: {note}");
         if !report.notes.contains(&note) {
             report.notes.push(note);
@@ -339,7 +345,8 @@ fn bench_unet(a: &BenchArgs, model: BenchModel, size: usize, device: &Device, re
             Some(patch) => Box::new(StyleAlignedHooks::new(&patch, batch_plan(a.batch)?, unet.self_attention_layers(), device)?),
         };
         let step = || -> anyhow::Result<f32> {
-            let out = unet.forward(inputs.sample.clone(), inputs.timesteps.clone(), &inputs.ehs, inputs.text_time.as_ref(), hooks.as_ref())?;
+            let out =
+                unet.forward(inputs.sample.clone(), inputs.timesteps.clone(), &inputs.ehs, inputs.text_time.as_ref(), hooks.as_ref())?;
             read_scalar(out)
         };
         let w0 = Instant::now();
@@ -488,12 +495,12 @@ fn human_table(r: &Report) -> String {
     );
     for u in &r.unet {
         s += &format!(
-            "  unet {:5} {:>5}px {:10} {:9.2} ms/step (median {:.2}, min {:.2}; warm-up {:.1} s)\n",
-            u.model, u.size, u.variant, u.ms, u.median_ms, u.min_ms, u.warmup_s
+            "  unet {:5} {:>5}px {:10} {:4} {:9.2} ms/step (median {:.2}, min {:.2}; warm-up {:.1} s)\n",
+            u.model, u.size, u.variant, u.dtype, u.ms, u.median_ms, u.min_ms, u.warmup_s
         );
     }
     for o in &r.ops {
-        s += &format!("  op   {:5} {:12} {:10} {:>22} {:9.3} ms\n", o.model, o.op, o.variant, format!("{:?}", o.shape), o.ms);
+        s += &format!("  op   {:5} {:12} {:10} {:4} {:>22} {:9.3} ms\n", o.model, o.op, o.variant, o.dtype, format!("{:?}", o.shape), o.ms);
     }
     for n in &r.notes {
         s += &format!("  note: {n}\n");
