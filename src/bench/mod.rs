@@ -274,7 +274,7 @@ fn stats(ms: &mut [f64]) -> (f64, f64, f64, f64) {
     ms.sort_by(|a, b| a.total_cmp(b));
     let n = ms.len();
     let mean = ms.iter().sum::<f64>() / n as f64;
-    let median = if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 };
+    let median = if !n.is_multiple_of(2) { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 };
     (mean, median, ms[0], ms[n - 1])
 }
 
@@ -330,7 +330,7 @@ fn bench_unet(a: &BenchArgs, model: BenchModel, size: usize, device: &Device, re
     }
     let cfg = unet_config(model, a.tiny)?;
     let latent = size / 8;
-    if size % 8 != 0 || latent == 0 || !latent.is_multiple_of(cfg.latent_multiple()) {
+    if !size.is_multiple_of(8) || latent == 0 || !latent.is_multiple_of(cfg.latent_multiple()) {
         bail!("--size {size}: the latent side (size / 8) must be a positive multiple of {}", cfg.latent_multiple());
     }
     let t0 = Instant::now();
@@ -403,7 +403,7 @@ fn check_args(a: &BenchArgs) -> anyhow::Result<()> {
         bail!("--model: at least one of sd15, sdxl");
     }
     if let Some(s) = a.size
-        && (s == 0 || s > 4096 || s % 8 != 0)
+        && (s == 0 || s > 4096 || !s.is_multiple_of(8))
     {
         bail!("--size {s}: expected a multiple of 8 from 8 to 4096 pixels");
     }
