@@ -95,7 +95,7 @@ else
   common=(--steps 20 --warmup 3 --op-iters 20)
   torch_extra=(--compile sd15)
   model_flags=(); set_steps=30; set_size=512
-  shares=(190 70 80 100)
+  shares=(170 70 80 90)
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
   # Our CUDA kernels are compiled at run time by NVRTC. Without a system copy, use the one the
   # PyTorch wheels bring (site-packages/nvidia/...).
@@ -118,7 +118,7 @@ fi
 say "binary $("$binary" --version), out $out_dir, budget ${budget} s, device $device, dtype $dtype"
 
 say "0/4 the PyTorch side's StyleAligned against the tiny goldens (CPU, float32)"
-timeout -k 10 "$(allow 60)" "$python" "$root/tools/gpu_bench_torch.py" --check-goldens 2> "$out_dir/check_goldens.log"
+timeout -k 10 "$(allow 40)" "$python" "$root/tools/gpu_bench_torch.py" --check-goldens 2> "$out_dir/check_goldens.log"
 check_goldens_rc=$?
 cat "$out_dir/check_goldens.log" >&2
 [ "$check_goldens_rc" = 0 ] || say "the PyTorch StyleAligned patches do NOT match the goldens (status $check_goldens_rc)"

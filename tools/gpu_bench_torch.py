@@ -227,8 +227,11 @@ def build_unet(args, torch, model, size):
 
 
 def time_unet(args, torch, model, size, unet, inputs, mode, report):
-    """Times every variant of one model in one mode ("eager" or "compile")."""
+    """Times the variants of one model in one mode ("eager": all of them; "compile": those of
+    --compile-variants)."""
     for variant in args.variants:
+        if mode == "compile" and variant not in args.compile_variants:
+            continue
         undo = install(unet, variant, args.batch)
         try:
             if mode == "compile":
@@ -371,6 +374,8 @@ def main():
     ap.add_argument("--op-iters", type=int, default=20, help="timed calls per operation; 0 skips them (default 20)")
     ap.add_argument("--compile", default="sd15",
                     help="models also timed under torch.compile: comma-separated, 'none' or 'all' (default sd15)")
+    ap.add_argument("--compile-variants", default="plain,sa-google",
+                    help="variants also timed under torch.compile (default plain,sa-google; each one compiles anew)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default 'default')")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's choice)")
     ap.add_argument("--out", help="JSON file, rewritten after every row")
@@ -384,10 +389,11 @@ def main():
         return 1 if check_goldens(torch) else 0
     args.model = [m for m in args.model.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
+    args.compile_variants = [v for v in args.compile_variants.split(",") if v]
     for m in args.model:
         if m not in CONFIGS:
             ap.error(f"--model: {m!r} is not one of sd15, sdxl")
-    for v in args.variants:
+    for v in args.variants + args.compile_variants:
         if v not in VARIANTS:
             ap.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.op_iters < 0:
