@@ -23,7 +23,7 @@
 //!
 //! Weights come from [`Weights::synthetic`] (deterministic, PyTorch-like scales), inputs from a
 //! fixed hash. The JSON (`--json`) has one object: the run's settings, `unet` rows and `ops` rows
-//! (schema in `tools/gpu_bench_table.py`, which reads it together with the PyTorch side's).
+//! (the schema of `tools/gpu_bench_torch.py`, plus `notes`; `tools/gpu_bench_table.py` reads both).
 
 mod model_folder;
 mod ops;
@@ -128,8 +128,8 @@ pub struct BenchArgs {
     /// Device: `cpu`, `cuda`, `cuda:N` (and what else this build's `--device` accepts).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// Compute dtype. The operations are cast to it; the UNet is built in f32 by this build's
-    /// model loading, so the UNet rows need f32.
+    /// Compute dtype. The operations are cast to it; the UNet steps run in f32 in this build (its
+    /// model loading keeps weights in f32), which their rows and a note say.
     #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
     pub dtype: BenchDtype,
     /// Architectures to measure (comma-separated).
