@@ -6,8 +6,10 @@
 //! - [`sampling`]: schedulers and the CFG loop.
 //! - [`device`]: choosing the compute device.
 //! - [`serve`]: the gRPC service; [`client`]: the client behind `stylealign generate` / `demo` / `loadtest`.
+//! - [`bench`]: `stylealign bench`, the UNet step and its operations timed on a device.
 //! - [`telemetry`]: OpenTelemetry traces (OTLP), off unless configured.
 
+pub mod bench;
 pub mod client;
 pub mod device;
 pub mod device_memory;

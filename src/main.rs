@@ -8,6 +8,7 @@
 //! stylealign generate --server 127.0.0.1:50051 --prompt "a cat, watercolor" --prompt "a dog" --out out/
 //! stylealign demo --out out/demo
 //! stylealign loadtest --server 127.0.0.1:50051 --clients 1,4,16 --duration 30s
+//! stylealign bench --device cuda --model sd15 --json
 //! ```
 //!
 //! Every `serve` flag also reads an environment variable (`STYLEALIGN_…`, shown by `--help`).
@@ -39,6 +40,8 @@ enum Command {
     Demo(client::demo::DemoArgs),
     /// Measure throughput and latency with concurrent clients (in-process tiny server by default).
     Loadtest(client::loadtest::LoadArgs),
+    /// Time UNet steps (plain and StyleAligned) and their operations on a device, with random weights.
+    Bench(stylealign::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             Command::Generate(a) => client::generate::run(a).await,
             Command::Demo(a) => client::demo::run(a).await,
             Command::Loadtest(a) => client::loadtest::run(a).await,
+            Command::Bench(a) => stylealign::bench::run(a).await,
         }
     });
     // Work still running (an in-process server, a stream) is not waited for.
