@@ -63,8 +63,8 @@ const TRAJECTORY_TOL: f64 = 2e-4;
 /// measured errors and the justification: docs/precision.md.
 fn half_tolerance(kind: &str, precision: Precision) -> (f64, f64) {
     // f16 keeps 11 significant bits (relative rounding 4.9e-4), bf16 8 (3.9e-3). Single model
-    // calls, whose outputs are of order 1, land 1e-3 to 2e-2 from f32 through their depth (more
-    // on devices that accumulate matrix products in f16, as lavapipe does). Loop kinds' single
+    // calls, whose outputs are of order 1, land 1e-3 to 2e-2 from f32 through their depth (2 to
+    // 4 times more on lavapipe than on the CPU backend). Loop kinds' single
     // calls include CFG-guided predictions (the UNet's error times the guidance) and DDIM
     // inversion's latents. Loops amplify the error by their steps and by the noise level they
     // work at (latents |x| up to ~20 at the first steps of Euler-type samplers). The LoRA goldens'
