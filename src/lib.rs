@@ -5,11 +5,13 @@
 //! - [`style_aligned`]: the patch (options, reference plan, AdaIN, shared attention, shared GroupNorm).
 //! - [`sampling`]: schedulers and the CFG loop.
 //! - [`device`]: choosing the compute device.
+//! - [`kernels`]: our fused CubeCL kernels (GroupNorm, StyleAligned attention) for GPU devices.
 //! - [`serve`]: the gRPC service; [`client`]: the client behind `stylealign generate` / `demo` / `loadtest`.
 //! - [`telemetry`]: OpenTelemetry traces (OTLP), off unless configured.
 
 pub mod client;
 pub mod device;
+pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;
