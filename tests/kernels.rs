@@ -59,12 +59,7 @@ fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
 }
 
 fn norm(channels: usize, groups: usize, device: &Device) -> GroupNorm {
-    GroupNorm {
-        weight: random([channels], device) * 0.5 + 1.0,
-        bias: random([channels], device) * 0.3,
-        groups,
-        eps: 1e-5,
-    }
+    GroupNorm { weight: random([channels], device) * 0.5 + 1.0, bias: random([channels], device) * 0.3, groups, eps: 1e-5 }
 }
 
 fn index(list: &[usize], device: &Device) -> Tensor<1, Int> {

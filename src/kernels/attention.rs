@@ -14,8 +14,8 @@ use burn_cubecl::cubecl;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::prelude::*;
 use cubecl::ir::ElemType;
+use cubecl::prelude::*;
 
 use super::StyleAttention;
 use super::adain::adain_affine_into;
@@ -59,11 +59,16 @@ fn attention_kernel<F: Float>(
     let i_read = min(i, nq - 1);
     let c_all = hs * head_dim;
     let off = h * head_dim;
+    // This unit's scaled query and output accumulator, in registers: the loops over the head
+    // dimension are unrolled (constant indices). Unrolled, they also stay clear of Mesa's
+    // lavapipe's limit on loop iterations per invocation (about 65 535, all loops together, after
+    // which every loop stops after one iteration).
     let mut qa = Array::<f32>::new(head_dim);
     let mut acc = Array::<f32>::new(head_dim);
     let mut keys = Shared::<[f32]>::new_slice(comptime!(tile * head_dim));
     let mut vals = Shared::<[f32]>::new_slice(comptime!(tile * head_dim));
     let q_base = (b * nq + i_read) * c_all + off;
+    #[unroll]
     for e in 0..head_dim {
         let mut x = f32::cast_from(q[q_base + e]);
         if comptime!(adain_q) {
@@ -94,6 +99,7 @@ fn attention_kernel<F: Float>(
             if j < nk {
                 let k_base = (kb * nk + j) * c_all + off;
                 let v_base = (vb * nk + j) * c_all + off;
+                #[unroll]
                 for e in 0..head_dim {
                     let mut kx = f32::cast_from(k[k_base + e]);
                     if comptime!(adain_k) {
@@ -113,6 +119,7 @@ fn attention_kernel<F: Float>(
             let count = min(tile, nk - j0);
             for t in 0..count {
                 let mut s = f32::new(0.0);
+                #[unroll]
                 for e in 0..head_dim {
                     s += qa[e] * keys[t * head_dim + e];
                 }
@@ -121,6 +128,7 @@ fn attention_kernel<F: Float>(
                 let corr = (m - m_new).exp();
                 let p = (s - m_new).exp();
                 l = l * corr + p;
+                #[unroll]
                 for e in 0..head_dim {
                     acc[e] = acc[e] * corr + p * vals[t * head_dim + e];
                 }
@@ -132,6 +140,7 @@ fn attention_kernel<F: Float>(
     }
     if valid {
         let o_base = (b * nq + i) * c_all + off;
+        #[unroll]
         for e in 0..head_dim {
             out[o_base + e] = F::cast_from(acc[e] / l);
         }
@@ -178,7 +187,7 @@ pub(crate) fn attention(q: CubeTensor, k: CubeTensor, v: CubeTensor, heads: usiz
         }
         None => (u32_table(&q, &[0]), f32_table(&q, &[1.0]), 0.0),
     };
-    // Keys per tile: one per unit, K and V tiles in f32 within 16 KiB of shared memory.
+    // Keys per tile: one per unit; K and V tiles in f32 within 16 KiB of shared memory.
     let tile = (2048 / d).clamp(1, 32);
     let cube_dim = CubeDim::new_1d(tile as u32);
     let cube_count = CubeCount::Static(nq.div_ceil(tile) as u32, (b * heads) as u32, 1);

@@ -203,7 +203,14 @@ pub fn official_attention_reference(attn: &Attention, x: Tensor<3>, plan: &Devic
     official_attention_projected(attn, q, k, v, plan, s)
 }
 
-fn official_attention_projected(attn: &Attention, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
+fn official_attention_projected(
+    attn: &Attention,
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    plan: &DevicePlan,
+    s: AttnSwitches,
+) -> Tensor<3> {
     let (mut q, mut k, mut v) = (q, k, v);
     if s.adain_q {
         q = adain(q, &plan.stats_reference_of);
