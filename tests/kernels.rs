@@ -261,3 +261,41 @@ fn adain_kernel_f32() {
     let d = max_diff(got, want);
     assert!(d <= 2e-4, "AdaIN differs by {d}");
 }
+
+/// Times of the kernels and of the reference path on this device (information for
+/// docs/kernels.md, no assertion on speed): `cargo test --release --features wgpu --test kernels
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_times() {
+    let dev = device();
+    let time = |label: &str, f: &dyn Fn() -> Tensor<4>| {
+        f().into_data(); // compile and warm up
+        let runs = 3;
+        let t0 = std::time::Instant::now();
+        for _ in 0..runs {
+            f();
+            dev.sync().expect("sync");
+        }
+        eprintln!("{label}: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3 / runs as f64);
+    };
+    let gn = norm(320, 32, &dev);
+    let x = random([2, 320, 64, 64], &dev);
+    time("GroupNorm+SiLU 2×320×64×64 kernel", &|| gn.forward_act(x.clone(), true));
+    time("GroupNorm+SiLU 2×320×64×64 reference", &|| gn.reference_forward(x.clone(), true));
+    let plan2 = DevicePlan::new(ReferencePlan::uniform(vec![0, 0], vec![1.0; 2]), &dev);
+    time("shared GroupNorm 2×320×64×64 kernel", &|| ops::shared_group_norm_act(&gn, x.clone(), &plan2, false));
+    time("shared GroupNorm 2×320×64×64 reference", &|| ops::shared_group_norm(&gn, x.clone(), &plan2.stats_reference_of));
+    let (q, k, v) = (random([2, 1024, 320], &dev), random([2, 1024, 320], &dev), random([2, 1024, 320], &dev));
+    let as4 = |t: Tensor<3>| t.unsqueeze::<4>();
+    time("attention 2×8×1024 d 40 kernel", &|| as4(kernels::attention(q.clone(), k.clone(), v.clone(), 8, None).expect("kernel")));
+    time("attention 2×8×1024 d 40 reference", &|| as4(reference_attention(q.clone(), k.clone(), v.clone(), 8, None)));
+    let plan = plan(&dev);
+    let layer = attn(320, 8, false, &dev);
+    let x5 = random([5, 256, 320], &dev);
+    let s = AttnSwitches { adain_q: true, adain_k: true, adain_v: false, share: true, score_shift: 0.0 };
+    time("StyleAligned attention (official) 5×8×256 d 40 kernel", &|| as4(ops::official_attention(&layer, x5.clone(), &plan, s)));
+    time("StyleAligned attention (official) 5×8×256 d 40 reference", &|| {
+        as4(ops::official_attention_reference(&layer, x5.clone(), &plan, s))
+    });
+}
