@@ -51,8 +51,8 @@ fn group_stats_kernel<F: Float>(
     let mut stride = (CUBE_DIM as usize) / 2;
     while stride > 0 {
         if unit < stride {
-            shared_sum[unit] = shared_sum[unit] + shared_sum[unit + stride];
-            shared_sq[unit] = shared_sq[unit] + shared_sq[unit + stride];
+            shared_sum[unit] += shared_sum[unit + stride];
+            shared_sq[unit] += shared_sq[unit + stride];
         }
         sync_cube();
         stride /= 2;

@@ -76,6 +76,7 @@ pub fn active(device: &Device) -> bool {
     !reference && supported(device)
 }
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn table(list: &[usize]) -> Vec<u32> {
     list.iter().map(|&i| i as u32).collect()
 }
