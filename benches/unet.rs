@@ -64,8 +64,8 @@ impl<H: UNetHooks> Timed<'_, H> {
 }
 
 impl<H: UNetHooks> UNetHooks for Timed<'_, H> {
-    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        self.time(&self.norm, || self.inner.group_norm(site, norm, x))
+    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        self.time(&self.norm, || self.inner.group_norm(site, norm, x, silu))
     }
     fn self_attention(&self, site: Site, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
         self.time(&self.attn, || self.inner.self_attention(site, layer, attn, x))

@@ -140,8 +140,31 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_act(x, false)
+    }
+
+    /// GroupNorm then SiLU (one fused kernel on GPU devices).
+    pub fn forward_silu(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_act(x, true)
+    }
+
+    /// GroupNorm, then SiLU when `silu`: the fused kernel where [`crate::kernels::active`], the
+    /// burn-op composition ([`Self::reference_forward`]) elsewhere.
+    pub fn forward_act(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        if crate::kernels::active(&x.device())
+            && let Some(out) = crate::kernels::group_norm(x.clone(), &self.weight, &self.bias, self.groups, self.eps, silu, None)
+        {
+            return out;
+        }
+        self.reference_forward(x, silu)
+    }
+
+    /// GroupNorm (then SiLU when `silu`) composed of burn ops: the CPU path and the kernels'
+    /// reference.
+    pub fn reference_forward(&self, x: Tensor<4>, silu: bool) -> Tensor<4> {
         let (mean, var) = self.group_stats(x.clone());
-        self.apply_stats(x, mean, var)
+        let y = self.apply_stats(x, mean, var);
+        if silu { burn::tensor::activation::silu(y) } else { y }
     }
 }
 
@@ -188,7 +211,21 @@ impl LayerNorm {
 /// depends on its own row only, so tiling does not change it (test `tiled_attention_equals_whole`).
 /// After a stop the remaining tiles are zeros; the caller's next [`super::stop::check`] fails, so
 /// they are never used.
+///
+/// On GPU devices ([`crate::kernels::active`]) an attention without `bias` is our fused kernel.
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias: Option<Tensor<4>>) -> Tensor<3> {
+    if bias.is_none()
+        && crate::kernels::active(&q.device())
+        && let Some(out) = crate::kernels::attention(q.clone(), k.clone(), v.clone(), heads, None)
+    {
+        return out;
+    }
+    reference_attention(q, k, v, heads, bias)
+}
+
+/// [`attention`] composed of burn ops (burn-flex's fused attention on the CPU): the kernels'
+/// reference.
+pub fn reference_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, bias: Option<Tensor<4>>) -> Tensor<3> {
     let [b, _, c] = q.dims();
     let tile = (TILE_WORK / (b * k.dims()[1] * c).max(1)).clamp(16, QUERY_TILE);
     attention_tiled(q, k, v, heads, bias, tile)

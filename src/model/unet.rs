@@ -73,10 +73,11 @@ pub struct Site {
 /// The UNet's interface to a patch: every GroupNorm and every self-attention (`attn1`) layer
 /// goes through these two methods, told where the layer sits. Defaults compute the plain layer.
 pub trait UNetHooks: Send + Sync {
-    /// A GroupNorm of a resnet, of a transformer's input or `conv_norm_out` on `x` (B, C, H, W).
-    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    /// A GroupNorm of a resnet, of a transformer's input or `conv_norm_out` on `x` (B, C, H, W),
+    /// followed by SiLU when `silu` (fused into one kernel on GPU devices).
+    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
         let _ = site;
-        norm.forward(x)
+        norm.forward_act(x, silu)
     }
 
     /// Self-attention number `layer` (diffusers processor order: down blocks, up blocks, mid
@@ -90,7 +91,7 @@ pub trait UNetHooks: Send + Sync {
 /// What a block's layers call: the hooks of one block, bound to its site by the UNet (the VAE's
 /// blocks get [`NoHooks`]).
 pub trait BlockHooks {
-    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4>;
+    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4>;
     fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3>;
 }
 
@@ -100,8 +101,8 @@ pub struct NoHooks;
 impl UNetHooks for NoHooks {}
 
 impl BlockHooks for NoHooks {
-    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        norm.forward(x)
+    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        norm.forward_act(x, silu)
     }
 
     fn self_attention(&self, _layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
@@ -122,8 +123,8 @@ impl<'a> At<'a> {
 }
 
 impl BlockHooks for At<'_> {
-    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-        self.hooks.group_norm(self.site, norm, x)
+    fn group_norm(&self, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
+        self.hooks.group_norm(self.site, norm, x, silu)
     }
 
     fn self_attention(&self, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
@@ -342,14 +343,14 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>, hooks: &dyn BlockHooks) -> Tensor<4> {
-        let mut h = silu(hooks.group_norm(&self.norm1, x.clone()));
+        let mut h = hooks.group_norm(&self.norm1, x.clone(), true);
         h = self.conv1.forward(h);
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(silu(temb.clone()));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        h = silu(hooks.group_norm(&self.norm2, h));
+        h = hooks.group_norm(&self.norm2, h, true);
         h = self.conv2.forward(h);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
@@ -456,7 +457,7 @@ impl Transformer2D {
     fn forward(&self, x: Tensor<4>, context: &Tensor<3>, hooks: &dyn BlockHooks) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = hooks.group_norm(&self.norm, x);
+        let x = hooks.group_norm(&self.norm, x, false);
         let tokens = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut t = match &self.proj_in {
             Proj::Conv(conv) => tokens(conv.forward(x)),
@@ -933,7 +934,7 @@ impl UNet {
         }
 
         stop::check()?;
-        let x = silu(hooks.group_norm(Site { level: Level::Out }, &self.conv_norm_out, x));
+        let x = hooks.group_norm(Site { level: Level::Out }, &self.conv_norm_out, x, true);
         // The sampler works in f32: the output leaves the model's dtype here.
         let out = self.conv_out.forward(x).cast(FloatDType::F32);
         // Attention tiles skipped after a stop leave garbage: never return it.

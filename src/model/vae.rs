@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::silu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, FloatDType, Tensor};
@@ -244,7 +243,7 @@ impl Vae {
             }
         }
         x = self.enc_mid.forward(x);
-        x = self.enc_conv_out.forward(silu(self.enc_norm_out.forward(x)));
+        x = self.enc_conv_out.forward(self.enc_norm_out.forward_silu(x));
         if let Some(q) = &self.quant_conv {
             x = q.forward(x);
         }
@@ -284,7 +283,7 @@ impl Vae {
             }
         }
         stop::check()?;
-        let out = self.dec_conv_out.forward(silu(self.dec_norm_out.forward(x))).cast(FloatDType::F32);
+        let out = self.dec_conv_out.forward(self.dec_norm_out.forward_silu(x)).cast(FloatDType::F32);
         stop::check()?;
         Ok(out)
     }

@@ -103,9 +103,9 @@ impl StyleAlignedHooks {
 }
 
 impl UNetHooks for StyleAlignedHooks {
-    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
         let share = self.level(site.level).map_or(self.resolved.share_group_norm, |l| l.switches.share_group_norm);
-        if share { ops::shared_group_norm(norm, x, &self.plan.stats_reference_of) } else { norm.forward(x) }
+        if share { ops::shared_group_norm_act(norm, x, &self.plan, silu) } else { norm.forward_act(x, silu) }
     }
 
     fn self_attention(&self, site: Site, layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {

@@ -3,7 +3,8 @@
 
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
-use crate::model::nn::{Attention, GroupNorm, attention};
+use crate::kernels::{self, SharedKeys, StyleAttention};
+use crate::model::nn::{Attention, GroupNorm, reference_attention};
 
 use super::plan::ReferencePlan;
 
@@ -89,6 +90,33 @@ pub fn shared_group_norm(norm: &GroupNorm, x: Tensor<4>, stats_reference_of: &Te
     norm.apply_stats(x, joint_mean, joint_var)
 }
 
+/// [`shared_group_norm`], then SiLU when `silu`: one fused kernel where [`kernels::active`], the
+/// burn-op composition elsewhere.
+pub fn shared_group_norm_act(norm: &GroupNorm, x: Tensor<4>, plan: &DevicePlan, silu: bool) -> Tensor<4> {
+    if kernels::active(&x.device())
+        && let Some(out) =
+            kernels::group_norm(x.clone(), &norm.weight, &norm.bias, norm.groups, norm.eps, silu, Some(&plan.plan.stats_reference_of))
+    {
+        return out;
+    }
+    let y = shared_group_norm(norm, x, &plan.stats_reference_of);
+    if silu { burn::tensor::activation::silu(y) } else { y }
+}
+
+fn u32s(list: &[usize]) -> Vec<u32> {
+    list.iter().map(|&i| i as u32).collect()
+}
+
+/// The reference keys / values of `plan` for the attention kernel.
+fn shared_keys(plan: &DevicePlan, score_shift: f32) -> SharedKeys {
+    SharedKeys {
+        reference_of: u32s(&plan.plan.reference_of),
+        value_reference_of: u32s(&plan.plan.value_reference_of),
+        gain: plan.plan.gain.clone(),
+        score_shift,
+    }
+}
+
 /// The switches of one self-attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnSwitches {
@@ -102,6 +130,38 @@ pub struct AttnSwitches {
 /// ComfyUI node: AdaIN on the attention input x, before the projections; the reference's
 /// (AdaIN-ed) inputs are appended to keys (with the row's gain) and values.
 pub fn node_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
+    // The kernel scales the projected reference keys by the gain: the same as projecting scaled
+    // inputs unless `to_k` has a bias and some gain is not 1.
+    if kernels::active(&x.device()) && (attn.to_k.bias.is_none() || plan.unit_gain) {
+        let adain_x = if s.adain_q || s.adain_k || s.adain_v {
+            kernels::adain(x.clone(), &plan.plan.stats_reference_of, ADAIN_EPS)
+        } else {
+            Some(x.clone())
+        };
+        if let Some(adain_x) = adain_x {
+            let pick = |on: bool| if on { adain_x.clone() } else { x.clone() };
+            let q = attn.to_q.forward(pick(s.adain_q));
+            let k = attn.to_k.forward(pick(s.adain_k));
+            let v = attn.to_v.forward(pick(s.adain_v));
+            let style = StyleAttention {
+                adain_q: false,
+                adain_k: false,
+                adain_v: false,
+                stats_reference_of: u32s(&plan.plan.stats_reference_of),
+                adain_eps: ADAIN_EPS as f32,
+                share: Some(shared_keys(plan, 0.0)),
+            };
+            if let Some(out) = kernels::attention(q, k, v, attn.heads, Some(&style)) {
+                return attn.to_out.forward(out);
+            }
+        }
+    }
+    node_attention_reference(attn, x, plan, s)
+}
+
+/// [`node_attention`] composed of burn ops (concatenated keys / values): the CPU path and the
+/// kernel's reference.
+pub fn node_attention_reference(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
     let adain_x = if s.adain_q || s.adain_k || s.adain_v { Some(adain(x.clone(), &plan.stats_reference_of)) } else { None };
     let pick = |on: bool| if on { adain_x.clone().expect("computed") } else { x.clone() };
     let q = attn.to_q.forward(pick(s.adain_q));
@@ -115,15 +175,50 @@ pub fn node_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: Attn
     };
     let v = attn.to_v.forward(pick(s.adain_v));
     let v = with_reference(v, &plan.value_reference_of, None);
-    attn.to_out.forward(attention(q, k, v, attn.heads, None))
+    attn.to_out.forward(reference_attention(q, k, v, attn.heads, None))
 }
 
 /// Official code: AdaIN on the projected q / k / v; with sharing, the reference's keys (with the
 /// row's gain) and values are appended and `score_shift` is added to the logits of the appended keys.
 pub fn official_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
-    let mut q = attn.to_q.forward(x.clone());
-    let mut k = attn.to_k.forward(x.clone());
-    let mut v = attn.to_v.forward(x);
+    let q = attn.to_q.forward(x.clone());
+    let k = attn.to_k.forward(x.clone());
+    let v = attn.to_v.forward(x);
+    if kernels::active(&q.device()) {
+        // AdaIN fused into the kernel's loads, the reference keys / values read in place.
+        let style = StyleAttention {
+            adain_q: s.adain_q,
+            adain_k: s.adain_k,
+            adain_v: s.adain_v,
+            stats_reference_of: u32s(&plan.plan.stats_reference_of),
+            adain_eps: ADAIN_EPS as f32,
+            share: s.share.then(|| shared_keys(plan, s.score_shift)),
+        };
+        if let Some(out) = kernels::attention(q.clone(), k.clone(), v.clone(), attn.heads, Some(&style)) {
+            return attn.to_out.forward(out);
+        }
+    }
+    official_attention_projected(attn, q, k, v, plan, s)
+}
+
+/// [`official_attention`] composed of burn ops (AdaIN, concatenated keys / values, a logit bias):
+/// the CPU path and the kernel's reference.
+pub fn official_attention_reference(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: AttnSwitches) -> Tensor<3> {
+    let q = attn.to_q.forward(x.clone());
+    let k = attn.to_k.forward(x.clone());
+    let v = attn.to_v.forward(x);
+    official_attention_projected(attn, q, k, v, plan, s)
+}
+
+fn official_attention_projected(
+    attn: &Attention,
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    plan: &DevicePlan,
+    s: AttnSwitches,
+) -> Tensor<3> {
+    let (mut q, mut k, mut v) = (q, k, v);
     if s.adain_q {
         q = adain(q, &plan.stats_reference_of);
     }
@@ -143,9 +238,9 @@ pub fn official_attention(attn: &Attention, x: Tensor<3>, plan: &DevicePlan, s: 
             b[n..].fill(s.score_shift);
             Tensor::<4>::from_data(TensorData::new(b, [1, 1, 1, 2 * n]), &q.device())
         });
-        attention(q, k, v, attn.heads, bias)
+        reference_attention(q, k, v, attn.heads, bias)
     } else {
-        attention(q, k, v, attn.heads, None)
+        reference_attention(q, k, v, attn.heads, None)
     };
     attn.to_out.forward(out)
 }

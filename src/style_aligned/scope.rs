@@ -424,9 +424,9 @@ mod tests {
             }
         }
         impl UNetHooks for Count {
-            fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+            fn group_norm(&self, site: Site, norm: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
                 self.add(site.level, 1, 0);
-                norm.forward(x)
+                norm.forward_act(x, silu)
             }
             fn self_attention(&self, site: Site, _layer: usize, attn: &Attention, x: Tensor<3>) -> Tensor<3> {
                 self.add(site.level, 0, 1);
