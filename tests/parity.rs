@@ -87,19 +87,6 @@ fn half_tolerance(kind: &str, precision: Precision) -> (f64, f64) {
 /// The device of `STYLEALIGN_TEST_DEVICE` (`cpu` when unset).
 fn test_device() -> (Device, String) {
     let name = std::env::var("STYLEALIGN_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_string());
-    let lower = name.trim().to_ascii_lowercase();
-    if lower == "wgpu" || lower.starts_with("wgpu:") {
-        #[cfg(feature = "wgpu")]
-        {
-            // Until `wgpu` is a device spec: the default adapter (lavapipe on a machine without a GPU).
-            if lower != "wgpu" {
-                panic!("STYLEALIGN_TEST_DEVICE={name}: only `wgpu` (the default adapter) is supported here");
-            }
-            return (Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), lower);
-        }
-        #[cfg(not(feature = "wgpu"))]
-        panic!("STYLEALIGN_TEST_DEVICE={name}: this test binary was built without the `wgpu` feature (cargo test --features wgpu)");
-    }
     let spec: stylealign::device::DeviceSpec = name.parse().unwrap_or_else(|e| panic!("STYLEALIGN_TEST_DEVICE: {e}"));
     let device = stylealign::device::open(&spec).unwrap_or_else(|e| panic!("STYLEALIGN_TEST_DEVICE={name}: {e}"));
     (device, spec.to_string())
