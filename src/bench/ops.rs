@@ -77,7 +77,7 @@ pub(super) fn bench_ops(
     };
     push("group_norm", "plain", shape0.to_vec(), time_chain(a.op_iters, x0.clone(), |x| gn.forward(x))?);
     let shared = sa(Variant::SaGoogle, 1)?;
-    push("group_norm", "shared", shape0.to_vec(), time_chain(a.op_iters, x0.clone(), |x| shared.group_norm(site0, &gn, x))?);
+    push("group_norm", "shared", shape0.to_vec(), time_chain(a.op_iters, x0.clone(), |x| shared.group_norm(site0, &gn, x, false))?);
 
     let mut conv = Conv2d::load(&w, "conv", c0, c0, 3, 1, 1)?;
     conv.weight = conv.weight.cast(dtype);
