@@ -1,5 +1,6 @@
 //! The service on a wgpu device: a StyleAligned set generated through gRPC by a server whose
-//! worker runs on `--device wgpu` gives the CPU server's images (to rounding), and a machine
+//! worker runs on `--device wgpu` gives the CPU server's images (to rounding in f32, within
+//! 35 dB PSNR in the GPU default f16), and a machine
 //! without a Vulkan driver gets a clear refusal at startup instead of wgpu's silent OpenGL
 //! fallback.
 //!
@@ -15,14 +16,15 @@ use std::time::Duration;
 use service_common::*;
 use stylealign::client::Identity;
 use stylealign::device::DeviceSpec;
+use stylealign::model::precision::Precision;
 use stylealign::pipeline::image::Image;
 use stylealign::serve::ServeConfig;
 
 const LIMIT: Duration = Duration::from_secs(600);
 
 /// The images of one two-prompt StyleAligned set from a server on `device`.
-async fn set_on(device: DeviceSpec) -> Vec<Image> {
-    let cfg = ServeConfig { devices: vec![device], ..test_config() };
+async fn set_on(device: DeviceSpec, dtype: Option<Precision>) -> Vec<Image> {
+    let cfg = ServeConfig { devices: vec![device], dtype, ..test_config() };
     let server = start(cfg).await;
     let who = Identity::client("wgpu-test");
     let mut c = connect(&server).await;
@@ -32,18 +34,28 @@ async fn set_on(device: DeviceSpec) -> Vec<Image> {
     set.images.iter().map(|i| Image::from_png(&i.png).expect("PNG").0).collect()
 }
 
+/// PSNR in dB of two 8-bit images.
+fn psnr(a: &Image, b: &Image) -> f64 {
+    let mse = a.rgb.iter().zip(&b.rgb).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum::<f64>() / a.rgb.len() as f64;
+    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
+}
+
 #[test]
 fn a_set_generated_on_wgpu_matches_the_cpu() {
     run(LIMIT, || async {
-        let gpu = set_on(DeviceSpec::Wgpu(None)).await;
-        let cpu = set_on(DeviceSpec::Cpu).await;
-        assert_eq!(gpu.len(), 2);
-        for (g, c) in gpu.iter().zip(&cpu) {
-            assert_eq!((g.width, g.height), (c.width, c.height));
+        let cpu = set_on(DeviceSpec::Cpu, None).await;
+        let f32_gpu = set_on(DeviceSpec::Wgpu(None), Some(Precision::F32)).await;
+        let f16_gpu = set_on(DeviceSpec::Wgpu(None), None).await;
+        assert_eq!((cpu.len(), f32_gpu.len(), f16_gpu.len()), (2, 2, 2));
+        for ((c, g32), g16) in cpu.iter().zip(&f32_gpu).zip(&f16_gpu) {
+            assert_eq!((g32.width, g32.height, g16.width, g16.height), (c.width, c.height, c.width, c.height));
             // f32 on both: the kernels differ in summation order only, so a pixel may round
             // to the neighbouring 8-bit value, no more.
-            let worst = g.rgb.iter().zip(&c.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-            assert!(worst <= 2, "wgpu and CPU images differ by up to {worst}/255");
+            let worst = g32.rgb.iter().zip(&c.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(worst <= 2, "wgpu f32 and CPU images differ by up to {worst}/255");
+            // The GPU default, f16, within the end-to-end bound of docs/precision.md.
+            let db = psnr(g16, c);
+            assert!(db >= 35.0 && g16 != g32, "wgpu f16 vs CPU f32: {db:.1} dB");
         }
     });
 }
