@@ -4,52 +4,16 @@
 
 mod service_common;
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use service_common::{spawn_server, stylealign_command};
-
-/// The binary, with a clean `STYLEALIGN_*` environment.
-fn stylealign() -> Command {
-    let mut cmd = stylealign_command();
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("STYLEALIGN_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
-    cmd
-}
+use service_common::{run_to_end, spawn_server, stylealign_clean};
 
 /// Runs the binary to the end (at most five minutes) and fails on a panic in its output.
 fn run(args: &[&str]) -> Output {
-    let mut child = stylealign().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let o = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let end = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("stylealign {args:?} ran for over five minutes");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = Output { status, stdout: o.join().unwrap(), stderr: e.join().unwrap() };
+    let output = run_to_end(args, Duration::from_secs(300));
     assert!(!text(&output.stderr).contains("panicked"), "stylealign {args:?} panicked:\n{}", text(&output.stderr));
     output
 }
@@ -211,7 +175,7 @@ fn a_written_model_folder_is_served_and_generates_a_set() {
         assert!(model.join(f).is_file(), "{f} missing");
     }
 
-    let mut cmd = stylealign();
+    let mut cmd = stylealign_clean();
     cmd.args(["serve", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-warmup"]);
     let (mut child, addrs, mut log, _stdout) = spawn_server(&mut cmd);
     let images = dir.join("images");

@@ -6,54 +6,24 @@
 
 mod service_common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use service_common::{ServerLog, spawn_server, stylealign_command};
+use service_common::{ServerLog, run_to_end, spawn_server, stylealign_clean};
 use stylealign::client::{self, Identity};
 use stylealign::serve::pb;
 use tonic::Code;
 
 /// The binary, with a clean `STYLEALIGN_*` environment.
 fn stylealign() -> Command {
-    let mut cmd = stylealign_command();
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("STYLEALIGN_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
-    cmd
+    stylealign_clean()
 }
 
 /// Runs the binary to the end (at most two minutes).
 fn run(args: &[&str]) -> Output {
-    let mut child = stylealign().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let o = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let end = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("stylealign {args:?} ran for over two minutes");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output { status, stdout: o.join().unwrap(), stderr: e.join().unwrap() }
+    run_to_end(args, Duration::from_secs(120))
 }
 
 fn text(b: &[u8]) -> String {

@@ -114,6 +114,48 @@ pub fn read_addresses(child: &mut Child) -> (Vec<SocketAddr>, BufReader<ChildStd
     (addrs, reader)
 }
 
+/// The binary with a clean `STYLEALIGN_*` environment (whoever runs the tests must not
+/// configure it), warnings-only logs and no standard input.
+pub fn stylealign_clean() -> Command {
+    let mut cmd = stylealign_command();
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("STYLEALIGN_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "warn").stdin(Stdio::null());
+    cmd
+}
+
+/// Runs [`stylealign_clean`] with `args` to the end, killed (and the test failed) after `limit`.
+pub fn run_to_end(args: &[&str], limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = stylealign_clean().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn stylealign");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let end = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            panic!("stylealign {args:?} ran for over {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output { status, stdout: o.join().unwrap(), stderr: e.join().unwrap() }
+}
+
 /// The `stylealign` binary under test, as a command to add `serve` flags to.
 pub fn stylealign_command() -> Command {
     Command::new(env!("CARGO_BIN_EXE_stylealign"))
