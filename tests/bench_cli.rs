@@ -200,3 +200,18 @@ fn a_written_model_folder_is_served_and_generates_a_set() {
     assert_eq!(pngs, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--tiny` uses the configs of the golden tiny models; the binary embeds copies (the build reads
+/// nothing under tests/), which must stay equal to them.
+#[test]
+fn the_embedded_tiny_configs_are_the_goldens() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for (copy, golden) in [
+        ("src/bench/tiny/unet_sd15.json", "tests/fixtures/goldens/tiny_sd15/unet/config.json"),
+        ("src/bench/tiny/unet_sdxl.json", "tests/fixtures/goldens/tiny_sdxl/unet/config.json"),
+        ("src/bench/tiny/vae_sd15.json", "tests/fixtures/goldens/tiny_sd15/vae/config.json"),
+    ] {
+        let (a, b) = (std::fs::read(root.join(copy)).unwrap(), std::fs::read(root.join(golden)).unwrap());
+        assert!(a == b, "{copy} differs from {golden}");
+    }
+}

@@ -239,8 +239,8 @@ impl Report {
     }
 }
 
-const TINY_SD15: &str = include_str!("../../tests/fixtures/goldens/tiny_sd15/unet/config.json");
-const TINY_SDXL: &str = include_str!("../../tests/fixtures/goldens/tiny_sdxl/unet/config.json");
+const TINY_SD15: &str = include_str!("tiny/unet_sd15.json");
+const TINY_SDXL: &str = include_str!("tiny/unet_sdxl.json");
 
 /// The UNet config of `model` (the real one, or the tiny test config with `tiny`).
 pub fn unet_config(model: BenchModel, tiny: bool) -> anyhow::Result<UNetConfig> {

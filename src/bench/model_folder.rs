@@ -17,7 +17,7 @@ use crate::model::vae::{Vae, VaeConfig};
 use crate::model::weights::Weights;
 use crate::sampling::SchedulerConfig;
 
-const TINY_VAE: &str = include_str!("../../tests/fixtures/goldens/tiny_sd15/vae/config.json");
+const TINY_VAE: &str = include_str!("tiny/vae_sd15.json");
 const SEED: u64 = 0x5d15;
 
 /// The four configs: unet, vae, text_encoder, scheduler.
