@@ -32,11 +32,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::device::{self, DeviceSpec};
 use crate::model::config::RawConfig;
+use crate::model::precision::Precision;
 use crate::model::single_file::{DEFAULT_SD1, DEFAULT_SDXL};
 use crate::model::unet::{NoHooks, TextTime, UNet, UNetConfig, UNetHooks};
 use crate::model::weights::Weights;
@@ -96,33 +97,6 @@ impl Variant {
     }
 }
 
-/// The compute dtype asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BenchDtype {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl BenchDtype {
-    fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Bf16 => "bf16",
-        }
-    }
-
-    fn float(self) -> FloatDType {
-        match self {
-            Self::F32 => FloatDType::F32,
-            Self::F16 => FloatDType::F16,
-            Self::Bf16 => FloatDType::BF16,
-        }
-    }
-}
-
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
     /// Device: `cpu`, `cuda`, `cuda:N` (and what else this build's `--device` accepts).
@@ -130,8 +104,8 @@ pub struct BenchArgs {
     pub device: DeviceSpec,
     /// Compute dtype: the UNet's weights are loaded in it and the operations are cast to it (what
     /// stays f32 inside the UNet is docs/precision.md's list).
-    #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
-    pub dtype: BenchDtype,
+    #[arg(long, default_value_t = Precision::F32)]
+    pub dtype: Precision,
     /// Architectures to measure (comma-separated).
     #[arg(long = "model", value_enum, value_delimiter = ',', default_values_t = [BenchModel::Sd15, BenchModel::Sdxl])]
     pub models: Vec<BenchModel>,
@@ -324,7 +298,7 @@ fn bench_unet(a: &BenchArgs, model: BenchModel, size: usize, device: &Device, re
         bail!("--size {size}: the latent side (size / 8) must be a positive multiple of {}", cfg.latent_multiple());
     }
     let t0 = Instant::now();
-    let weights = Weights::synthetic(&format!("bench {}", model.name()), 0x5eed, device).with_dtype(dtype.float());
+    let weights = Weights::synthetic(&format!("bench {}", model.name()), 0x5eed, device).with_dtype(dtype.float_dtype());
     let unet = UNet::from_weights(cfg, &weights).context("building the UNet")?;
     drop(weights);
     eprintln!("bench: {} UNet built with synthetic weights in {:.1} s", model.name(), t0.elapsed().as_secs_f64());
@@ -361,7 +335,7 @@ fn bench_unet(a: &BenchArgs, model: BenchModel, size: usize, device: &Device, re
             size,
             variant: variant.name(),
             mode: "burn",
-            dtype: dtype.name(),
+            dtype: dtype.as_str(),
             warmup_s: round3(warmup_s),
             ms: round3(mean),
             median_ms: round3(median),
@@ -409,14 +383,14 @@ fn run_blocking(a: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let device = device::open(&a.device).with_context(|| format!("--device {}", a.device))?;
-    if !device.supports_dtype(a.dtype.float()) {
-        bail!("--dtype {}: device {} does not support it", a.dtype.name(), a.device);
+    if !device.supports_dtype(a.dtype.float_dtype()) {
+        bail!("--dtype {}: device {} does not support it", a.dtype.as_str(), a.device);
     }
     let mut report = Report {
         implementation: "stylealign",
         version: env!("CARGO_PKG_VERSION"),
         device: device::describe(&a.device),
-        dtype: a.dtype.name(),
+        dtype: a.dtype.as_str(),
         batch: a.batch,
         warmup: a.warmup,
         steps: a.steps,

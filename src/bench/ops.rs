@@ -50,7 +50,7 @@ pub(super) fn bench_ops(
     device: &Device,
     rows: &mut Vec<OpRow>,
 ) -> anyhow::Result<()> {
-    let dtype = a.dtype.float();
+    let dtype = a.dtype.float_dtype();
     let b = a.batch;
     let w = Weights::synthetic(&format!("bench {model} ops"), 0x0b5, device);
     let input = |shape: &[usize], salt: u32| -> Tensor<1> {
@@ -59,7 +59,7 @@ pub(super) fn bench_ops(
     };
     let mut push = |op: &'static str, variant: &'static str, shape: Vec<usize>, ms: f64| {
         eprintln!("bench: {model} {op} {variant} {shape:?}: {ms:.3} ms");
-        rows.push(OpRow { model, op, variant, shape, dtype: a.dtype.name(), ms: round3(ms) });
+        rows.push(OpRow { model, op, variant, shape, dtype: a.dtype.as_str(), ms: round3(ms) });
     };
 
     // The first level: GroupNorm and the 3×3 convolution.
