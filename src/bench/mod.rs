@@ -383,7 +383,7 @@ fn run_blocking(a: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let device = device::open(&a.device).with_context(|| format!("--device {}", a.device))?;
-    if !device.supports_dtype(a.dtype.float_dtype()) {
+    if !a.dtype.supported_on(&device) {
         bail!("--dtype {}: device {} does not support it", a.dtype.as_str(), a.device);
     }
     let mut report = Report {
